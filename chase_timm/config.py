@@ -1,0 +1,238 @@
+"""Chase hyperparameters: one validated dataclass, plain-data round trips, schedule helpers.
+
+Every knob of the reference implementation is here with the paper's defaults (ImageNet ResNet-50 row:
+d=0.1, S_c=0.4, beta=0.2). Step-valued knobs left as ``None`` are derived from ``total_steps`` so a short
+run gets the same *shape* of schedule as the paper's 100-epoch run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Tuple
+
+__all__ = ["ChaseConfig", "cosine_anneal"]
+
+_SCOPES = ("global", "layerwise")
+_FANIN_MODES = ("original", "alive")
+
+
+def cosine_anneal(start: float, end: float, step: int, period: int) -> float:
+    """``torch.optim.lr_scheduler.CosineAnnealingLR``'s curve from ``start`` to ``end`` over ``period`` steps."""
+    if period <= 0:
+        return end
+    progress = min(max(step, 0), period) / period
+    return end + (start - end) * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+
+@dataclass(kw_only=True)
+class ChaseConfig:
+    """All of Chase's knobs. Paper symbols in brackets; steps are optimizer steps.
+
+    Attributes:
+        total_steps: Length of the training run in optimizer steps (E·I).
+        density: Overall unstructured density d of the sparse Conv/Linear weights (0.1 = 90 % sparse).
+        soft_bound: p, the MEST soft memory bound: phase A grows to rho_t = cosine(d+p -> d+soft_bound_end).
+        soft_bound_end: Extra density phase A anneals to (0 in the CIFAR scripts, 0.005 on ImageNet).
+        update_interval: Delta T_p, steps between prune/regrow updates (default: total_steps/100, at most 1000).
+        phase_b: After ``phase_b_start_step`` run fixed-density prune/regrow (RigL-like) instead of freezing.
+        phase_b_start_step: T_dst, the phase A -> B switch (default 0.8·total_steps, i.e. epoch 80 of 100).
+        phase_b_rate_start / phase_b_rate_end: Phase-B prune fraction, cosine over the whole run (0.5 -> 0.005).
+        scope: ``"global"`` prune/grow ranks all layers together (CIFAR scripts); ``"layerwise"`` keeps
+            per-layer ERK budgets (ImageNet script).
+        exclude: fnmatch patterns of module names whose weights stay dense (e.g. ``"conv1"``, ``"head.*"``).
+        channel_sparsity: S_c, final fraction of prunable channels removed (0 disables channel pruning).
+        min_channel_ratio: beta; every group keeps at least floor(C·(1-S_c)·beta) channels.
+        channel_interval: Delta T, steps between channel-pruning events (default: ``update_interval``).
+        channel_offset: Channel events fire when (t + offset) % Delta T == 0 (default Delta T_p / 2).
+        channel_end_step: T_c, channel sparsity reaches S_c here (default 0.8·total_steps).
+        channel_round_to: Keep a multiple of this many channels per group (hardware-friendly widths).
+        prune_skip: Also prune residual-stream groups as one unit (the paper's faster "prune skip").
+        umm_fanin: UMM denominator: ``"original"`` fan-in (paper) or ``"alive"`` fan-in.
+        seed: Seed of the generator behind initial masks and tie-breaking (same on every rank).
+        discovery_timeout: Seconds allowed for channel-group discovery before the rest is skipped.
+    """
+
+    total_steps: int
+    density: float = 0.1
+    soft_bound: float = 0.05
+    soft_bound_end: float = 0.0
+    update_interval: Optional[int] = None
+    phase_b: bool = True
+    phase_b_start_step: Optional[int] = None
+    phase_b_rate_start: float = 0.5
+    phase_b_rate_end: float = 0.005
+    scope: str = "global"
+    exclude: Tuple[str, ...] = ()
+    channel_sparsity: float = 0.4
+    min_channel_ratio: float = 0.2
+    channel_interval: Optional[int] = None
+    channel_offset: Optional[int] = None
+    channel_end_step: Optional[int] = None
+    channel_round_to: int = 1
+    prune_skip: bool = False
+    umm_fanin: str = "original"
+    seed: int = 0
+    discovery_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        self.exclude = tuple(self.exclude) if not isinstance(self.exclude, str) else (self.exclude,)
+        self._validate_given()
+        self._derive_defaults()
+        self._validate_steps()
+
+    # ----------------------------------------------------------------- validation
+    def _validate_given(self) -> None:
+        _check_int("total_steps", self.total_steps, low=1)
+        _check_range("density", self.density, 0.0, 1.0, low_open=True)
+        _check_range("soft_bound", self.soft_bound, 0.0, 1.0 - self.density,
+                     hint="density + soft_bound must not exceed 1")
+        _check_range("soft_bound_end", self.soft_bound_end, 0.0, self.soft_bound,
+                     hint="phase A anneals from density+soft_bound down to density+soft_bound_end")
+        _check_range("phase_b_rate_start", self.phase_b_rate_start, 0.0, 1.0)
+        _check_range("phase_b_rate_end", self.phase_b_rate_end, 0.0, self.phase_b_rate_start,
+                     hint="the phase-B rate anneals downwards")
+        _check_choice("scope", self.scope, _SCOPES)
+        _check_choice("umm_fanin", self.umm_fanin, _FANIN_MODES)
+        _check_range("channel_sparsity", self.channel_sparsity, 0.0, 1.0, high_open=True)
+        _check_range("min_channel_ratio", self.min_channel_ratio, 0.0, 1.0, low_open=True)
+        _check_int("channel_round_to", self.channel_round_to, low=1)
+        _check_int("seed", self.seed, low=0)
+        _check_range("discovery_timeout", self.discovery_timeout, 0.0, math.inf, low_open=True)
+        for flag in ("phase_b", "prune_skip"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"ChaseConfig.{flag} must be true or false, got {getattr(self, flag)!r}.")
+        if not all(isinstance(p, str) and p for p in self.exclude):
+            raise ValueError(f"ChaseConfig.exclude must be a list of non-empty module-name patterns, got {self.exclude!r}.")
+        for name in ("update_interval", "channel_interval", "phase_b_start_step", "channel_end_step"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value, low=0 if name.endswith("_step") else 1)
+        if self.channel_offset is not None:
+            _check_int("channel_offset", self.channel_offset, low=0)
+
+    def _derive_defaults(self) -> None:
+        if self.update_interval is None:
+            self.update_interval = max(1, min(1000, self.total_steps // 100))
+        if self.phase_b_start_step is None:
+            self.phase_b_start_step = round(0.8 * self.total_steps)
+        if self.channel_interval is None:
+            self.channel_interval = self.update_interval
+        if self.channel_offset is None:
+            self.channel_offset = self.update_interval // 2 % self.channel_interval
+        if self.channel_end_step is None:
+            self.channel_end_step = max(1, round(0.8 * self.total_steps))
+
+    def _validate_steps(self) -> None:
+        t = self.total_steps
+        _check_int("update_interval", self.update_interval, low=1, high=t,
+                   hint="an update interval longer than the run would never update")
+        _check_int("channel_interval", self.channel_interval, low=1, high=t)
+        _check_int("channel_offset", self.channel_offset, low=0, high=self.channel_interval - 1,
+                   hint="the offset shifts events inside one channel interval")
+        _check_int("phase_b_start_step", self.phase_b_start_step, low=0, high=t,
+                   hint="the phase A -> B switch must not come after the end of training")
+        _check_int("channel_end_step", self.channel_end_step, low=1, high=t,
+                   hint="channel pruning must end by total_steps")
+
+    # ----------------------------------------------------------------- schedules
+    def grow_density(self, step: int) -> float:
+        """rho_t: the density phase A regrows to (cosine from d+p to d+soft_bound_end over T_dst)."""
+        return cosine_anneal(self.density + self.soft_bound, self.density + self.soft_bound_end,
+                             step, self.phase_b_start_step)
+
+    def phase_b_rate(self, step: int) -> float:
+        """pi_t: phase-B prune fraction, cosine from 0.5 to 0.005 over the whole run."""
+        return cosine_anneal(self.phase_b_rate_start, self.phase_b_rate_end, step, self.total_steps)
+
+    def channel_sparsity_at(self, step: int) -> float:
+        """s_t = S_c·(1 - (1 - t/T_c)^3): the cubic (GMP) channel-sparsity schedule."""
+        progress = min(max(step, 0), self.channel_end_step) / self.channel_end_step
+        return self.channel_sparsity * (1.0 - (1.0 - progress) ** 3)
+
+    def is_update_step(self, step: int) -> bool:
+        """Whether a prune/regrow update runs after optimizer step ``step`` (1-based)."""
+        in_phase_a = step < self.phase_b_start_step
+        return step % self.update_interval == 0 and (in_phase_a or self.phase_b) and step < self.total_steps
+
+    def is_channel_step(self, step: int) -> bool:
+        """Whether a channel-pruning event runs after optimizer step ``step`` (1-based)."""
+        return (self.channel_sparsity > 0 and step <= self.channel_end_step
+                and (step + self.channel_offset) % self.channel_interval == 0)
+
+    # ----------------------------------------------------------------- constructors
+    @classmethod
+    def from_epochs(
+            cls,
+            *,
+            epochs: float,
+            steps_per_epoch: int,
+            channel_end_epoch: Optional[float] = None,
+            phase_b_epoch: Optional[float] = None,
+            channel_interval_epochs: Optional[float] = None,
+            **kwargs: Any,
+    ) -> "ChaseConfig":
+        """Build a config from epoch-valued schedule points, as the paper's scripts state them."""
+        _check_int("steps_per_epoch", steps_per_epoch, low=1)
+        to_steps = lambda e: None if e is None else int(math.floor(e * steps_per_epoch))
+        return cls(
+            total_steps=to_steps(epochs),
+            channel_end_step=to_steps(channel_end_epoch),
+            phase_b_start_step=to_steps(phase_b_epoch),
+            channel_interval=to_steps(channel_interval_epochs),
+            **kwargs,
+        )
+
+    # ----------------------------------------------------------------- round trips
+    def to_dict(self) -> dict:
+        """Plain-data view (all derived defaults resolved), JSON/YAML safe."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        out["exclude"] = list(self.exclude)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ChaseConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are an error (they are usually typos)."""
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown ChaseConfig field(s) {unknown}; valid fields are {sorted(known)}.")
+        return cls(**dict(data))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ChaseConfig":
+        return cls.from_dict(json.loads(text))
+
+    def to_yaml(self) -> str:
+        import yaml
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "ChaseConfig":
+        import yaml
+        return cls.from_dict(yaml.safe_load(text) or {})
+
+
+def _check_int(name: str, value: Any, *, low: int, high: Optional[int] = None, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise ValueError(f"ChaseConfig.{name} must be {allowed}, got {value!r}." + (f" ({hint})" if hint else ""))
+
+
+def _check_range(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
+                 high_open: bool = False, hint: str = "") -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"ChaseConfig.{name} must be in {interval}, got {value!r}." + (f" ({hint})" if hint else ""))
+
+
+def _check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"ChaseConfig.{name} must be one of {list(choices)}, got {value!r}.")
