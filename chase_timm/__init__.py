@@ -1,5 +1,6 @@
 """chase_timm: Chase (channel-aware dynamic sparse training) for every timm model."""
 from .config import ChaseConfig
+from .chase import Chase
 
 __version__ = "0.1.0"
-__all__ = ["ChaseConfig", "__version__"]
+__all__ = ["Chase", "ChaseConfig", "__version__"]

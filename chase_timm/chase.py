@@ -1,0 +1,341 @@
+"""The ``Chase`` controller: masks, prune/regrow updates, channel removal, exact resume, and export.
+
+Shaped like ``torch.ao.pruning``'s sparsifier: a small verb set (``step``, ``state_dict``,
+``load_state_dict``, ``stats``, ``report``, ``export``) over masks that are plain tensors owned here, not
+module buffers (DDP would overwrite buffers from rank 0 and hide a divergence).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from accelerate.utils import extract_model_from_parallel
+
+from .channels import group_floor, select_channels, tensor_keep_masks, umm_scores
+from .config import ChaseConfig
+from .graph import ChannelGroup, find_channel_groups, tensor_removals
+from .slim import slim_copy
+from .sparsity import (allocate, erk_densities, find_sparse_weights, grow_largest, prune_smallest,
+                       random_masks, zero_positions)
+
+__all__ = ["Chase"]
+
+
+class Chase:
+    """Channel-aware dynamic sparse training for a (possibly DDP/Accelerate-wrapped) model.
+
+    Call :meth:`step` after ``optimizer.step()`` and before ``optimizer.zero_grad()``: the regrowth ranks the
+    gradients of the batch just used. Under Accelerate gradient accumulation, micro-steps without a gradient
+    sync and fp16 steps skipped on overflow are not counted.
+
+    Args:
+        model: a timm (or any) model; DDP / ``accelerator.prepare`` / ``torch.compile`` wrappers are unwrapped.
+        config: the :class:`ChaseConfig`.
+        optimizer: the optimizer that owns the model's parameters; its per-parameter state (momentum, Adam
+            moments, ...) is masked with the weights so regrown weights start from zero state.
+        example_inputs: input used to trace channel coupling (default: one image of the model's input size).
+    """
+
+    def __init__(self, model: nn.Module, config: ChaseConfig, optimizer: Optional[torch.optim.Optimizer] = None,
+                 example_inputs: Optional[torch.Tensor] = None) -> None:
+        if not isinstance(config, ChaseConfig):
+            raise TypeError(f"config must be a chase_timm.ChaseConfig, got {type(config).__name__}.")
+        self.model = model
+        self.module = extract_model_from_parallel(model)
+        self.config = config
+        self.optimizer = optimizer
+        self.params: Dict[str, nn.Parameter] = dict(self.module.named_parameters())
+        self.weights = find_sparse_weights(self.module, config.exclude)
+        if not self.weights:
+            raise ValueError(
+                f"{type(self.module).__name__} has no Conv/Linear weight to sparsify (or ChaseConfig.exclude "
+                "covers them all); Chase needs at least one.")
+        self._check_optimizer_owns_weights()
+
+        self.shapes = {n: tuple(w.shape) for n, w in self.weights.items()}
+        self.numel = {n: w.numel() for n, w in self.weights.items()}
+        self.total_weights = sum(self.numel.values())
+        self.budget = round(config.density * self.total_weights)
+        self.erk = erk_densities(self.shapes, config.density)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        counts = allocate(self.budget, {n: self.erk[n] * self.numel[n] for n in self.shapes}, self.numel)
+        self.masks = {n: m.to(device=self.weights[n].device, dtype=self.weights[n].dtype)
+                      for n, m in random_masks(self.shapes, counts, self.generator).items()}
+
+        self.groups: List[ChannelGroup] = (
+            find_channel_groups(self.module, example_inputs, prune_skip=config.prune_skip,
+                                timeout=config.discovery_timeout) if config.channel_sparsity > 0 else [])
+        self.prunable = [g for g in self.groups if g.prunable and g.producers()]
+        self.alive = {g.name: torch.ones(g.width, dtype=torch.bool) for g in self.prunable}
+        self.floors = {g.name: group_floor(g.width, config.channel_sparsity, config.min_channel_ratio,
+                                           config.channel_round_to) for g in self.prunable}
+        self.channels_total = sum(g.width for g in self.prunable)
+        self.channel_masks: Dict[str, torch.Tensor] = {}  # channel masks F of tensors that are not sparse weights
+        self.allowed: Dict[str, torch.Tensor] = {}  # F of sparse weights touched by a removed channel (bool)
+        self.step_count = 0
+        self.skipped_updates = 0
+        self.apply_masks()
+
+    # ------------------------------------------------------------------ training
+    def step(self) -> None:
+        """Advance one optimizer step: re-mask, then run a channel event and/or a prune/regrow update if due."""
+        if not self._optimizer_stepped():
+            return
+        self.step_count += 1
+        t = self.step_count
+        self.apply_masks()
+        if self.prunable and self.config.is_channel_step(t):
+            self._prune_channels(t)
+        if self.config.is_update_step(t):
+            self._update_connections(t)
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero inactive weights, removed channels and the optimizer state behind them."""
+        targets = [self.weights[n] for n in self.masks] + [self.params[n] for n in self.channel_masks]
+        multipliers = list(self.masks.values()) + list(self.channel_masks.values())
+        torch._foreach_mul_(targets, multipliers)
+        if self.optimizer is None:
+            return
+        state = self.optimizer.state
+        for param, mask in zip(targets, multipliers):
+            for value in state.get(param, {}).values():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    value.mul_(mask)
+
+    @torch.no_grad()
+    def mask_model(self, other: nn.Module) -> None:
+        """Apply the current masks to another copy of the model with the same names (e.g. timm's ModelEma)."""
+        other = extract_model_from_parallel(other)
+        other = getattr(other, "module", other)  # timm ModelEmaV2/V3 keep the copy in .module
+        params = dict(other.named_parameters())
+        for name, mask in {**self.masks, **self.channel_masks}.items():
+            params[name].mul_(mask.to(params[name].device, params[name].dtype))
+
+    def _check_optimizer_owns_weights(self) -> None:
+        """The optimizer must hold the sparse weights, else their state can't be masked (and they don't train)."""
+        if self.optimizer is None:
+            return
+        owned = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        missing = [n for n, w in self.weights.items() if id(w) not in owned]
+        if missing:
+            raise ValueError(
+                f"The optimizer does not own {len(missing)} of the model's Conv/Linear weights (e.g. {missing[:3]}). "
+                "Create the optimizer from this model's parameters (after any model surgery) before building Chase.")
+
+    def _optimizer_stepped(self) -> bool:
+        """False for Accelerate micro-steps without gradient sync and for fp16 steps skipped on overflow."""
+        opt = self.optimizer
+        gradient_state = getattr(opt, "gradient_state", None)
+        if gradient_state is not None and not gradient_state.sync_gradients:
+            return False
+        return not getattr(opt, "step_was_skipped", False)
+
+    # ------------------------------------------------------------------ channel removal
+    def _prune_channels(self, t: int) -> None:
+        """Remove the globally lowest-UMM channels so that channel sparsity follows the cubic schedule."""
+        alive_total = sum(int(a.sum()) for a in self.alive.values())
+        target_alive = self.channels_total * (1.0 - self.config.channel_sparsity_at(t))
+        n_remove = math.ceil(alive_total - target_alive - 1e-9)
+        if n_remove <= 0:
+            return
+        scores = umm_scores(self.prunable, self.params, self._keep_masks(), self.config.umm_fanin)
+        removed = select_channels(scores, self.alive, self.floors, n_remove, self.generator,
+                                  self.config.channel_round_to)
+        for name, idx in removed.items():
+            self.alive[name][idx] = False
+        self._refresh_channel_masks()
+        self.apply_masks()
+        self._check_ranks_agree(t)
+
+    def _keep_masks(self) -> Dict[str, torch.Tensor]:
+        return {**self.allowed, **{n: m.bool() for n, m in self.channel_masks.items()}}
+
+    def _refresh_channel_masks(self) -> None:
+        """Recompute the channel masks F from the alive channels and AND them into the sparse masks."""
+        keep = tensor_keep_masks(self.prunable, self.alive, self.params)
+        self.allowed = {n: k.bool() for n, k in keep.items() if n in self.weights}
+        for name in self.allowed:
+            self.masks[name].mul_(keep[name])
+        self.channel_masks = {n: k for n, k in keep.items() if n not in self.weights}
+
+    # ------------------------------------------------------------------ connection updates
+    @torch.no_grad()
+    def _update_connections(self, t: int) -> None:
+        """One prune/regrow update: phase A (soft memory bound) before T_dst, phase B (fixed density) after."""
+        grads = {n: (w.grad if w.grad is not None else torch.zeros_like(w)) for n, w in self.weights.items()}
+        if not all(bool(torch.isfinite(norm)) for norm in torch._foreach_norm(list(grads.values()))):
+            self.skipped_updates += 1  # e.g. an fp16 overflow step: a ranking on inf/nan would be noise
+            return
+        layerwise = self.config.scope == "layerwise"
+        nnz = self._nnz_per_layer()
+        if t < self.config.phase_b_start_step:
+            excess = sum(nnz.values()) - self.budget
+            if excess > 0:
+                counts = allocate(excess, nnz, nnz) if layerwise else None
+                pruned = prune_smallest(self.weights, self.masks, self.generator, total=excess, counts=counts)
+                nnz = {n: k - pruned[n].numel() for n, k in nnz.items()}
+            to_grow = round(self.config.grow_density(t) * self.total_weights) - sum(nnz.values())
+            counts = self._layerwise_growth(to_grow, nnz) if layerwise else None
+        else:
+            rate = self.config.phase_b_rate(t)
+            counts = {n: math.ceil(rate * k) for n, k in nnz.items()} if layerwise else None
+            pruned = prune_smallest(self.weights, self.masks, self.generator,
+                                    total=math.ceil(rate * sum(nnz.values())), counts=counts)
+            nnz = {n: k - pruned[n].numel() for n, k in nnz.items()}
+            to_grow = self.budget - sum(nnz.values())
+            counts = self._layerwise_targets(nnz) if layerwise else None
+        to_grow = min(max(to_grow, 0), sum(self._capacity(nnz).values()))
+        grown = grow_largest(grads, self.masks, self.allowed, self.generator, total=to_grow, counts=counts)
+        for name, positions in grown.items():
+            weight = self.weights[name]
+            state = self.optimizer.state.get(weight, {}) if self.optimizer is not None else {}
+            zero_positions([weight] + [v for v in state.values() if torch.is_tensor(v) and v.shape == weight.shape],
+                           positions)
+        self.apply_masks()
+        self._check_ranks_agree(t)
+
+    def _nnz_per_layer(self) -> Dict[str, int]:
+        return {n: int(m.count_nonzero()) for n, m in self.masks.items()}
+
+    def _alive_numel(self) -> Dict[str, int]:
+        """Weights per layer inside surviving channels."""
+        return {n: int(self.allowed[n].sum()) if n in self.allowed else self.numel[n] for n in self.masks}
+
+    def _capacity(self, nnz: Dict[str, int]) -> Dict[str, int]:
+        """Inactive positions per layer that may still be grown."""
+        return {n: alive - nnz[n] for n, alive in self._alive_numel().items()}
+
+    def _alive_erk(self) -> Dict[str, float]:
+        """ERK densities recomputed on the shrunk shapes at density budget / alive weights (ImageNet script)."""
+        shapes = {}
+        for name, shape in self.shapes.items():
+            keep = self.allowed.get(name)
+            if keep is None:
+                shapes[name] = shape
+                continue
+            out_alive = int(keep.flatten(1).any(1).sum())
+            in_alive = int(keep.transpose(0, 1).flatten(1).any(1).sum())
+            shapes[name] = (max(out_alive, 1), max(in_alive, 1), *shape[2:])
+        alive_total = sum(self._alive_numel().values())
+        return erk_densities(shapes, min(1.0, self.budget / max(alive_total, 1)))
+
+    def _layerwise_growth(self, to_grow: int, nnz: Dict[str, int]) -> Dict[str, int]:
+        """Phase-A regrowth per layer: ERK-dense layers are refilled, the rest grow in proportion to their nnz."""
+        capacity = self._capacity(nnz)
+        erk = self._alive_erk()
+        counts = {n: capacity[n] if erk[n] >= 1.0 else 0 for n in nnz}
+        rest = {n: (nnz[n] if erk[n] < 1.0 else 0) for n in nnz}
+        extra = allocate(max(to_grow - sum(counts.values()), 0), rest,
+                         {n: capacity[n] - counts[n] for n in nnz})
+        return {n: counts[n] + extra[n] for n in nnz}
+
+    def _layerwise_targets(self, nnz: Dict[str, int]) -> Dict[str, int]:
+        """Phase-B regrowth per layer: back to each layer's ERK share of the budget on its alive shape."""
+        alive_numel = self._alive_numel()
+        erk = self._alive_erk()
+        targets = allocate(self.budget, {n: erk[n] * alive_numel[n] for n in self.shapes}, alive_numel)
+        return {n: max(targets[n] - nnz[n], 0) for n in nnz}
+
+    def _check_ranks_agree(self, t: int) -> None:
+        """Fail loudly if the masks differ across ranks (cheap: a few integers per layer, all-reduced)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        device = next(iter(self.masks.values())).device
+        signature = torch.tensor(
+            [v for m in self.masks.values() for v in (int(m.count_nonzero()), int(m.flatten().nonzero().sum()))]
+            + [int(a.sum()) for a in self.alive.values()], dtype=torch.float64, device=device)
+        low, high = signature.clone(), signature.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if not torch.equal(low, high):
+            raise RuntimeError(
+                f"Chase masks differ across ranks after step {t}. Every rank must build Chase with the same "
+                "config (seed) and call chase.step() after every optimizer step with synchronised gradients.")
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to resume exactly (plain tensors and numbers; loads with ``weights_only=True``)."""
+        return {
+            "step": self.step_count,
+            "skipped_updates": self.skipped_updates,
+            "config": self.config.to_dict(),
+            "masks": {n: m.bool().cpu() for n, m in self.masks.items()},
+            "alive": {n: a.clone() for n, a in self.alive.items()},
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the model and config must be the ones it was saved from."""
+        saved_config = ChaseConfig.from_dict(state["config"])
+        if saved_config != self.config:
+            diff = {k: (v, getattr(self.config, k)) for k, v in state["config"].items()
+                    if getattr(self.config, k) != (tuple(v) if isinstance(v, list) else v)}
+            raise ValueError(f"Chase state was saved with a different config (saved, current): {diff}. "
+                             "Build Chase with ChaseConfig.from_dict(state['config']) to resume.")
+        masks = state["masks"]
+        wrong = sorted(set(masks) ^ set(self.masks)) or sorted(
+            n for n in masks if tuple(masks[n].shape) != self.shapes[n])
+        if wrong:
+            raise ValueError(f"Chase state does not match this model's sparse weights (first mismatches: {wrong[:5]}); "
+                             "it was saved from a different architecture or an exported (slim) model.")
+        if set(state["alive"]) != set(self.alive):
+            raise ValueError("Chase state's channel groups differ from this model's; load it into the model "
+                             "and config it was saved from.")
+        self.step_count = int(state["step"])
+        self.skipped_updates = int(state["skipped_updates"])
+        self.masks = {n: masks[n].to(device=self.weights[n].device, dtype=self.weights[n].dtype) for n in masks}
+        self.alive = {n: a.clone().bool() for n, a in state["alive"].items()}
+        self.generator.set_state(state["generator"])
+        self._refresh_channel_masks()
+        self.apply_masks()
+
+    # ------------------------------------------------------------------ inspection and export
+    def stats(self) -> Dict[str, Any]:
+        """Overall and per-layer density, channel sparsity and the current phase."""
+        nnz = self._nnz_per_layer()
+        total_nnz = sum(nnz.values())
+        alive_channels = sum(int(a.sum()) for a in self.alive.values())
+        t = self.step_count
+        phase = "A" if t < self.config.phase_b_start_step else ("B" if self.config.phase_b else "frozen")
+        return {
+            "step": t,
+            "phase": phase,
+            "nnz": total_nnz,
+            "budget": self.budget,
+            "density": total_nnz / self.total_weights,
+            "channels_total": self.channels_total,
+            "channels_alive": alive_channels,
+            "channel_sparsity": 1.0 - alive_channels / self.channels_total if self.channels_total else 0.0,
+            "skipped_updates": self.skipped_updates,
+            "layers": {n: {"density": nnz[n] / self.numel[n], "nnz": nnz[n], "numel": self.numel[n],
+                           "erk_density": self.erk[n]} for n in self.masks},
+        }
+
+    def report(self) -> List[Dict[str, Any]]:
+        """One row per channel group: widths before/after, UMM distribution of kept channels, why excluded."""
+        scores = umm_scores(self.prunable, self.params, self._keep_masks(), self.config.umm_fanin)
+        rows = []
+        for group in self.groups:
+            row = {"group": group.name, "width_before": group.width, "width_after": group.width,
+                   "residual": group.residual, "prunable": group.name in self.alive, "reason": group.reason}
+            if group.name in self.alive:
+                alive = self.alive[group.name]
+                kept = scores[group.name][alive]
+                row.update(width_after=int(alive.sum()), floor=self.floors[group.name],
+                           umm_min=float(kept.min()), umm_median=float(kept.median()), umm_max=float(kept.max()))
+            elif group.prunable:
+                row.update(prunable=False, reason="no Conv/Linear producer to score")
+            rows.append(row)
+        return rows
+
+    def removed_channels(self) -> Dict[str, List[int]]:
+        """Removed channel indices per group (only groups that lost channels)."""
+        return {n: (~a).nonzero().flatten().tolist() for n, a in self.alive.items() if not bool(a.all())}
+
+    def export(self) -> nn.Module:
+        """A new, physically slimmed copy of the model (same class and interface); the training model is untouched."""
+        return slim_copy(self.module, tensor_removals(self.groups, self.removed_channels()))
