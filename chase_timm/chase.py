@@ -180,14 +180,17 @@ class Chase:
                 nnz = {n: k - pruned[n].numel() for n, k in nnz.items()}
             to_grow = round(self.config.grow_density(t) * self.total_weights) - sum(nnz.values())
             counts = self._layerwise_growth(to_grow, nnz) if layerwise else None
-        else:
+        else:  # fixed density: explore the weakest fraction pi_t, drop any excess, regrow to the budget exactly
             rate = self.config.phase_b_rate(t)
-            counts = {n: math.ceil(rate * k) for n, k in nnz.items()} if layerwise else None
-            pruned = prune_smallest(self.weights, self.masks, self.generator,
-                                    total=math.ceil(rate * sum(nnz.values())), counts=counts)
+            targets = self._layerwise_targets() if layerwise else {}
+            counts = {n: min(k, math.ceil(rate * k) + max(k - targets[n], 0)) for n, k in nnz.items()} \
+                if layerwise else None
+            total = sum(nnz.values())
+            pruned = prune_smallest(self.weights, self.masks, self.generator, counts=counts,
+                                    total=min(total, math.ceil(rate * total) + max(total - self.budget, 0)))
             nnz = {n: k - pruned[n].numel() for n, k in nnz.items()}
             to_grow = self.budget - sum(nnz.values())
-            counts = self._layerwise_targets(nnz) if layerwise else None
+            counts = {n: max(targets[n] - k, 0) for n, k in nnz.items()} if layerwise else None
         to_grow = min(max(to_grow, 0), sum(self._capacity(nnz).values()))
         grown = grow_largest(grads, self.masks, self.allowed, self.generator, total=to_grow, counts=counts)
         for name, positions in grown.items():
@@ -233,12 +236,11 @@ class Chase:
                          {n: capacity[n] - counts[n] for n in nnz})
         return {n: counts[n] + extra[n] for n in nnz}
 
-    def _layerwise_targets(self, nnz: Dict[str, int]) -> Dict[str, int]:
-        """Phase-B regrowth per layer: back to each layer's ERK share of the budget on its alive shape."""
+    def _layerwise_targets(self) -> Dict[str, int]:
+        """Phase-B density per layer: each layer's ERK share of the budget on its alive shape."""
         alive_numel = self._alive_numel()
         erk = self._alive_erk()
-        targets = allocate(self.budget, {n: erk[n] * alive_numel[n] for n in self.shapes}, alive_numel)
-        return {n: max(targets[n] - nnz[n], 0) for n in nnz}
+        return allocate(self.budget, {n: erk[n] * alive_numel[n] for n in self.shapes}, alive_numel)
 
     def _check_ranks_agree(self, t: int) -> None:
         """Fail loudly if the masks differ across ranks (cheap: a few integers per layer, all-reduced)."""

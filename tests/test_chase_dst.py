@@ -25,8 +25,10 @@ def expected_nnz(chase: Chase, step: int) -> int:
     return chase.budget
 
 
-@pytest.mark.parametrize("name", ZOO)
-@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+CASES = [(name, "sgd") for name in ZOO] + [(name, "adamw") for name in ("resnet18", "convnext_atto", "vit_tiny_patch16_224")]
+
+
+@pytest.mark.parametrize("name, opt_name", CASES)
 def test_dst_budget_growth_and_masking(name, opt_name):
     model = tiny_model(name)
     if opt_name == "sgd":
@@ -47,6 +49,8 @@ def test_dst_budget_growth_and_masking(name, opt_name):
 
     def check(step: int) -> None:
         t = step + 1
+        if not (chase.config.is_update_step(t) or t == STEPS):
+            return
         for n, w in chase.weights.items():
             inactive = chase.masks[n] == 0
             assert (w.detach()[inactive] == 0).all(), f"masked weight of {n} moved at step {t}"
