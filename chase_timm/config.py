@@ -157,9 +157,14 @@ class ChaseConfig:
         return step % self.update_interval == 0 and (in_phase_a or self.phase_b) and step < self.total_steps
 
     def is_channel_step(self, step: int) -> bool:
-        """Whether a channel-pruning event runs after optimizer step ``step`` (1-based)."""
-        return (self.channel_sparsity > 0 and step <= self.channel_end_step
-                and (step + self.channel_offset) % self.channel_interval == 0)
+        """Whether a channel-pruning event runs after optimizer step ``step`` (1-based).
+
+        Events fire every ``channel_interval`` steps, shifted by ``channel_offset``, plus one at
+        ``channel_end_step`` itself so the schedule lands exactly on S_c.
+        """
+        on_grid = (step + self.channel_offset) % self.channel_interval == 0
+        return self.channel_sparsity > 0 and step <= self.channel_end_step and (
+            on_grid or step == self.channel_end_step)
 
     # ----------------------------------------------------------------- constructors
     @classmethod
