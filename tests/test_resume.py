@@ -14,7 +14,8 @@ WORKER = Path(__file__).with_name("resume_worker.py")
 
 
 def run_worker(*args: str) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")])}
+    paths = [str(WORKER.parent), str(WORKER.parents[1] / "recipes"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     subprocess.run([sys.executable, str(WORKER), *args], check=True, env=env, timeout=600)
 
 

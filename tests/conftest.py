@@ -1,0 +1,5 @@
+"""Make the recipes (scripts, not a package) importable from the tests."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
