@@ -1,0 +1,616 @@
+"""Coupled channel groups of any model, which of them can be removed physically, and why not.
+
+torch-pruning's ``DependencyGraph`` finds which tensor slices are coupled (one ``get_pruning_group`` call
+per Conv/Linear producer, never ``get_all_groups``, which is minutes-slow on some models). Each group is
+turned into explicit per-channel index tuples (flatten->Linear expansions, concat offsets and balanced
+grouped-conv classes included) and judged by one rule: zeroing every slice of a channel must make the
+network compute exactly what the physically sliced network computes. Structural checks give readable
+reasons (norms mixing channels, head reshapes, grouped convs, classifier outputs, ...); a numerical
+masked-vs-sliced comparison of all surviving groups backs them up for ops no rule knows.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from torch_pruning import ops
+from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
+
+from .slim import _classifier_modules, default_example_input, slice_in_place
+
+__all__ = ["ChannelSlice", "ChannelGroup", "find_channel_groups", "tensor_removals"]
+
+_logger = logging.getLogger(__name__)
+
+RESIDUAL_REASON = "residual stream (set prune_skip=True to prune it)"
+TIMEOUT_REASON = "discovery time limit reached"
+_TOLERANCE = 1e-4  # max |masked - sliced| relative to the output scale
+_LAYERS = (ops.OPTYPE.CONV, ops.OPTYPE.DEPTHWISE_CONV, ops.OPTYPE.LINEAR)
+_SCALE_SHIFT_OPS = ("Mul", "Add", "Sub", "Div", "Expand", "View", "Reshape", "UnsafeView", "Unsqueeze",
+                    "Squeeze", "Cat")
+
+
+@dataclass(frozen=True)
+class ChannelSlice:
+    """One parameter or buffer slice that carries a group's channels."""
+
+    tensor: str
+    dim: int
+    index: tuple[tuple[int, ...], ...]
+    role: str
+
+    def to_dict(self) -> dict:
+        """Plain JSON-safe data."""
+        return {"tensor": self.tensor, "dim": self.dim, "index": [list(p) for p in self.index], "role": self.role}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "ChannelSlice":
+        return cls(str(d["tensor"]), int(d["dim"]), tuple(tuple(int(i) for i in p) for p in d["index"]),
+                   str(d["role"]))
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that must be removed together: a root producer plus every coupled slice."""
+
+    name: str
+    width: int
+    slices: tuple[ChannelSlice, ...]
+    residual: bool
+    prunable: bool
+    reason: str
+
+    def producers(self) -> tuple[ChannelSlice, ...]:
+        """Slices with role ``producer`` (output rows of Conv/Linear weights; for UMM scoring)."""
+        return tuple(s for s in self.slices if s.role == "producer")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-safe data."""
+        return {"name": self.name, "width": self.width, "slices": [s.to_dict() for s in self.slices],
+                "residual": self.residual, "prunable": self.prunable, "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "ChannelGroup":
+        return cls(str(d["name"]), int(d["width"]), tuple(ChannelSlice.from_dict(s) for s in d["slices"]),
+                   bool(d["residual"]), bool(d["prunable"]), str(d["reason"]))
+
+
+def find_channel_groups(
+        model: nn.Module,
+        example_inputs: torch.Tensor | tuple | None = None,
+        *,
+        prune_skip: bool = False,
+        timeout: float = 60.0,
+) -> list[ChannelGroup]:
+    """All coupled channel groups of the (unwrapped) model, prunable or not, with reasons."""
+    deadline = time.monotonic() + timeout
+    inputs = _as_inputs(model, example_inputs)
+    try:
+        with _tracing(model):
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=inputs, forward_fn=lambda m, args: m(*args), verbose=False)
+    except Exception as err:  # never break the caller's training: report, don't raise
+        return _placeholders(model, f"dependency graph could not be built: {type(err).__name__}: {str(err).strip()}")
+    if time.monotonic() > deadline:
+        return _placeholders(model, TIMEOUT_REASON)
+    drafts = _discover(graph, model, deadline)
+    _flag_overlaps(drafts)
+    groups = [d.decide(prune_skip) for d in drafts]
+    return _verified(model, groups, inputs, deadline)
+
+
+def tensor_removals(groups: Sequence[ChannelGroup], removed: Mapping[str, Sequence[int]]) -> dict[str, dict[int, list[int]]]:
+    """Group-channel removals {group name: channel indices} -> per tensor, per dim, sorted unique positions."""
+    by_name = {g.name: g for g in groups}
+    out: dict[str, dict[int, set[int]]] = {}
+    for name, channels in removed.items():
+        if name not in by_name:
+            raise KeyError(f"unknown channel group {name!r}")
+        group = by_name[name]
+        bad = [c for c in channels if not 0 <= int(c) < group.width]
+        if bad:
+            raise ValueError(f"channels {bad} out of range for group {name!r} of width {group.width}")
+        for s in group.slices:
+            positions = out.setdefault(s.tensor, {}).setdefault(s.dim, set())
+            for c in channels:
+                positions.update(s.index[int(c)])
+    return {t: {d: sorted(p) for d, p in dims.items() if p} for t, dims in out.items() if any(dims.values())}
+
+
+# ------------------------------------------------------------------------------------------------ tracing
+
+def _as_inputs(model: nn.Module, example_inputs: Any) -> tuple:
+    """Positional example inputs; tensors get requires_grad so tracing works even with frozen weights."""
+    if example_inputs is None:
+        example_inputs = default_example_input(model)
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    return tuple(x.detach().requires_grad_() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                 for x in inputs)
+
+
+@contextmanager
+def _tracing(model: nn.Module) -> Iterator[None]:
+    """Grad enabled (torch-pruning traces autograd); training flags and forward hooks restored afterwards
+    (torch-pruning leaves its tracing hooks behind when the forward raises)."""
+    flags = {m: m.training for m in model.modules()}
+    hooks = {m: set(m._forward_hooks) for m in flags}
+    try:
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+            for key in set(m._forward_hooks) - hooks[m]:
+                del m._forward_hooks[key]
+
+
+def _placeholders(model: nn.Module, reason: str) -> list[ChannelGroup]:
+    """One non-prunable group per Conv/Linear producer when the graph can't be built or time is up."""
+    warnings.warn(f"channel-group discovery incomplete: {reason}")
+    heads = set(map(id, _classifier_modules(model)))
+    return [_unreached(name, list(range(_out_channels(m))), reason).decide(False) for name, m in model.named_modules()
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and id(m) not in heads]
+
+
+def _out_channels(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def _tensor_names(model: nn.Module) -> dict[int, str]:
+    names = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        names.setdefault(id(t), name)
+    return names
+
+
+# --------------------------------------------------------------------------------------------- discovery
+
+@dataclass
+class _Raw:
+    """A slice before channel classes are known: root channel -> positions along ``dim``."""
+
+    tensor: str
+    dim: int
+    role: str
+    size: int                       # valid positions are 0..size-1
+    by_root: dict[int, list[int]]
+    local: int = 0                  # grouped-conv input: the weight holds position % local
+    balance: int = 0                # grouped conv: channels sharing position % balance are removed together
+
+
+@dataclass
+class _Draft:
+    """A group under construction."""
+
+    name: str
+    requested: list[int]
+    raws: list[_Raw] = field(default_factory=list)
+    residual: bool = False
+    problems: list[tuple[int, str]] = field(default_factory=list)  # (rank, reason); lowest rank is reported
+    classes: list[list[int]] = field(default_factory=list)
+    covers: dict[nn.Module, set[int]] = field(default_factory=dict)  # Conv/Linear output channels taken
+
+    def problem(self, reason: str, rank: int = 5) -> None:
+        """Record why the group can't be pruned; ``rank`` orders reasons (0 = most fundamental)."""
+        if (rank, reason) not in self.problems:
+            self.problems.append((rank, reason))
+
+    def decide(self, prune_skip: bool) -> ChannelGroup:
+        """The group with its prunable verdict (before numerical verification)."""
+        slices = tuple(ChannelSlice(r.tensor, r.dim, _class_index(r, self.classes), r.role) for r in self.raws)
+        reason = min(self.problems)[1] if self.problems else (RESIDUAL_REASON if self.residual and not prune_skip else "")
+        return ChannelGroup(self.name, len(self.classes), slices, self.residual, not reason, reason)
+
+
+def _class_index(raw: _Raw, classes: list[list[int]]) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(sorted({p % raw.local if raw.local else p for r in members for p in raw.by_root.get(r, ())}))
+                 for members in classes)
+
+
+@dataclass
+class _Context:
+    graph: tp.DependencyGraph
+    names: dict[int, str]
+    module_names: dict[nn.Module, str]
+    heads: set[int]
+
+
+def _discover(graph: tp.DependencyGraph, model: nn.Module, deadline: float) -> list[_Draft]:
+    """One draft group per Conv/Linear root whose output channels no earlier group covered."""
+    ctx = _Context(graph, _tensor_names(model), {m: n for n, m in model.named_modules()},
+                   set(map(id, _classifier_modules(model))))
+    covered: dict[nn.Module, set[int]] = {}
+    drafts = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or id(module) in ctx.heads:
+            continue
+        todo = [i for i in range(_out_channels(module)) if i not in covered.get(module, ())]
+        if module not in graph.module2node:
+            drafts.append(_unreached(name, todo, "not used in the traced forward pass"))
+            continue
+        if not todo:
+            continue
+        if time.monotonic() > deadline:
+            drafts.append(_unreached(name, todo, TIMEOUT_REASON))
+            continue
+        draft = _draft(ctx, name, module, todo)
+        drafts.append(draft)
+        for layer, channels in draft.covers.items():
+            covered.setdefault(layer, set()).update(channels)
+        covered.setdefault(module, set()).update(todo)
+    return drafts
+
+
+def _unreached(name: str, channels: list[int], reason: str) -> _Draft:
+    """A root whose group was not built: one class per output channel, not prunable."""
+    return _Draft(name, channels, problems=[(0, reason)], classes=[[i] for i in channels])
+
+
+def _draft(ctx: _Context, name: str, module: nn.Module, todo: list[int]) -> _Draft:
+    """Ask torch-pruning for the group rooted at ``module`` and translate every item."""
+    fn = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
+    try:
+        group = ctx.graph.get_pruning_group(module, fn, idxs=todo)
+    except Exception as err:
+        return _unreached(name, todo, f"torch-pruning failed: {type(err).__name__}: {str(err).strip()}")
+    draft = _Draft(name, todo)
+    for item in group:
+        _translate(ctx, draft, item)
+    _check_shortcut(draft, group)
+    _form_classes(draft)
+    if len(draft.classes) == 1:
+        draft.problem("a single removable channel (removing it would delete the layer)", 6)
+    return draft
+
+
+def _translate(ctx: _Context, draft: _Draft, item: Any) -> None:
+    """Turn one torch-pruning group item into raw slices, problems and flags."""
+    node, handler = item.dep.target, item.dep.handler
+    by_root: dict[int, list[int]] = {}
+    for pos, root in zip(item.idxs, item.root_idxs):
+        if root is None:
+            draft.problem(f"torch-pruning lost the channel mapping at {node.name}", 4)
+            return
+        by_root.setdefault(root, []).append(pos)
+    kind, module = node.type, node.module
+    if kind in _LAYERS:
+        _layer_slices(ctx, draft, module, handler, by_root)
+    elif kind in (ops.OPTYPE.BN, ops.OPTYPE.IN):
+        _add_tensors(ctx, draft, module, ("weight", "bias", "running_mean", "running_var"), "norm", by_root)
+    elif kind == ops.OPTYPE.GN:
+        if module.num_groups != module.num_channels:
+            draft.problem(f"GroupNorm (num_groups={module.num_groups}) normalises across these channels, "
+                          "so masking is not equivalent to removal", 1)
+        _add_tensors(ctx, draft, module, ("weight", "bias"), "norm", by_root)
+    elif kind == ops.OPTYPE.LN:
+        draft.problem("LayerNorm normalises across these channels, so masking is not equivalent to removal", 1)
+        _add_tensors(ctx, draft, module, ("weight", "bias"), "norm", by_root, dim=-1)
+    elif kind == ops.OPTYPE.PRELU:
+        if module.num_parameters > 1:
+            _add_tensors(ctx, draft, module, ("weight",), "free", by_root)
+    elif kind == ops.OPTYPE.PARAMETER:
+        _parameter_slice(ctx, draft, node, by_root)
+    elif kind in (ops.OPTYPE.EMBED, ops.OPTYPE.MHA, ops.OPTYPE.LSTM, ops.OPTYPE.CUSTOMIZED):
+        draft.problem(f"touches {type(module).__name__}, whose channels can't be removed exactly", 2)
+    elif kind == ops.OPTYPE.OUTPUT:
+        draft.problem("reaches the model output (removing channels would change the output shape)", 0)
+    elif kind == ops.OPTYPE.CONCAT:
+        draft.residual = True
+    elif kind == ops.OPTYPE.ELEMENTWISE:
+        draft.residual |= _is_add(node)
+    else:
+        _shape_op(draft, node, item.dep)
+
+
+def _layer_slices(ctx: _Context, draft: _Draft, layer: nn.Module, handler: Any, by_root: dict) -> None:
+    """Conv/Linear weight rows (producer) or columns (consumer), with bias; depthwise convs are in=out tied."""
+    is_out = handler in (tp.prune_conv_out_channels, tp.prune_linear_out_channels,
+                         tp.prune_depthwise_conv_out_channels)
+    if is_out:
+        draft.covers.setdefault(layer, set()).update(p for ps in by_root.values() for p in ps)
+        if id(layer) in ctx.heads:
+            draft.problem("classifier output", 0)
+    if isinstance(layer, nn.Linear):
+        if is_out:
+            _add_tensors(ctx, draft, layer, ("weight",), "producer", by_root)
+            _add_tensors(ctx, draft, layer, ("bias",), "bias", by_root)
+        else:
+            _add_tensors(ctx, draft, layer, ("weight",), "consumer", by_root, dim=1)
+        return
+    groups, cin, cout = layer.groups, layer.in_channels, layer.out_channels
+    if groups > 1 and groups == cin == cout:
+        _add_tensors(ctx, draft, layer, ("weight",), "producer", by_root)
+        _add_tensors(ctx, draft, layer, ("bias",), "bias", by_root)
+    elif groups > 1 and (layer.transposed or handler == tp.prune_depthwise_conv_out_channels):
+        draft.problem(f"grouped convolution (groups={groups}, {cin}->{cout}) is not supported", 2)
+    elif is_out:
+        balance = cout // groups if groups > 1 else 0
+        _add_tensors(ctx, draft, layer, ("weight",), "producer", by_root, dim=1 if layer.transposed else 0,
+                     balance=balance)
+        _add_tensors(ctx, draft, layer, ("bias",), "bias", by_root, balance=balance)
+    else:
+        local = cin // groups if groups > 1 else 0
+        _add_tensors(ctx, draft, layer, ("weight",), "consumer", by_root, dim=0 if layer.transposed else 1,
+                     size=cin, local=local, balance=local)
+
+
+def _add_tensors(ctx: _Context, draft: _Draft, module: nn.Module, attrs: Sequence[str], role: str,
+                 by_root: dict, dim: int = 0, size: Optional[int] = None, local: int = 0, balance: int = 0) -> None:
+    """Raw slices for the named tensors of ``module`` that exist."""
+    for attr in attrs:
+        tensor = getattr(module, attr, None)
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        if id(tensor) not in ctx.names:
+            draft.problem(f"{ctx.module_names.get(module, type(module).__name__)}.{attr} is not a plain "
+                          "parameter or buffer (parametrized?)", 2)
+            continue
+        d = dim % tensor.dim()
+        draft.raws.append(_Raw(ctx.names[id(tensor)], d, role, size or tensor.shape[d], by_root, local, balance))
+
+
+def _parameter_slice(ctx: _Context, draft: _Draft, node: Any, by_root: dict) -> None:
+    """A bare nn.Parameter (layer scale, position embedding): a free slice if only scaled/shifted/concatenated."""
+    param = node.module
+    name = ctx.names.get(id(param), "an unnamed parameter")
+    uses = [n.grad_fn.name() for n in node.outputs if hasattr(n.grad_fn, "name")]
+    odd = [u for u in uses if not u.startswith(_SCALE_SHIFT_OPS)]
+    if odd or id(param) not in ctx.names:
+        draft.problem(f"parameter {name} feeds {odd[0] if odd else 'an unknown op'}, "
+                      "which torch-pruning cannot slice exactly", 2)
+        return
+    dim = node.pruning_dim % param.dim()
+    draft.raws.append(_Raw(name, dim, "free", param.shape[dim], by_root))
+
+
+def _is_add(node: Any) -> bool:
+    """An elementwise add/sub of at least two computed tensors (a residual join)."""
+    name = node.grad_fn.name() if hasattr(node.grad_fn, "name") else ""
+    sources = {n for n in node.inputs if n.type != ops.OPTYPE.PARAMETER}
+    return name.startswith(("AddBackward", "SubBackward")) and len(sources) >= 2
+
+
+def _shape_op(draft: _Draft, node: Any, dep: Any) -> None:
+    """Reshape/split/unbind/slice/expand: fine only when they don't regroup the channel dim."""
+    fn = node.grad_fn
+    name = fn.name() if hasattr(fn, "name") else type(fn).__name__
+    before = tuple(getattr(fn, "_saved_self_sym_sizes", None) or getattr(fn, "_saved_self_sizes", None) or ())
+    after = tuple(fn._input_metadata[0].shape) if getattr(fn, "_input_metadata", None) else ()
+    kind = node.type
+    if kind == ops.OPTYPE.RESHAPE and (_keeps_channels(before, after) or _flatten(before, after, dep)):
+        return
+    if kind == ops.OPTYPE.EXPAND and before and len(before) == len(after) and \
+            before[_channel_dim(len(before))] == after[_channel_dim(len(after))]:
+        return
+    if kind == ops.OPTYPE.SLICE and before and fn._saved_dim % len(before) != _channel_dim(len(before)):
+        return
+    what = {ops.OPTYPE.RESHAPE: "reshape", ops.OPTYPE.SPLIT: "split", ops.OPTYPE.UNBIND: "unbind",
+            ops.OPTYPE.SLICE: "channel slice", ops.OPTYPE.EXPAND: "expand"}.get(kind, str(kind))
+    shapes = f" {list(before)} -> {list(after)}" if before and after else ""
+    draft.problem(f"touches a {what} ({name}{shapes}) that regroups channels, e.g. into attention heads", 3)
+
+
+def _channel_dim(ndim: int) -> int:
+    """torch-pruning's channel convention: NCHW dim 1, (B, N, C) token tensors the last dim."""
+    return 2 if ndim == 3 else min(1, ndim - 1)
+
+
+def _keeps_channels(before: tuple, after: tuple) -> bool:
+    """Only singleton dims change, or only dims after the channel dim are regrouped (NCHW -> NC(HW))."""
+    if not before or not after:
+        return False
+    if [s for s in before if s != 1] == [s for s in after if s != 1]:
+        return True
+    lead = _channel_dim(len(before)) + 1
+    return len(after) >= lead and tuple(before[:lead]) == tuple(after[:lead])
+
+
+def _flatten(before: tuple, after: tuple, dep: Any) -> bool:
+    """(N, C, H, W) -> (N, C*H*W) with torch-pruning's flatten index mapping in place."""
+    flat = len(before) >= 2 and tuple(after) == (before[0], _prod(before[1:]))
+    return flat and any(isinstance(m, _FlattenIndexMapping) for m in dep.index_mapping)
+
+
+def _prod(sizes: Sequence[int]) -> int:
+    out = 1
+    for s in sizes:
+        out *= s
+    return out
+
+
+def _check_shortcut(draft: _Draft, group: Any) -> None:
+    """Also a residual stream: the tensor forks into a block and its projection shortcut (e.g. ResNet stem)."""
+    members = {it.dep.target for it in group if it.dep.target.type in _LAYERS}
+    consumers = [it.dep.target for it in group
+                 if it.dep.target.type in (ops.OPTYPE.CONV, ops.OPTYPE.LINEAR)
+                 and it.dep.handler in (tp.prune_conv_in_channels, tp.prune_linear_in_channels)]
+    walks = [_walk(c, members - {c}) for c in consumers]
+    leaving = [reaches_add for loops, reaches_add in walks if not loops]
+    draft.residual |= len(leaving) >= 2 and any(leaving)
+
+
+def _walk(start: Any, members: set) -> tuple[bool, bool]:
+    """From a consumer's output up to the next layers: (comes back into the group, reaches a residual add)."""
+    stack, seen, loops, adds = list(start.outputs), set(), False, False
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.type in _LAYERS:
+            loops |= node in members
+        elif _is_add(node):
+            adds = True
+        elif node.type != ops.OPTYPE.OUTPUT:
+            stack.extend(node.outputs)
+    return loops, adds
+
+
+def _form_classes(draft: _Draft) -> None:
+    """Validate positions, then tie root channels a grouped conv forces together (balanced removal)."""
+    parent = {r: r for r in draft.requested}
+
+    def find(r: int) -> int:
+        while parent[r] != r:
+            parent[r] = parent[parent[r]]
+            r = parent[r]
+        return r
+
+    for raw in draft.raws:
+        owners = {}
+        for root, positions in raw.by_root.items():
+            for p in positions:
+                if not 0 <= p < raw.size or root not in parent:
+                    draft.problem(f"torch-pruning maps channels onto position {p} of {raw.tensor} dim {raw.dim} "
+                                  f"(size {raw.size}): inconsistent coupling, e.g. across a transpose or reshape")
+                    break
+                if owners.setdefault(p, root) != root:
+                    draft.problem(f"{raw.tensor} position {p} is shared by two channels of the group")
+        if raw.balance:
+            if set(owners) != set(range(raw.size)):
+                draft.problem(f"grouped convolution ({raw.tensor}) needs balanced per-group removal and the "
+                              "group covers only part of its channels", 4)
+            tie: dict[int, int] = {}
+            for p, root in owners.items():
+                if root in parent:
+                    other = tie.setdefault(p % raw.balance, root)
+                    parent[find(root)] = find(other)
+    classes: dict[int, list[int]] = {}
+    for r in draft.requested:
+        classes.setdefault(find(r), []).append(r)
+    draft.classes = list(classes.values())
+
+
+def _flag_overlaps(drafts: Sequence[_Draft]) -> None:
+    """Groups must be disjoint: a tensor position claimed by two groups makes both non-prunable."""
+    by_name = {d.name: d for d in drafts}
+    owner: dict[tuple[str, int, int], str] = {}
+    for draft in drafts:
+        for raw in draft.raws:
+            for p in {p % raw.local if raw.local else p for ps in raw.by_root.values() for p in ps}:
+                other = owner.setdefault((raw.tensor, raw.dim, p), draft.name)
+                if other != draft.name:
+                    draft.problem(f"shares {raw.tensor} dim {raw.dim} with group {other!r}")
+                    by_name[other].problem(f"shares {raw.tensor} dim {raw.dim} with group {draft.name!r}")
+
+
+# ------------------------------------------------------------------------------------------ verification
+
+def _verified(model: nn.Module, groups: list[ChannelGroup], inputs: tuple, deadline: float) -> list[ChannelGroup]:
+    """Numerically confirm masking == slicing for every prunable group; failures become non-prunable."""
+    candidates = [g for g in groups if g.prunable]
+    if not candidates:
+        return groups
+    rng = random.Random(0)
+    subsets = {g.name: sorted(rng.sample(range(g.width), max(1, g.width // 2))) for g in candidates}
+    reference = _randomized(model)
+    failures: dict[str, str] = {}
+    remaining = candidates
+    while remaining:
+        found = _bisect(reference, remaining, subsets, inputs, deadline)
+        if not found:
+            break
+        failures.update(found)
+        remaining = [g for g in remaining if g.name not in found]
+    for name, reason in failures.items():
+        _logger.info("channel group %s is not prunable: %s", name, reason)
+    return [_with_reason(g, failures[g.name]) if g.name in failures else g for g in groups]
+
+
+def _randomized(model: nn.Module) -> nn.Module:
+    """Eval-mode copy with every weight and BN statistic redrawn, so no zero-init branch or tiny layer scale
+    hides a mismatch (exactness is structural, so any values will do)."""
+    gen = torch.Generator().manual_seed(0)
+    fresh: dict[int, torch.Tensor] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            fresh[id(p)] = nn.Parameter(_draw(tuple(p.shape), gen).to(p.device, p.dtype), p.requires_grad)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            mean, var = m.running_mean, m.running_var
+            fresh[id(mean)] = (torch.randn(mean.shape, generator=gen) * 0.1).to(mean.device, mean.dtype)
+            fresh[id(var)] = (torch.rand(var.shape, generator=gen) + 0.5).to(var.device, var.dtype)
+    return _copy_sharing(model, fresh).eval()
+
+
+def _copy_sharing(model: nn.Module, replaced: Mapping[int, torch.Tensor]) -> nn.Module:
+    """Copy of the module tree that shares every tensor (no data copied) except those in ``replaced``."""
+    memo = {id(t): replaced.get(id(t), t) for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
+def _draw(shape: tuple, gen: torch.Generator) -> torch.Tensor:
+    """Fan-in scaled normal weights; vectors (norm affine, biases, layer scales) uniform in [0.5, 1.5]."""
+    if len(shape) < 2:
+        return torch.rand(shape, generator=gen) + 0.5
+    fan_in = max(1, _prod(shape) // shape[0])
+    return torch.randn(shape, generator=gen) / fan_in ** 0.5
+
+
+def _with_reason(group: ChannelGroup, reason: str) -> ChannelGroup:
+    return ChannelGroup(group.name, group.width, group.slices, group.residual, False, reason)
+
+
+def _bisect(model: nn.Module, batch: list[ChannelGroup], subsets: dict, inputs: tuple,
+            deadline: float) -> dict[str, str]:
+    """Names -> reason of the groups in ``batch`` that break masked/sliced equivalence (group testing)."""
+    if time.monotonic() > deadline:
+        return {g.name: TIMEOUT_REASON for g in batch}
+    error = _mismatch(model, batch, subsets, inputs)
+    if error is None:
+        return {}
+    if len(batch) == 1:
+        return {batch[0].name: error}
+    half = len(batch) // 2
+    found = {**_bisect(model, batch[:half], subsets, inputs, deadline),
+             **_bisect(model, batch[half:], subsets, inputs, deadline)}
+    return found or {g.name: error + " (only in combination)" for g in batch}
+
+
+def _mismatch(model: nn.Module, batch: list[ChannelGroup], subsets: dict, inputs: tuple) -> Optional[str]:
+    """Zero the chosen channels' parameters in a copy, slice them out of it, compare eval outputs."""
+    removals = tensor_removals(batch, {g.name: subsets[g.name] for g in batch})
+    params = dict(model.named_parameters())
+    zeroed = {}
+    for name, dims in removals.items():
+        if name in params:
+            tensor = params[name].detach().clone()
+            for dim, positions in dims.items():
+                tensor.index_fill_(dim, torch.tensor(positions, device=tensor.device), 0)
+            zeroed[id(params[name])] = nn.Parameter(tensor, requires_grad=False)
+    work = _copy_sharing(model, zeroed)
+    try:
+        with torch.no_grad():
+            expected = _leaves(work(*inputs))
+            slice_in_place(work, removals, refresh=False)
+            actual = _leaves(work(*inputs))
+    except Exception as err:
+        return f"physically sliced model does not run: {type(err).__name__}: {err}"
+    if len(expected) != len(actual) or any(a.shape != e.shape for a, e in zip(actual, expected)):
+        return "physically sliced model changes the output shape"
+    scale = max((e.abs().max().item() for e in expected if e.numel()), default=0.0) or 1.0
+    diff = max((float((a - e).abs().max()) for a, e in zip(actual, expected) if e.numel()), default=0.0)
+    if not diff <= _TOLERANCE * scale:  # also catches NaN
+        return f"masking is not equivalent to removal (numerical check: max diff {diff:.3g} at output scale {scale:.3g})"
+    return None
+
+
+def _leaves(output: Any) -> list[torch.Tensor]:
+    """Every tensor in a (nested) model output, as float32."""
+    if isinstance(output, torch.Tensor):
+        return [output.float()]
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for o in output for t in _leaves(o)]
+    return []

@@ -1,0 +1,429 @@
+"""Physical channel removal: slim copies, JSON width plans replayed on fresh models, BN recalibration.
+
+Every resize goes through one path (``_resize``): new tensors are swapped in, then module attributes
+(conv/linear/norm sizes) are re-derived from the tensor shapes, then timm's model-level widths
+(``num_features``, ``head_hidden_size``, ``feature_info``, head ``in_features``) are re-measured with a
+shape-only forward on the ``meta`` device, so ``forward_features``, ``reset_classifier`` and
+``features_only`` keep working on the slim model.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import warnings
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ["slim_copy", "slice_in_place", "width_plan", "apply_width_plan", "recalibrate_batchnorm", "default_example_input"]
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
+    """A random image batch the model accepts: timm's ``pretrained_cfg`` size, or a fixed patch-embed size."""
+    channels, size = 3, (224, 224)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if len(cfg.get("input_size", ())) == 3:
+        channels, size = cfg["input_size"][0], tuple(cfg["input_size"][1:])
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            channels = module.in_channels  # honours in_chans overrides the cfg doesn't record
+            break
+    for module in model.modules():
+        img_size = getattr(module, "img_size", None)
+        if getattr(module, "strict_img_size", False) and img_size is not None:
+            size = tuple(img_size)  # e.g. ViT / Mixer built with img_size=...
+            break
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    device = tensor.device if tensor is not None else torch.device("cpu")
+    dtype = tensor.dtype if tensor is not None and tensor.is_floating_point() else torch.float32
+    return torch.randn(batch_size, channels, *size, device=device, dtype=dtype)
+
+
+def slim_copy(model: nn.Module, removals: Mapping[str, Mapping[int, Sequence[int]]]) -> nn.Module:
+    """Deep copy of the (unwrapped) model with the listed tensor positions removed; the input model is untouched."""
+    slim = copy.deepcopy(model)
+    slice_in_place(slim, removals)
+    return slim
+
+
+def slice_in_place(model: nn.Module, removals: Mapping[str, Mapping[int, Sequence[int]]], refresh: bool = True) -> None:
+    """Remove the listed positions from the model's own tensors; ``refresh=False`` skips timm attribute re-measuring."""
+    slots = _tensor_slots(model)
+    new = {}
+    for name, dims in removals.items():
+        if name not in slots:
+            raise ValueError(f"removals name tensor {name!r}, which the model does not have")
+        tensor = _get(slots[name][0])
+        for dim, positions in sorted(dims.items()):
+            tensor = _drop(tensor, name, int(dim), positions)
+        new[name] = tensor.detach()
+    _resize(model, new, slots, refresh)
+
+
+def width_plan(model: nn.Module, base: nn.Module) -> dict:
+    """JSON-safe plan of every tensor whose shape differs from ``base``; classifier class dims are ``None``."""
+    base_shapes = {name: list(t.shape) for name, t in _named_tensors(base)}
+    classifier = _classifier_tensor_names(model)
+    tensors = {}
+    for name, tensor in _named_tensors(model):
+        if name not in base_shapes:
+            raise ValueError(f"tensor {name!r} does not exist in the base model; is it the same architecture?")
+        shape = list(tensor.shape)
+        if name in classifier:
+            shape[0] = None  # keep the class count of whatever model the plan is replayed on
+            if shape[1:] == base_shapes[name][1:]:
+                continue
+        elif shape == base_shapes[name]:
+            continue
+        tensors[name] = shape
+    return {"tensors": tensors}
+
+
+def apply_width_plan(model: nn.Module, plan: Mapping) -> nn.Module:
+    """Resize a fresh base model in place to the plan's shapes (uninitialised tensors, same device/dtype)."""
+    entries = plan.get("tensors") if isinstance(plan, Mapping) else None
+    if not isinstance(entries, Mapping):
+        raise ValueError("width plan must be a mapping with a 'tensors' mapping of name -> shape")
+    slots = _tensor_slots(model)
+    new = {}
+    for name, shape in entries.items():
+        if name not in slots:
+            if any(size is None for size in shape):
+                continue  # classifier entry, and this model has no classifier (num_classes=0)
+            raise ValueError(f"width plan names tensor {name!r}, which this model does not have")
+        old = _get(slots[name][0])
+        new[name] = torch.empty(_planned_shape(name, old, shape), device=old.device, dtype=old.dtype)
+    _resize(model, new, slots, refresh=True)
+    return model
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable, num_batches: Optional[int] = None) -> None:
+    """Recompute BatchNorm running statistics as a cumulative average over ``batches`` (``update_bn`` semantics)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    device = next(itertools.chain(model.parameters(), model.buffers())).device
+    momenta = {m: m.momentum for m in norms}
+    flags = {m: m.training for m in model.modules()}
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        with torch.no_grad():
+            for batch in itertools.islice(batches, num_batches):
+                if isinstance(batch, (list, tuple)):
+                    batch = batch[0]
+                model(batch.to(device))
+    finally:
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+        for m, flag in flags.items():
+            m.training = flag
+
+
+# ----------------------------------------------------------------------------------------------- tensors
+
+def _named_tensors(model: nn.Module):
+    """Parameters then buffers, by their canonical (first) qualified names."""
+    return itertools.chain(model.named_parameters(), model.named_buffers())
+
+
+def _tensor_slots(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
+    """Canonical tensor name -> every (module, attribute) holding that tensor (shared tensors have several)."""
+    names = {id(t): name for name, t in _named_tensors(model)}
+    slots: dict[str, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for attr, tensor in itertools.chain(module._parameters.items(), module._buffers.items()):
+            if tensor is not None and id(tensor) in names:
+                slots.setdefault(names[id(tensor)], []).append((module, attr))
+    return slots
+
+
+def _get(slot: tuple[nn.Module, str]) -> torch.Tensor:
+    module, attr = slot
+    return module._parameters[attr] if attr in module._parameters else module._buffers[attr]
+
+
+def _drop(tensor: torch.Tensor, name: str, dim: int, positions: Sequence[int]) -> torch.Tensor:
+    """``tensor`` without ``positions`` along ``dim``."""
+    if not -tensor.dim() <= dim < tensor.dim():
+        raise ValueError(f"{name}: dim {dim} out of range for shape {tuple(tensor.shape)}")
+    size = tensor.shape[dim]
+    drop = {int(p) for p in positions}
+    if any(not 0 <= p < size for p in drop):
+        raise ValueError(f"{name}: positions {sorted(drop)} out of range for dim {dim} of size {size}")
+    keep = torch.tensor([i for i in range(size) if i not in drop], dtype=torch.long, device=tensor.device)
+    return tensor.index_select(dim, keep)
+
+
+def _planned_shape(name: str, old: torch.Tensor, shape: Any) -> list[int]:
+    """Plan entry -> concrete shape (``None`` keeps the model's own size), validated."""
+    if not isinstance(shape, (list, tuple)) or len(shape) != old.dim():
+        raise ValueError(f"width plan shape {shape!r} for {name!r} does not match its {old.dim()}-d tensor")
+    target = [old.shape[i] if size is None else size for i, size in enumerate(shape)]
+    if any(not isinstance(size, int) or isinstance(size, bool) or size <= 0 for size in target):
+        raise ValueError(f"width plan shape {shape!r} for {name!r} must hold positive integers")
+    return target
+
+
+def _resize(model: nn.Module, new: Mapping[str, torch.Tensor], slots, refresh: bool) -> None:
+    """Swap in the new tensors, re-derive module attributes, then re-measure timm's model-level widths."""
+    before = _measure(model) if refresh and _has_timm_widths(model) else None
+    touched = []
+    for name, tensor in new.items():
+        for module, attr in slots[name]:
+            if attr in module._parameters:
+                old = module._parameters[attr]
+                module._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+            else:
+                module._buffers[attr] = tensor
+            touched.append(module)
+    for module in dict.fromkeys(touched):
+        _fix_module(module, _module_name(model, module))
+    if before is not None:
+        _refresh_timm_attrs(model, before, _measure(model, strict=True))
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next((name for name, m in model.named_modules() if m is module), type(module).__name__)
+
+
+# ------------------------------------------------------------------------------------- module attributes
+
+def _fix_module(module: nn.Module, name: str) -> None:
+    """Re-derive a module's size attributes from its (resized) tensors; ValueError if they disagree."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        _fix_conv(module, name)
+    elif isinstance(module, nn.Linear):
+        _fix_linear(module, name)
+    elif isinstance(module, _NORMS):
+        module.num_features = _common_size(module, name, ("weight", "bias", "running_mean", "running_var"))
+    elif isinstance(module, nn.GroupNorm):
+        _fix_groupnorm(module, name)
+    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+        module.normalized_shape = tuple(module.weight.shape)
+    elif isinstance(module, nn.PReLU):
+        module.num_parameters = module.weight.numel()
+    elif isinstance(module, nn.Embedding):
+        module.num_embeddings, module.embedding_dim = module.weight.shape
+
+
+def _fix_conv(conv: nn.modules.conv._ConvNd, name: str) -> None:
+    """Conv in/out channels and ``groups``; a depthwise conv stays depthwise."""
+    shape = conv.weight.shape
+    if conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels:
+        conv.in_channels = conv.out_channels = conv.groups = shape[0]
+    elif conv.transposed:
+        conv.in_channels, conv.out_channels = shape[0], shape[1] * conv.groups
+    else:
+        conv.in_channels, conv.out_channels = shape[1] * conv.groups, shape[0]
+    if conv.in_channels % conv.groups or conv.out_channels % conv.groups:
+        raise ValueError(f"{name}: {conv.in_channels}->{conv.out_channels} channels do not split into "
+                         f"{conv.groups} equal groups")
+    if conv.bias is not None and conv.bias.shape[0] != conv.out_channels:
+        raise ValueError(f"{name}.bias has {conv.bias.shape[0]} entries for {conv.out_channels} output channels")
+
+
+def _fix_linear(linear: nn.Linear, name: str) -> None:
+    linear.out_features, linear.in_features = linear.weight.shape
+    if linear.bias is not None and linear.bias.shape[0] != linear.out_features:
+        raise ValueError(f"{name}.bias has {linear.bias.shape[0]} entries for {linear.out_features} outputs")
+
+
+def _fix_groupnorm(norm: nn.GroupNorm, name: str) -> None:
+    if norm.weight is None:
+        return
+    channels = _common_size(norm, name, ("weight", "bias"))
+    if norm.num_groups == norm.num_channels:
+        norm.num_groups = channels  # per-channel normalisation stays per-channel
+    elif channels % norm.num_groups:
+        raise ValueError(f"{name}: {channels} channels do not split into {norm.num_groups} groups")
+    norm.num_channels = channels
+
+
+def _common_size(module: nn.Module, name: str, attrs: Sequence[str]) -> int:
+    sizes = {a: getattr(module, a).shape[0] for a in attrs if getattr(module, a, None) is not None}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"{name}: inconsistent channel counts {sizes}")
+    return next(iter(sizes.values()))
+
+
+# ------------------------------------------------------------------------------------ timm model widths
+
+def _classifier_modules(model: nn.Module) -> list[nn.Module]:
+    """The module(s) ``get_classifier()`` returns, ignoring Identity (num_classes=0)."""
+    getter = getattr(model, "get_classifier", None)
+    if getter is None:
+        return []
+    try:
+        found = getter()
+    except Exception:  # some wrappers raise when there is no head
+        return []
+    found = found if isinstance(found, (tuple, list)) else (found,)
+    return [m for m in found if isinstance(m, nn.Module) and any(True for _ in m.parameters())]
+
+
+def _classifier_tensor_names(model: nn.Module) -> set[str]:
+    heads = _classifier_modules(model)
+    ids = {id(t) for head in heads for t in itertools.chain(head.parameters(), head.buffers())}
+    return {name for name, t in _named_tensors(model) if id(t) in ids}
+
+
+def _head_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """timm head blocks (ClassifierHead, NormMlpClassifierHead, ...) that store their input width."""
+    return {name: m for name, m in model.named_modules()
+            if name and isinstance(getattr(m, "in_features", None), int) and not isinstance(m, nn.Linear)}
+
+
+def _has_timm_widths(model: nn.Module) -> bool:
+    """Whether the model carries any timm width attribute worth re-measuring."""
+    return any(hasattr(model, a) for a in ("num_features", "head_hidden_size", "feature_info")) or bool(
+        _head_modules(model))
+
+
+def _meta_clone(model: nn.Module) -> nn.Module:
+    """Shape-only copy of the model on the meta device (no tensor data is copied)."""
+    memo = {}
+    for name, tensor in _named_tensors(model):
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def _measure(model: nn.Module, strict: bool = False) -> Optional[dict[str, tuple]]:
+    """Shapes of forward_features, pre-logits, every feature_info module output and head input.
+
+    Runs on a meta clone (free) and falls back to a real forward; ``None`` if neither runs. With ``strict``
+    a failing forward is a ValueError naming the module it failed in (an inconsistent width plan).
+    """
+    errors = []
+    for meta in (True, False):
+        target = _meta_clone(model) if meta else model
+        try:
+            return _shapes(target, meta)
+        except _ForwardError as err:
+            errors.append(err)
+    if strict:
+        raise ValueError(f"resized model does not run: {errors[-1]}")
+    warnings.warn(f"could not measure timm feature widths ({errors[-1]}); num_features/feature_info left as is")
+    return None
+
+
+class _ForwardError(RuntimeError):
+    """A forward pass failed inside a named module."""
+
+
+def _shapes(model: nn.Module, meta: bool) -> dict[str, tuple]:
+    """Run forward_features / forward_head(pre_logits=True) once, recording output and hooked shapes."""
+    shapes: dict[str, tuple] = {}
+    modules = dict(model.named_modules())
+    stack: list[str] = []
+    hooks = [m.register_forward_pre_hook(_pusher(stack, n)) for n, m in modules.items()]
+    hooks += [m.register_forward_hook(_popper(stack)) for m in modules.values()]
+    for i, info in enumerate(_feature_infos(model)):
+        if info.get("module") in modules:
+            hooks.append(modules[info["module"]].register_forward_hook(_recorder(shapes, f"feature:{i}", False)))
+    for name, head in _head_modules(model).items():
+        hooks.append(head.register_forward_hook(_recorder(shapes, f"head_in:{name}", True)))
+    flags = {m: m.training for m in modules.values()}
+    x = default_example_input(model)
+    try:
+        model.eval()
+        with torch.no_grad():
+            x = x.to("meta") if meta else x
+            features = model.forward_features(x) if hasattr(model, "forward_features") else model(x)
+            _record(shapes, "features", features)
+            if hasattr(model, "forward_head"):
+                _record(shapes, "pre_logits", model.forward_head(features, pre_logits=True))
+            if any(f"feature:{i}" not in shapes for i in range(len(_feature_infos(model)))):
+                _record_intermediates(model, x, shapes, stack)  # e.g. HRNet stages return lists
+    except Exception as err:
+        raise _ForwardError(f"in module {stack[-1]!r}: {err}" if stack else str(err)) from err
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, flag in flags.items():
+            m.training = flag
+    return shapes
+
+
+def _record_intermediates(model: nn.Module, x: torch.Tensor, shapes: dict, stack: list) -> None:
+    """timm's own feature maps (aligned with feature_info), when the model implements them."""
+    depth = len(stack)
+    try:
+        features = model.forward_intermediates(x, intermediates_only=True)
+    except Exception:  # not implemented / unsupported options: module hooks are the fallback
+        del stack[depth:]
+        return
+    for i, feature in enumerate(features):
+        _record(shapes, f"intermediate:{i}", feature)
+
+
+def _feature_infos(model: nn.Module) -> list[dict]:
+    return [i for i in getattr(model, "feature_info", None) or [] if isinstance(i, dict) and "num_chs" in i]
+
+
+def _pusher(stack: list, name: str):
+    def hook(module, args):
+        stack.append(name)
+    return hook
+
+
+def _popper(stack: list):
+    def hook(module, args, output):
+        stack.pop()
+    return hook
+
+
+def _recorder(shapes: dict, key: str, inputs: bool):
+    def hook(module, args, output):
+        _record(shapes, key, args[0] if inputs and args else output)
+    return hook
+
+
+def _record(shapes: dict, key: str, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        shapes[key] = tuple(value.shape)
+
+
+def _channel_dim(shape: Optional[tuple], channels: int) -> Optional[int]:
+    """Which dim of ``shape`` holds ``channels``: NCHW dim 1 first, then the last dim (NLC / NHWC)."""
+    if not shape:
+        return None
+    for dim in (1, len(shape) - 1, *range(len(shape))):
+        if 0 <= dim < len(shape) and shape[dim] == channels:
+            return dim
+    return None
+
+
+def _rescaled(old: Any, key: str, before: dict, after: dict) -> Any:
+    """``old`` width re-read at the same dim of the re-measured shape (unchanged if it can't be located)."""
+    if not isinstance(old, int) or key not in before or key not in after:
+        return old
+    dim = _channel_dim(before[key], old)
+    return old if dim is None or len(after[key]) != len(before[key]) else after[key][dim]
+
+
+def _refresh_timm_attrs(model: nn.Module, before: dict, after: dict) -> None:
+    """num_features, head_hidden_size, feature_info num_chs and head in_features/num_features/hidden_size."""
+    if hasattr(model, "num_features"):
+        model.num_features = _rescaled(model.num_features, "features", before, after)
+    if hasattr(model, "head_hidden_size"):
+        model.head_hidden_size = _rescaled(model.head_hidden_size, "pre_logits", before, after)
+    infos = _feature_infos(model)
+    source = "intermediate" if sum(k.startswith("intermediate:") for k in after) == len(infos) else "feature"
+    for i, info in enumerate(infos):
+        info["num_chs"] = _rescaled(info["num_chs"], f"{source}:{i}", before, after)
+    for name, head in _head_modules(model).items():
+        head.in_features = _rescaled(head.in_features, f"head_in:{name}", before, after)
+        fc = getattr(getattr(head, "pre_logits", None), "fc", None)
+        if getattr(head, "hidden_size", None) and isinstance(fc, nn.Linear):
+            head.hidden_size = fc.out_features
+        if isinstance(getattr(head, "num_features", None), int):
+            pool = getattr(head, "global_pool", None)
+            mult = pool.feat_mult() if hasattr(pool, "feat_mult") else 1
+            head.num_features = getattr(head, "hidden_size", None) or head.in_features * mult

@@ -1,0 +1,158 @@
+"""Channel-group discovery: which groups exist, which are prunable and why not."""
+import copy
+import json
+import re
+import time
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+from chase_timm.graph import (
+    RESIDUAL_REASON, TIMEOUT_REASON, ChannelGroup, find_channel_groups, tensor_removals,
+)
+from chase_timm.slim import slim_copy
+
+
+def _timm(arch: str, **kwargs) -> nn.Module:
+    return timm.create_model(arch, pretrained=False, num_classes=10, **kwargs).eval()
+
+
+@pytest.fixture(scope="module")
+def resnet50():
+    model = _timm("resnet50")
+    x = torch.randn(1, 3, 64, 64)
+    return model, find_channel_groups(model, x), find_channel_groups(model, x, prune_skip=True)
+
+
+def test_resnet50_internal_groups_are_the_papers_bottleneck_convs(resnet50):
+    _, groups, _ = resnet50
+    prunable = [g for g in groups if g.prunable]
+    assert sorted(g.name for g in prunable) == sorted(
+        f"layer{s}.{b}.conv{c}" for s, blocks in zip((1, 2, 3, 4), (3, 4, 6, 3)) for b in range(blocks) for c in (1, 2))
+    assert sum(g.width for g in prunable) == 7552
+    conv2 = next(g for g in groups if g.name == "layer1.0.conv2")
+    assert {(s.tensor, s.dim, s.role) for s in conv2.slices} == {
+        ("layer1.0.conv2.weight", 0, "producer"), ("layer1.0.bn2.weight", 0, "norm"), ("layer1.0.bn2.bias", 0, "norm"),
+        ("layer1.0.bn2.running_mean", 0, "norm"), ("layer1.0.bn2.running_var", 0, "norm"),
+        ("layer1.0.conv3.weight", 1, "consumer")}
+    assert conv2.producers() == (conv2.slices[0],)
+    assert all(s.index == tuple((i,) for i in range(64)) for s in conv2.slices)
+
+
+def test_resnet50_residual_streams_need_prune_skip(resnet50):
+    _, groups, skip_groups = resnet50
+    residual = [g for g in groups if g.residual]
+    assert {g.name for g in residual} == {"conv1", "layer1.0.conv3", "layer2.0.conv3", "layer3.0.conv3", "layer4.0.conv3"}
+    assert all(not g.prunable and g.reason == RESIDUAL_REASON for g in residual)
+    assert all(g.prunable for g in skip_groups)
+    stream = next(g for g in skip_groups if g.name == "layer4.0.conv3")
+    assert ("fc.weight", 1, "consumer") in {(s.tensor, s.dim, s.role) for s in stream.slices}  # the head's input
+
+
+def test_resnet50_never_removes_classifier_outputs(resnet50):
+    _, groups, skip_groups = resnet50
+    for group in groups + skip_groups:
+        assert not any(s.tensor == "fc.bias" or (s.tensor == "fc.weight" and s.dim == 0) for s in group.slices)
+
+
+def test_discovery_leaves_model_untouched():
+    model = _timm("resnet18").train()
+    model.layer2.eval()
+    state = copy.deepcopy(model.state_dict())
+    find_channel_groups(model, torch.randn(2, 3, 32, 32))
+    assert model.training and not model.layer2.training and model.layer3.training
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_vit_mlp_hidden_units_are_prunable_attention_is_not():
+    groups = find_channel_groups(_timm("vit_tiny_patch16_224", img_size=32), torch.randn(1, 3, 32, 32))
+    prunable = [g for g in groups if g.prunable]
+    assert sorted(g.name for g in prunable) == sorted(f"blocks.{i}.mlp.fc1" for i in range(12))
+    assert all(g.width == 768 for g in prunable)
+    fc1 = prunable[0]
+    assert {(s.tensor.split(".", 3)[-1], s.dim, s.role) for s in fc1.slices} == {
+        ("fc1.weight", 0, "producer"), ("fc1.bias", 0, "bias"), ("fc2.weight", 1, "consumer")}
+    qkv = [g for g in groups if g.name.endswith("attn.qkv")]
+    assert len(qkv) == 12 and all(not g.prunable and "attention heads" in g.reason for g in qkv)
+    stream = next(g for g in groups if g.name == "patch_embed.proj")
+    assert stream.residual and "LayerNorm" in stream.reason
+
+
+@pytest.mark.parametrize("arch,block", [("mobilenetv3_small_050", "blocks.1.0"), ("efficientnet_b0", "blocks.2.1")])
+def test_inverted_residual_expansion_includes_depthwise_and_se(arch, block):
+    groups = find_channel_groups(_timm(arch), torch.randn(1, 3, 32, 32))
+    expansion = next(g for g in groups if g.name == f"{block}.conv_pw")
+    roles = {(s.tensor, s.dim): s.role for s in expansion.slices}
+    assert expansion.prunable and not expansion.residual
+    assert roles[(f"{block}.conv_dw.weight", 0)] == "producer"  # depthwise: in and out tied
+    assert roles[(f"{block}.conv_pwl.weight", 1)] == "consumer"
+    if arch == "efficientnet_b0":
+        assert roles[(f"{block}.se.conv_reduce.weight", 1)] == "consumer"
+        assert roles[(f"{block}.se.conv_expand.weight", 0)] == "producer"
+    assert not any(g.prunable for g in groups if g.name == f"{block}.conv_dw")  # never a group of its own
+
+
+def test_grouped_conv_channels_are_removed_in_balanced_classes():
+    groups = find_channel_groups(_timm("regnetx_002"), torch.randn(1, 3, 32, 32))
+    group = next(g for g in groups if g.name == "s2.b1.conv1.conv")  # 56 channels in 7 groups of 8
+    assert group.prunable and group.width == 8
+    rows = next(s for s in group.slices if s.tensor == "s2.b1.conv1.conv.weight")
+    columns = next(s for s in group.slices if s.tensor == "s2.b1.conv2.conv.weight")
+    assert rows.index[0] == tuple(range(0, 56, 8)) and columns.index[0] == (0,)
+
+
+def test_flatten_to_linear_expands_each_channel_to_its_positions():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 5)).eval()
+    x = torch.randn(1, 3, 6, 6)
+    groups = find_channel_groups(model, x)
+    conv = next(g for g in groups if g.name == "0")
+    linear = next(s for s in conv.slices if s.tensor == "4.weight")
+    assert conv.prunable and linear.dim == 1 and linear.index[1] == tuple(range(16, 32))
+    assert not next(g for g in groups if g.name == "4").prunable  # its outputs are the model's outputs
+    slim = slim_copy(model, tensor_removals(groups, {"0": [1, 4]}))
+    assert slim[4].in_features == 4 * 16
+
+
+def test_model_without_prunable_groups():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    groups = find_channel_groups(model, torch.randn(1, 3, 8, 8))
+    assert [g.name for g in groups] == ["0", "3"] and not any(g.prunable for g in groups)
+    assert "GroupNorm" in groups[0].reason and "output" in groups[1].reason
+
+
+def test_tiny_timeout_returns_quickly_with_reasons():
+    model = _timm("resnet18")
+    start = time.monotonic()
+    with pytest.warns(UserWarning, match="discovery"):
+        groups = find_channel_groups(model, torch.randn(1, 3, 32, 32), timeout=1e-6)
+    assert time.monotonic() - start < 5
+    assert groups and all(not g.prunable and g.reason == TIMEOUT_REASON for g in groups)
+
+
+def test_tracing_failure_is_a_reason_not_a_crash():
+    model = _timm("resnet18").train()
+    with pytest.warns(UserWarning):
+        groups = find_channel_groups(model, torch.randn(1, 5, 32, 32))  # wrong channel count
+    assert groups and all(not g.prunable for g in groups)
+    assert re.match(r"dependency graph could not be built: RuntimeError", groups[0].reason)
+    assert model.training and not any(m._forward_hooks for m in model.modules())
+
+
+def test_groups_round_trip_through_json(resnet50):
+    _, groups, _ = resnet50
+    again = [ChannelGroup.from_dict(d) for d in json.loads(json.dumps([g.to_dict() for g in groups]))]
+    assert again == groups
+
+
+def test_tensor_removals_merges_groups_per_tensor(resnet50):
+    _, groups, _ = resnet50
+    removals = tensor_removals(groups, {"layer1.0.conv1": [3, 1], "layer1.0.conv2": [0]})
+    assert removals["layer1.0.conv2.weight"] == {1: [1, 3], 0: [0]}
+    assert removals["layer1.0.bn1.running_var"] == {0: [1, 3]}
+    with pytest.raises(ValueError, match="out of range"):
+        tensor_removals(groups, {"layer1.0.conv1": [64]})
+    with pytest.raises(KeyError, match="nope"):
+        tensor_removals(groups, {"nope": [0]})

@@ -1,0 +1,179 @@
+"""Masked model == physically sliced model across timm families; width plans replay bit-identically."""
+import copy
+import functools
+import json
+
+import pytest
+import timm
+import torch
+
+from chase_timm.graph import find_channel_groups, tensor_removals
+from chase_timm.slim import apply_width_plan, recalibrate_batchnorm, slim_copy, width_plan
+
+# architecture -> (input size, create_model kwargs); tiny inputs keep the whole zoo at about two minutes
+ZOO = {
+    "resnet18": (32, {}),
+    "resnet50": (32, {}),
+    "seresnext26d_32x4d": (32, {}),
+    "regnetx_002": (32, {}),
+    "densenet121": (32, {}),
+    "vgg11_bn": (32, {"mlp_ratio": 0.0625}),  # 256-wide pre-logits instead of 4096 (100M params)
+    "mobilenetv2_050": (32, {}),
+    "mobilenetv3_small_050": (32, {}),
+    "efficientnet_b0": (32, {}),
+    "ghostnet_050": (32, {}),
+    "convnext_atto": (32, {}),
+    "vit_tiny_patch16_224": (32, {"img_size": 32}),
+    "mixer_s16_224": (32, {"img_size": 32}),
+    "repvgg_a0": (32, {}),
+    "dla34": (32, {}),
+    "hrnet_w18_small": (32, {}),
+    "inception_v3": (75, {}),  # smallest input its stem accepts
+}
+TOLERANCE = 1e-4
+
+
+def _create(arch: str, **overrides) -> torch.nn.Module:
+    size, kwargs = ZOO[arch]
+    return timm.create_model(arch, pretrained=False, **{"num_classes": 10, **kwargs, **overrides})
+
+
+def _randomize_(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial norm affine/statistics and layer scales, so masked channels really carry values."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() <= 1:
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    return model.eval()
+
+
+def _zero_(model: torch.nn.Module, removals: dict) -> None:
+    """What the controller does to removed channels: zero every parameter slice (buffers untouched)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, dims in removals.items():
+            for dim, positions in dims.items():
+                if name in params:
+                    params[name].index_fill_(dim, torch.tensor(positions), 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _slimmed(arch: str, prune_skip: bool):
+    """(masked model, slim model, input, prunable groups) with 30-50 % of every prunable group removed."""
+    torch.manual_seed(0)
+    size = ZOO[arch][0]
+    model = _randomize_(_create(arch))
+    x = torch.randn(1, 3, size, size)
+    groups = find_channel_groups(model, x, prune_skip=prune_skip)
+    prunable = [g for g in groups if g.prunable]
+    gen = torch.Generator().manual_seed(2)
+    removed = {}
+    for g in prunable:
+        count = max(1, int(g.width * (0.3 + 0.2 * torch.rand(1, generator=gen).item())))
+        removed[g.name] = sorted(torch.randperm(g.width, generator=gen)[:count].tolist())
+    removals = tensor_removals(groups, removed)
+    masked = copy.deepcopy(model)
+    _zero_(masked, removals)
+    return masked, slim_copy(masked, removals), x, tuple(prunable)
+
+
+def _feature_channels(model: torch.nn.Module, x: torch.Tensor) -> list[int]:
+    return [f.shape[1] for f in model.forward_intermediates(x, intermediates_only=True)]
+
+
+@pytest.mark.parametrize("prune_skip", [False, True], ids=["internal", "prune_skip"])
+@pytest.mark.parametrize("arch", list(ZOO))
+def test_slim_copy_matches_masked_model(arch, prune_skip):
+    masked, slim, x, prunable = _slimmed(arch, prune_skip)
+    if prune_skip and not any(g.residual for g in prunable):
+        pytest.skip(f"{arch}: no prunable residual group (none exist, or they normalise across channels)")
+    head = {id(t) for t in masked.get_classifier().parameters()}
+    head_rows = {n for n, t in masked.named_parameters() if id(t) in head}
+    assert not any(s.tensor in head_rows and (s.dim == 0 or s.role == "bias") for g in prunable for s in g.slices)
+    with torch.no_grad():
+        expected, actual = masked(x), slim(x)
+    assert actual.shape == expected.shape
+    scale = expected.abs().max().item()
+    assert (actual - expected).abs().max().item() <= TOLERANCE * scale
+    if prunable:
+        assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in masked.parameters())
+
+
+@pytest.mark.parametrize("arch", list(ZOO))
+def test_slim_model_keeps_timm_interface(arch):
+    slim, x = copy.deepcopy(_slimmed(arch, True)[1]), _slimmed(arch, True)[2]
+    with torch.no_grad():
+        features = slim.forward_features(x)
+        assert _feature_channels(slim, x) == [info["num_chs"] for info in slim.feature_info]
+        assert slim.forward_head(features, pre_logits=True).shape[-1] == slim.head_hidden_size
+        channel_dim = 1 if features.dim() == 4 and arch not in ("vit_tiny_patch16_224", "mixer_s16_224") else -1
+        assert features.shape[channel_dim] == slim.num_features
+        slim.reset_classifier(5)
+        assert slim(x).shape == (1, 5)
+
+
+def test_masked_model_untouched_by_slim_copy():
+    masked, slim, x, _ = _slimmed("resnet18", False)
+    assert masked.layer1[0].conv1.weight.shape == (64, 64, 3, 3)
+    assert slim.layer1[0].conv1.weight.shape[0] < 64
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "efficientnet_b0", "densenet121", "regnetx_002", "convnext_atto",
+                                  "vit_tiny_patch16_224", "vgg11_bn", "dla34"])
+def test_width_plan_replays_on_meta_built_model(arch):
+    masked, slim, x, _ = _slimmed(arch, True)
+    with torch.device("meta"):
+        base = _create(arch)
+    plan = json.loads(json.dumps(width_plan(slim, base)))
+    assert plan["tensors"]
+    apply_width_plan(base, plan)
+    base.to_empty(device="cpu")
+    base.load_state_dict(slim.state_dict(), strict=True)
+    base.eval()
+    with torch.no_grad():
+        assert torch.equal(base(x), slim(x))
+    assert base.num_features == slim.num_features
+    assert [i["num_chs"] for i in base.feature_info] == [i["num_chs"] for i in slim.feature_info]
+
+
+def test_width_plan_leaves_class_count_to_the_new_model():
+    masked, slim, x, _ = _slimmed("vgg11_bn", False)  # pre-logits are pruned, so the classifier input shrinks
+    plan = width_plan(slim, _create("vgg11_bn"))
+    assert plan["tensors"]["head.fc.weight"][0] is None
+    model = apply_width_plan(_create("vgg11_bn", num_classes=3), plan)
+    assert model.head.fc.weight.shape == (3, slim.head.fc.weight.shape[1])
+    assert model(x).shape == (1, 3)
+    headless = apply_width_plan(_create("vgg11_bn", num_classes=0), plan)
+    assert headless(x).shape == (1, slim.head_hidden_size)
+
+
+def test_apply_width_plan_rejects_unknown_tensor():
+    with pytest.raises(ValueError, match="layer9.conv.weight"):
+        apply_width_plan(_create("resnet18"), {"tensors": {"layer9.conv.weight": [8, 8, 3, 3]}})
+
+
+def test_apply_width_plan_rejects_wrong_rank():
+    with pytest.raises(ValueError, match="conv1.weight"):
+        apply_width_plan(_create("resnet18"), {"tensors": {"conv1.weight": [32, 3]}})
+
+
+def test_apply_width_plan_rejects_inconsistent_plan():
+    with pytest.raises(ValueError, match="bn1"):
+        apply_width_plan(_create("resnet18"), {"tensors": {"conv1.weight": [32, 3, 7, 7]}})
+
+
+def test_recalibrate_batchnorm_matches_update_bn():
+    model = _create("resnet18").train()
+    batches = [(torch.randn(4, 3, 32, 32), torch.zeros(4)) for _ in range(3)]
+    reference = copy.deepcopy(model)
+    torch.optim.swa_utils.update_bn(batches, reference)
+    model.layer1.eval()  # per-module flags survive
+    recalibrate_batchnorm(model, iter(batches + batches), num_batches=3)
+    assert not model.layer1.training and model.training
+    assert torch.allclose(model.bn1.running_mean, reference.bn1.running_mean)
+    assert torch.allclose(model.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
