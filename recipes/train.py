@@ -13,7 +13,6 @@ how many processes run it.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import difflib
 import json
@@ -37,11 +36,11 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 import chase_timm
 from chase_timm.data import DigitsDataset
+from chase_timm.metrics import count_flops, sparse_flops
 from chase_timm.slim import recalibrate_batchnorm, width_plan
 
 # `chase:` keys given in epochs, mapped onto ChaseConfig step fields (scaled to the run, so --max-steps keeps their shape)
@@ -51,10 +50,18 @@ CHASE_FLAGS = ("density", "channel_sparsity", "min_channel_ratio")
 
 
 # ----------------------------------------------------------------------------------------------- configuration
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show an option's default unless it is None or the help already explains it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Command line; every option can also be a key of the --config YAML (dashes or underscores)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--config", help="YAML of training keys plus a `chase:` section of ChaseConfig fields; "
                                     "command-line flags override it")
     g = p.add_argument_group("model and data")
@@ -64,26 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", help="root directory handed to timm.data.create_dataset for timm dataset specs")
     g.add_argument("--train-split", help="train split name (default: train)")
     g.add_argument("--val-split", help="validation split name (default: val for folders, validation otherwise)")
-    g.add_argument("--num-classes", type=int, help="default: inferred from the dataset")
+    g.add_argument("--num-classes", type=int, help="number of classes (default: inferred from the dataset)")
     g.add_argument("--img-size", type=int, default=32, help="square input size (digits are upsampled to it)")
     g.add_argument("--crop-pct", type=float, help="eval center-crop fraction (default: the model's; 1.0 for digits)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=6)
+    t.add_argument("--epochs", type=int, default=6, help="training epochs")
     t.add_argument("--batch-size", type=int, default=64, help="global batch per optimizer micro-step")
-    t.add_argument("--lr", type=float, default=0.1)
+    t.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
     t.add_argument("--weight-decay", type=float, default=5e-5, help="not applied to norm and bias parameters")
     t.add_argument("--opt", default="momentum", help="timm optimizer name; 'momentum' is SGD with momentum 0.9 "
                    "and no Nesterov (the paper's), timm's 'sgd' is Nesterov SGD")
     t.add_argument("--sched", default="cosine", help="timm scheduler name, stepped per optimizer update")
-    t.add_argument("--warmup-epochs", type=float, default=1.0)
+    t.add_argument("--warmup-epochs", type=float, default=1.0, help="linear lr warm-up (fractions allowed)")
     t.add_argument("--decay-milestones", type=float, nargs="+", default=[], help="epochs of lr decay (multistep)")
     t.add_argument("--decay-rate", type=float, default=0.1, help="lr factor at each milestone (multistep)")
     t.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (0 = plain cross-entropy)")
     t.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation micro-steps per update")
     t.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"),
                    help="passed to Accelerator (default: whatever `accelerate launch` configured)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of model init, data order, augmentation and masks")
     t.add_argument("--max-steps", type=int, help="cap on optimizer steps; all schedules are compressed to fit")
     c = p.add_argument_group("chase (override the YAML `chase:` section; other ChaseConfig fields go there)")
     c.add_argument("--density", type=float, help="overall weight density d (ChaseConfig default 0.1)")
@@ -93,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--output", help="output directory (default: outputs/<model>-chase)")
     o.add_argument("--resume", help="accelerate checkpoint directory to continue from (<output>/checkpoints/epoch_N)")
     o.add_argument("--checkpoint-every", type=int, default=0, help="save an accelerate checkpoint every N epochs")
-    o.add_argument("--recal-batches", type=int, default=10, help="train batches used to recompute BN statistics")
+    o.add_argument("--recal-batches", type=int, default=10, help="augmented train batches used to recompute the slim model's BN statistics")
     o.add_argument("--log-with", help="accelerate tracker (tensorboard, wandb, ...) for per-epoch metrics")
     return p
 
@@ -119,6 +126,8 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, Di
         parser.error(f"unknown `chase:` key(s) {sorted(set(chase) - valid)}; valid keys: {sorted(valid)}. "
                      "(total_steps is computed from epochs and the data.)")
     check_model_name(args.model, parser)
+    if args.resume and not os.path.isdir(args.resume):
+        parser.error(f"--resume {args.resume!r} is not a directory (expected <output>/checkpoints/epoch_N)")
     args.output = args.output or os.path.join("outputs", f"{args.model.replace('/', '_')}-chase")
     return args, chase
 
@@ -197,8 +206,8 @@ def infer_num_classes(dataset: Dataset) -> Optional[int]:
     return len(classes) if classes else None
 
 
-def attach_transforms(args: argparse.Namespace, model: nn.Module, train_ds: Dataset, val_ds: Dataset) -> Dataset:
-    """Set timm transforms (mean/std from the model's pretrained_cfg); returns train images with eval transforms."""
+def attach_transforms(args: argparse.Namespace, model: nn.Module, train_ds: Dataset, val_ds: Dataset) -> None:
+    """Set timm transforms, with mean/std and interpolation from the model's pretrained_cfg."""
     digits = args.data == "digits"
     crop_pct = args.crop_pct or (1.0 if digits else None)
     data_cfg = resolve_data_config({"input_size": (3, args.img_size, args.img_size), "crop_pct": crop_pct},
@@ -206,9 +215,6 @@ def attach_transforms(args: argparse.Namespace, model: nn.Module, train_ds: Data
     aug = dict(scale=(0.6, 1.0), ratio=(0.8, 1.25), hflip=0.0) if digits else {}  # a mirrored digit is another glyph
     train_ds.transform = create_transform(**data_cfg, is_training=True, color_jitter=None, **aug)
     val_ds.transform = create_transform(**data_cfg, is_training=False)
-    calib_ds = copy.copy(train_ds)
-    calib_ds.transform = val_ds.transform
-    return calib_ds
 
 
 # ----------------------------------------------------------------------------------------------- loop state
@@ -247,17 +253,13 @@ def max_logit_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
     return float((a.eval()(x) - b.eval()(x)).abs().max())
 
 
-def dense_flops(model: nn.Module, input_size: Tuple[int, int, int], device: torch.device) -> int:
-    """FLOPs of one image through the model, counting every weight (zeros included)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.eval()(torch.zeros(1, *input_size, device=device))
-    return counter.get_total_flops()
-
-
-def param_counts(model: nn.Module) -> Tuple[int, int]:
-    """(all parameters, non-zero parameters)."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params), sum(int(p.count_nonzero()) for p in params)
+def size_metrics(model: nn.Module, sparse_weights: Iterable[str], input_size: Tuple[int, int, int]) -> dict:
+    """Parameters (all, non-zero) and FLOPs of one image (dense, and skipping zeros of the sparse weights)."""
+    params = dict(model.named_parameters())
+    densities = {n: float(params[n].count_nonzero() / params[n].numel()) for n in sparse_weights}
+    return {"params": sum(p.numel() for p in params.values()),
+            "nonzero_params": sum(int(p.count_nonzero()) for p in params.values()),
+            "dense_flops": count_flops(model, input_size), "sparse_flops": sparse_flops(model, densities, input_size)}
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -274,13 +276,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     num_classes = args.num_classes or infer_num_classes(train_ds) or fail(
         f"cannot infer the number of classes of --data {args.data!r}; pass --num-classes")
     model = timm.create_model(args.model, pretrained=False, num_classes=num_classes)
-    calib_ds = attach_transforms(args, model, train_ds, val_ds)
+    attach_transforms(args, model, train_ds, val_ds)
     input_size = (3, args.img_size, args.img_size)
     train_loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
                               num_workers=args.workers)
     val_loader = DataLoader(val_ds, batch_size=args.batch_size, num_workers=args.workers)
-    calib_loader = DataLoader(calib_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                              generator=torch.Generator().manual_seed(args.seed))  # same batches on every rank
+    calib_loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                              generator=torch.Generator().manual_seed(args.seed))  # not sharded: BN recalibration
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=0.9)
     criterion = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
 
@@ -300,8 +302,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     state = TrainState()
     accelerator.register_for_checkpointing(chase, state)
     if args.resume:
-        if not os.path.isdir(args.resume):
-            fail(f"--resume {args.resume!r} is not a directory (expected <output>/checkpoints/epoch_N)")
         accelerator.load_state(args.resume)
         accelerator.print(f"resumed from {args.resume}: epoch {state.epoch}, step {state.step}")
     scheduler.step_update(state.step)
@@ -363,11 +363,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     x_val = next(iter(val_loader))[0]
     final = {"masked_top1": state.epochs[-1]["val_top1"], "export_max_abs_diff": max_logit_diff(base, slim, x_val),
              "slim_top1_before_recal": evaluate(slim, val_loader, accelerator)}
+    set_seed(args.seed)  # the same augmented batches on every rank
     recalibrate_batchnorm(slim, calib_loader, num_batches=args.recal_batches)
     final["slim_top1"] = evaluate(slim, val_loader, accelerator)
+    sparse_weights = chase.stats()["layers"]
     for name, m in (("base", base), ("slim", slim)):
-        final[f"{name}_params"], final[f"{name}_nonzero_params"] = param_counts(m)
-        final[f"{name}_dense_flops"] = dense_flops(m, input_size, accelerator.device)
+        final.update({f"{name}_{k}": v for k, v in size_metrics(m, sparse_weights, input_size).items()})
     accelerator.end_training()
 
     # ---- save (main process only)
@@ -442,10 +443,12 @@ def print_summary(args: argparse.Namespace, final: dict, report: List[dict]) -> 
     rows = [("masked (training)", "base", final["masked_top1"]),
             ("slim, raw export", "slim", final["slim_top1_before_recal"]),
             ("slim, BN recalibrated", "slim", final["slim_top1"])]
-    print(f"\n{'model':<24}{'params':>10}{'non-zero':>10}{'MFLOPs':>10}{'val top-1':>11}")
+    print(f"\n{'model':<24}{'params':>10}{'non-zero':>10}{'dense MFLOPs':>14}{'sparse MFLOPs':>15}"
+          f"{'val top-1':>11}")
     for label, key, top1 in rows:
         print(f"{label:<24}{final[key + '_params'] / 1e6:>9.2f}M{final[key + '_nonzero_params'] / 1e6:>9.2f}M"
-              f"{final[key + '_dense_flops'] / 1e6:>10.1f}{top1:>10.1f}%")
+              f"{final[key + '_dense_flops'] / 1e6:>14.1f}{final[key + '_sparse_flops'] / 1e6:>15.1f}"
+              f"{top1:>10.1f}%")
     before = sum(g["width_before"] for g in report if g["prunable"])
     after = sum(g["width_after"] for g in report if g["prunable"])
     print(f"prunable channels {before} -> {after}; slim/base FLOPs "

@@ -128,6 +128,12 @@ def test_bad_yaml_is_a_clear_error(tmp_path, capsys, config, message):
     assert exc.value.code != 0 and message in capsys.readouterr().err
 
 
+def test_missing_resume_dir_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        load_recipe().parse_args(["--resume", "/nonexistent/epoch_1"])
+    assert exc.value.code != 0 and "--resume '/nonexistent/epoch_1' is not a directory" in capsys.readouterr().err
+
+
 def test_missing_dataset_folder_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as exc:
         load_recipe().main(["--config", str(ROOT / "recipes/configs/resnet50_imagenet.yaml")])
