@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, NoReturn, Optional, Tuple
 
 import timm
 import torch
@@ -161,7 +161,7 @@ def check_model_name(name: str, parser: argparse.ArgumentParser) -> None:
                  "(see timm.list_models('*pattern*')).")
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Exit with a one-line error instead of a traceback."""
     sys.exit(f"error: {message}")
 
@@ -281,8 +281,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     train_loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
                               num_workers=args.workers)
     val_loader = DataLoader(val_ds, batch_size=args.batch_size, num_workers=args.workers)
-    calib_loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                              generator=torch.Generator().manual_seed(args.seed))  # not sharded: BN recalibration
+    calib_loader = DataLoader(train_ds, batch_size=args.batch_size // accelerator.num_processes, shuffle=True,
+                              num_workers=args.workers, generator=torch.Generator().manual_seed(args.seed))
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=0.9)
     criterion = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
 

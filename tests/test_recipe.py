@@ -19,8 +19,9 @@ import chase_timm
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "recipes" / "train.py"
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
-# 1437 digits / batch 256 = 5 steps per epoch; 2 epochs = 10 optimizer steps of resnet18 at 16 px
-TINY = ["--model", "resnet18", "--img-size", "16", "--batch-size", "256", "--epochs", "2", "--recal-batches", "2"]
+# 1437 digits / batch 256 = 5 steps per epoch; 3 planned epochs capped at 10 optimizer steps of resnet18 at 16 px
+TINY = ["--model", "resnet18", "--img-size", "16", "--batch-size", "256", "--epochs", "3", "--max-steps", "10",
+        "--recal-batches", "2"]
 ARTIFACTS = ("slim_model.safetensors", "width_plan.json", "chase_config.json", "metrics.json", "report.json",
              "run_config.yaml", "training.png")
 
@@ -63,7 +64,8 @@ def test_plain_python_writes_artifacts_and_slim_matches_masked(plain_run):
     assert final["slim_top1_before_recal"] == pytest.approx(final["masked_top1"], abs=1e-6)
     assert final["slim_params"] < final["base_params"] and final["slim_dense_flops"] < final["base_dense_flops"]
     config = chase_timm.ChaseConfig.from_dict(json.loads((plain_run / "chase_config.json").read_text()))
-    assert config.total_steps == 10
+    assert config.total_steps == 10  # --max-steps compresses the whole schedule: channel sparsity reaches S_c
+    assert m["epochs"][-1]["channel_sparsity"] == pytest.approx(config.channel_sparsity, abs=0.02)
     report = json.loads((plain_run / "report.json").read_text())
     assert any(g["width_after"] < g["width_before"] for g in report)
     assert all(torch.isfinite(t).all() for t in load_file(plain_run / "slim_model.safetensors").values())
