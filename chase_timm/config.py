@@ -35,7 +35,7 @@ class ChaseConfig:
         density: Overall unstructured density d of the sparse Conv/Linear weights (0.1 = 90 % sparse).
         soft_bound: p, the MEST soft memory bound: phase A grows to rho_t = cosine(d+p -> d+soft_bound_end).
         soft_bound_end: Extra density phase A anneals to (0 in the CIFAR scripts, 0.005 on ImageNet).
-        update_interval: Delta T_p, steps between prune/regrow updates (default: total_steps/100, at most 1000).
+        update_interval: Delta T_p, steps between prune/regrow updates (default: 1 % of the run, 10 to 1000).
         phase_b: After ``phase_b_start_step`` run fixed-density prune/regrow (RigL-like) instead of freezing.
         phase_b_start_step: T_dst, the phase A -> B switch (default 0.8·total_steps, i.e. epoch 80 of 100).
         phase_b_rate_start / phase_b_rate_end: Phase-B prune fraction, cosine over the whole run (0.5 -> 0.005).
@@ -113,8 +113,8 @@ class ChaseConfig:
             _check_int("channel_offset", self.channel_offset, low=0)
 
     def _derive_defaults(self) -> None:
-        if self.update_interval is None:
-            self.update_interval = max(1, min(1000, self.total_steps // 100))
+        if self.update_interval is None:  # 1 % of the run, at least 10 steps (grown weights need time), at most 1000
+            self.update_interval = min(1000, max(self.total_steps // 100, min(10, self.total_steps)))
         if self.phase_b_start_step is None:
             self.phase_b_start_step = round(0.8 * self.total_steps)
         if self.channel_interval is None:

@@ -12,7 +12,8 @@ def test_defaults_are_derived_from_total_steps():
     assert config.phase_b_start_step == 200_000 and config.channel_end_step == 200_000  # epoch 80 of 100
     assert config.channel_offset == 500  # Delta T_p / 2
     short = ChaseConfig(total_steps=300)
-    assert short.update_interval == 3 and short.channel_interval == 3 and short.channel_offset == 1
+    assert short.update_interval == 10 and short.channel_interval == 10 and short.channel_offset == 5
+    assert ChaseConfig(total_steps=4).update_interval == 4
 
 
 @pytest.mark.parametrize("fmt", ["dict", "json", "yaml"])
