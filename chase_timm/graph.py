@@ -1,8 +1,10 @@
 """Coupled channel groups of any model, which of them can be removed physically, and why not.
 
-torch-pruning's ``DependencyGraph`` finds which tensor slices are coupled (one ``get_pruning_group`` call
-per Conv/Linear producer, never ``get_all_groups``, which is minutes-slow on some models). Each group is
-turned into explicit per-channel index tuples (flatten->Linear expansions, concat offsets and balanced
+torch-pruning's ``DependencyGraph`` records which tensor slices are coupled. Groups are collected per
+Conv/Linear producer by a worklist walk over its dependencies that visits every (slice, channel) pair once
+and honours the deadline (``get_pruning_group`` re-walks paths with every index subset and re-derives all
+index mappings per call: minutes, or no end, on ECA/ReXNet-style graphs; ``get_all_groups`` is worse). Each
+group is turned into explicit per-channel index tuples (flatten->Linear expansions, concat offsets and balanced
 grouped-conv classes included) and judged by one rule: zeroing every slice of a channel must make the
 network compute exactly what the physically sliced network computes. Structural checks give readable
 reasons (norms mixing channels, head reshapes, grouped convs, classifier outputs, ...); a numerical
@@ -10,7 +12,6 @@ masked-vs-sliced comparison of all surviving groups backs them up for ops no rul
 """
 from __future__ import annotations
 
-import copy
 import logging
 import random
 import time
@@ -23,9 +24,11 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning import ops
+from torch_pruning._helpers import _HybridIndex
+from torch_pruning.dependency.dependency import Dependency
 from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
-from .slim import _classifier_modules, default_example_input, slice_in_place
+from .slim import _classifier_modules, deepcopy_model, default_example_input, slice_in_place
 
 __all__ = ["ChannelSlice", "ChannelGroup", "find_channel_groups", "tensor_removals"]
 
@@ -34,6 +37,7 @@ _logger = logging.getLogger(__name__)
 RESIDUAL_REASON = "residual stream (set prune_skip=True to prune it)"
 TIMEOUT_REASON = "discovery time limit reached"
 _TOLERANCE = 1e-4  # max |masked - sliced| relative to the output scale
+_MAX_EXPANSION = 256  # positions per channel a flatten->Linear may produce (a 16x16 map; 7x7 at 224 px)
 _LAYERS = (ops.OPTYPE.CONV, ops.OPTYPE.DEPTHWISE_CONV, ops.OPTYPE.LINEAR)
 _SCALE_SHIFT_OPS = ("Mul", "Add", "Sub", "Div", "Expand", "View", "Reshape", "UnsafeView", "Unsqueeze",
                     "Squeeze", "Cat")
@@ -243,7 +247,7 @@ def _discover(graph: tp.DependencyGraph, model: nn.Module, deadline: float) -> l
         if time.monotonic() > deadline:
             drafts.append(_unreached(name, todo, TIMEOUT_REASON))
             continue
-        draft = _draft(ctx, name, module, todo)
+        draft = _draft(ctx, name, module, todo, deadline)
         drafts.append(draft)
         for layer, channels in draft.covers.items():
             covered.setdefault(layer, set()).update(channels)
@@ -256,14 +260,17 @@ def _unreached(name: str, channels: list[int], reason: str) -> _Draft:
     return _Draft(name, channels, problems=[(0, reason)], classes=[[i] for i in channels])
 
 
-def _draft(ctx: _Context, name: str, module: nn.Module, todo: list[int]) -> _Draft:
-    """Ask torch-pruning for the group rooted at ``module`` and translate every item."""
-    fn = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
+def _draft(ctx: _Context, name: str, module: nn.Module, todo: list[int], deadline: float) -> _Draft:
+    """Collect the group rooted at ``module``'s output channels ``todo`` and translate every item."""
     try:
-        group = ctx.graph.get_pruning_group(module, fn, idxs=todo)
+        group, mixed = _coupled(ctx.graph, module, todo, deadline)
+    except TimeoutError:
+        return _unreached(name, todo, TIMEOUT_REASON)
     except Exception as err:
         return _unreached(name, todo, f"torch-pruning failed: {type(err).__name__}: {str(err).strip()}")
     draft = _Draft(name, todo)
+    for reason in mixed[:1]:
+        draft.problem(reason, 4)
     for item in group:
         _translate(ctx, draft, item)
     _check_shortcut(draft, group)
@@ -273,7 +280,73 @@ def _draft(ctx: _Context, name: str, module: nn.Module, todo: list[int]) -> _Dra
     return draft
 
 
-def _translate(ctx: _Context, draft: _Draft, item: Any) -> None:
+@dataclass
+class _Item:
+    """One coupled (node, pruning function) with its positions and the root channel of each position."""
+
+    dep: Any
+    idxs: list[int]
+    root_idxs: list[int]
+
+
+def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int],
+             deadline: float) -> tuple[list[_Item], list[str]]:
+    """Everything coupled to ``module``'s output ``channels`` by torch-pruning's dependency rules and index
+    mappings. Each (node, function, position) is visited once, by its first root channel; a position reached
+    again from another channel means the op mixes channels and is reported (second return value) instead of
+    walked, which keeps ECA/ReXNet-style graphs linear instead of quadratic."""
+    root = graph.module2node[module]
+    fn = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
+    if root.type == ops.OPTYPE.DEPTHWISE_CONV:
+        fn = tp.prune_depthwise_conv_out_channels
+    start = [_HybridIndex(idx=i, root_idx=i) for i in channels]
+    deps = {(root, fn): Dependency(fn, fn, source=root, target=root)}
+    owners = {(root, fn): {i: i for i in channels}}  # position -> root channel, per (node, function)
+    mixed: dict[str, None] = {}
+    stack = [(root, fn, start)]
+    while stack:
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        node, fn, idxs = stack.pop()
+        for dep in node.dependencies:
+            if not dep.is_triggered_by(fn):
+                continue
+            mapped = _mapped(dep, idxs, _MAX_EXPANSION * len(channels))
+            if mapped is None:
+                mixed[f"torch-pruning's index mapping explodes at {dep.target.name} (repeated flatten/reshape), "
+                      "so the group is not prunable"] = None
+                continue
+            key = (dep.target, dep.handler)
+            known = owners.setdefault(key, {})
+            fresh = []
+            for i in mapped:
+                if i.idx not in known:
+                    known[i.idx] = i.root_idx
+                    fresh.append(i)
+                elif known[i.idx] != i.root_idx:
+                    mixed[f"channels are mixed at {dep.target.name} (position {i.idx} carries several), so "
+                          "masking is not equivalent to removal"] = None
+            if fresh:
+                deps.setdefault(key, dep)
+                stack.append((dep.target, dep.handler, fresh))
+    items = [_Item(deps[key], list(pos), list(pos.values())) for key, pos in owners.items() if pos]
+    return items, list(mixed)
+
+
+def _mapped(dep: Any, idxs: list, limit: int) -> Optional[list]:
+    """``idxs`` through the dependency's index mappings; ``None`` when a flatten expansion would produce more
+    than ``limit`` positions (chained reshapes multiply positions without bound, e.g. global-context attention)."""
+    for mapping in dep.index_mapping:
+        if mapping is None or not idxs:
+            continue
+        stride = getattr(mapping, "_stride", 1) if isinstance(mapping, _FlattenIndexMapping) else 1
+        if not getattr(mapping, "reverse", True) and len(idxs) * stride > limit:
+            return None
+        idxs = mapping(idxs)
+    return idxs
+
+
+def _translate(ctx: _Context, draft: _Draft, item: _Item) -> None:
     """Turn one torch-pruning group item into raw slices, problems and flags."""
     node, handler = item.dep.target, item.dep.handler
     by_root: dict[int, list[int]] = {}
@@ -428,7 +501,7 @@ def _prod(sizes: Sequence[int]) -> int:
     return out
 
 
-def _check_shortcut(draft: _Draft, group: Any) -> None:
+def _check_shortcut(draft: _Draft, group: list[_Item]) -> None:
     """Also a residual stream: the tensor forks into a block and its projection shortcut (e.g. ResNet stem)."""
     members = {it.dep.target for it in group if it.dep.target.type in _LAYERS}
     consumers = [it.dep.target for it in group
@@ -467,24 +540,19 @@ def _form_classes(draft: _Draft) -> None:
         return r
 
     for raw in draft.raws:
-        owners = {}
-        for root, positions in raw.by_root.items():
-            for p in positions:
-                if not 0 <= p < raw.size or root not in parent:
-                    draft.problem(f"torch-pruning maps channels onto position {p} of {raw.tensor} dim {raw.dim} "
-                                  f"(size {raw.size}): inconsistent coupling, e.g. across a transpose or reshape")
-                    break
-                if owners.setdefault(p, root) != root:
-                    draft.problem(f"{raw.tensor} position {p} is shared by two channels of the group")
+        owners = {p: root for root, positions in raw.by_root.items() for p in positions}
+        bad = [p for p in owners if not 0 <= p < raw.size]
+        if bad:
+            draft.problem(f"torch-pruning maps channels onto position {bad[0]} of {raw.tensor} dim {raw.dim} "
+                          f"(size {raw.size}): inconsistent coupling, e.g. across a transpose or reshape")
         if raw.balance:
             if set(owners) != set(range(raw.size)):
                 draft.problem(f"grouped convolution ({raw.tensor}) needs balanced per-group removal and the "
                               "group covers only part of its channels", 4)
             tie: dict[int, int] = {}
             for p, root in owners.items():
-                if root in parent:
-                    other = tie.setdefault(p % raw.balance, root)
-                    parent[find(root)] = find(other)
+                other = tie.setdefault(p % raw.balance, root)
+                parent[find(root)] = find(other)
     classes: dict[int, list[int]] = {}
     for r in draft.requested:
         classes.setdefault(find(r), []).append(r)
@@ -513,15 +581,18 @@ def _verified(model: nn.Module, groups: list[ChannelGroup], inputs: tuple, deadl
         return groups
     rng = random.Random(0)
     subsets = {g.name: sorted(rng.sample(range(g.width), max(1, g.width // 2))) for g in candidates}
-    reference = _randomized(model)
     failures: dict[str, str] = {}
-    remaining = candidates
-    while remaining:
-        found = _bisect(reference, remaining, subsets, inputs, deadline)
-        if not found:
-            break
-        failures.update(found)
-        remaining = [g for g in remaining if g.name not in found]
+    try:
+        reference = _randomized(model)
+        remaining = candidates
+        while remaining:
+            found = _bisect(reference, remaining, subsets, inputs, deadline)
+            if not found:
+                break
+            failures.update(found)
+            remaining = [g for g in remaining if g.name not in found]
+    except Exception as err:  # the check itself could not run: nothing is confirmed
+        failures = {g.name: f"numerical check could not run: {type(err).__name__}: {err}" for g in candidates}
     for name, reason in failures.items():
         _logger.info("channel group %s is not prunable: %s", name, reason)
     return [_with_reason(g, failures[g.name]) if g.name in failures else g for g in groups]
@@ -546,7 +617,7 @@ def _randomized(model: nn.Module) -> nn.Module:
 def _copy_sharing(model: nn.Module, replaced: Mapping[int, torch.Tensor]) -> nn.Module:
     """Copy of the module tree that shares every tensor (no data copied) except those in ``replaced``."""
     memo = {id(t): replaced.get(id(t), t) for t in [*model.parameters(), *model.buffers()]}
-    return copy.deepcopy(model, memo)
+    return deepcopy_model(model, memo)
 
 
 def _draw(shape: tuple, gen: torch.Generator) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["slim_copy", "slice_in_place", "width_plan", "apply_width_plan", "recalibrate_batchnorm", "default_example_input"]
+__all__ = ["slim_copy", "slice_in_place", "deepcopy_model", "width_plan", "apply_width_plan", "recalibrate_batchnorm", "default_example_input"]
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -44,9 +44,21 @@ def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor
 
 def slim_copy(model: nn.Module, removals: Mapping[str, Mapping[int, Sequence[int]]]) -> nn.Module:
     """Deep copy of the (unwrapped) model with the listed tensor positions removed; the input model is untouched."""
-    slim = copy.deepcopy(model)
+    slim = deepcopy_model(model)
     slice_in_place(slim, removals)
     return slim
+
+
+def deepcopy_model(model: nn.Module, memo: Optional[dict] = None) -> nn.Module:
+    """``copy.deepcopy`` that also copes with tensors cached under autograd in plain attributes (LeViT and
+    EfficientFormer cache attention biases after an eval forward with grad enabled; deepcopy refuses those)."""
+    memo = {} if memo is None else memo
+    for module in model.modules():
+        for value in vars(module).values():
+            for tensor in value.values() if isinstance(value, dict) else (value,):
+                if isinstance(tensor, torch.Tensor) and tensor.grad_fn is not None:
+                    memo.setdefault(id(tensor), tensor.detach().clone())
+    return copy.deepcopy(model, memo)
 
 
 def slice_in_place(model: nn.Module, removals: Mapping[str, Mapping[int, Sequence[int]]], refresh: bool = True) -> None:
@@ -291,7 +303,7 @@ def _meta_clone(model: nn.Module) -> nn.Module:
     for name, tensor in _named_tensors(model):
         meta = torch.empty_like(tensor, device="meta")
         memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
-    return copy.deepcopy(model, memo)
+    return deepcopy_model(model, memo)
 
 
 def _measure(model: nn.Module, strict: bool = False) -> Optional[dict[str, tuple]]:
@@ -326,9 +338,9 @@ def _shapes(model: nn.Module, meta: bool) -> dict[str, tuple]:
     hooks += [m.register_forward_hook(_popper(stack)) for m in modules.values()]
     for i, info in enumerate(_feature_infos(model)):
         if info.get("module") in modules:
-            hooks.append(modules[info["module"]].register_forward_hook(_recorder(shapes, f"feature:{i}", False)))
+            hooks.append(modules[info["module"]].register_forward_hook(_recorder(shapes, f"feature:{i}")))
     for name, head in _head_modules(model).items():
-        hooks.append(head.register_forward_hook(_recorder(shapes, f"head_in:{name}", True)))
+        hooks.append(head.register_forward_hook(_head_recorder(shapes, name)))
     flags = {m: m.training for m in modules.values()}
     x = default_example_input(model)
     try:
@@ -379,9 +391,18 @@ def _popper(stack: list):
     return hook
 
 
-def _recorder(shapes: dict, key: str, inputs: bool):
+def _recorder(shapes: dict, key: str):
     def hook(module, args, output):
-        _record(shapes, key, args[0] if inputs and args else output)
+        _record(shapes, key, output)
+    return hook
+
+
+def _head_recorder(shapes: dict, name: str):
+    """A head's input width (``in_features``) and, under pre_logits=True, its output (``num_features``)."""
+    def hook(module, args, output):
+        if args:
+            _record(shapes, f"head_in:{name}", args[0])
+        _record(shapes, f"head_out:{name}", output)
     return hook
 
 
@@ -420,10 +441,6 @@ def _refresh_timm_attrs(model: nn.Module, before: dict, after: dict) -> None:
         info["num_chs"] = _rescaled(info["num_chs"], f"{source}:{i}", before, after)
     for name, head in _head_modules(model).items():
         head.in_features = _rescaled(head.in_features, f"head_in:{name}", before, after)
-        fc = getattr(getattr(head, "pre_logits", None), "fc", None)
-        if getattr(head, "hidden_size", None) and isinstance(fc, nn.Linear):
-            head.hidden_size = fc.out_features
-        if isinstance(getattr(head, "num_features", None), int):
-            pool = getattr(head, "global_pool", None)
-            mult = pool.feat_mult() if hasattr(pool, "feat_mult") else 1
-            head.num_features = getattr(head, "hidden_size", None) or head.in_features * mult
+        for attr in ("num_features", "hidden_size"):  # the head's pre-logits width
+            if getattr(head, attr, None):
+                setattr(head, attr, _rescaled(getattr(head, attr), f"head_out:{name}", before, after))

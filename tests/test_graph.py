@@ -156,3 +156,14 @@ def test_tensor_removals_merges_groups_per_tensor(resnet50):
         tensor_removals(groups, {"layer1.0.conv1": [64]})
     with pytest.raises(KeyError, match="nope"):
         tensor_removals(groups, {"nope": [0]})
+
+
+def test_channel_mixing_ops_are_reported_and_discovery_stays_fast():
+    model = _timm("ecaresnet26t")  # ECA: a Conv1d slides across the channel dim
+    start = time.monotonic()
+    groups = find_channel_groups(model, torch.randn(1, 3, 32, 32), prune_skip=True, timeout=30)
+    assert time.monotonic() - start < 30
+    assert TIMEOUT_REASON not in {g.reason for g in groups}
+    stream = next(g for g in groups if g.name == "layer1.0.conv3")
+    assert not stream.prunable and "mixed" in stream.reason
+    assert next(g for g in groups if g.name == "layer1.0.conv1").prunable

@@ -177,3 +177,13 @@ def test_recalibrate_batchnorm_matches_update_bn():
     assert not model.layer1.training and model.training
     assert torch.allclose(model.bn1.running_mean, reference.bn1.running_mean)
     assert torch.allclose(model.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
+
+
+def test_slim_copy_handles_tensors_cached_under_autograd():
+    model = _create("resnet18").eval()
+    model.layer1[0].cache = {"cpu": model.conv1.weight * 2}  # like LeViT's attention-bias cache
+    slim = slim_copy(model, {"layer1.0.conv1.weight": {0: [0]}, "layer1.0.bn1.weight": {0: [0]},
+                             "layer1.0.bn1.bias": {0: [0]}, "layer1.0.bn1.running_mean": {0: [0]},
+                             "layer1.0.bn1.running_var": {0: [0]}, "layer1.0.conv2.weight": {1: [0]}})
+    assert slim.layer1[0].conv1.out_channels == 63 and slim.layer1[0].conv2.in_channels == 63
+    assert slim(torch.randn(1, 3, 32, 32)).shape == (1, 10)
