@@ -7,7 +7,7 @@ module buffers (DDP would overwrite buffers from rank 0 and hide a divergence).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -170,27 +170,8 @@ class Chase:
         if not all(bool(torch.isfinite(norm)) for norm in torch._foreach_norm(list(grads.values()))):
             self.skipped_updates += 1  # e.g. an fp16 overflow step: a ranking on inf/nan would be noise
             return
-        layerwise = self.config.scope == "layerwise"
-        nnz = self._nnz_per_layer()
-        if t < self.config.phase_b_start_step:
-            excess = sum(nnz.values()) - self.budget
-            if excess > 0:
-                counts = allocate(excess, nnz, nnz) if layerwise else None
-                pruned = prune_smallest(self.weights, self.masks, self.generator, total=excess, counts=counts)
-                nnz = {n: k - pruned[n].numel() for n, k in nnz.items()}
-            to_grow = round(self.config.grow_density(t) * self.total_weights) - sum(nnz.values())
-            counts = self._layerwise_growth(to_grow, nnz) if layerwise else None
-        else:  # fixed density: explore the weakest fraction pi_t, drop any excess, regrow to the budget exactly
-            rate = self.config.phase_b_rate(t)
-            targets = self._layerwise_targets() if layerwise else {}
-            counts = {n: min(k, math.ceil(rate * k) + max(k - targets[n], 0)) for n, k in nnz.items()} \
-                if layerwise else None
-            total = sum(nnz.values())
-            pruned = prune_smallest(self.weights, self.masks, self.generator, counts=counts,
-                                    total=min(total, math.ceil(rate * total) + max(total - self.budget, 0)))
-            nnz = {n: k - pruned[n].numel() for n, k in nnz.items()}
-            to_grow = self.budget - sum(nnz.values())
-            counts = {n: max(targets[n] - k, 0) for n, k in nnz.items()} if layerwise else None
+        phase = self._phase_a_prune if t < self.config.phase_b_start_step else self._phase_b_prune
+        nnz, to_grow, counts = phase(t, self._nnz_per_layer(), self.config.scope == "layerwise")
         to_grow = min(max(to_grow, 0), sum(self._capacity(nnz).values()))
         grown = grow_largest(grads, self.masks, self.allowed, self.generator, total=to_grow, counts=counts)
         for name, positions in grown.items():
@@ -200,6 +181,29 @@ class Chase:
                            positions)
         self.apply_masks()
         self._check_ranks_agree(t)
+
+    def _phase_a_prune(self, t: int, nnz: Dict[str, int], layerwise: bool) -> Tuple[Dict[str, int], int, Optional[Dict]]:
+        """MEST soft memory bound: prune back to the budget d·N, then plan regrowth up to rho_t·N."""
+        excess = sum(nnz.values()) - self.budget
+        if excess > 0:
+            counts = allocate(excess, nnz, nnz) if layerwise else None
+            pruned = prune_smallest(self.weights, self.masks, self.generator, total=excess, counts=counts)
+            nnz = {n: k - pruned[n].numel() for n, k in nnz.items()}
+        to_grow = round(self.config.grow_density(t) * self.total_weights) - sum(nnz.values())
+        return nnz, to_grow, self._layerwise_growth(to_grow, nnz) if layerwise else None
+
+    def _phase_b_prune(self, t: int, nnz: Dict[str, int], layerwise: bool) -> Tuple[Dict[str, int], int, Optional[Dict]]:
+        """Fixed density: prune the weakest fraction pi_t plus any excess, then plan regrowth to exactly d·N."""
+        rate = self.config.phase_b_rate(t)
+        targets = self._layerwise_targets() if layerwise else {}
+        counts = ({n: min(k, math.ceil(rate * k) + max(k - targets[n], 0)) for n, k in nnz.items()}
+                  if layerwise else None)
+        total = sum(nnz.values())
+        pruned = prune_smallest(self.weights, self.masks, self.generator, counts=counts,
+                                total=min(total, math.ceil(rate * total) + max(total - self.budget, 0)))
+        nnz = {n: k - pruned[n].numel() for n, k in nnz.items()}
+        growth = {n: max(targets[n] - k, 0) for n, k in nnz.items()} if layerwise else None
+        return nnz, self.budget - sum(nnz.values()), growth
 
     def _nnz_per_layer(self) -> Dict[str, int]:
         return {n: int(m.count_nonzero()) for n, m in self.masks.items()}

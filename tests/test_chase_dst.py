@@ -9,7 +9,7 @@ from helpers import input_size, tiny_model, train
 
 ZOO = ["resnet18", "resnet50", "mobilenetv3_small_050", "efficientnet_b0", "convnext_atto",
        "vit_tiny_patch16_224", "regnetx_002", "densenet121"]
-STEPS = 12
+STEPS = 10
 
 
 def dst_config(**kwargs) -> ChaseConfig:
