@@ -116,3 +116,17 @@ def test_exclude_keeps_layers_dense():
     chase = Chase(model, dst_config(exclude=("conv1", "fc")))
     assert "conv1.weight" not in chase.weights and "fc.weight" not in chase.weights
     assert bool((model.conv1.weight != 0).all())
+
+
+def test_mask_model_masks_a_timm_ema_copy():
+    from timm.utils import ModelEmaV3
+
+    model = tiny_model("resnet18")
+    ema = ModelEmaV3(model, decay=0.9)  # a dense copy, as when EMA is created before Chase
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    chase = Chase(model, dst_config(), optimizer=optimizer)
+    train(model, optimizer, chase, 4, after_step=lambda step: ema.update(model))
+    ema_params = dict(ema.module.named_parameters())
+    assert any(bool((ema_params[n][chase.masks[n] == 0] != 0).any()) for n in chase.masks)  # EMA lags the masks
+    chase.mask_model(ema)
+    assert all(bool((ema_params[n][chase.masks[n] == 0] == 0).all()) for n in chase.masks)
