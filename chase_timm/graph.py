@@ -28,7 +28,8 @@ from torch_pruning._helpers import _HybridIndex
 from torch_pruning.dependency.dependency import Dependency
 from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
-from .slim import _classifier_modules, deepcopy_model, default_example_input, slice_in_place
+from ._timm import classifier_modules, deepcopy_model, default_example_input
+from .slim import slice_in_place
 
 __all__ = ["ChannelSlice", "ChannelGroup", "find_channel_groups", "tensor_removals"]
 
@@ -161,7 +162,7 @@ def _tracing(model: nn.Module) -> Iterator[None]:
 def _placeholders(model: nn.Module, reason: str) -> list[ChannelGroup]:
     """One non-prunable group per Conv/Linear producer when the graph can't be built or time is up."""
     warnings.warn(f"channel-group discovery incomplete: {reason}")
-    heads = set(map(id, _classifier_modules(model)))
+    heads = set(map(id, classifier_modules(model)))
     return [_unreached(name, list(range(_out_channels(m))), reason).decide(False) for name, m in model.named_modules()
             if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and id(m) not in heads]
 
@@ -232,7 +233,7 @@ class _Context:
 def _discover(graph: tp.DependencyGraph, model: nn.Module, deadline: float) -> list[_Draft]:
     """One draft group per Conv/Linear root whose output channels no earlier group covered."""
     ctx = _Context(graph, _tensor_names(model), {m: n for n, m in model.named_modules()},
-                   set(map(id, _classifier_modules(model))))
+                   set(map(id, classifier_modules(model))))
     covered: dict[nn.Module, set[int]] = {}
     drafts = []
     for name, module in model.named_modules():

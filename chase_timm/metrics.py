@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .slim import default_example_input
+from ._timm import default_example_input
 
 __all__ = ["count_flops", "sparse_flops", "throughput"]
 

@@ -8,7 +8,6 @@ shape-only forward on the ``meta`` device, so ``forward_features``, ``reset_clas
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import warnings
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -16,30 +15,11 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["slim_copy", "slice_in_place", "deepcopy_model", "width_plan", "apply_width_plan", "recalibrate_batchnorm", "default_example_input"]
+from ._timm import classifier_tensor_names, deepcopy_model, default_example_input, named_tensors
+
+__all__ = ["slim_copy", "slice_in_place", "width_plan", "apply_width_plan", "recalibrate_batchnorm"]
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-
-
-def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
-    """A random image batch the model accepts: timm's ``pretrained_cfg`` size, or a fixed patch-embed size."""
-    channels, size = 3, (224, 224)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if len(cfg.get("input_size", ())) == 3:
-        channels, size = cfg["input_size"][0], tuple(cfg["input_size"][1:])
-    for module in model.modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
-            channels = module.in_channels  # honours in_chans overrides the cfg doesn't record
-            break
-    for module in model.modules():
-        img_size = getattr(module, "img_size", None)
-        if getattr(module, "strict_img_size", False) and img_size is not None:
-            size = tuple(img_size)  # e.g. ViT / Mixer built with img_size=...
-            break
-    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
-    device = tensor.device if tensor is not None else torch.device("cpu")
-    dtype = tensor.dtype if tensor is not None and tensor.is_floating_point() else torch.float32
-    return torch.randn(batch_size, channels, *size, device=device, dtype=dtype)
 
 
 def slim_copy(model: nn.Module, removals: Mapping[str, Mapping[int, Sequence[int]]]) -> nn.Module:
@@ -47,18 +27,6 @@ def slim_copy(model: nn.Module, removals: Mapping[str, Mapping[int, Sequence[int
     slim = deepcopy_model(model)
     slice_in_place(slim, removals)
     return slim
-
-
-def deepcopy_model(model: nn.Module, memo: Optional[dict] = None) -> nn.Module:
-    """``copy.deepcopy`` that also copes with tensors cached under autograd in plain attributes (LeViT and
-    EfficientFormer cache attention biases after an eval forward with grad enabled; deepcopy refuses those)."""
-    memo = {} if memo is None else memo
-    for module in model.modules():
-        for value in vars(module).values():
-            for tensor in value.values() if isinstance(value, dict) else (value,):
-                if isinstance(tensor, torch.Tensor) and tensor.grad_fn is not None:
-                    memo.setdefault(id(tensor), tensor.detach().clone())
-    return copy.deepcopy(model, memo)
 
 
 def slice_in_place(model: nn.Module, removals: Mapping[str, Mapping[int, Sequence[int]]], refresh: bool = True) -> None:
@@ -77,10 +45,10 @@ def slice_in_place(model: nn.Module, removals: Mapping[str, Mapping[int, Sequenc
 
 def width_plan(model: nn.Module, base: nn.Module) -> dict:
     """JSON-safe plan of every tensor whose shape differs from ``base``; classifier class dims are ``None``."""
-    base_shapes = {name: list(t.shape) for name, t in _named_tensors(base)}
-    classifier = _classifier_tensor_names(model)
+    base_shapes = {name: list(t.shape) for name, t in named_tensors(base)}
+    classifier = classifier_tensor_names(model)
     tensors = {}
-    for name, tensor in _named_tensors(model):
+    for name, tensor in named_tensors(model):
         if name not in base_shapes:
             raise ValueError(f"tensor {name!r} does not exist in the base model; is it the same architecture?")
         shape = list(tensor.shape)
@@ -139,14 +107,9 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, num_batches: Opti
 
 # ----------------------------------------------------------------------------------------------- tensors
 
-def _named_tensors(model: nn.Module):
-    """Parameters then buffers, by their canonical (first) qualified names."""
-    return itertools.chain(model.named_parameters(), model.named_buffers())
-
-
 def _tensor_slots(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
     """Canonical tensor name -> every (module, attribute) holding that tensor (shared tensors have several)."""
-    names = {id(t): name for name, t in _named_tensors(model)}
+    names = {id(t): name for name, t in named_tensors(model)}
     slots: dict[str, list[tuple[nn.Module, str]]] = {}
     for module in model.modules():
         for attr, tensor in itertools.chain(module._parameters.items(), module._buffers.items()):
@@ -266,25 +229,6 @@ def _common_size(module: nn.Module, name: str, attrs: Sequence[str]) -> int:
 
 # ------------------------------------------------------------------------------------ timm model widths
 
-def _classifier_modules(model: nn.Module) -> list[nn.Module]:
-    """The module(s) ``get_classifier()`` returns, ignoring Identity (num_classes=0)."""
-    getter = getattr(model, "get_classifier", None)
-    if getter is None:
-        return []
-    try:
-        found = getter()
-    except Exception:  # some wrappers raise when there is no head
-        return []
-    found = found if isinstance(found, (tuple, list)) else (found,)
-    return [m for m in found if isinstance(m, nn.Module) and any(True for _ in m.parameters())]
-
-
-def _classifier_tensor_names(model: nn.Module) -> set[str]:
-    heads = _classifier_modules(model)
-    ids = {id(t) for head in heads for t in itertools.chain(head.parameters(), head.buffers())}
-    return {name for name, t in _named_tensors(model) if id(t) in ids}
-
-
 def _head_modules(model: nn.Module) -> dict[str, nn.Module]:
     """timm head blocks (ClassifierHead, NormMlpClassifierHead, ...) that store their input width."""
     return {name: m for name, m in model.named_modules()
@@ -300,7 +244,7 @@ def _has_timm_widths(model: nn.Module) -> bool:
 def _meta_clone(model: nn.Module) -> nn.Module:
     """Shape-only copy of the model on the meta device (no tensor data is copied)."""
     memo = {}
-    for name, tensor in _named_tensors(model):
+    for name, tensor in named_tensors(model):
         meta = torch.empty_like(tensor, device="meta")
         memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
     return deepcopy_model(model, memo)

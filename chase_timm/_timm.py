@@ -1,0 +1,73 @@
+"""Small facts about timm models shared by structure, surgery, hub and metrics (imports nothing of ours).
+
+Which modules are the classifier, which input a model expects, every tensor by its canonical name, and a
+deep copy that copes with autograd-cached tensors.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = ["default_example_input", "deepcopy_model", "named_tensors", "classifier_modules", "classifier_tensor_names"]
+
+
+def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
+    """A random image batch the model accepts: timm's ``pretrained_cfg`` size, or a fixed patch-embed size."""
+    channels, size = 3, (224, 224)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if len(cfg.get("input_size", ())) == 3:
+        channels, size = cfg["input_size"][0], tuple(cfg["input_size"][1:])
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            channels = module.in_channels  # honours in_chans overrides the cfg doesn't record
+            break
+    for module in model.modules():
+        img_size = getattr(module, "img_size", None)
+        if getattr(module, "strict_img_size", False) and img_size is not None:
+            size = tuple(img_size)  # e.g. ViT / Mixer built with img_size=...
+            break
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    device = tensor.device if tensor is not None else torch.device("cpu")
+    dtype = tensor.dtype if tensor is not None and tensor.is_floating_point() else torch.float32
+    return torch.randn(batch_size, channels, *size, device=device, dtype=dtype)
+
+
+def deepcopy_model(model: nn.Module, memo: Optional[dict] = None) -> nn.Module:
+    """``copy.deepcopy`` that also copes with tensors cached under autograd in plain attributes (LeViT and
+    EfficientFormer cache attention biases after an eval forward with grad enabled; deepcopy refuses those)."""
+    memo = {} if memo is None else memo
+    for module in model.modules():
+        for value in vars(module).values():
+            for tensor in value.values() if isinstance(value, dict) else (value,):
+                if isinstance(tensor, torch.Tensor) and tensor.grad_fn is not None:
+                    memo.setdefault(id(tensor), tensor.detach().clone())
+    return copy.deepcopy(model, memo)
+
+
+def named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Parameters then buffers, by their canonical (first) qualified names."""
+    return itertools.chain(model.named_parameters(), model.named_buffers())
+
+
+def classifier_modules(model: nn.Module) -> list[nn.Module]:
+    """The module(s) ``get_classifier()`` returns, ignoring Identity (num_classes=0)."""
+    getter = getattr(model, "get_classifier", None)
+    if getter is None:
+        return []
+    try:
+        found = getter()
+    except Exception:  # some wrappers raise when there is no head
+        return []
+    found = found if isinstance(found, (tuple, list)) else (found,)
+    return [m for m in found if isinstance(m, nn.Module) and any(True for _ in m.parameters())]
+
+
+def classifier_tensor_names(model: nn.Module) -> set[str]:
+    """Canonical names of the classifier's parameters and buffers."""
+    heads = classifier_modules(model)
+    ids = {id(t) for head in heads for t in itertools.chain(head.parameters(), head.buffers())}
+    return {name for name, t in named_tensors(model) if id(t) in ids}
