@@ -11,8 +11,10 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
+from accelerate.utils import extract_model_from_parallel
 
-__all__ = ["default_example_input", "deepcopy_model", "named_tensors", "classifier_modules", "classifier_tensor_names"]
+__all__ = ["unwrap_model", "default_example_input", "deepcopy_model", "named_tensors", "classifier_modules",
+           "classifier_tensor_names"]
 
 
 def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
@@ -71,3 +73,10 @@ def classifier_tensor_names(model: nn.Module) -> set[str]:
     heads = classifier_modules(model)
     ids = {id(t) for head in heads for t in itertools.chain(head.parameters(), head.buffers())}
     return {name for name, t in named_tensors(model) if id(t) in ids}
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The eager module inside DDP / ``accelerator.prepare`` / ``torch.compile`` wrappers, in any nesting."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile(DDP(m)) or torch.compile(m)
+    model = extract_model_from_parallel(model)
+    return getattr(model, "_orig_mod", model)  # DDP(torch.compile(m))

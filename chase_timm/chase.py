@@ -7,17 +7,18 @@ module buffers (DDP would overwrite buffers from rank 0 and hide a divergence).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from accelerate.utils import extract_model_from_parallel
 
 from .channels import group_floor, select_channels, tensor_keep_masks, umm_scores
 from .config import ChaseConfig
 from .graph import ChannelGroup, find_channel_groups, tensor_removals
-from .slim import slim_copy
+from ._timm import deepcopy_model, unwrap_model
+from .slim import slice_in_place, slim_copy
 from .sparsity import (allocate, erk_densities, find_sparse_weights, grow_largest, prune_smallest,
                        random_masks, zero_positions)
 
@@ -29,7 +30,8 @@ class Chase:
 
     Call :meth:`step` after ``optimizer.step()`` and before ``optimizer.zero_grad()``: the regrowth ranks the
     gradients of the batch just used. Under Accelerate gradient accumulation, micro-steps without a gradient
-    sync and fp16 steps skipped on overflow are not counted.
+    sync and fp16 steps skipped on overflow are not counted, so ``config.total_steps`` counts optimizer steps;
+    a step without gradients and a ``total_steps`` that looks counted in micro-steps are warned about once.
 
     Args:
         model: a timm (or any) model; DDP / ``accelerator.prepare`` / ``torch.compile`` wrappers are unwrapped.
@@ -44,11 +46,11 @@ class Chase:
         if not isinstance(config, ChaseConfig):
             raise TypeError(f"config must be a chase_timm.ChaseConfig, got {type(config).__name__}.")
         self.model = model
-        self.module = extract_model_from_parallel(model)
+        self.module = unwrap_model(model)
         self.config = config
         self.optimizer = optimizer
         self.params: Dict[str, nn.Parameter] = dict(self.module.named_parameters())
-        self.weights = find_sparse_weights(self.module, config.exclude)
+        self.weights, self.kept_dense = find_sparse_weights(self.module, config.exclude)
         if not self.weights:
             raise ValueError(
                 f"{type(self.module).__name__} has no Conv/Linear weight to sparsify (or ChaseConfig.exclude "
@@ -77,19 +79,27 @@ class Chase:
         self.allowed: Dict[str, torch.Tensor] = {}  # F of sparse weights touched by a removed channel (bool)
         self.step_count = 0
         self.skipped_updates = 0
+        self.unsynced_calls = 0  # step() calls that were not optimizer steps (micro-steps, fp16 skips)
+        self._warned: set = set()
         self.apply_masks()
 
     # ------------------------------------------------------------------ training
     def step(self) -> None:
-        """Advance one optimizer step: re-mask, then run a channel event and/or a prune/regrow update if due."""
+        """Advance one optimizer step: re-mask, then run a channel event and/or a prune/regrow update if due.
+
+        Step ``total_steps`` always ends with a settling update, so every run ends at exactly d·N active weights.
+        """
         if not self._optimizer_stepped():
+            self.unsynced_calls += 1
             return
         self.step_count += 1
         t = self.step_count
+        if t == 1:
+            self._check_total_steps_unit()
         self.apply_masks()
         if self.prunable and self.config.is_channel_step(t):
             self._prune_channels(t)
-        if self.config.is_update_step(t):
+        if self.config.is_update_step(t) or t == self.config.total_steps:
             self._update_connections(t)
 
     @torch.no_grad()
@@ -109,9 +119,7 @@ class Chase:
     @torch.no_grad()
     def mask_model(self, other: nn.Module) -> None:
         """Apply the current masks to another copy of the model with the same names (e.g. timm's ModelEma)."""
-        other = extract_model_from_parallel(other)
-        other = getattr(other, "module", other)  # timm ModelEmaV2/V3 keep the copy in .module
-        params = dict(other.named_parameters())
+        params = dict(_copy_module(other).named_parameters())
         for name, mask in {**self.masks, **self.channel_masks}.items():
             params[name].mul_(mask.to(params[name].device, params[name].dtype))
 
@@ -133,6 +141,40 @@ class Chase:
         if gradient_state is not None and not gradient_state.sync_gradients:
             return False
         return not getattr(opt, "step_was_skipped", False)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        """One warning per kind and Chase instance (misuse is reported, never repeated every step)."""
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=4)  # the caller of step() / export()
+
+    def _accumulation_steps(self) -> int:
+        """Accelerate's gradient-accumulation factor (1 without Accelerate or accumulation)."""
+        gradient_state = getattr(self.optimizer, "gradient_state", None)
+        return int(getattr(gradient_state, "num_steps", 1) or 1)
+
+    def _check_total_steps_unit(self) -> None:
+        """At the first optimizer step: warn if total_steps is whole epochs of micro-batches, not of optimizer steps.
+
+        Under accumulation over k micro-steps an epoch of L micro-batches has ceil(L/k) optimizer steps
+        (Accelerate syncs at the end of the loader). A total that is a multiple of L but not of ceil(L/k)
+        can only be epochs counted in micro-batches. (When k divides L the two readings coincide at the
+        start; :meth:`export` then checks what actually ran.)
+        """
+        k = self._accumulation_steps()
+        loader = getattr(getattr(self.optimizer, "gradient_state", None), "active_dataloader", None)
+        length = len(loader) if k > 1 and loader is not None and hasattr(loader, "__len__") else 0
+        total = self.config.total_steps
+        if length and total % length == 0 and total % math.ceil(length / k):
+            self._warn_once("micro_steps", _micro_steps_message(total, k, f"{total // length} epochs of {length} "
+                                                                     "micro-batches"))
+
+    def _check_run_length(self) -> None:
+        """At export: warn if chase.step() was called exactly total_steps times but fewer were optimizer steps."""
+        k, total = self._accumulation_steps(), self.config.total_steps
+        if k > 1 and self.step_count < total == self.step_count + self.unsynced_calls:
+            self._warn_once("micro_steps", _micro_steps_message(
+                total, k, f"chase.step() ran {total} times but only {self.step_count} were optimizer steps"))
 
     # ------------------------------------------------------------------ channel removal
     def _prune_channels(self, t: int) -> None:
@@ -165,12 +207,21 @@ class Chase:
     # ------------------------------------------------------------------ connection updates
     @torch.no_grad()
     def _update_connections(self, t: int) -> None:
-        """One prune/regrow update: phase A (soft memory bound) before T_dst, phase B (fixed density) after."""
+        """One prune/regrow update: phase A (soft memory bound) before T_dst, phase B (fixed density) after,
+        and at the last step a settling update (no rotation, just back to the budget)."""
         grads = {n: (w.grad if w.grad is not None else torch.zeros_like(w)) for n, w in self.weights.items()}
-        if not all(bool(torch.isfinite(norm)) for norm in torch._foreach_norm(list(grads.values()))):
+        norms = torch.stack(torch._foreach_norm(list(grads.values())))
+        if not bool(torch.isfinite(norms).all()):
             self.skipped_updates += 1  # e.g. an fp16 overflow step: a ranking on inf/nan would be noise
             return
-        phase = self._phase_a_prune if t < self.config.phase_b_start_step else self._phase_b_prune
+        if not bool(norms.any()):
+            self._warn_once("no_grad", (
+                f"chase.step() found no gradients at update step {t} (all None or zero), so regrowth picks "
+                "random positions. Call chase.step() after optimizer.step() and before optimizer.zero_grad()."))
+        if t >= self.config.total_steps:
+            phase = self._settle
+        else:
+            phase = self._phase_a_prune if t < self.config.phase_b_start_step else self._phase_b_prune
         nnz, to_grow, counts = phase(t, self._nnz_per_layer(), self.config.scope == "layerwise")
         to_grow = min(max(to_grow, 0), sum(self._capacity(nnz).values()))
         grown = grow_largest(grads, self.masks, self.allowed, self.generator, total=to_grow, counts=counts)
@@ -194,7 +245,15 @@ class Chase:
 
     def _phase_b_prune(self, t: int, nnz: Dict[str, int], layerwise: bool) -> Tuple[Dict[str, int], int, Optional[Dict]]:
         """Fixed density: prune the weakest fraction pi_t plus any excess, then plan regrowth to exactly d·N."""
-        rate = self.config.phase_b_rate(t)
+        return self._prune_to_budget(self.config.phase_b_rate(t), nnz, layerwise)
+
+    def _settle(self, t: int, nnz: Dict[str, int], layerwise: bool) -> Tuple[Dict[str, int], int, Optional[Dict]]:
+        """Last step: no rotation, only prune any excess and regrow any deficit, so the run ends at exactly d·N."""
+        return self._prune_to_budget(0.0, nnz, layerwise)
+
+    def _prune_to_budget(self, rate: float, nnz: Dict[str, int],
+                         layerwise: bool) -> Tuple[Dict[str, int], int, Optional[Dict]]:
+        """Prune the weakest fraction ``rate`` plus any excess over the (per-layer) budget; plan regrowth to it."""
         targets = self._layerwise_targets() if layerwise else {}
         counts = ({n: min(k, math.ceil(rate * k) + max(k - targets[n], 0)) for n, k in nnz.items()}
                   if layerwise else None)
@@ -268,6 +327,7 @@ class Chase:
         return {
             "step": self.step_count,
             "skipped_updates": self.skipped_updates,
+            "unsynced_calls": self.unsynced_calls,
             "config": self.config.to_dict(),
             "masks": {n: m.bool().cpu() for n, m in self.masks.items()},
             "alive": {n: a.clone() for n, a in self.alive.items()},
@@ -293,6 +353,7 @@ class Chase:
                              "and config it was saved from.")
         self.step_count = int(state["step"])
         self.skipped_updates = int(state["skipped_updates"])
+        self.unsynced_calls = int(state.get("unsynced_calls", 0))  # absent in states saved before it existed
         self.masks = {n: masks[n].to(device=self.weights[n].device, dtype=self.weights[n].dtype) for n in masks}
         self.alive = {n: a.clone().bool() for n, a in state["alive"].items()}
         self.generator.set_state(state["generator"])
@@ -319,6 +380,7 @@ class Chase:
             "skipped_updates": self.skipped_updates,
             "layers": {n: {"density": nnz[n] / self.numel[n], "nnz": nnz[n], "numel": self.numel[n],
                            "erk_density": self.erk[n]} for n in self.masks},
+            "kept_dense": dict(self.kept_dense),
         }
 
     def report(self) -> List[Dict[str, Any]]:
@@ -342,6 +404,30 @@ class Chase:
         """Removed channel indices per group (only groups that lost channels)."""
         return {n: (~a).nonzero().flatten().tolist() for n, a in self.alive.items() if not bool(a.all())}
 
-    def export(self) -> nn.Module:
-        """A new, physically slimmed copy of the model (same class and interface); the training model is untouched."""
-        return slim_copy(self.module, tensor_removals(self.groups, self.removed_channels()))
+    def export(self, model: Optional[nn.Module] = None) -> nn.Module:
+        """A new, physically slimmed copy of the model (same class and interface); the training model is untouched.
+
+        ``model``: export another copy with the same parameter names instead, e.g. timm's ``ModelEmaV3``: the
+        copy is masked (weights and removed channels) and sliced like the training model; ``model`` itself
+        is untouched.
+        """
+        self._check_run_length()
+        removals = tensor_removals(self.groups, self.removed_channels())
+        if model is None:
+            return slim_copy(self.module, removals)
+        clone = deepcopy_model(_copy_module(model))
+        self.mask_model(clone)
+        slice_in_place(clone, removals)
+        return clone
+
+
+def _copy_module(other: nn.Module) -> nn.Module:
+    """The model inside a wrapped copy: timm's ModelEmaV2/V3 keep it in ``.module``."""
+    other = unwrap_model(other)
+    return unwrap_model(getattr(other, "module", other))
+
+
+def _micro_steps_message(total: int, k: int, evidence: str) -> str:
+    return (f"ChaseConfig.total_steps={total} looks counted in micro-steps ({evidence}) under gradient accumulation "
+            f"over {k} steps; Chase counts optimizer steps, so its schedules would not finish. Use "
+            f"total_steps=epochs * math.ceil(len(loader) / {k}).")

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from typing import Dict, Iterable, Mapping, Optional, Sequence
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 
 __all__ = [
     "find_sparse_weights",
@@ -24,35 +25,47 @@ __all__ = [
 ]
 
 SPARSE_MODULE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+# convs that standardise their weight in forward (NFNet, ResNetV2-BiT): a masked zero becomes -mean/std there
+WEIGHT_STANDARDISED_TYPES = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
+STANDARDISED_REASON = "weight standardisation in forward turns masked zeros non-zero"
+EXCLUDED_REASON = "matched ChaseConfig.exclude"
 _NARROW_ABOVE = 1_000_000  # selections over more scores than this are narrowed on a sample first
 _SAMPLE_SIZE = 100_000
 
 
-def find_sparse_weights(model: nn.Module, exclude: Sequence[str] = ()) -> Dict[str, nn.Parameter]:
-    """Every Conv/Linear weight with ndim >= 2, keyed by parameter name; ``exclude`` patterns stay dense.
+def find_sparse_weights(model: nn.Module, exclude: Sequence[str] = ()
+                        ) -> Tuple[Dict[str, nn.Parameter], Dict[str, str]]:
+    """Every Conv/Linear weight with ndim >= 2, keyed by parameter name, and {name: reason} of those kept dense.
 
     Norm weights, biases and free parameters are never sparsified (the reference's name-based rule would
-    sparsify LayerNorm weights; we select by module type instead).
+    sparsify LayerNorm weights; we select by module type instead). Dense: ``exclude`` patterns, and
+    weight-standardised convs, whose effective weight (w - mean) / std would not be sparse.
     """
     matched = {pattern: False for pattern in exclude}
     weights: Dict[str, nn.Parameter] = {}
+    dense: Dict[str, str] = {}
     for module_name, module in model.named_modules():
         if not isinstance(module, SPARSE_MODULE_TYPES):
             continue
         weight = getattr(module, "weight", None)
         if not isinstance(weight, nn.Parameter) or weight.ndim < 2:
             continue
+        name = f"{module_name}.weight" if module_name else "weight"
         hits = [p for p in exclude if fnmatch.fnmatchcase(module_name, p)]
         for pattern in hits:
             matched[pattern] = True
-        if not hits:
-            weights[f"{module_name}.weight" if module_name else "weight"] = weight
+        if hits:
+            dense[name] = EXCLUDED_REASON
+        elif isinstance(module, WEIGHT_STANDARDISED_TYPES):
+            dense[name] = STANDARDISED_REASON
+        else:
+            weights[name] = weight
     unused = [p for p, hit in matched.items() if not hit]
     if unused:
         raise ValueError(
             f"ChaseConfig.exclude pattern(s) {unused} match no Conv/Linear module of {type(model).__name__}; "
             "patterns are fnmatch globs over module names such as 'conv1' or 'head.*'.")
-    return weights
+    return weights, dense
 
 
 def erk_densities(shapes: Mapping[str, Sequence[int]], density: float) -> Dict[str, float]:

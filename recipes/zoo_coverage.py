@@ -23,6 +23,7 @@ ZOO = ["resnet18", "resnet50", "seresnext26d_32x4d", "regnetx_002", "densenet121
        "mobilenetv3_small_050", "efficientnet_b0", "ghostnet_050", "convnext_atto", "vit_tiny_patch16_224",
        "mixer_s16_224", "repvgg_a0", "dla34", "hrnet_w18_small", "inception_v3"]
 FIXED_SIZE = ("vit", "mixer")  # models whose input size is fixed at construction
+SMALLER = {"vgg11_bn": {"mlp_ratio": 0.0625}}  # a 256-wide pre-logits MLP instead of 4096 (100M parameters)
 
 
 def input_size(name: str) -> int:
@@ -33,6 +34,7 @@ def input_size(name: str) -> int:
 def build(name: str, num_classes: int = 10) -> torch.nn.Module:
     """A randomly initialised timm model sized for small inputs."""
     kwargs = {"img_size": input_size(name)} if name.startswith(FIXED_SIZE) else {}
+    kwargs.update(SMALLER.get(name, {}))
     torch.manual_seed(0)
     return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
 
@@ -84,7 +86,8 @@ def markdown(rows: List[Dict]) -> str:
     lines = ["| model | prune_skip | prunable groups | channels removed | max rel. diff | params | dense FLOPs |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {'on' if r['prune_skip'] else 'off'} | {r['groups']} | "
+        smaller = ", ".join(f"{k}={v}" for k, v in SMALLER.get(r["model"], {}).items())
+        lines.append(f"| {r['model']}{f' ({smaller})' if smaller else ''} | {'on' if r['prune_skip'] else 'off'} | {r['groups']} | "
                      f"{r['removed']} / {r['channels']} | {r['rel_diff']:.1e} | {r['params_ratio']:.2f}x | "
                      f"{r['flops_ratio']:.2f}x |")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from chase_timm import Chase, ChaseConfig
 from helpers import tiny_model, train
 
 TOTAL, HALF = 16, 8
+SIZE = 16  # training images (discovery traces at 32 px)
 CONFIG = dict(total_steps=TOTAL, update_interval=3, phase_b_start_step=10, channel_sparsity=0.3,
               channel_interval=2, channel_end_step=12)
 
@@ -33,10 +34,10 @@ def final_state(model, chase) -> dict:
 def main(mode: str, *paths: str) -> None:
     model, optimizer, chase = build()
     if mode == "full":
-        train(model, optimizer, chase, TOTAL)
+        train(model, optimizer, chase, TOTAL, size=SIZE)
         torch.save(final_state(model, chase), paths[0])
     elif mode == "first":
-        train(model, optimizer, chase, HALF)
+        train(model, optimizer, chase, HALF, size=SIZE)
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "chase": chase.state_dict()},
                    paths[0])
     else:
@@ -44,7 +45,7 @@ def main(mode: str, *paths: str) -> None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         chase.load_state_dict(checkpoint["chase"])
-        train(model, optimizer, chase, TOTAL - HALF, first_step=HALF)
+        train(model, optimizer, chase, TOTAL - HALF, size=SIZE, first_step=HALF)
         torch.save(final_state(model, chase), paths[1])
 
 

@@ -1,11 +1,15 @@
 """Channel-aware Chase: cubic schedule, floors, global UMM selection, permanence, budget, exact export."""
+import time
+
 import pytest
 import torch
 
 from chase_timm import Chase, ChaseConfig
-from chase_timm.channels import umm_scores
+from chase_timm.channels import group_floor, select_channels, umm_scores
+from chase_timm.graph import ChannelGroup, ChannelSlice
 from chase_timm.metrics import count_flops
 from helpers import input_size, tiny_model, train
+from recipe_helpers import fresh_accelerate
 
 STEPS = 12
 
@@ -111,6 +115,11 @@ def test_paper_imagenet_setting_on_resnet50():
     print(f"resnet50 S_c=0.4: GPU-supported FLOPs ratio {ratio:.3f} (paper 0.67-0.68)")
     assert chase.stats()["channel_sparsity"] == pytest.approx(0.4, abs=1e-3)
     assert 0.5 < ratio < 0.85
+    # README's order at init (ERK density x mean |w|): deep 3x3 conv2 first, down to their floors
+    kept = {g.name: int(chase.alive[g.name].sum()) for g in chase.prunable}
+    assert all(kept[n] == chase.floors[n] for n in kept if n.startswith(("layer3", "layer4")) and n.endswith("conv2"))
+    assert all(kept[g.name] == g.width for g in chase.prunable if g.name.startswith("layer1")
+               or (g.name.endswith("conv1") and not g.name.startswith("layer4")))
 
 
 def test_no_prunable_group_exports_unchanged():
@@ -120,3 +129,87 @@ def test_no_prunable_group_exports_unchanged():
     assert not chase.prunable and all(row["reason"] for row in report)
     slim = chase.export()
     assert [p.shape for p in slim.parameters()] == [p.shape for p in model.parameters()]
+
+
+def test_torch_compile_is_unwrapped_without_running_dynamo():
+    """A compiled model wraps like the eager one: no dynamo, same groups, plain names, a plain timm export."""
+    from accelerate import Accelerator
+
+    compiled_graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        compiled_graphs.append(graph_module)
+        return graph_module.forward
+
+    start = time.perf_counter()
+    eager_model, _, eager = make("resnet18")
+    eager_time = time.perf_counter() - start
+    model = tiny_model("resnet18")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    compiled = torch.compile(model, backend=counting_backend)
+    start = time.perf_counter()
+    chase = Chase(compiled, channel_config(), optimizer=optimizer, example_inputs=torch.randn(1, 3, 32, 32))
+    assert time.perf_counter() - start < 2 * eager_time + 2.0  # was ~40 s through dynamo on resnet10t
+    assert not compiled_graphs, "wrapping a compiled model ran dynamo"
+    assert chase.module is model and list(chase.weights) == list(eager.weights)
+    assert [(g.name, g.prunable, g.reason) for g in chase.groups] == [(g.name, g.prunable, g.reason) for g in eager.groups]
+    assert not any(g.residual for g in chase.prunable)  # residual streams stay out without prune_skip
+    train(model, optimizer, chase, STEPS)  # the compiled wrapper shares these parameters
+    slim = chase.export()
+    assert type(slim) is type(model)
+    model.eval(), slim.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (slim(x) - model(x)).abs().max() <= 1e-4 * model(x).abs().max()
+
+    prepared_model = tiny_model("resnet18")
+    with fresh_accelerate():
+        prepared, prepared_opt = Accelerator(cpu=True).prepare(torch.compile(prepared_model, backend=counting_backend),
+                                                               torch.optim.SGD(prepared_model.parameters(), lr=0.05))
+    chase = Chase(prepared, channel_config(), optimizer=prepared_opt, example_inputs=torch.randn(1, 3, 32, 32))
+    assert not compiled_graphs, "wrapping a prepared compiled model ran dynamo"
+    assert chase.module is prepared_model and list(chase.weights) == list(eager.weights)
+    assert type(chase.export()) is type(prepared_model)
+    for nested in (torch.compile(torch.nn.DataParallel(model), backend=counting_backend),  # compile(DDP(m))
+                   torch.nn.DataParallel(torch.compile(model, backend=counting_backend))):  # DDP(compile(m))
+        assert Chase(nested, channel_config(channel_sparsity=0.0)).module is model
+    assert not compiled_graphs
+
+
+def test_umm_by_hand_with_several_producers_and_alive_fanin():
+    """Two channels, three producers (one with two rows per channel), a consumer that must not count."""
+    tensors = {
+        "a.weight": torch.tensor([[1.0, -2.0, 0.0], [3.0, 0.0, 0.0]]),           # row L1 3, 3; fan-in 3
+        "b.weight": torch.tensor([[[[1.0, 1.0], [0.0, -1.0]]], [[[0.0, 0.0], [0.0, 2.0]]]]),  # L1 3, 2; fan-in 4
+        "c.weight": torch.tensor([[1.0, 0.0], [0.0, -2.0], [3.0, 0.0], [0.0, 4.0]]),  # rows (0, 2) and (1, 3)
+        "d.weight": torch.full((5, 2), 100.0),                                     # consumer columns
+    }
+    one = ((0,), (1,))
+    group = ChannelGroup("a", 2, (
+        ChannelSlice("a.weight", 0, one, "producer"), ChannelSlice("b.weight", 0, one, "producer"),
+        ChannelSlice("c.weight", 0, ((0, 2), (1, 3)), "producer"), ChannelSlice("d.weight", 1, one, "consumer"),
+    ), residual=False, prunable=True, reason="")
+    # original fan-in: channel 0 = (3 + 3 + 1 + 3) / (3 + 4 + 2 + 2); channel 1 = (3 + 2 + 2 + 4) / 11
+    original = umm_scores([group], tensors)["a"]
+    assert original.tolist() == pytest.approx([10 / 11, 11 / 11])
+    keep = {"a.weight": torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])}  # alive fan-in of a: 2 and 2
+    alive = umm_scores([group], tensors, keep, fanin="alive")["a"]
+    assert alive.tolist() == pytest.approx([10 / 10, 11 / 10])
+    assert umm_scores([group], tensors, keep, fanin="original")["a"].tolist() == original.tolist()
+
+
+def test_channel_round_to_keeps_multiples_of_it():
+    scores = {"g1": torch.arange(16, dtype=torch.float64), "g2": torch.arange(12, dtype=torch.float64) + 0.5}
+    alive = {"g1": torch.ones(16, dtype=torch.bool), "g2": torch.ones(12, dtype=torch.bool)}
+    floors = {n: group_floor(len(s), 0.5, 0.5, round_to=4) for n, s in scores.items()}
+    assert floors == {"g1": 4, "g2": 4}  # floor(16 * 0.5 * 0.5) = 4; floor(12 * 0.25) = 3, rounded up to 4
+    removed = select_channels(scores, alive, floors, 9, torch.Generator().manual_seed(0), round_to=4)
+    kept = {n: len(scores[n]) - len(removed.get(n, [])) for n in scores}
+    assert all(k % 4 == 0 and k >= floors[n] for n, k in kept.items()), kept
+    for n, idx in removed.items():  # within a group, the lowest scores go
+        assert sorted(idx.tolist()) == list(range(len(idx)))
+
+    model, optimizer, chase = make("resnet18", channel_round_to=8)
+    train(model, optimizer, chase, STEPS)
+    widths = [int(a.sum()) for a in chase.alive.values()]
+    assert chase.stats()["channel_sparsity"] > 0.3 and all(w % 8 == 0 for w in widths), widths

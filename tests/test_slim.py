@@ -9,6 +9,7 @@ import torch
 
 from chase_timm.graph import find_channel_groups, tensor_removals
 from chase_timm.slim import apply_width_plan, recalibrate_batchnorm, slim_copy, width_plan
+from zoo_coverage import SMALLER
 
 # architecture -> (input size, create_model kwargs); tiny inputs keep the whole zoo at about two minutes
 ZOO = {
@@ -17,7 +18,7 @@ ZOO = {
     "seresnext26d_32x4d": (32, {}),
     "regnetx_002": (32, {}),
     "densenet121": (32, {}),
-    "vgg11_bn": (32, {"mlp_ratio": 0.0625}),  # 256-wide pre-logits instead of 4096 (100M params)
+    "vgg11_bn": (32, SMALLER["vgg11_bn"]),  # 256-wide pre-logits instead of 4096 (100M params)
     "mobilenetv2_050": (32, {}),
     "mobilenetv3_small_050": (32, {}),
     "efficientnet_b0": (32, {}),
