@@ -17,6 +17,7 @@ from typing import Callable
 import timm
 import torch
 import torch.nn.functional as F
+import torch.utils.benchmark as benchmark
 
 import chase_timm
 
@@ -31,15 +32,11 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def timed(fn: Callable[[], None], device: torch.device) -> float:
-    """Wall time of ``fn`` in seconds, synchronising the accelerator around it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
+def timed(fn: Callable[[], None]) -> float:
+    """Wall time of ``fn`` in seconds (torch.utils.benchmark's clock synchronises the accelerator)."""
+    start = benchmark.timer()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return benchmark.timer() - start
 
 
 def main() -> None:
@@ -71,14 +68,14 @@ def main() -> None:
         train_step(dense, dense_opt)
         train_step(sparse, sparse_opt, chase.step)
     chase.step_count = config.channel_interval - config.channel_offset - 1
-    channel_event = timed(lambda: train_step(sparse, sparse_opt, chase.step), device)
+    channel_event = timed(lambda: train_step(sparse, sparse_opt, chase.step))
 
     dense_times, chase_times = [], []
     for _ in range(args.steps):
-        dense_times.append(timed(lambda: train_step(dense, dense_opt), device))
-        chase_times.append(timed(lambda: train_step(sparse, sparse_opt, chase.step), device))
+        dense_times.append(timed(lambda: train_step(dense, dense_opt)))
+        chase_times.append(timed(lambda: train_step(sparse, sparse_opt, chase.step)))
     chase.step_count = config.update_interval - 1
-    update_step = timed(lambda: train_step(sparse, sparse_opt, chase.step), device)
+    update_step = timed(lambda: train_step(sparse, sparse_opt, chase.step))
 
     dense_med, chase_med = statistics.median(dense_times), statistics.median(chase_times)
     stats = chase.stats()
