@@ -8,6 +8,7 @@ shape-only forward on the ``meta`` device, so ``forward_features``, ``reset_clas
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import warnings
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -44,38 +45,54 @@ def slice_in_place(model: nn.Module, removals: Mapping[str, Mapping[int, Sequenc
 
 
 def width_plan(model: nn.Module, base: nn.Module) -> dict:
-    """JSON-safe plan of every tensor whose shape differs from ``base``; classifier class dims are ``None``."""
+    """JSON-safe plan of every tensor whose shape differs from ``base``, and a fingerprint of ``base``.
+
+    A plan entry lists the new size of every changed dim and ``None`` for dims left as they are (so
+    overrides such as ``num_classes`` or ``in_chans`` of the model it is replayed on still apply; a
+    classifier's class dim is always ``None``). ``base`` records what the plan was made for: a digest of
+    the base's tensor names and the base shape of every planned tensor, which ``apply_width_plan`` checks.
+    """
     base_shapes = {name: list(t.shape) for name, t in named_tensors(base)}
     classifier = classifier_tensor_names(model)
-    tensors = {}
+    tensors, planned_base = {}, {}
     for name, tensor in named_tensors(model):
         if name not in base_shapes:
             raise ValueError(f"tensor {name!r} does not exist in the base model; is it the same architecture?")
-        shape = list(tensor.shape)
+        if tensor.dim() != len(base_shapes[name]):
+            raise ValueError(f"tensor {name!r} is {tensor.dim()}-d here but {len(base_shapes[name])}-d in the base")
+        shape = [None if size == base else size for size, base in zip(tensor.shape, base_shapes[name])]
         if name in classifier:
             shape[0] = None  # keep the class count of whatever model the plan is replayed on
-            if shape[1:] == base_shapes[name][1:]:
-                continue
-        elif shape == base_shapes[name]:
-            continue
-        tensors[name] = shape
-    return {"tensors": tensors}
+        if any(size is not None for size in shape):
+            tensors[name] = shape
+            planned_base[name] = base_shapes[name]
+    return {"tensors": tensors, "classifier": sorted(classifier & tensors.keys()),
+            "base": {"names_sha256": _names_digest(base), "shapes": planned_base}}
 
 
-def apply_width_plan(model: nn.Module, plan: Mapping) -> nn.Module:
-    """Resize a fresh base model in place to the plan's shapes (uninitialised tensors, same device/dtype)."""
+def apply_width_plan(model: nn.Module, plan: Mapping, keep_values: bool = False) -> nn.Module:
+    """Resize a fresh base model in place to the plan's shapes (same device/dtype).
+
+    New tensors are uninitialised, or with ``keep_values`` the leading slice of the old ones (e.g. timm's own
+    random initialisation cut to the slim widths). A plan made for another base architecture is refused.
+    """
     entries = plan.get("tensors") if isinstance(plan, Mapping) else None
     if not isinstance(entries, Mapping):
         raise ValueError("width plan must be a mapping with a 'tensors' mapping of name -> shape")
+    _check_plan_base(model, plan)
     slots = _tensor_slots(model)
     new = {}
     for name, shape in entries.items():
         if name not in slots:
-            if any(size is None for size in shape):
+            if _is_classifier_entry(plan, name, shape):
                 continue  # classifier entry, and this model has no classifier (num_classes=0)
             raise ValueError(f"width plan names tensor {name!r}, which this model does not have")
         old = _get(slots[name][0])
-        new[name] = torch.empty(_planned_shape(name, old, shape), device=old.device, dtype=old.dtype)
+        target = _planned_shape(name, old, shape)
+        if keep_values:
+            new[name] = old[tuple(slice(0, size) for size in target)].clone()
+        else:
+            new[name] = torch.empty(target, device=old.device, dtype=old.dtype)
     _resize(model, new, slots, refresh=True)
     return model
 
@@ -103,6 +120,44 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, num_batches: Opti
             m.momentum = momentum
         for m, flag in flags.items():
             m.training = flag
+
+
+# ------------------------------------------------------------------------------------- plan validation
+
+def _names_digest(model: nn.Module) -> str:
+    """SHA-256 of the model's sorted non-classifier tensor names: identifies the architecture a plan fits."""
+    names = sorted(set(name for name, _ in named_tensors(model)) - classifier_tensor_names(model))
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def _check_plan_base(model: nn.Module, plan: Mapping) -> None:
+    """ValueError unless ``model`` is the base the plan was made for (tensor names, planned base shapes)."""
+    base = plan.get("base")
+    if base is None:
+        return  # a hand-written plan: only its own entries are checked
+    if not isinstance(base, Mapping) or not isinstance(base.get("shapes"), Mapping):
+        raise ValueError("width plan 'base' must be a mapping with 'names_sha256' and 'shapes'")
+    fix = "build the base architecture the plan was made for (same model name and build kwargs)"
+    if base.get("names_sha256") != _names_digest(model):
+        raise ValueError(f"width plan does not fit this {type(model).__name__}: its tensor names differ from the "
+                         f"base the plan was made for; {fix}")
+    current = {name: list(t.shape) for name, t in named_tensors(model)}
+    for name, shape in base["shapes"].items():
+        if name not in current:
+            continue  # classifier of a model built with num_classes=0
+        planned = plan["tensors"].get(name) or []
+        mismatch = [d for d, size in enumerate(shape) if d < len(planned) and planned[d] is not None
+                    and (d >= len(current[name]) or current[name][d] != size)]
+        if len(shape) != len(current[name]) or mismatch:
+            raise ValueError(f"width plan does not fit this {type(model).__name__}: {name} has shape "
+                             f"{current[name]} here but {shape} in the base the plan was made for; {fix}")
+
+
+def _is_classifier_entry(plan: Mapping, name: str, shape: Any) -> bool:
+    """Whether a plan entry belongs to the classifier (absent from models built with ``num_classes=0``)."""
+    if "classifier" in plan:
+        return name in plan["classifier"]
+    return isinstance(shape, (list, tuple)) and bool(shape) and shape[0] is None  # hand-written plan
 
 
 # ----------------------------------------------------------------------------------------------- tensors
@@ -142,6 +197,9 @@ def _planned_shape(name: str, old: torch.Tensor, shape: Any) -> list[int]:
     target = [old.shape[i] if size is None else size for i, size in enumerate(shape)]
     if any(not isinstance(size, int) or isinstance(size, bool) or size <= 0 for size in target):
         raise ValueError(f"width plan shape {shape!r} for {name!r} must hold positive integers")
+    if any(size > old.shape[i] for i, size in enumerate(target)):
+        raise ValueError(f"width plan shape {shape!r} for {name!r} is wider than the model's {list(old.shape)}: "
+                         "a plan only removes channels; was it made for a larger base?")
     return target
 
 
@@ -257,8 +315,9 @@ def _measure(model: nn.Module, strict: bool = False) -> Optional[dict[str, tuple
     a failing forward is a ValueError naming the module it failed in (an inconsistent width plan).
     """
     errors = []
+    on_meta = all(t.is_meta for _, t in named_tensors(model))  # e.g. a base built on meta: measure it as is
     for meta in (True, False):
-        target = _meta_clone(model) if meta else model
+        target = model if on_meta else _meta_clone(model) if meta else model
         try:
             return _shapes(target, meta)
         except _ForwardError as err:
