@@ -11,9 +11,29 @@ def test_defaults_are_derived_from_total_steps():
     assert config.update_interval == 1000  # the paper's Delta T_p on a long run
     assert config.phase_b_start_step == 200_000 and config.channel_end_step == 200_000  # epoch 80 of 100
     assert config.channel_offset == 500  # Delta T_p / 2
-    short = ChaseConfig(total_steps=300)
-    assert short.update_interval == 10 and short.channel_interval == 10 and short.channel_offset == 5
-    assert ChaseConfig(total_steps=4).update_interval == 4
+    assert config.channel_interval == 2000
+    short = ChaseConfig(total_steps=300)  # about 20 updates, a channel event every second update
+    assert short.update_interval == 15 and short.channel_interval == 30 and short.channel_offset == 7
+    assert ChaseConfig(total_steps=100).update_interval == 10  # grown weights get at least 10 steps
+    tiny = ChaseConfig(total_steps=4)
+    assert tiny.update_interval == 4 and tiny.channel_interval == 4
+
+
+def test_from_epochs_short_run_defaults_are_in_epochs():
+    """The digits default: 22 steps per epoch, 20 epochs; updates once per epoch, channel events every 2 epochs,
+    the first 1.5 epochs in (after a 1-epoch warm-up), channel pruning over by epoch 16 so 4 epochs recover."""
+    config = ChaseConfig.from_epochs(epochs=20, steps_per_epoch=22)
+    assert config.total_steps == 440 and config.update_interval == 22 and config.channel_interval == 44
+    events = [t for t in range(1, 441) if config.is_channel_step(t)]
+    assert events[0] == 33 and events[-1] == config.channel_end_step == 352
+    assert [t for t in range(1, 441) if config.is_update_step(t)][:3] == [22, 44, 66]
+    # long runs keep the paper's Delta T_p cap of 1000 steps
+    assert ChaseConfig.from_epochs(epochs=100, steps_per_epoch=2502).update_interval == 1000
+    # fractional steps per epoch (a run compressed by --max-steps) and explicit step values
+    compressed = ChaseConfig.from_epochs(epochs=3, steps_per_epoch=10 / 3, channel_offset=0)
+    assert compressed.total_steps == 10 and compressed.update_interval == 3 and compressed.channel_interval == 6
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        ChaseConfig.from_epochs(epochs=3, steps_per_epoch=0)
 
 
 @pytest.mark.parametrize("fmt", ["dict", "json", "yaml"])
@@ -76,8 +96,8 @@ def test_schedules_endpoints():
     assert config.channel_sparsity_at(0) == 0 and config.channel_sparsity_at(800) == pytest.approx(0.4)
     assert config.channel_sparsity_at(10_000) == pytest.approx(0.4)
     events = [t for t in range(1, 1001) if config.is_channel_step(t)]
-    assert events[0] == 5 and all((t + 5) % 10 == 0 for t in events[:-1]) and events[-1] == 800
+    assert events[0] == 75 and all((t + 25) % 100 == 0 for t in events[:-1]) and events[-1] == 800
     updates = [t for t in range(1, 1001) if config.is_update_step(t)]
-    assert updates[0] == 10 and math.gcd(*updates) == 10
+    assert updates[0] == 50 and math.gcd(*updates) == 50
     frozen = ChaseConfig(total_steps=1000, phase_b=False)
     assert max(t for t in range(1, 1001) if frozen.is_update_step(t)) < 800

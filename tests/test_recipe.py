@@ -1,154 +1,197 @@
-"""recipes/train.py, run for real: artifacts, export equivalence, 2-process DDP, exact resume, clear errors."""
+"""recipes/train.py as a product, run for real: a loadable slim-model folder, exact resume after SIGKILL,
+2-process DDP on streamed data, reusable run configs, the shipped configs."""
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
+import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
+import time
 
 import pytest
+import timm
 import torch
 import yaml
 from safetensors.torch import load_file
+from timm.data import create_transform, resolve_data_config
 
 import chase_timm
+from chase_timm.data import DigitsDataset
+from hub_server import HubServer
+from recipe_helpers import (ROOT, TINY, TRAIN, fresh_accelerate, launch, load_recipe, metrics, run,
+                            tensors_equal, write_parquet_dataset)
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ROOT / "recipes" / "train.py"
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
-# 1437 digits / batch 256 = 5 steps per epoch; 3 planned epochs capped at 10 optimizer steps of resnet18 at 16 px
-TINY = ["--model", "resnet18", "--img-size", "16", "--batch-size", "256", "--epochs", "3", "--max-steps", "10",
-        "--recal-batches", "2"]
-ARTIFACTS = ("slim_model.safetensors", "width_plan.json", "chase_config.json", "metrics.json", "report.json",
-             "run_config.yaml", "training.png")
-
-
-def run(cmd: list, **env: str) -> subprocess.CompletedProcess:
-    """Run a command from the repo root, capturing text output; one thread per process (tiny models, shared CPU)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-
-
-def load_recipe():
-    """Import recipes/train.py as a module (for in-process argument checks)."""
-    spec = importlib.util.spec_from_file_location("chase_train_recipe", TRAIN)
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def metrics(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text())
+MODEL_FILES = ("config.json", "model.safetensors", "README.md")
 
 
 @pytest.fixture(scope="module")
-def plain_run(tmp_path_factory) -> Path:
-    """One plain-python run with a checkpoint after every epoch."""
-    out = tmp_path_factory.mktemp("plain")
+def plain_run(tmp_path_factory):
+    """One uninterrupted plain-python run with a checkpoint after every epoch: (output folder, stdout)."""
+    out = tmp_path_factory.mktemp("plain") / "run"
     proc = run([sys.executable, str(TRAIN), *TINY, "--checkpoint-every", "1", "--output", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return out, proc.stdout
 
 
-def test_plain_python_writes_artifacts_and_slim_matches_masked(plain_run):
-    for name in ARTIFACTS:
-        assert (plain_run / name).stat().st_size > 0, name
-    m = metrics(plain_run)
-    assert [e["epoch"] for e in m["epochs"]] == [1, 2] and m["epochs"][-1]["step"] == 10
-    final = m["final"]
-    # before BN recalibration the exported slim model computes the same function as the masked model
-    assert final["export_max_abs_diff"] < 1e-3
+def test_output_folder_is_the_slim_model_and_reproduces_its_accuracy(plain_run):
+    out, stdout = plain_run
+    for name in (*MODEL_FILES, "metrics.json", "run_config.yaml", "training.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "checkpoints" / "epoch_3" / "run_config.yaml").exists()  # the final checkpoint
+    final = metrics(out)["final"]
+    # the run says where everything is
+    for line in (f"slim model:  {out}", f"metrics:     {out / 'metrics.json'}", f"plot:        {out / 'training.png'}",
+                 f"checkpoint:  {out / 'checkpoints' / 'epoch_3'}"):
+        assert line in stdout
+    # a user loads the folder with timm and gets the reported accuracy with the saved data config
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert sum(p.numel() for p in model.parameters()) == final["slim_params"] < final["base_params"]
+    data_config = resolve_data_config(model=model)
+    assert data_config["input_size"] == (3, 16, 16)
+    val = DigitsDataset("val", transform=create_transform(**data_config))
+    x, y = torch.stack([v[0] for v in val]), torch.tensor([v[1] for v in val])
+    with torch.no_grad():
+        top1 = 100.0 * float((model(x).argmax(-1) == y).float().mean())
+    assert top1 == pytest.approx(final["slim_top1"], abs=1e-6)
+    # the model card carries the measured figures
+    card = (out / "README.md").read_text()
+    assert f"{final['slim_top1']:.2f}" in card and f"{final['masked_top1']:.2f}" in card
+    assert f"{final['slim_throughput']:.1f}" in card and f"{final['base_params']:,}" in card
+
+
+def test_raw_export_equals_the_masked_model(plain_run):
+    final = metrics(plain_run[0])["final"]
+    assert final["export_max_abs_diff"] < 1e-4
     assert final["slim_top1_before_recal"] == pytest.approx(final["masked_top1"], abs=1e-6)
-    assert final["slim_params"] < final["base_params"] and final["slim_dense_flops"] < final["base_dense_flops"]
-    config = chase_timm.ChaseConfig.from_dict(json.loads((plain_run / "chase_config.json").read_text()))
-    assert config.total_steps == 10  # --max-steps compresses the whole schedule: channel sparsity reaches S_c
-    assert m["epochs"][-1]["channel_sparsity"] == pytest.approx(config.channel_sparsity, abs=0.02)
-    report = json.loads((plain_run / "report.json").read_text())
-    assert any(g["width_after"] < g["width_before"] for g in report)
-    assert all(torch.isfinite(t).all() for t in load_file(plain_run / "slim_model.safetensors").values())
-    json.loads((plain_run / "width_plan.json").read_text())
-    # the written run config is itself a valid --config
+    assert final["slim_dense_flops"] < final["base_dense_flops"]
+    epochs = metrics(plain_run[0])["epochs"]
+    assert [e["step"] for e in epochs] == [22, 44, 66] and all(e["chase_step"] == e["step"] for e in epochs)
+    assert epochs[-1]["channel_sparsity"] == pytest.approx(0.4, abs=0.02)  # S_c reached, then 20 % to recover
+
+
+def test_run_config_is_reusable_with_config(plain_run, tmp_path):
+    out = plain_run[0]
+    text = (out / "run_config.yaml").read_text()
+    top_keys = [line.split(":")[0] for line in text.splitlines() if line and not line.startswith(" ")]
+    assert len(top_keys) == len(set(top_keys)) and "output" not in top_keys and "resume" not in top_keys
     recipe = load_recipe()
-    args, chase = recipe.parse_args(["--config", str(plain_run / "run_config.yaml")])
-    assert args.model == "resnet18" and args.img_size == 16
+    args, section = recipe.parse_args(["--config", str(out / "run_config.yaml"), "--output", str(tmp_path / "again")])
+    assert recipe.run_config(args, section) == yaml.safe_load(text)
+    assert args.output == str(tmp_path / "again")  # reusing it never points at the first run's folder
+    # with a Chase flag on the command line the section is merged, not duplicated
+    args, section = recipe.parse_args(["--config", str(out / "run_config.yaml"), "--density", "0.2"])
+    dumped = yaml.safe_dump(recipe.run_config(args, section))
+    assert yaml.safe_load(dumped)["chase"]["density"] == 0.2 and "\ndensity:" not in dumped
 
 
-def test_resume_continues_exactly(plain_run, tmp_path):
-    out = tmp_path / "resumed"
-    proc = run([sys.executable, str(TRAIN), *TINY, "--output", str(out),
-                "--resume", str(plain_run / "checkpoints" / "epoch_1")])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stdout and "epoch 1, step 5" in proc.stdout
-    first, resumed = metrics(plain_run)["epochs"], metrics(out)["epochs"]
-    assert [e["step"] for e in resumed] == [5, 10]
-    assert resumed[0] == first[0]  # history carried in the checkpoint
-    for key in ("train_loss", "val_top1", "density", "channel_sparsity", "lr", "chase_step"):
-        assert resumed[1][key] == pytest.approx(first[1][key], rel=1e-5, abs=1e-6), key
+def test_sigkill_after_a_checkpoint_then_resume_equals_the_uninterrupted_run(plain_run, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(TRAIN), *TINY, "--checkpoint-every", "1", "--output", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    marker = out / "checkpoints" / "epoch_1" / "run_config.yaml"  # written after accelerate.save_state
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL and marker.exists() and not (out / "model.safetensors").exists()
+    hub = HubServer().start()  # the resumed run also publishes (--push-to-hub) to a local Hub server
+    try:
+        resumed = run([sys.executable, str(TRAIN), *TINY, "--checkpoint-every", "1", "--output", str(out),
+                       "--resume", str(out / "checkpoints" / "epoch_1"), "--push-to-hub", "chase-test/digits-r18"],
+                      HF_ENDPOINT=hub.url, HF_TOKEN="hf_test", HF_HUB_OFFLINE="0")
+    finally:
+        hub.stop()
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "epoch 1, step 22" in resumed.stdout
+    assert tensors_equal(load_file(out / "model.safetensors"), load_file(plain_run[0] / "model.safetensors"))
+    assert metrics(out)["final"]["slim_top1"] == metrics(plain_run[0])["final"]["slim_top1"]
+    repo = hub.repos["chase-test/digits-r18"]
+    published = repo.commits[repo.resolve("main")]
+    assert "published:" in resumed.stdout and sorted(published) == sorted(MODEL_FILES)
+    assert all(published[name] == (out / name).read_bytes() for name in MODEL_FILES)
 
 
-def test_two_process_ddp_on_cpu(tmp_path):
+def refusal(argv, capsys) -> str:
+    """The recipe run in-process must stop with status 2 and one line on stderr; returns that line."""
+    with fresh_accelerate(), pytest.raises(SystemExit) as exc:
+        load_recipe().main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(lines) == 1, lines
+    return lines[0]
+
+
+def test_resume_from_another_run_is_refused(plain_run, tmp_path, capsys):
+    checkpoint = plain_run[0] / "checkpoints" / "epoch_1"
+    line = refusal([*TINY, "--density", "0.2", "--output", str(tmp_path / "x"), "--resume", str(checkpoint)], capsys)
+    assert "is from another run" in line and "'chase': ({}, {'density': 0.2})" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_output_holding_a_run_is_not_touched_without_overwrite(plain_run, capsys):
+    out = plain_run[0]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    line = refusal([*TINY, "--output", str(out)], capsys)
+    assert f"--output {out} already holds a previous run" in line and "--overwrite" in line
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "thesis.tex").write_text("precious")
+    assert "not a run of this recipe" in refusal([*TINY, "--output", str(tmp_path), "--overwrite"], capsys)
+    assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
+def test_two_processes_on_a_streamed_hf_dataset(tmp_path):
+    """Real gloo DDP: the streamed train split is sharded per rank, masks agree, the slim folder loads."""
+    data = write_parquet_dataset(tmp_path / "pq", {"train": 256, "validation": 64})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port), str(TRAIN), *TINY, "--epochs", "1", "--grad-accum", "2",
-           "--output", str(out)]
-    proc = run(cmd, ACCELERATE_USE_CPU="1")
+    proc = launch(["--model", "resnet18", "--img-size", "16", "--batch-size", "32", "--epochs", "2",
+                   "--grad-accum", "2", "--recal-batches", "2", "--data", f"hf:{data}", "--streaming",
+                   "--output", str(out)], port)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # 5 batches of 256 (128 per process), 2 micro-steps per update -> 3 optimizer steps, all seen by Chase
-    assert "2 process(es)" in proc.stdout and "3 optimizer steps" in proc.stdout
-    epoch = metrics(out)["epochs"][-1]
-    assert epoch["step"] == epoch["chase_step"] == 3
-    final = metrics(out)["final"]
-    assert final["slim_top1_before_recal"] == pytest.approx(final["masked_top1"], abs=1e-6)
-    assert (out / "slim_model.safetensors").exists()
-
-
-def test_unknown_model_fails_before_training():
-    proc = run([sys.executable, str(TRAIN), "--model", "resnt50"])
-    assert proc.returncode != 0
-    assert "unknown timm model 'resnt50'" in proc.stderr and "resnet50" in proc.stderr
-    assert "optimizer steps" not in proc.stdout
-
-
-@pytest.mark.parametrize("config, message", [
-    ({"learning_rate": 0.1}, "unknown training key(s) ['learning_rate']"),
-    ({"density": 0.1}, "unknown training key(s) ['density']"),
-    ({"epochs": "ten"}, "epochs: 'ten' is not a valid int"),
-    ({"chase": {"densty": 0.1}}, "unknown `chase:` key(s) ['densty']"),
-])
-def test_bad_yaml_is_a_clear_error(tmp_path, capsys, config, message):
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(config))
-    with pytest.raises(SystemExit) as exc:
-        load_recipe().parse_args(["--config", str(path)])
-    assert exc.value.code != 0 and message in capsys.readouterr().err
-
-
-def test_missing_resume_dir_is_a_clear_error(capsys):
-    with pytest.raises(SystemExit) as exc:
-        load_recipe().parse_args(["--resume", "/nonexistent/epoch_1"])
-    assert exc.value.code != 0 and "--resume '/nonexistent/epoch_1' is not a directory" in capsys.readouterr().err
-
-
-def test_missing_dataset_folder_is_a_clear_error(capsys):
-    with pytest.raises(SystemExit) as exc:
-        load_recipe().main(["--config", str(ROOT / "recipes/configs/resnet50_imagenet.yaml")])
-    assert "imagefolder:/path/to/imagenet" in str(exc.value.code) and "train/ and val/" in str(exc.value.code)
+    # 256 images / 32 per micro-step = 8 micro-steps, 2 per update -> 4 optimizer steps per epoch
+    assert "2 process(es)" in proc.stdout and "8 optimizer steps" in proc.stdout
+    assert "streaming, 2 shard(s)" in proc.stdout
+    m = metrics(out)
+    assert [(e["step"], e["chase_step"]) for e in m["epochs"]] == [(4, 4), (8, 8)]
+    digests = m["final"]["rank_mask_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert m["final"]["slim_top1_before_recal"] == pytest.approx(m["final"]["masked_top1"], abs=1e-6)
+    slim = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert sum(p.numel() for p in slim.parameters()) == m["final"]["slim_params"]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_shipped_configs_parse_and_build(path):
+def test_shipped_configs_parse_and_build_their_chase_config(path):
     recipe = load_recipe()
     args, section = recipe.parse_args(["--config", str(path)])
-    steps_per_epoch = {"digits": 22, "torch/cifar100": 500}.get(args.data, 2502)
-    config = recipe.chase_config(section, args.epochs, args.epochs * steps_per_epoch, args.seed)
+    steps_per_epoch = {"digits": 22, "torch/cifar100": 450}.get(args.data, 2502)
+    config = chase_timm.ChaseConfig.from_epochs(epochs=args.epochs, steps_per_epoch=steps_per_epoch,
+                                                **{"seed": args.seed, **section})
     assert config.total_steps == args.epochs * steps_per_epoch
+    assert config.channel_end_step < config.total_steps  # channel pruning ends before the run: the model recovers
+    if args.data != "digits":
+        assert config.update_interval == 1000  # the paper's Delta T_p
+
+
+def test_readme_imagenet_command_gives_the_papers_schedule():
+    args, section = load_recipe().parse_args(["--config", str(ROOT / "recipes/configs/resnet50_imagenet.yaml"),
+                                              "--data", "imagefolder:/data/imagenet", "--output", "outputs/x"])
+    assert args.data == "imagefolder:/data/imagenet" and args.batch_size == 512
+    config = chase_timm.ChaseConfig.from_epochs(epochs=args.epochs, steps_per_epoch=1_281_167 // args.batch_size,
+                                                **{"seed": args.seed, **section})
+    assert (config.update_interval, config.channel_interval, config.channel_offset) == (1000, 5004, 500)
+    assert config.channel_end_step == config.phase_b_start_step == 200_160 and config.scope == "layerwise"
+
+
+def test_cifar100_config_validates_on_held_out_train_images():
+    args, _ = load_recipe().parse_args(["--config", str(ROOT / "recipes/configs/resnet50_cifar100.yaml")])
+    assert args.val_fraction == 0.1 and args.val_split is None  # never CIFAR's test split
 
 
 def test_digits_config_is_the_default():
@@ -156,5 +199,5 @@ def test_digits_config_is_the_default():
     args, section = recipe.parse_args(["--config", str(ROOT / "recipes/configs/resnet50_digits.yaml")])
     defaults, default_section = recipe.parse_args([])
     assert {**vars(args), "config": None} == vars(defaults)
-    build = lambda chase: recipe.chase_config(chase, args.epochs, args.epochs * 22, args.seed).to_dict()
+    build = lambda chase: chase_timm.ChaseConfig.from_epochs(epochs=args.epochs, steps_per_epoch=22, **chase)
     assert build(section) == build(default_section)

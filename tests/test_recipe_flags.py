@@ -1,0 +1,187 @@
+"""Every optional flag of recipes/train.py does what it says (in-process runs; spies only record real calls)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import timm
+import torch
+from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
+from safetensors.torch import save_file
+from timm.data import Mixup
+
+import chase_timm
+from recipe_helpers import TINY, fresh_accelerate, load_recipe, metrics, write_parquet_dataset
+
+
+def train_in_process(argv, monkeypatch=None) -> str:
+    """recipes/train.py's main() in this process; returns what it printed."""
+    stdout = io.StringIO()
+    with fresh_accelerate(), contextlib.redirect_stdout(stdout):
+        load_recipe().main(argv)
+    return stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def flagged_run(tmp_path_factory):
+    """One run with --log-with tensorboard --model-ema --mixup --cutmix --clip-grad --initial-checkpoint."""
+    root = tmp_path_factory.mktemp("flags")
+    start = timm.create_model("resnet18")  # ImageNet-shaped (1000 classes): the classifier cannot be reused
+    save_file(start.state_dict(), str(root / "start.safetensors"))
+    seen = {"mixup": [], "clip": [], "stem_at_wrap": None}
+    mix, clip, wrap = Mixup.__call__, Accelerator.clip_grad_norm_, chase_timm.Chase.__init__
+
+    def spy_mix(self, x, target):
+        x, target = mix(self, x, target)
+        seen["mixup"].append((self.mixup_alpha, self.cutmix_alpha, tuple(target.shape)))
+        return x, target
+
+    def spy_clip(self, parameters, max_norm, norm_type=2):
+        seen["clip"].append(max_norm)
+        return clip(self, parameters, max_norm, norm_type)
+
+    def spy_wrap(self, model, *args, **kwargs):
+        seen["stem_at_wrap"] = dict(model.named_parameters())["conv1.weight"].detach().clone()
+        wrap(self, model, *args, **kwargs)
+
+    out = root / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Mixup, "__call__", spy_mix)
+        mp.setattr(Accelerator, "clip_grad_norm_", spy_clip)
+        mp.setattr(chase_timm.Chase, "__init__", spy_wrap)
+        printed = train_in_process([*TINY, "--epochs", "2", "--max-steps", "6", "--log-with", "tensorboard",
+                                    "--model-ema", "--mixup", "0.2", "--cutmix", "0.3", "--clip-grad", "1.0",
+                                    "--initial-checkpoint", str(root / "start.safetensors"), "--output", str(out)])
+    return out, printed, seen, start
+
+
+def test_initial_checkpoint_starts_from_its_dense_weights(flagged_run):
+    out, printed, seen, start = flagged_run
+    assert torch.equal(seen["stem_at_wrap"], start.conv1.weight)  # loaded before Chase masked anything
+    assert "re-initialised ['fc.bias', 'fc.weight']" in printed  # 1000 -> 10 classes
+
+
+def test_mixup_and_cutmix_mix_every_batch_with_soft_targets(flagged_run):
+    mixed = flagged_run[2]["mixup"]
+    assert len(mixed) == 6 and all(m == (0.2, 0.3, (64, 10)) for m in mixed)
+
+
+def test_clip_grad_clips_every_optimizer_step(flagged_run):
+    assert flagged_run[2]["clip"] == [1.0] * 6
+
+
+def test_model_ema_is_masked_checkpointed_and_published(flagged_run):
+    out = flagged_run[0]
+    m = metrics(out)
+    assert m["final"]["ema"] is True and "ema_val_top1" in m["epochs"][-1]
+    assert m["final"]["masked_top1"] == m["epochs"][-1]["ema_val_top1"]  # the published slim model is the EMA's
+    assert m["final"]["slim_top1_before_recal"] == pytest.approx(m["final"]["masked_top1"], abs=1e-6)
+    checkpoint = out / "checkpoints" / "epoch_1"
+    assert (checkpoint / "custom_checkpoint_2.pkl").exists()  # Chase, loop state, EMA
+    ema_state = torch.load(checkpoint / "custom_checkpoint_2.pkl", weights_only=True)
+    chase_state = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=True)
+    for name, mask in chase_state["masks"].items():
+        assert not ema_state[f"module.{name}"][~mask].any(), name  # the EMA copy is masked
+
+
+def test_tensorboard_logs_scalars_and_the_flat_config(flagged_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = sorted((flagged_run[0] / "chase_timm").rglob("events.out.tfevents.*"))
+    assert logs, "no TensorBoard event file"
+    scalars = set()
+    for log in logs:
+        acc = EventAccumulator(str(log))
+        acc.Reload()
+        scalars |= set(acc.Tags()["scalars"])
+    assert {"val_top1", "train_loss", "density", "channel_sparsity", "ema_val_top1"} <= scalars
+    raw = b"".join(log.read_bytes() for log in logs)
+    assert b"hparams" in raw and b"chase.density" in raw and b"chase.exclude" in raw
+
+
+def test_fp16_skipped_steps_advance_neither_the_schedule_nor_chase(tmp_path, monkeypatch):
+    """An optimizer step skipped for overflow (what GradScaler reports) counts for neither the loop nor Chase."""
+    calls = {"n": 0}
+    step = AcceleratedOptimizer.step
+
+    def skip_third(self, closure=None):
+        if self.gradient_state.sync_gradients:
+            calls["n"] += 1
+            self._is_overflow = calls["n"] == 3
+            if self._is_overflow:
+                return None
+        return step(self, closure)
+
+    monkeypatch.setattr(AcceleratedOptimizer, "step", skip_third)
+    out = tmp_path / "run"
+    printed = train_in_process(["--model", "resnet18", "--batch-size", "64", "--epochs", "1", "--max-steps", "5",
+                                "--recal-batches", "1", "--output", str(out)])
+    assert "input (3, 32, 32)" in printed  # digits default to 32 px whatever the model's pretrained size
+    m = metrics(out)
+    assert m["final"]["skipped_steps"] == 1 and calls["n"] == 6
+    assert m["epochs"][-1]["step"] == m["epochs"][-1]["chase_step"] == 5
+    assert m["steps"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine schedule ended exactly at step 5
+
+
+def test_hf_parquet_dataset_and_the_models_own_input_size(tmp_path):
+    data = write_parquet_dataset(tmp_path / "pq", {"train": 32, "validation": 16})
+    out = tmp_path / "run"
+    printed = train_in_process(["--model", "mobilenetv3_small_050", "--data", f"hf:{data}", "--batch-size", "16",
+                                "--epochs", "1", "--recal-batches", "1", "--output", str(out)])
+    assert "input (3, 224, 224)" in printed and "32 train / 16 val images, 10 classes" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["pretrained_cfg"]["input_size"] == [3, 224, 224] and config["num_classes"] == 10
+
+
+def test_val_fraction_holds_out_part_of_train(tmp_path):
+    data = write_parquet_dataset(tmp_path / "pq", {"train": 40})
+    out = tmp_path / "run"
+    printed = train_in_process(["--model", "resnet18", "--img-size", "16", "--data", f"hf:{data}", "--val-fraction",
+                                "0.25", "--batch-size", "10", "--epochs", "1", "--recal-batches", "1",
+                                "--output", str(out)])
+    assert "(25% held out): 30 train / 10 val images" in printed
+
+
+def test_dense_baseline_and_pretrained_weights_from_a_timm_folder(tmp_path):
+    """--density 1 --channel-sparsity 0 trains the dense model; --pretrained loads a timm model's own weights
+    (here from a local-dir: folder, the offline equivalent of a Hub name)."""
+    from timm.models import save_for_hf
+    start = timm.create_model("resnet18")
+    save_for_hf(start, str(tmp_path / "r18"), safe_serialization=True)
+    seen = {}
+    wrap = chase_timm.Chase.__init__
+
+    def spy_wrap(self, model, *args, **kwargs):
+        seen["stem"] = dict(model.named_parameters())["conv1.weight"].detach().clone()
+        wrap(self, model, *args, **kwargs)
+
+    out = tmp_path / "dense"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(chase_timm.Chase, "__init__", spy_wrap)
+        train_in_process([*TINY, "--model", f"local-dir:{tmp_path / 'r18'}", "--pretrained", "--density", "1",
+                          "--channel-sparsity", "0", "--max-steps", "3", "--output", str(out)])
+    assert torch.equal(seen["stem"], start.conv1.weight)
+    final = metrics(out)["final"]
+    assert final["base_params"] == final["slim_params"] and final["base_sparse_flops"] == final["base_dense_flops"]
+    assert final["slim_top1_before_recal"] == pytest.approx(final["masked_top1"], abs=1e-6)
+
+
+def test_timm_hfds_spec_reads_a_local_dataset(tmp_path):
+    from chase_timm.data import load_image_data
+    data = load_image_data(f"hfds/{write_parquet_dataset(tmp_path / 'pq', {'train': 12, 'validation': 5})}")
+    assert (data.train_size, len(data.val), data.num_classes) == (12, 5, 10)
+
+
+def test_a_vit_is_built_for_the_digits_size_and_reloads_at_it(tmp_path):
+    """ViTs fix their patch grid at construction: the recipe builds them for --img-size (32 px on digits), and
+    the saved slim model rebuilds at that size."""
+    out = tmp_path / "vit"
+    printed = train_in_process(["--model", "vit_tiny_patch16_224", "--batch-size", "32", "--epochs", "1",
+                                "--max-steps", "2", "--recal-batches", "1", "--output", str(out)])
+    assert "input (3, 32, 32)" in printed
+    slim = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert sum(p.numel() for p in slim.parameters()) == metrics(out)["final"]["slim_params"]
+    assert slim(torch.randn(1, 3, 32, 32)).shape == (1, 10)
