@@ -39,13 +39,15 @@ def _per_channel_sum(values: torch.Tensor, index: Sequence[Sequence[int]]) -> to
 
 
 def umm_scores(groups: Sequence[ChannelGroup], tensors: Mapping[str, torch.Tensor],
-               keep: Mapping[str, torch.Tensor] | None = None, fanin: str = "original") -> Dict[str, torch.Tensor]:
+               keep: Mapping[str, torch.Tensor] | None = None, fanin: str = "original",
+               base_shapes: Mapping[str, Sequence[int]] | None = None) -> Dict[str, torch.Tensor]:
     """Unmasked Mean Magnitude of every channel of every group (float64 on CPU).
 
     UMM_c = sum of |w| over the channel's producer rows (masked zeros included) / their fan-in. With several
     producers (depthwise convs, SE gates, residual streams) the L1 norms and the fan-ins are summed, so a
     single-producer group reduces to the paper's formula. ``fanin="alive"`` divides by the fan-in that is
-    still unmasked in ``keep`` (elementwise channel masks) instead of the original one.
+    still unmasked in ``keep`` (elementwise channel masks) instead of the original one. ``base_shapes``: the
+    tensors' shapes before the model was physically shrunk, which the original fan-in is measured on.
     """
     scores = {}
     for group in groups:
@@ -57,8 +59,9 @@ def umm_scores(groups: Sequence[ChannelGroup], tensors: Mapping[str, torch.Tenso
             row_l1 = weight.abs().sum(dim=other_dims, dtype=torch.float64)
             if fanin == "alive" and keep is not None and piece.tensor in keep:
                 row_fan = keep[piece.tensor].sum(dim=other_dims, dtype=torch.float64)
-            else:
-                row_fan = torch.full_like(row_l1, weight.numel() / weight.shape[piece.dim])
+            else:  # "alive" without channel masks: nothing removed is left in the (shrunk) tensor
+                shape = weight.shape if fanin == "alive" or base_shapes is None else base_shapes[piece.tensor]
+                row_fan = torch.full_like(row_l1, math.prod(shape) / shape[piece.dim])
             l1 += _per_channel_sum(row_l1, piece.index).cpu()
             fan += _per_channel_sum(row_fan, piece.index).cpu()
         scores[group.name] = l1 / fan.clamp_min(1.0)

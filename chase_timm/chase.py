@@ -1,6 +1,6 @@
 """The ``Chase`` controller: masks, prune/regrow updates, channel removal, exact resume, and export.
 
-Shaped like ``torch.ao.pruning``'s sparsifier: a small verb set (``step``, ``state_dict``,
+Shaped like ``torch.ao.pruning``'s sparsifier: a small verb set (``step``, ``shrink``, ``state_dict``,
 ``load_state_dict``, ``stats``, ``report``, ``export``) over masks that are plain tensors owned here, not
 module buffers (DDP would overwrite buffers from rank 0 and hide a divergence).
 """
@@ -16,9 +16,10 @@ import torch.nn as nn
 
 from .channels import group_floor, select_channels, tensor_keep_masks, umm_scores
 from .config import ChaseConfig
-from .graph import ChannelGroup, find_channel_groups, tensor_removals
-from ._timm import deepcopy_model, unwrap_model
-from .slim import slice_in_place, slim_copy
+from .graph import ChannelGroup, find_channel_groups, reindex_groups, tensor_removals
+from ._timm import deepcopy_model, named_tensors, unwrap_model
+from .shrink import check_shrinkable, rebuild_ddp, slice_optimizer_state
+from .slim import _meta_clone, slice_in_place, slim_copy, sliced, width_plan
 from .sparsity import (allocate, erk_densities, find_sparse_weights, grow_largest, prune_smallest,
                        random_masks, zero_positions)
 
@@ -77,6 +78,15 @@ class Chase:
         self.channels_total = sum(g.width for g in self.prunable)
         self.channel_masks: Dict[str, torch.Tensor] = {}  # channel masks F of tensors that are not sparse weights
         self.allowed: Dict[str, torch.Tensor] = {}  # F of sparse weights touched by a removed channel (bool)
+        # physical shrinking: original channel number of every channel still in the model, original widths,
+        # original tensor shapes (UMM's original fan-in), a shape-only copy of the base (for width plans)
+        self._origin = {g.name: torch.arange(g.width) for g in self.prunable}
+        self._base_width = {g.name: g.width for g in self.groups}
+        self._base_shapes = {n: tuple(t.shape) for n, t in named_tensors(self.module)}
+        self._base: Optional[nn.Module] = None
+        self._copies: List[nn.Module] = []
+        if config.shrink != "off":
+            check_shrinkable(model, None, {}, {})
         self.step_count = 0
         self.skipped_updates = 0
         self.unsynced_calls = 0  # step() calls that were not optimizer steps (micro-steps, fp16 skips)
@@ -101,6 +111,9 @@ class Chase:
             self._prune_channels(t)
         if self.config.is_update_step(t) or t == self.config.total_steps:
             self._update_connections(t)
+        if self.prunable and self.config.shrink != "off" and self.config.is_channel_step(t) and (
+                self.config.shrink == "events" or t == self.config.channel_end_step):
+            self._shrink_in_step()
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -184,7 +197,7 @@ class Chase:
         n_remove = math.ceil(alive_total - target_alive - 1e-9)
         if n_remove <= 0:
             return
-        scores = umm_scores(self.prunable, self.params, self._keep_masks(), self.config.umm_fanin)
+        scores = self._umm_scores()
         removed = select_channels(scores, self.alive, self.floors, n_remove, self.generator,
                                   self.config.channel_round_to)
         for name, idx in removed.items():
@@ -192,6 +205,9 @@ class Chase:
         self._refresh_channel_masks()
         self.apply_masks()
         self._check_ranks_agree(t)
+
+    def _umm_scores(self) -> Dict[str, torch.Tensor]:
+        return umm_scores(self.prunable, self.params, self._keep_masks(), self.config.umm_fanin, self._base_shapes)
 
     def _keep_masks(self) -> Dict[str, torch.Tensor]:
         return {**self.allowed, **{n: m.bool() for n, m in self.channel_masks.items()}}
@@ -321,41 +337,126 @@ class Chase:
                 f"Chase masks differ across ranks after step {t}. Every rank must build Chase with the same "
                 "config (seed) and call chase.step() after every optimizer step with synchronised gradients.")
 
+    # ------------------------------------------------------------------ physical shrinking
+    def register(self, *copies: nn.Module) -> None:
+        """Copies with the same parameter names (e.g. timm's ``ModelEmaV3``) that shrink along with the model."""
+        self._copies.extend(copies)
+
+    def shrink(self, *copies: nn.Module) -> nn.Module:
+        """Slice the channels removed so far out of the training model, so the next steps cost less.
+
+        Cut in one place and consistently: the model's parameters (the same ``nn.Parameter`` objects, so the
+        optimizer keeps working) and buffers, their gradients, every optimizer state tensor shaped like its
+        parameter, Chase's masks and channel groups, and the registered copies plus ``copies`` (e.g. an EMA).
+        The model then computes what the masked model computed; the budget stays d of the original model and
+        reports keep the original channel numbering. A DDP wrapper is rebuilt in place, so call this on every
+        rank at the same step. Raises ValueError, changing nothing, for a wrapper other than DDP or an
+        optimizer state of another shape. Returns the model to train (the same object).
+        """
+        removed = self._pending()
+        if removed:
+            self._shrink_channels(removed, [*self._copies, *copies])
+        return self.model
+
+    def _shrink_in_step(self) -> None:
+        """``config.shrink``'s automatic shrink; on a ValueError, warn once and keep training by masking."""
+        if "shrink" in self._warned:
+            return
+        try:
+            self.shrink()
+        except ValueError as err:
+            self._warn_once("shrink", f"{err} Training continues with masking only.")
+
+    @torch.no_grad()
+    def _shrink_channels(self, removed: Dict[str, List[int]], copies: List[nn.Module]) -> None:
+        """Slice ``removed`` (current numbering) out of the model, optimizer state, copies and bookkeeping."""
+        removals = tensor_removals(self.groups, removed)
+        check_shrinkable(self.model, self.optimizer, self.params, removals)
+        targets = [_copy_module(c) for c in copies]
+        current = {n: t.shape for n, t in named_tensors(self.module)}
+        for target in targets:
+            theirs = {n: t.shape for n, t in named_tensors(target)}
+            wrong = [n for n in removals if theirs.get(n) != current[n]]
+            if wrong:
+                raise ValueError(f"{type(target).__name__} given to Chase.shrink has no tensor {wrong[0]} shaped like "
+                                 "the training model's; pass copies of this model (e.g. its EMA) only.")
+        if self._base is None:
+            self._base = _meta_clone(self.module)
+        grads = {n: sliced(p.grad, removals[n], n) for n, p in self.params.items()
+                 if n in removals and p.grad is not None}
+        slice_optimizer_state(self.optimizer, self.params, removals)
+        slice_in_place(self.module, removals)
+        for name, grad in grads.items():
+            self.params[name].grad = grad
+        for target in targets:
+            slice_in_place(target, removals)
+        self.masks = {n: sliced(m, removals[n], n) if n in removals else m for n, m in self.masks.items()}
+        self.shapes = {n: tuple(w.shape) for n, w in self.weights.items()}
+        self.numel = {n: w.numel() for n, w in self.weights.items()}
+        self.groups = reindex_groups(self.groups, removed)
+        self.prunable = [g for g in self.groups if g.name in self.alive]
+        for name, alive in self.alive.items():
+            keep = torch.ones(len(alive), dtype=torch.bool)
+            keep[removed.get(name, [])] = False
+            self._origin[name], self.alive[name] = self._origin[name][keep], alive[keep]
+        self._refresh_channel_masks()  # channel masks only for removed channels still in the model (none after shrink())
+        rebuild_ddp(self.model)
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to resume exactly (plain tensors and numbers; loads with ``weights_only=True``)."""
+        """Everything needed to resume exactly (plain tensors and numbers; loads with ``weights_only=True``).
+
+        Channels are numbered as in the original model. After :meth:`shrink`, ``shrunk`` lists the channels
+        physically removed and ``width_plan`` the shrunk shapes relative to the base model
+        (:func:`chase_timm.slim.apply_width_plan`); masks have the shrunk shapes.
+        """
+        shrunk = self._shrunk()
         return {
             "step": self.step_count,
             "skipped_updates": self.skipped_updates,
             "unsynced_calls": self.unsynced_calls,
             "config": self.config.to_dict(),
             "masks": {n: m.bool().cpu() for n, m in self.masks.items()},
-            "alive": {n: a.clone() for n, a in self.alive.items()},
+            "alive": {n: self._original_alive(n) for n in self.alive},
             "generator": self.generator.get_state(),
+            **({"shrunk": shrunk, "width_plan": width_plan(self.module, self._base)} if shrunk else {}),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the model and config must be the ones it was saved from."""
+        """Restore a :meth:`state_dict`; the model and config must be the ones it was saved from.
+
+        A state saved after :meth:`shrink` shrinks this Chase's (base) model the same way first, so load it
+        before the model's and optimizer's own state dicts (a DDP wrapper is rebuilt in place).
+        """
         saved_config = ChaseConfig.from_dict(state["config"])
         if saved_config != self.config:
             diff = {k: (v, getattr(self.config, k)) for k, v in state["config"].items()
                     if getattr(self.config, k) != (tuple(v) if isinstance(v, list) else v)}
             raise ValueError(f"Chase state was saved with a different config (saved, current): {diff}. "
                              "Build Chase with ChaseConfig.from_dict(state['config']) to resume.")
-        masks = state["masks"]
-        wrong = sorted(set(masks) ^ set(self.masks)) or sorted(
-            n for n in masks if tuple(masks[n].shape) != self.shapes[n])
-        if wrong:
-            raise ValueError(f"Chase state does not match this model's sparse weights (first mismatches: {wrong[:5]}); "
-                             "it was saved from a different architecture or an exported (slim) model.")
         if set(state["alive"]) != set(self.alive):
             raise ValueError("Chase state's channel groups differ from this model's; load it into the model "
                              "and config it was saved from.")
+        shrunk = {n: list(c) for n, c in state.get("shrunk", {}).items()}
+        if shrunk != self._shrunk() and self._shrunk():
+            raise ValueError("Chase state was saved at another shrink than this model's; load it into a freshly "
+                             "built base model and Chase.")
+        removals = tensor_removals(self.groups, shrunk) if shrunk != self._shrunk() else {}
+        expected = {n: tuple(size - len(removals.get(n, {}).get(d, ())) for d, size in enumerate(shape))
+                    for n, shape in self.shapes.items()}
+        masks = state["masks"]
+        wrong = sorted(set(masks) ^ set(self.masks)) or sorted(
+            n for n in masks if tuple(masks[n].shape) != expected[n])
+        if wrong:
+            raise ValueError(f"Chase state does not match this model's sparse weights (first mismatches: {wrong[:5]}); "
+                             "it was saved from a different architecture or an exported (slim) model.")
+        if removals:
+            self._shrink_channels(shrunk, self._copies)
         self.step_count = int(state["step"])
         self.skipped_updates = int(state["skipped_updates"])
         self.unsynced_calls = int(state.get("unsynced_calls", 0))  # absent in states saved before it existed
         self.masks = {n: masks[n].to(device=self.weights[n].device, dtype=self.weights[n].dtype) for n in masks}
-        self.alive = {n: a.clone().bool() for n, a in state["alive"].items()}
+        self.alive = {n: a.bool()[self._origin[n]] for n, a in state["alive"].items()}
         self.generator.set_state(state["generator"])
         self._refresh_channel_masks()
         self.apply_masks()
@@ -385,10 +486,10 @@ class Chase:
 
     def report(self) -> List[Dict[str, Any]]:
         """One row per channel group: widths before/after, UMM distribution of kept channels, why excluded."""
-        scores = umm_scores(self.prunable, self.params, self._keep_masks(), self.config.umm_fanin)
+        scores = self._umm_scores()
         rows = []
         for group in self.groups:
-            row = {"group": group.name, "width_before": group.width, "width_after": group.width,
+            row = {"group": group.name, "width_before": self._base_width[group.name], "width_after": group.width,
                    "residual": group.residual, "prunable": group.name in self.alive, "reason": group.reason}
             if group.name in self.alive:
                 alive = self.alive[group.name]
@@ -401,8 +502,24 @@ class Chase:
         return rows
 
     def removed_channels(self) -> Dict[str, List[int]]:
-        """Removed channel indices per group (only groups that lost channels)."""
+        """Removed channel indices per group, numbered as in the original model (only groups that lost channels)."""
+        removed = {n: (~self._original_alive(n)).nonzero().flatten().tolist() for n in self.alive}
+        return {n: r for n, r in removed.items() if r}
+
+    def _original_alive(self, name: str, present: bool = False) -> torch.Tensor:
+        """Flags of a group's channels in the original numbering: alive, or (``present``) still in the model."""
+        flags = torch.zeros(self._base_width[name], dtype=torch.bool)
+        flags[self._origin[name]] = True if present else self.alive[name]
+        return flags
+
+    def _pending(self) -> Dict[str, List[int]]:
+        """Removed channels still in the model (masked, not yet sliced out), numbered as the model is now."""
         return {n: (~a).nonzero().flatten().tolist() for n, a in self.alive.items() if not bool(a.all())}
+
+    def _shrunk(self) -> Dict[str, List[int]]:
+        """Channels physically removed so far, in the original numbering."""
+        return {n: (~self._original_alive(n, present=True)).nonzero().flatten().tolist() for n, origin in
+                self._origin.items() if origin.numel() < self._base_width[n]}
 
     def export(self, model: Optional[nn.Module] = None) -> nn.Module:
         """A new, physically slimmed copy of the model (same class and interface); the training model is untouched.
@@ -412,7 +529,7 @@ class Chase:
         is untouched.
         """
         self._check_run_length()
-        removals = tensor_removals(self.groups, self.removed_channels())
+        removals = tensor_removals(self.groups, self._pending())
         if model is None:
             return slim_copy(self.module, removals)
         clone = deepcopy_model(_copy_module(model))

@@ -16,6 +16,7 @@ __all__ = ["ChaseConfig", "cosine_anneal"]
 
 _SCOPES = ("global", "layerwise")
 _FANIN_MODES = ("original", "alive")
+_SHRINK_MODES = ("off", "events", "end")
 
 
 def cosine_anneal(start: float, end: float, step: int, period: int) -> float:
@@ -52,6 +53,9 @@ class ChaseConfig:
         umm_fanin: UMM denominator: ``"original"`` fan-in (paper) or ``"alive"`` fan-in.
         seed: Seed of the generator behind initial masks and tie-breaking (same on every rank).
         discovery_timeout: Seconds allowed for channel-group discovery before the rest is skipped.
+        shrink: Physically remove channels from the training model (and its optimizer state) during training:
+            ``"off"`` (mask only, the default), ``"events"`` (after every channel event) or ``"end"`` (once, at
+            ``channel_end_step``); see ``Chase.shrink``.
     """
 
     total_steps: int
@@ -75,6 +79,7 @@ class ChaseConfig:
     umm_fanin: str = "original"
     seed: int = 0
     discovery_timeout: float = 60.0
+    shrink: str = "off"
 
     def __post_init__(self) -> None:
         self.exclude = tuple(self.exclude) if not isinstance(self.exclude, str) else (self.exclude,)
@@ -95,6 +100,7 @@ class ChaseConfig:
                      hint="the phase-B rate anneals downwards")
         _check_choice("scope", self.scope, _SCOPES)
         _check_choice("umm_fanin", self.umm_fanin, _FANIN_MODES)
+        _check_choice("shrink", self.shrink, _SHRINK_MODES)
         _check_range("channel_sparsity", self.channel_sparsity, 0.0, 1.0, high_open=True)
         _check_range("min_channel_ratio", self.min_channel_ratio, 0.0, 1.0, low_open=True)
         _check_int("channel_round_to", self.channel_round_to, low=1)
@@ -113,16 +119,23 @@ class ChaseConfig:
             _check_int("channel_offset", self.channel_offset, low=0)
 
     def _derive_defaults(self) -> None:
-        if self.update_interval is None:  # 1 % of the run, at least 10 steps (grown weights need time), at most 1000
-            self.update_interval = min(1000, max(self.total_steps // 100, min(10, self.total_steps)))
+        """Fill step knobs left as ``None`` from ``total_steps`` (the paper's values on long runs).
+
+        ΔT_p: 5 % of the run (about 20 prune/regrow updates), at least 10 steps so grown weights can train,
+        at most the paper's 1000. ΔT: two update intervals. Offset ΔT_p/2, so channel events fall between
+        updates. T_dst and T_c: 80 % of the run (epoch 80 of 100), leaving the last fifth to recover.
+        """
+        t = self.total_steps
+        if self.update_interval is None:
+            self.update_interval = min(1000, max(t // 20, min(10, t)))
         if self.phase_b_start_step is None:
-            self.phase_b_start_step = round(0.8 * self.total_steps)
+            self.phase_b_start_step = round(0.8 * t)
         if self.channel_interval is None:
-            self.channel_interval = self.update_interval
+            self.channel_interval = min(t, 2 * self.update_interval)
         if self.channel_offset is None:
             self.channel_offset = self.update_interval // 2 % self.channel_interval
         if self.channel_end_step is None:
-            self.channel_end_step = max(1, round(0.8 * self.total_steps))
+            self.channel_end_step = max(1, round(0.8 * t))
 
     def _validate_steps(self) -> None:
         t = self.total_steps
@@ -172,22 +185,34 @@ class ChaseConfig:
             cls,
             *,
             epochs: float,
-            steps_per_epoch: int,
+            steps_per_epoch: float,
             channel_end_epoch: Optional[float] = None,
             phase_b_epoch: Optional[float] = None,
-            channel_interval_epochs: Optional[float] = None,
+            channel_interval_epochs: Optional[float] = 2.0,
+            update_interval_epochs: Optional[float] = 1.0,
             **kwargs: Any,
     ) -> "ChaseConfig":
-        """Build a config from epoch-valued schedule points, as the paper's scripts state them."""
-        _check_int("steps_per_epoch", steps_per_epoch, low=1)
+        """Build a config from epoch-valued schedule points, as the paper's scripts state them.
+
+        ``steps_per_epoch`` counts optimizer steps (after data sharding and gradient accumulation); it may be
+        fractional when a run is compressed into fewer steps. Defaults for short runs, in epochs: a
+        prune/regrow update once per epoch (never more than the paper's 1000 steps apart) and a channel event
+        every 2 epochs, the first one 1.5 epochs in (offset ΔT_p/2), so a warm-up of up to 1.5 epochs sees
+        none; channel pruning and phase A end at 80 % of the run. Step-valued keyword arguments
+        (``update_interval=1000``, ``channel_offset=...``) override the epoch-valued ones.
+        """
+        if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, (int, float)) or not (
+                steps_per_epoch > 0 and math.isfinite(steps_per_epoch)):
+            raise ValueError(f"steps_per_epoch must be a positive number, got {steps_per_epoch!r}.")
         to_steps = lambda e: None if e is None else int(math.floor(e * steps_per_epoch))
-        return cls(
-            total_steps=to_steps(epochs),
-            channel_end_step=to_steps(channel_end_epoch),
-            phase_b_start_step=to_steps(phase_b_epoch),
-            channel_interval=to_steps(channel_interval_epochs),
-            **kwargs,
-        )
+        at_least_one = lambda e: None if e is None else max(1, to_steps(e))
+        total = to_steps(epochs)
+        if "update_interval" not in kwargs and update_interval_epochs is not None:
+            kwargs["update_interval"] = min(1000, at_least_one(update_interval_epochs), max(1, total or 1))
+        if "channel_interval" not in kwargs and channel_interval_epochs is not None:
+            kwargs["channel_interval"] = min(at_least_one(channel_interval_epochs), max(1, total or 1))
+        return cls(total_steps=total, channel_end_step=at_least_one(channel_end_epoch),
+                   phase_b_start_step=to_steps(phase_b_epoch), **kwargs)
 
     # ----------------------------------------------------------------- round trips
     def to_dict(self) -> dict:

@@ -12,6 +12,7 @@ masked-vs-sliced comparison of all surviving groups backs them up for ops no rul
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import random
 import time
@@ -31,7 +32,7 @@ from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 from ._timm import classifier_modules, deepcopy_model, default_example_input
 from .slim import slice_in_place
 
-__all__ = ["ChannelSlice", "ChannelGroup", "find_channel_groups", "tensor_removals"]
+__all__ = ["ChannelSlice", "ChannelGroup", "find_channel_groups", "tensor_removals", "reindex_groups"]
 
 _logger = logging.getLogger(__name__)
 
@@ -129,6 +130,33 @@ def tensor_removals(groups: Sequence[ChannelGroup], removed: Mapping[str, Sequen
             for c in channels:
                 positions.update(s.index[int(c)])
     return {t: {d: sorted(p) for d, p in dims.items() if p} for t, dims in out.items() if any(dims.values())}
+
+
+def reindex_groups(groups: Sequence[ChannelGroup], removed: Mapping[str, Sequence[int]]) -> list[ChannelGroup]:
+    """The groups of a model after ``removed`` channels were physically sliced out of it.
+
+    The removed channels leave their groups, and every remaining position moves down past the positions cut
+    from its tensor dim, so the groups index the shrunk tensors. Groups are disjoint, so a position that is
+    cut but still listed by a surviving channel means the groups don't belong to the removal (ValueError).
+    """
+    cuts = tensor_removals(groups, removed)
+    out = []
+    for group in groups:
+        gone = {int(c) for c in removed.get(group.name, ())}
+        keep = [c for c in range(group.width) if c not in gone]
+        slices = []
+        for s in group.slices:
+            cut = cuts.get(s.tensor, {}).get(s.dim, [])
+            cut_set = set(cut)
+            index = []
+            for c in keep:
+                if cut_set.intersection(s.index[c]):
+                    raise ValueError(f"group {group.name!r} keeps a position of {s.tensor} dim {s.dim} that another "
+                                     "group's removal cuts")
+                index.append(tuple(p - bisect.bisect_left(cut, p) for p in s.index[c]))
+            slices.append(ChannelSlice(s.tensor, s.dim, tuple(index), s.role))
+        out.append(ChannelGroup(group.name, len(keep), tuple(slices), group.residual, group.prunable, group.reason))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ tracing

@@ -138,6 +138,8 @@ class TrainingFlops:
     def __init__(self, chase: Chase, input_size: InputSize = None) -> None:
         self.chase = chase
         total, self.per_weight = _weight_flops(chase.module, input_size)
+        # FLOPs per weight element stay fixed when Chase.shrink() slices channels out (same spatial size / tokens)
+        self.per_element = {n: f / chase.module.get_parameter(n).numel() for n, f in self.per_weight.items()}
         self.other = total - sum(self.per_weight.values())  # FLOPs not tied to a weight (e.g. attention matmuls)
         self.dense_forward = total
         self.total = 0.0
@@ -149,12 +151,12 @@ class TrainingFlops:
     def _recount(self) -> None:
         """Forward FLOPs per sample at the current masks (sparse) and widths (dense)."""
         chase, sparse, slim = self.chase, self.other, self.other
-        for name, flops in self.per_weight.items():
+        for name, per_element in self.per_element.items():
             numel = chase.module.get_parameter(name).numel()
             mask = chase.masks.get(name, chase.channel_masks.get(name))
             keep = chase.allowed.get(name, chase.channel_masks.get(name))
-            sparse += flops * (float(mask.count_nonzero()) / numel if mask is not None else 1.0)
-            slim += flops * (float(keep.count_nonzero()) / numel if keep is not None else 1.0)
+            sparse += per_element * (float(mask.count_nonzero()) if mask is not None else numel)
+            slim += per_element * (float(keep.count_nonzero()) if keep is not None else numel)
         self.sparse_forward, self.slim_forward = sparse, slim
         self._seen_step = chase.step_count
 

@@ -1,6 +1,7 @@
 """Physical channel removal: slim copies, JSON width plans replayed on fresh models, BN recalibration.
 
-Every resize goes through one path (``_resize``): new tensors are swapped in, then module attributes
+Every resize goes through one path (``_resize``): new tensors are swapped in (into the same ``nn.Parameter``
+objects, so an optimizer holding them stays valid when a training model shrinks), then module attributes
 (conv/linear/norm sizes) are re-derived from the tensor shapes, then timm's model-level widths
 (``num_features``, ``head_hidden_size``, ``feature_info``, head ``in_features``) are re-measured with a
 shape-only forward on the ``meta`` device, so ``forward_features``, ``reset_classifier`` and
@@ -18,7 +19,7 @@ import torch.nn as nn
 
 from ._timm import classifier_tensor_names, deepcopy_model, default_example_input, named_tensors
 
-__all__ = ["slim_copy", "slice_in_place", "width_plan", "apply_width_plan", "recalibrate_batchnorm"]
+__all__ = ["slim_copy", "slice_in_place", "sliced", "width_plan", "apply_width_plan", "recalibrate_batchnorm"]
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -37,11 +38,15 @@ def slice_in_place(model: nn.Module, removals: Mapping[str, Mapping[int, Sequenc
     for name, dims in removals.items():
         if name not in slots:
             raise ValueError(f"removals name tensor {name!r}, which the model does not have")
-        tensor = _get(slots[name][0])
-        for dim, positions in sorted(dims.items()):
-            tensor = _drop(tensor, name, int(dim), positions)
-        new[name] = tensor.detach()
+        new[name] = sliced(_get(slots[name][0]).detach(), dims, name)
     _resize(model, new, slots, refresh)
+
+
+def sliced(tensor: torch.Tensor, dims: Mapping[int, Sequence[int]], name: str = "tensor") -> torch.Tensor:
+    """``tensor`` without the listed positions along each dim (masks and optimizer state are cut like weights)."""
+    for dim, positions in sorted(dims.items()):
+        tensor = _drop(tensor, name, int(dim), positions)
+    return tensor
 
 
 def width_plan(model: nn.Module, base: nn.Module) -> dict:
@@ -61,8 +66,8 @@ def width_plan(model: nn.Module, base: nn.Module) -> dict:
         if tensor.dim() != len(base_shapes[name]):
             raise ValueError(f"tensor {name!r} is {tensor.dim()}-d here but {len(base_shapes[name])}-d in the base")
         shape = [None if size == base else size for size, base in zip(tensor.shape, base_shapes[name])]
-        if name in classifier:
-            shape[0] = None  # keep the class count of whatever model the plan is replayed on
+        if name in classifier and shape and tensor.shape[0] == getattr(model, "num_classes", None):
+            shape[0] = None  # the class dim: keep the class count of whatever model the plan is replayed on
         if any(size is not None for size in shape):
             tensors[name] = shape
             planned_base[name] = base_shapes[name]
@@ -210,8 +215,10 @@ def _resize(model: nn.Module, new: Mapping[str, torch.Tensor], slots, refresh: b
     for name, tensor in new.items():
         for module, attr in slots[name]:
             if attr in module._parameters:
-                old = module._parameters[attr]
-                module._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+                param = module._parameters[attr]  # the same Parameter object: optimizer references stay valid
+                _set_data(param, tensor)
+                if param.grad is not None and param.grad.shape != tensor.shape:
+                    param.grad = None  # a stale gradient of the old shape; callers that need it slice it first
             else:
                 module._buffers[attr] = tensor
             touched.append(module)
@@ -219,6 +226,17 @@ def _resize(model: nn.Module, new: Mapping[str, torch.Tensor], slots, refresh: b
         _fix_module(module, _module_name(model, module))
     if before is not None:
         _refresh_timm_attrs(model, before, _measure(model, strict=True))
+
+
+def _set_data(param: nn.Parameter, tensor: torch.Tensor) -> None:
+    """Swap a parameter's data for a tensor of another shape. PyTorch keeps the parameter's cached gradient
+    accumulator (with the old shape) unless the dtype changes, and while any autograd graph that reached it is
+    alive (a loss kept across steps, a traced graph) the next backward would then fail on the stale shape; a
+    detour through another dtype drops the cache."""
+    if param.shape != tensor.shape:
+        other = torch.float64 if tensor.dtype != torch.float64 else torch.float32
+        param.data = torch.empty(0, dtype=other, device=tensor.device)
+    param.data = tensor
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:

@@ -14,6 +14,7 @@ pretrained=True)``), with metrics.json, run_config.yaml, training.png and checkp
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import json
@@ -47,7 +48,7 @@ from chase_timm.training import (ExportMismatchError, check_export, check_slim_a
                                  load_initial_weights, mask_digest,
                                  plot_training, size_summary, speed_summary, summary_table)
 
-CHASE_FLAGS = ("density", "channel_sparsity", "min_channel_ratio")  # flags that land in the `chase:` section
+CHASE_FLAGS = ("density", "channel_sparsity", "min_channel_ratio", "shrink")  # flags that land in `chase:`
 EPOCH_KEYS = ("update_interval_epochs", "channel_interval_epochs", "channel_end_epoch", "phase_b_epoch")
 NOT_SAVED = ("config", "resume", "overwrite", "output", "push_to_hub")  # run_config.yaml must not redo these
 FREE_ON_RESUME = ("checkpoint_every", "log_with", "workers", "recal_batches")  # may change when resuming
@@ -130,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--channel-sparsity 0 trains the dense baseline)")
     c.add_argument("--channel-sparsity", type=float, help="fraction S_c of prunable channels removed (default 0.4)")
     c.add_argument("--min-channel-ratio", type=float, help="per-group channel floor ratio beta (default 0.2)")
+    c.add_argument("--shrink", choices=("off", "events", "end"),
+                   help="slice removed channels out of the training model after every channel event, once at the "
+                        "end of channel pruning, or never (default off: masking only)")
     o = p.add_argument_group("output")
     o.add_argument("--output", help="output folder, itself the slim model (default: outputs/<model>-chase)")
     o.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
@@ -283,6 +287,10 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> 
     return 100.0 * correct / total
 
 
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def save_checkpoint(accelerator: Accelerator, folder: Path, run: Dict[str, Any]) -> None:
     """accelerate.save_state plus the run's settings (written last: a checkpoint without them is incomplete)."""
     accelerator.save_state(str(folder))
@@ -370,9 +378,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     chase = chase_timm.Chase(model, config, optimizer=optimizer,
                              example_inputs=torch.zeros(1, *input_size, device=accelerator.device))
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=args.model_ema_decay) if args.model_ema else None
+    if ema is not None:
+        chase.register(ema)  # shrinks along with the model
+    dense_reference = copy.deepcopy(accelerator.unwrap_model(model)) if config.shrink != "off" else None
+    train_flops = chase_timm.metrics.TrainingFlops(chase, input_size=input_size)  # the paper's training FLOPs
     state = TrainState()
-    accelerator.register_for_checkpointing(chase, state, *([ema] if ema else []))
+    accelerator.register_for_checkpointing(chase, state, train_flops, *([ema] if ema else []))
     if args.resume:
+        if config.shrink != "off":  # Chase first: a checkpoint taken after a shrink shrinks model and EMA to it
+            chase.load_state_dict(torch.load(Path(args.resume) / "custom_checkpoint_0.pkl", weights_only=True))
         accelerator.load_state(args.resume)
         accelerator.print(f"resumed from {args.resume}: epoch {state.epoch}, step {state.step}")
     elif accelerator.is_main_process and args.overwrite and out.is_dir():
@@ -388,6 +402,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     # ---- train
     log_every = max(1, total_steps // 500)
+    shrinks, width, step_times, step_started = [], count_params(model), [], time.perf_counter()
     while state.step < total_steps:
         model.train()
         getattr(train_loader, "set_epoch", getattr(data.train, "set_epoch", lambda e: None))(state.epoch)
@@ -408,6 +423,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                     accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
                 optimizer.step()
                 chase.step()  # counts only synchronised, not-skipped steps, like the loop below
+                train_flops.step(x.shape[0] * accelerator.num_processes)
                 optimizer.zero_grad()
             loss_sum, batches = loss_sum + loss.item(), batches + 1
             if not accelerator.sync_gradients:
@@ -416,6 +432,14 @@ def main(argv: Optional[List[str]] = None) -> None:
                 state.skipped_steps += 1
                 continue
             state.step += 1
+            step_times.append(time.perf_counter() - step_started)
+            step_started = time.perf_counter()
+            if count_params(model) != width:  # Chase shrank the model (ChaseConfig.shrink)
+                shrinks.append({"step": state.step, "params_before": width, "params_after": count_params(model),
+                                "mean_step_s_before": sum(step_times) / len(step_times)})
+                accelerator.print(f"shrunk at step {state.step}: {width:,} -> {shrinks[-1]['params_after']:,} "
+                                  f"parameters; mean step time since the last shrink {shrinks[-1]['mean_step_s_before']:.3f} s")
+                width, step_times = shrinks[-1]["params_after"], []
             scheduler.step_update(state.step)
             if ema is not None:
                 ema.update(accelerator.unwrap_model(model), step=state.step)
@@ -455,6 +479,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     final = {"masked_top1": evaluate(masked, val_loader, accelerator), "ema": ema is not None,
              "export_max_abs_diff": check_export(masked, slim, next(iter(val_loader))[0]),
              "slim_top1_before_recal": evaluate(slim, val_loader, accelerator), "skipped_steps": state.skipped_steps,
+             **train_flops.summary(),
              "rank_mask_digests": accelerator.gather(
                  torch.tensor([mask_digest(chase)], device=accelerator.device)).tolist()}
     if args.recal_batches:
@@ -468,11 +493,16 @@ def main(argv: Optional[List[str]] = None) -> None:
         fail(str(e))
     for name, m in (("base", masked), ("slim", slim)):
         final.update({f"{name}_{k}": v for k, v in size_summary(m, input_size, chase if m is masked else None).items()})
+    if dense_reference is not None:  # the training model was shrunk: sizes and speed of the dense widths it started at
+        final.update(base_params=count_params(dense_reference),
+                     base_dense_flops=size_summary(dense_reference, input_size)["dense_flops"],
+                     mean_step_s_after_last_shrink=sum(step_times) / max(len(step_times), 1))
     accelerator.end_training()
 
     # ---- save (main process): the slim model folder, metrics, plot; publish
     if accelerator.is_main_process:
-        final.update(speed_summary(masked, slim, input_size, batch_size=per_process))
+        final.update(speed_summary(masked if dense_reference is None else dense_reference, slim, input_size,
+                                   batch_size=per_process))
         report = chase.report()
         slim = slim.cpu()
         chase_timm.save_pretrained(slim, out, chase_config=config, data_config=data_config, metrics=final,
@@ -480,7 +510,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         (out / RUN_FILE).write_text(yaml.safe_dump(run, sort_keys=False))
         (out / "metrics.json").write_text(json.dumps(
             {"model": args.model, "data": args.data, "final": final, "epochs": state.epochs, "steps": state.steps,
-             "channel_groups": report}, indent=2))
+             "shrinks": shrinks, "channel_groups": report}, indent=2))
         plot_training(out / "training.png", state.steps, state.epochs, config, report,
                       title=f"Chase on {args.model} ({data.description})")
         print("\n" + summary_table(final))

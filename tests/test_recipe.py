@@ -58,6 +58,9 @@ def test_output_folder_is_the_slim_model_and_reproduces_its_accuracy(plain_run):
     card = (out / "README.md").read_text()
     assert f"{final['slim_top1']:.2f}" in card and f"{final['masked_top1']:.2f}" in card
     assert f"{final['slim_throughput']:.1f}" in card and f"{final['base_params']:,}" in card
+    # training FLOPs integrated over the run (the paper's accounting), below the dense model's, in the card too
+    assert 0 < final["train_flops"] < final["dense_train_flops"] and final["samples"] == 66 * 64
+    assert f"{final['train_flops']:.3g}" in card and f"{final['dense_train_flops']:.3g}" in card
 
 
 def test_raw_export_equals_the_masked_model(plain_run):
@@ -106,7 +109,8 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_the_uninterrupted_run(pla
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "epoch 1, step 22" in resumed.stdout
     assert tensors_equal(load_file(out / "model.safetensors"), load_file(plain_run[0] / "model.safetensors"))
-    assert metrics(out)["final"]["slim_top1"] == metrics(plain_run[0])["final"]["slim_top1"]
+    for key in ("slim_top1", "train_flops", "dense_train_flops"):  # the FLOPs integral resumes exactly too
+        assert metrics(out)["final"][key] == metrics(plain_run[0])["final"][key], key
     repo = hub.repos["chase-test/digits-r18"]
     published = repo.commits[repo.resolve("main")]
     assert "published:" in resumed.stdout and sorted(published) == sorted(MODEL_FILES)

@@ -1,0 +1,94 @@
+"""What physically shrinking a training model needs besides the model: optimizer state and the DDP wrapper.
+
+Shrinking keeps every ``nn.Parameter`` object (see :func:`chase_timm.slim.slice_in_place`), so the optimizer's
+parameter lists stay valid; its per-parameter state (momentum, Adam moments, any tensor shaped like its
+parameter) is cut the same way. A ``DistributedDataParallel`` wrapper fixes its reducer buckets to the
+parameter shapes at construction, so it is rebuilt in place (same object, same settings, comm hooks
+re-registered) on every rank at the same step; the caller's references to it stay valid. Everything is
+checked before anything changes.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Dict, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ._timm import unwrap_model
+from .slim import sliced
+
+__all__ = ["check_shrinkable", "slice_optimizer_state", "rebuild_ddp"]
+
+Removals = Mapping[str, Mapping[int, Sequence[int]]]
+
+# DistributedDataParallel constructor arguments that its instances keep under the same name
+_DDP_SETTINGS = ("device_ids", "output_device", "dim", "process_group", "find_unused_parameters",
+                 "gradient_as_bucket_view", "static_graph", "mixed_precision", "forward_sync_buffers",
+                 "skip_all_reduce_unused_params", "batched_grad_copy")
+
+
+def check_shrinkable(model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                     params: Mapping[str, nn.Parameter], removals: Removals) -> None:
+    """ValueError (nothing changed yet) if the wrapper can't be rebuilt or an optimizer state can't be cut."""
+    inner = unwrap_model(model)
+    if model is not inner and not (isinstance(model, DistributedDataParallel) and model.module is inner):
+        raise ValueError(
+            f"Chase can shrink a plain model or one wrapped by DistributedDataParallel (accelerator.prepare), not "
+            f"{type(model).__name__}; shrink before wrapping (e.g. before torch.compile) or use ChaseConfig(shrink='off').")
+    if isinstance(model, DistributedDataParallel) and getattr(model, "_delay_all_reduce_params", None):
+        raise ValueError("Chase cannot rebuild a DistributedDataParallel with delay_all_reduce_named_params; "
+                         "use ChaseConfig(shrink='off').")
+    for name, param, value_name, value in _cut_states(optimizer, params, removals):
+        if value.shape != param.shape:
+            raise ValueError(
+                f"optimizer state {value_name!r} of {name} has shape {tuple(value.shape)}, not the parameter's "
+                f"{tuple(param.shape)}, so Chase cannot cut it when shrinking; use an optimizer whose state is "
+                "shaped like its parameters (SGD, Adam, AdamW, ...) or ChaseConfig(shrink='off').")
+
+
+def slice_optimizer_state(optimizer: Optional[torch.optim.Optimizer], params: Mapping[str, nn.Parameter],
+                          removals: Removals) -> None:
+    """Cut every per-parameter state tensor of the parameters in ``removals`` (call :func:`check_shrinkable` first)."""
+    cut: Dict[int, Dict[str, torch.Tensor]] = {}
+    for name, param, value_name, value in _cut_states(optimizer, params, removals):
+        cut.setdefault(id(param), {})[value_name] = sliced(value, removals[name], f"{name} {value_name}")
+    for name, param in params.items():
+        if id(param) in cut:
+            optimizer.state[param].update(cut.pop(id(param)))
+
+
+def _cut_states(optimizer: Optional[torch.optim.Optimizer], params: Mapping[str, nn.Parameter], removals: Removals):
+    """(name, parameter, state key, state tensor) for every non-scalar state tensor of a parameter being cut."""
+    if optimizer is None:
+        return
+    state = optimizer.state
+    for name, dims in removals.items():
+        param = params.get(name)
+        if param is None or not dims:
+            continue
+        for value_name, value in state.get(param, {}).items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                yield name, param, value_name, value
+
+
+def rebuild_ddp(model: nn.Module) -> None:
+    """Re-run ``DistributedDataParallel.__init__`` on the same wrapper so its reducer matches the new shapes.
+
+    Collective: every rank must call it at the same step. A plain model is left alone. The wrapper keeps its
+    identity (what ``accelerator.prepare`` returned stays the model to train), its settings and comm hooks.
+    """
+    if not isinstance(model, DistributedDataParallel):
+        return
+    accepted = inspect.signature(DistributedDataParallel.__init__).parameters
+    settings = {name: getattr(model, name) for name in _DDP_SETTINGS if name in accepted and hasattr(model, name)}
+    settings["bucket_cap_mb"] = model.bucket_bytes_cap / (1024 * 1024)
+    hooks = list(getattr(model, "_comm_hooks", []))
+    module = model.module
+    for attr in ("logger", "reducer"):  # the old reducer's autograd hooks hold the old bucket layout
+        if hasattr(model, attr):
+            delattr(model, attr)
+    DistributedDataParallel.__init__(model, module, **settings)
+    for hook, state in hooks:
+        model.register_comm_hook(state, hook)

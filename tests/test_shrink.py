@@ -1,0 +1,292 @@
+"""Shrinking during training: the physically shrunk model computes what the masked model computes."""
+import copy
+import dataclasses
+import sys
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, debug_launcher
+from accelerate.utils import gather
+from safetensors.torch import load_file
+
+from chase_timm import Chase, ChaseConfig
+from chase_timm.metrics import TrainingFlops
+from chase_timm.slim import apply_width_plan
+from helpers import batch, tiny_model
+from recipe_helpers import TINY, TRAIN, fresh_accelerate, metrics, run, tensors_equal
+
+STEPS = 10
+SCHEDULE = dict(total_steps=STEPS, update_interval=3, channel_interval=2, channel_offset=0, channel_end_step=8,
+                channel_sparsity=0.5, min_channel_ratio=0.5)
+SGD = lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+ADAMW = lambda params: torch.optim.AdamW(params, lr=1e-3)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate's singletons outlive a test; a forked rank would inherit another test's single-process state."""
+    with fresh_accelerate():
+        yield
+
+
+def _setup(name: str, make_optimizer=SGD, **overrides):
+    model = tiny_model(name)
+    optimizer = make_optimizer(model.parameters())
+    config = ChaseConfig(**{**SCHEDULE, "shrink": "events", **overrides})
+    return model, optimizer, Chase(model, config, optimizer=optimizer, example_inputs=torch.randn(1, 3, 32, 32))
+
+
+def _loss_step(model, optimizer, chase, step: int) -> float:
+    model.train()
+    x, y = batch(step)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    chase.step()
+    optimizer.zero_grad()
+    return loss.item()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool((a - b).abs().max() <= 1e-4 * max(1.0, float(b.abs().max())))
+
+
+@pytest.fixture
+def float64():
+    """Equivalence in float64: in float32 the masked and sliced sums round differently, which can flip a prune or
+    regrow choice between weights whose magnitudes tie to 1e-7; in float64 every decision must be identical."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(dtype)
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("name, make_optimizer, overrides", [
+    ("resnet18", SGD, {}),
+    ("resnet18", ADAMW, {"prune_skip": True}),                    # residual stream
+    ("mobilenetv3_small_050", ADAMW, {"umm_fanin": "alive"}),     # depthwise + SE
+    ("densenet121", SGD, {}),                                     # concatenation
+    ("convnext_atto", ADAMW, {"scope": "layerwise"}),             # MLP widths, layer scale; ERK on shrunk shapes
+])
+def test_shrinking_run_matches_masking_run_after_every_shrink(name, make_optimizer, overrides):
+    model, optimizer, chase = _setup(name, make_optimizer, **overrides)
+    params_before = sum(p.numel() for p in model.parameters())
+    shrinks, step = 0, 0
+    while step < STEPS:
+        if not chase.config.is_channel_step(step + 1):
+            _loss_step(model, optimizer, chase, step)
+            step += 1
+            continue
+        # a masking twin of the state before this channel event (weights, optimizer state, masks, generator)
+        twin_model, twin_opt, twin = copy.deepcopy((model, optimizer, chase))
+        twin.config = dataclasses.replace(chase.config, shrink="off")
+        _assert_same_step(model, optimizer, chase, twin_model, twin_opt, twin, step)
+        shrinks += 1
+        assert chase.removed_channels() == twin.removed_channels() and not chase._pending()
+        _assert_same_outputs(model, twin_model)
+        # the step after the shrink (sliced optimizer state; t=3 and t=7 are prune/regrow updates) agrees too
+        _assert_same_step(model, optimizer, chase, twin_model, twin_opt, twin, step + 1)
+        _assert_is_slim_of(model, chase, twin)
+        step += 2
+    assert shrinks == 4  # every channel event shrank (shrink="events")
+    assert sum(p.numel() for p in model.parameters()) < 0.9 * params_before
+    assert chase.stats()["nnz"] == chase.budget  # d of the original model
+
+
+def _assert_same_outputs(model, other) -> None:
+    model.eval(), other.eval()
+    x = batch(100)[0]
+    with torch.no_grad():
+        assert _close(model(x), other(x))
+
+
+def _assert_same_step(model, optimizer, chase, twin_model, twin_opt, twin, step: int) -> None:
+    loss, twin_loss = _loss_step(model, optimizer, chase, step), _loss_step(twin_model, twin_opt, twin, step)
+    assert abs(loss - twin_loss) <= 1e-4 * max(1.0, abs(twin_loss)), (step, loss, twin_loss)
+    assert chase.stats()["nnz"] == twin.stats()["nnz"]
+
+
+def _assert_is_slim_of(model, chase, twin) -> None:
+    """The shrunk training model equals the masked twin's slim export: tensors, masks and eval outputs."""
+    slim = twin.export()
+    ours = dict(model.state_dict())
+    for key, value in slim.state_dict().items():
+        assert ours[key].shape == value.shape, key
+        assert not value.is_floating_point() or _close(ours[key], value), key
+    twin_masks = twin.export(_masks_as_model(twin))
+    for name, mask in chase.masks.items():
+        assert torch.equal(mask, twin_masks.get_parameter(name)), name
+    _assert_same_outputs(model, slim)
+
+
+def _masks_as_model(chase):
+    """A copy of the masked model whose weights are its masks, so exporting it slices the masks."""
+    holder = copy.deepcopy(chase.module)
+    with torch.no_grad():
+        for name, mask in chase.masks.items():
+            holder.get_parameter(name).copy_(mask)
+    return holder
+
+
+def _run(model, optimizer, chase, steps: range) -> None:
+    for step in steps:
+        _loss_step(model, optimizer, chase, step)
+
+
+def test_resume_after_a_shrink_rebuilds_the_model_and_continues_bitwise(tmp_path):
+    model, optimizer, chase = _setup("resnet18")
+    _run(model, optimizer, chase, range(STEPS))
+
+    first, first_opt, first_chase = _setup("resnet18")
+    _run(first, first_opt, first_chase, range(5))  # two shrinks so far
+    torch.save({"model": first.state_dict(), "optimizer": first_opt.state_dict(), "chase": first_chase.state_dict()},
+               tmp_path / "checkpoint.pt")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["chase"]["shrunk"] and state["chase"]["masks"]["layer4.1.conv1.weight"].shape[0] < 512
+
+    plan_model = apply_width_plan(tiny_model("resnet18"), state["chase"]["width_plan"])  # the plan alone rebuilds it
+    assert {k: v.shape for k, v in plan_model.state_dict().items()} == {k: v.shape for k, v in state["model"].items()}
+    resumed, resumed_opt, resumed_chase = _setup("resnet18")  # the base model: Chase shrinks it to the checkpoint
+    resumed_chase.load_state_dict(state["chase"])
+    resumed.load_state_dict(state["model"])
+    resumed_opt.load_state_dict(state["optimizer"])
+    _run(resumed, resumed_opt, resumed_chase, range(5, STEPS))
+
+    assert resumed_chase.removed_channels() == chase.removed_channels()
+    for name, mask in chase.masks.items():
+        assert torch.equal(mask, resumed_chase.masks[name]), name
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+@pytest.mark.usefixtures("float64")
+def test_ema_report_and_training_flops_follow_the_shrunk_model():
+    model, optimizer, chase = _setup("resnet18")
+    twin_model, twin_opt, twin = copy.deepcopy((model, optimizer, chase))
+    twin.config = dataclasses.replace(chase.config, shrink="off")
+    ema = timm.utils.ModelEmaV3(model, decay=0.9)
+    chase.register(ema)
+    flops, twin_flops = TrainingFlops(chase, (3, 32, 32)), TrainingFlops(twin, (3, 32, 32))
+    for step in range(STEPS):
+        for trio, counter in (((model, optimizer, chase), flops), ((twin_model, twin_opt, twin), twin_flops)):
+            _loss_step(*trio, step)
+            counter.step(2)
+        ema.update(model)
+    assert flops.summary() == pytest.approx(twin_flops.summary(), rel=1e-9)
+    assert flops.summary()["forward_slim_flops"] < 0.8 * flops.summary()["forward_dense_flops"]
+    assert {k: v.shape for k, v in ema.module.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    slim = chase.export(ema)
+    assert {k: v.shape for k, v in slim.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    rows = {r["group"]: r for r in chase.report()}
+    removed = chase.removed_channels()
+    assert removed and all(rows[g]["width_before"] - rows[g]["width_after"] == len(c) for g, c in removed.items())
+    assert all(max(c) < rows[g]["width_before"] for g, c in removed.items())  # original numbering
+    assert chase.stats()["channels_alive"] == sum(r["width_after"] for r in rows.values() if r["prunable"])
+
+
+def test_unsliceable_optimizer_state_is_refused_before_anything_changes():
+    model, optimizer, chase = _setup("resnet18", torch.optim.Adafactor, shrink="off")  # factored row/column state
+    _run(model, optimizer, chase, range(2))  # one channel event: channels are masked, not yet removed
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    masks = {n: m.clone() for n, m in chase.masks.items()}
+    with pytest.raises(ValueError, match=r"optimizer state 'row_var' of .* has shape .* use an optimizer whose state"):
+        chase.shrink()
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    assert all(torch.equal(m, chase.masks[n]) for n, m in masks.items()) and chase._pending()
+    # with shrink="events" the same problem is a warning and training goes on by masking
+    model, optimizer, chase = _setup("resnet18", torch.optim.Adafactor)
+    with pytest.warns(UserWarning, match="Training continues with masking only"):
+        _run(model, optimizer, chase, range(4))  # two channel events: warned once, then masked as usual
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    assert chase.stats()["channel_sparsity"] > 0.3 and not any(m.isnan().any() for m in model.parameters())
+
+
+def test_a_wrapper_that_cannot_be_rebuilt_is_refused_up_front():
+    model = tiny_model("resnet18")
+    with pytest.raises(ValueError, match="Chase can shrink a plain model or one wrapped by DistributedDataParallel"):
+        Chase(torch.compile(model), ChaseConfig(**SCHEDULE, shrink="end"))
+    with pytest.raises(ValueError, match=r"ChaseConfig.shrink must be one of \['off', 'events', 'end'\]"):
+        ChaseConfig(**SCHEDULE, shrink="yes")
+
+
+def test_gradient_accumulation_and_bf16_autocast_keep_working_across_shrinks():
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2, mixed_precision="bf16")
+    model = tiny_model("resnet18")
+    optimizer = SGD(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    chase = Chase(model, ChaseConfig(**SCHEDULE, shrink="events"), optimizer=optimizer,
+                  example_inputs=torch.randn(1, 3, 32, 32))
+    widths = set()
+    for step in range(2 * STEPS):
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                loss = F.cross_entropy(model(batch(step)[0]), batch(step)[1])
+            accelerator.backward(loss)
+            optimizer.step()
+            chase.step()
+            optimizer.zero_grad()
+        widths.add(sum(p.numel() for p in model.parameters()))
+    assert chase.step_count == STEPS and len(widths) == 5 and torch.isfinite(loss)  # dense + four shrinks
+    assert chase.stats()["nnz"] == chase.budget
+
+
+def _shrink_on_two_ranks() -> None:
+    accelerator = Accelerator(cpu=True)
+    rank = accelerator.process_index
+    torch.manual_seed(rank)  # different local init: prepare() broadcasts rank 0's weights
+    model = tiny_model("resnet18")
+    optimizer = SGD(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    wrapper = model
+    chase = Chase(model, ChaseConfig(**SCHEDULE, shrink="events"), optimizer=optimizer,
+                  example_inputs=torch.randn(1, 3, 32, 32))
+    widths = []
+    for step in range(STEPS):
+        x, y = batch(2 * step + rank)  # each rank sees its own data
+        accelerator.backward(F.cross_entropy(model(x), y))
+        optimizer.step()
+        chase.step()
+        optimizer.zero_grad()
+        widths.append(sum(p.numel() for p in model.parameters()))
+    assert model is wrapper and len(set(widths)) >= 3  # shrank at least twice, same DDP object
+    masks = torch.cat([m.flatten() for m in chase.masks.values()])
+    weights = torch.cat([p.detach().flatten() for p in accelerator.unwrap_model(model).parameters()])
+    for name, local in (("masks", masks), ("weights", weights)):
+        both = gather(local[None])
+        assert torch.equal(both[0], both[1]), f"{name} differ across ranks"
+    assert chase.stats()["nnz"] == chase.budget
+
+
+def test_shrinking_under_two_process_ddp_keeps_ranks_identical():
+    debug_launcher(_shrink_on_two_ranks, num_processes=2)
+
+
+def test_recipe_shrinks_reports_step_times_and_resumes_bitwise_after_a_shrink(tmp_path):
+    args = [sys.executable, str(TRAIN), *TINY, "--shrink", "events", "--checkpoint-every", "1"]
+    full = run([*args, "--output", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert full.stdout.count("shrunk at step") >= 2
+    result = metrics(tmp_path / "full")
+    assert len(result["shrinks"]) >= 2 and result["shrinks"][0]["step"] < 44  # the epoch_2 checkpoint is shrunk
+    final = result["final"]
+    assert final["slim_params"] < 0.6 * final["base_params"] and final["masked_top1"] == final["slim_top1_before_recal"]
+    resumed = run([*args, "--output", str(tmp_path / "resumed"), "--resume",
+                   str(tmp_path / "full" / "checkpoints" / "epoch_2")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert tensors_equal(load_file(tmp_path / "resumed" / "model.safetensors"),
+                         load_file(tmp_path / "full" / "model.safetensors"))
+    assert timm.create_model(f"local-dir:{tmp_path / 'resumed'}", pretrained=True).num_classes == 10
+
+
+def test_benchmark_script_times_masked_and_shrunk_training_steps(tmp_path):
+    import benchmark_shrink
+
+    rows = benchmark_shrink.main(["--models", "resnet18", "--prune-skip", "--img-size", "16", "--batch-size", "2",
+                                  "--repeats", "2", "--steps", "1", "--json", str(tmp_path / "b.json")])
+    row = rows[0]
+    assert row["flops_ratio"] < 0.8 and set(row["step_s"]) == {"masked", "shrunk"} and row["prune_skip"]
+    assert row["memory"]["shrunk"]["weights_grads_state_mib"] < 0.8 * row["memory"]["masked"]["weights_grads_state_mib"]
+    assert (tmp_path / "b.json").exists()
