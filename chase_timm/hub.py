@@ -14,6 +14,7 @@ import functools
 import importlib.resources
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -48,6 +49,8 @@ _BASE_ONLY = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "sour
               "description", "origin_url", "paper_name", "paper_ids", "notes", "test_input_size",
               "test_crop_pct", "test_pool_size", "label_offset", "label_names", "label_descriptions")
 _DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+_REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # a Hub dataset id such as 'imagenet-1k' or 'org/name'
+_REPO_ID_CHARS = re.compile(r"[^\w.-]+")
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -311,11 +314,14 @@ def render_card(model: nn.Module, base: nn.Module, folder: Path, *,
     chase = ChaseConfig.from_dict(dict(chase_config)) if isinstance(chase_config, Mapping) else chase_config
     name = repo_id.split("/")[-1]
     top1 = metrics.get("slim_top1")
-    results = [EvalResult(task_type="image-classification", dataset_type=dataset, dataset_name=dataset,
+    dataset_id = dataset if dataset and _REPO_ID.fullmatch(dataset) else None  # Hub metadata wants an id
+    results = [EvalResult(task_type="image-classification", dataset_type=dataset_id or _REPO_ID_CHARS.sub(
+                              "-", dataset.split(" (")[0]).strip("-") or "custom", dataset_name=dataset,
                           metric_type="accuracy", metric_name="top-1 (slim)", metric_value=float(top1))
                ] if top1 is not None and dataset else None
     data = ModelCardData(library_name="timm", license=license, tags=["image-classification", "timm", "chase",
-                         "pruned", "sparse"], pipeline_tag="image-classification", datasets=[dataset] if dataset else None,
+                         "pruned", "sparse"], pipeline_tag="image-classification",
+                         datasets=[dataset_id] if dataset_id else None,
                          base_model=base_model, model_name=name, eval_results=results)
     if isinstance(recipe, Mapping):
         recipe = yaml.safe_dump(dict(recipe), sort_keys=False)

@@ -331,3 +331,24 @@ def test_hf_hub_load_time_is_at_most_twice_the_dense_base():
     assert out.returncode == 0, out.stderr[-3000:]
     ratio = float(out.stdout.rsplit("load-time ratio slim/dense:", 1)[1])
     assert ratio <= 2.0, out.stdout
+
+
+def test_model_card_metadata_is_what_the_hub_understands(tmp_path):
+    """library_name timm, the chase/pruned tags, a dataset id only where one was given, the measured top-1."""
+    from huggingface_hub import ModelCard
+
+    slim, config = make_slim("resnet18", False)
+    metrics = {"masked_top1": 91.5, "slim_top1": 91.25, "dense_throughput": 100.0, "slim_throughput": 150.0}
+    for dataset, listed in (("ILSVRC/imagenet-1k", ["ILSVRC/imagenet-1k"]), ("digits (embedded, 20 % held out)", None)):
+        folder = chase_timm.save_pretrained(slim, tmp_path / listed[0].replace("/", "-") if listed else tmp_path / "d",
+                                            chase_config=config, data_config={"input_size": (3, 32, 32)},
+                                            metrics=metrics, dataset=dataset, license="apache-2.0")
+        card = ModelCard.load(folder / "README.md")
+        data = card.data.to_dict()
+        assert data["library_name"] == "timm" and data["license"] == "apache-2.0"
+        assert {"chase", "pruned", "timm"} <= set(data["tags"]) and data.get("datasets") == listed
+        result = data["model-index"][0]["results"][0]
+        assert result["metrics"][0]["value"] == 91.25 and result["dataset"]["name"] == dataset
+        text = card.text
+        assert "91.25" in text and "91.50" in text and "150.0" in text and f"density {config.density}" in text
+        assert "hf-hub:" in text and "resnet18" in text

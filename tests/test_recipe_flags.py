@@ -80,8 +80,8 @@ def test_model_ema_is_masked_checkpointed_and_published(flagged_run):
     assert m["final"]["masked_top1"] == m["epochs"][-1]["ema_val_top1"]  # the published slim model is the EMA's
     assert m["final"]["slim_top1_before_recal"] == pytest.approx(m["final"]["masked_top1"], abs=1e-6)
     checkpoint = out / "checkpoints" / "epoch_1"
-    assert (checkpoint / "custom_checkpoint_2.pkl").exists()  # Chase, loop state, EMA
-    ema_state = torch.load(checkpoint / "custom_checkpoint_2.pkl", weights_only=True)
+    assert (checkpoint / "custom_checkpoint_3.pkl").exists()  # Chase, loop state, training FLOPs, EMA
+    ema_state = torch.load(checkpoint / "custom_checkpoint_3.pkl", weights_only=True)
     chase_state = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=True)
     for name, mask in chase_state["masks"].items():
         assert not ema_state[f"module.{name}"][~mask].any(), name  # the EMA copy is masked
