@@ -105,6 +105,9 @@ def load_image_data(spec: str, *, data_dir: Optional[str] = None, train_split: O
         raise DataSpecError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if streaming and not spec.startswith("hf:"):
         raise DataSpecError(f"--streaming needs an 'hf:' dataset, got --data {spec!r}")
+    if streaming and val_fraction:
+        raise DataSpecError("--streaming reads the train split as a stream, so it cannot hold out --val-fraction of "
+                            "it; use the dataset's validation split (--val-split NAME) or drop --streaming")
     if spec == "digits":
         train, val = DigitsDataset("train"), DigitsDataset("val")
         return ImageData(train, val, len(DIGITS_CLASSES), len(train), "digits (embedded, 20 % held out)")
@@ -219,6 +222,15 @@ class HFStreamingImageDataset(IterableDataset):
             yield (self.transform(img) if self.transform else img), int(row[self.label_key])
 
 
+def _rows_every_rank_gets(stream: Any, size: int, world_size: int) -> int:
+    """Rows ``split_dataset_by_node`` gives every rank at least, in any epoch: it deals whole shards (in an order
+    reshuffled each epoch) when their number divides by the world size, else every world_size-th row."""
+    if world_size == 1 or stream.n_shards % world_size:
+        return size // world_size
+    rows = sorted(sum(1 for _ in stream.shard(stream.n_shards, i).select_columns([])) for i in range(stream.n_shards))
+    return sum(rows[:stream.n_shards // world_size])  # the unluckiest rank holds the smallest shards
+
+
 def _hf_dataset(name: str, data_dir: Optional[str], train_split: str, val_split: Optional[str], val_fraction: float,
                 streaming: bool, seed: int, rank: int, world_size: int) -> ImageData:
     import datasets
@@ -247,7 +259,8 @@ def _hf_dataset(name: str, data_dir: Optional[str], train_split: str, val_split:
         image_key, label_key, classes = _features(train, name)
         shard = split_dataset_by_node(train, rank=rank, world_size=world_size)
         val = HFImageDataset(load(val_split), image_key, label_key)
-        return ImageData(HFStreamingImageDataset(shard, image_key, label_key, size // world_size), val,
+        per_rank = _rows_every_rank_gets(load(train_split, stream=True), size, world_size)
+        return ImageData(HFStreamingImageDataset(shard, image_key, label_key, per_rank), val,
                          classes, size, f"hf:{name} {train_split} (streaming, {world_size} shard(s)) / {val_split}")
     train = load(train_split)
     image_key, label_key, classes = _features(train, name)

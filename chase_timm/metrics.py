@@ -168,8 +168,8 @@ class TrainingFlops:
         self.samples += samples
         if t != self._seen_step:
             update = config.is_update_step(t) or t == config.total_steps  # as Chase.step(): a last settling update
-            if update:
-                self.total += (self.slim_forward - self.sparse_forward) * samples
+            if update:  # the dense weight gradient of every micro-batch of this optimizer step
+                self.total += (self.slim_forward - self.sparse_forward) * samples * self.chase._accumulation_steps()
             if update or config.is_channel_step(t):
                 self._recount()
             self._seen_step = t

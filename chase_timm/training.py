@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import pickle
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 
 from ._timm import classifier_tensor_names
 from .chase import Chase
@@ -171,14 +173,18 @@ def load_initial_weights(model: nn.Module, path: Union[str, Path]) -> List[str]:
     skipped; raises ``ValueError`` if anything else does not fit (another architecture)."""
     from timm.models import load_state_dict
 
-    state = load_state_dict(str(path), use_ema=False, weights_only=True)
+    try:
+        state = load_state_dict(str(path), use_ema=False, weights_only=True)
+    except (pickle.UnpicklingError, SafetensorError) as err:  # pickled objects beyond tensors, or a corrupt file
+        raise ValueError(f"{path} is not a plain state dict of tensors ({type(err).__name__}); save "
+                         "model.state_dict() alone (safetensors or torch.save) and pass that file") from None
     own = model.state_dict()
     classifier = classifier_tensor_names(model)
     skipped = sorted(n for n in classifier if n in state and n in own and state[n].shape != own[n].shape)
     for name in skipped:
         del state[name]
     wrong_shape = [n for n in state if n in own and state[n].shape != own[n].shape]
-    missing, unexpected = [] if wrong_shape else model.load_state_dict(state, strict=False)
+    missing, unexpected = ([], []) if wrong_shape else model.load_state_dict(state, strict=False)
     missing = sorted(set(missing) - set(skipped))
     if missing or unexpected or wrong_shape:
         raise ValueError(f"{path} does not fit {type(model).__name__}: missing {missing[:3]}, unexpected "

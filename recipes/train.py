@@ -53,6 +53,7 @@ EPOCH_KEYS = ("update_interval_epochs", "channel_interval_epochs", "channel_end_
 NOT_SAVED = ("config", "resume", "overwrite", "output", "push_to_hub")  # run_config.yaml must not redo these
 FREE_ON_RESUME = ("checkpoint_every", "log_with", "workers", "recal_batches")  # may change when resuming
 RUN_FILE = "run_config.yaml"
+STATE_FILE = "chase_timm_state.pt"  # Chase, loop state, training FLOPs, EMA: loaded with weights_only=True
 
 
 # ----------------------------------------------------------------------------------------------- configuration
@@ -177,6 +178,8 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, Di
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.pretrained and args.initial_checkpoint:
         parser.error("--pretrained and --initial-checkpoint both name starting weights; pass one")
+    if args.streaming and args.workers:  # each worker would cap its own share of the stream: ranks could drift apart
+        parser.error("--streaming reads with --workers 0 (every rank must see the same number of rows); drop --workers")
     if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
         parser.error(f"--initial-checkpoint {args.initial_checkpoint!r} is not a file")
     check_model_name(args.model, parser)
@@ -291,10 +294,13 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_checkpoint(accelerator: Accelerator, folder: Path, run: Dict[str, Any]) -> None:
-    """accelerate.save_state plus the run's settings (written last: a checkpoint without them is incomplete)."""
+def save_checkpoint(accelerator: Accelerator, folder: Path, run: Dict[str, Any], states: Dict[str, Any]) -> None:
+    """accelerate.save_state (model, optimizer, RNG), our own states as plain tensors and numbers (Accelerate would
+    pickle registered objects and unpickle them on load), then the run's settings (last: without them a
+    checkpoint is incomplete)."""
     accelerator.save_state(str(folder))
     if accelerator.is_main_process:
+        torch.save({name: obj.state_dict() for name, obj in states.items()}, folder / STATE_FILE)
         (folder / RUN_FILE).write_text(yaml.safe_dump(run, sort_keys=False))
     accelerator.wait_for_everyone()
 
@@ -383,11 +389,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     dense_reference = copy.deepcopy(accelerator.unwrap_model(model)) if config.shrink != "off" else None
     train_flops = chase_timm.metrics.TrainingFlops(chase, input_size=input_size)  # the paper's training FLOPs
     state = TrainState()
-    accelerator.register_for_checkpointing(chase, state, train_flops, *([ema] if ema else []))
+    states = {"chase": chase, "loop": state, "train_flops": train_flops, **({"ema": ema} if ema else {})}
     if args.resume:
-        if config.shrink != "off":  # Chase first: a checkpoint taken after a shrink shrinks model and EMA to it
-            chase.load_state_dict(torch.load(Path(args.resume) / "custom_checkpoint_0.pkl", weights_only=True))
+        saved = torch.load(Path(args.resume) / STATE_FILE, weights_only=True)
+        chase.load_state_dict(saved.pop("chase"))  # first: after a shrink it shrinks model and EMA to the checkpoint
         accelerator.load_state(args.resume)
+        for name, obj_state in saved.items():
+            states[name].load_state_dict(obj_state)
         accelerator.print(f"resumed from {args.resume}: epoch {state.epoch}, step {state.step}")
     elif accelerator.is_main_process and args.overwrite and out.is_dir():
         shutil.rmtree(out)  # check_output made sure it holds a previous run of this recipe
@@ -443,7 +451,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             scheduler.step_update(state.step)
             if ema is not None:
                 ema.update(accelerator.unwrap_model(model), step=state.step)
-                chase.mask_model(ema)
+                if config.is_update_step(state.step) or config.is_channel_step(state.step) or state.step == total_steps:
+                    chase.mask_model(ema)  # masks change only here; masked EMA entries stay 0 in between
             if state.step % log_every == 0 or state.step == total_steps:
                 stats = chase.stats()
                 state.steps.append({"step": state.step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
@@ -471,7 +480,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                           f"val top-1 {record['val_top1']:5.1f}%  density {record['density']:.3f}  "
                           f"channel sparsity {record['channel_sparsity']:.3f}  ({record['seconds']:.1f} s)")
         if state.step >= total_steps or args.checkpoint_every and state.epoch % args.checkpoint_every == 0:
-            save_checkpoint(accelerator, out / "checkpoints" / f"epoch_{state.epoch}", run)
+            save_checkpoint(accelerator, out / "checkpoints" / f"epoch_{state.epoch}", run, states)
 
     # ---- export the slim model (of the EMA copy with --model-ema), check it equals the masked one, recalibrate BN
     masked = ema.module if ema is not None else accelerator.unwrap_model(model)

@@ -26,6 +26,7 @@ def folders(tmp_path_factory):
     (root / "empty" / "train").mkdir(parents=True)
     (root / "empty" / "val").mkdir(parents=True)
     write_image_folder(root / "tiny", {"train": 6, "val": 3})
+    (root / "garbage.safetensors").write_bytes(b"not a safetensors file")
     return root
 
 
@@ -45,6 +46,9 @@ def folders(tmp_path_factory):
     (["--initial-checkpoint", "{root}/none.safetensors"],
      "--initial-checkpoint '{root}/none.safetensors' is not a file"),
     (["--resume", "{root}/tiny"], "is not a checkpoint of this recipe"),
+    (["--data", "hf:{root}/tiny", "--streaming", "--workers", "2"], "--streaming reads with --workers 0"),
+    (["--data", "hf:{root}/tiny", "--streaming", "--val-fraction", "0.2"], "cannot hold out --val-fraction"),
+    (["--initial-checkpoint", "{root}/garbage.safetensors"], "is not a plain state dict of tensors"),
 ])
 def test_bad_input_is_one_clear_line_before_any_work(folders, tmp_path, capsys, argv, message):
     argv = [a.format(root=folders) for a in argv]
@@ -53,11 +57,12 @@ def test_bad_input_is_one_clear_line_before_any_work(folders, tmp_path, capsys, 
     assert not (tmp_path / "out").exists()  # nothing written
 
 
-def test_initial_checkpoint_of_another_architecture_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("other", ["resnet34", "resnet50"])  # extra tensors; tensors of other shapes
+def test_initial_checkpoint_of_another_architecture_is_refused(tmp_path, capsys, other):
     import timm
     from safetensors.torch import save_file
-    save_file(timm.create_model("resnet34", num_classes=10).state_dict(), str(tmp_path / "r34.safetensors"))
-    line = error_of([*TINY, "--initial-checkpoint", str(tmp_path / "r34.safetensors"), "--output",
+    save_file(timm.create_model(other, num_classes=10).state_dict(), str(tmp_path / "other.safetensors"))
+    line = error_of([*TINY, "--initial-checkpoint", str(tmp_path / "other.safetensors"), "--output",
                      str(tmp_path / "out")], capsys)
     assert "could not build resnet18 with its starting weights" in line and "another architecture" in line
 

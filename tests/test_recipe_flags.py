@@ -80,9 +80,9 @@ def test_model_ema_is_masked_checkpointed_and_published(flagged_run):
     assert m["final"]["masked_top1"] == m["epochs"][-1]["ema_val_top1"]  # the published slim model is the EMA's
     assert m["final"]["slim_top1_before_recal"] == pytest.approx(m["final"]["masked_top1"], abs=1e-6)
     checkpoint = out / "checkpoints" / "epoch_1"
-    assert (checkpoint / "custom_checkpoint_3.pkl").exists()  # Chase, loop state, training FLOPs, EMA
-    ema_state = torch.load(checkpoint / "custom_checkpoint_3.pkl", weights_only=True)
-    chase_state = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=True)
+    saved = torch.load(checkpoint / "chase_timm_state.pt", weights_only=True)  # no pickle beyond tensors/numbers
+    assert sorted(saved) == ["chase", "ema", "loop", "train_flops"]
+    ema_state, chase_state = saved["ema"], saved["chase"]
     for name, mask in chase_state["masks"].items():
         assert not ema_state[f"module.{name}"][~mask].any(), name  # the EMA copy is masked
 
@@ -185,3 +185,21 @@ def test_a_vit_is_built_for_the_digits_size_and_reloads_at_it(tmp_path):
     slim = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     assert sum(p.numel() for p in slim.parameters()) == metrics(out)["final"]["slim_params"]
     assert slim(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_streamed_rows_per_rank_never_exceed_the_smallest_shard_share(tmp_path):
+    """Whole shards dealt to ranks (their number divides by the world size): every rank may get the smallest ones,
+    so each rank reads at most that many rows and no rank waits for another in DDP."""
+    import datasets
+
+    from chase_timm.data import _rows_every_rank_gets
+
+    write_parquet_dataset(tmp_path, {"train": 7})
+    write_parquet_dataset(tmp_path / "b", {"train": 3})
+    (tmp_path / "b" / "data" / "train-00000-of-00001.parquet").rename(tmp_path / "data" / "train-x.parquet")
+    files = sorted(str(p) for p in (tmp_path / "data").glob("train*.parquet"))
+    stream = datasets.load_dataset("parquet", data_files={"train": files}, split="train", streaming=True)
+    assert stream.n_shards == 2
+    assert _rows_every_rank_gets(stream, 10, 1) == 10
+    assert _rows_every_rank_gets(stream, 10, 2) == 3  # the smaller shard, not the mean of 5
+    assert _rows_every_rank_gets(stream, 10, 3) == 3  # 2 shards over 3 ranks: every 3rd row, at least floor(10/3)
