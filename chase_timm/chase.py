@@ -19,7 +19,7 @@ from .config import ChaseConfig
 from .graph import ChannelGroup, find_channel_groups, reindex_groups, tensor_removals
 from ._timm import deepcopy_model, named_tensors, unwrap_model
 from .shrink import check_shrinkable, rebuild_ddp, slice_optimizer_state
-from .slim import _meta_clone, slice_in_place, slim_copy, sliced, width_plan
+from .slim import meta_clone, slice_in_place, slim_copy, sliced, width_plan
 from .sparsity import (allocate, erk_densities, find_sparse_weights, grow_largest, prune_smallest,
                        random_masks, zero_positions)
 
@@ -109,7 +109,7 @@ class Chase:
         self.apply_masks()
         if self.prunable and self.config.is_channel_step(t):
             self._prune_channels(t)
-        if self.config.is_update_step(t) or t == self.config.total_steps:
+        if self.config.runs_update(t):
             self._update_connections(t)
         if self.prunable and self.config.shrink != "off" and self.config.is_channel_step(t) and (
                 self.config.shrink == "events" or t == self.config.channel_end_step):
@@ -381,7 +381,7 @@ class Chase:
                 raise ValueError(f"{type(target).__name__} given to Chase.shrink has no tensor {wrong[0]} shaped like "
                                  "the training model's; pass copies of this model (e.g. its EMA) only.")
         if self._base is None:
-            self._base = _meta_clone(self.module)
+            self._base = meta_clone(self.module)
         grads = {n: sliced(p.grad, removals[n], n) for n, p in self.params.items()
                  if n in removals and p.grad is not None}
         slice_optimizer_state(self.optimizer, self.params, removals)

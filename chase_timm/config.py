@@ -169,6 +169,11 @@ class ChaseConfig:
         in_phase_a = step < self.phase_b_start_step
         return step % self.update_interval == 0 and (in_phase_a or self.phase_b) and step < self.total_steps
 
+    def runs_update(self, step: int) -> bool:
+        """Whether ``Chase.step()`` changes the masks by prune/regrow after ``step``: a scheduled update, or the
+        settling update at ``total_steps`` that ends every run at exactly d·N."""
+        return step == self.total_steps or self.is_update_step(step)
+
     def is_channel_step(self, step: int) -> bool:
         """Whether a channel-pruning event runs after optimizer step ``step`` (1-based).
 

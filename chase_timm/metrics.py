@@ -167,7 +167,7 @@ class TrainingFlops:
         self.dense_total += 3.0 * self.dense_forward * samples
         self.samples += samples
         if t != self._seen_step:
-            update = config.is_update_step(t) or t == config.total_steps  # as Chase.step(): a last settling update
+            update = config.runs_update(t)
             if update:  # the dense weight gradient of every micro-batch of this optimizer step
                 self.total += (self.slim_forward - self.sparse_forward) * samples * self.chase._accumulation_steps()
             if update or config.is_channel_step(t):

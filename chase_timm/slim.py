@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ._timm import classifier_tensor_names, deepcopy_model, default_example_input, named_tensors
 
-__all__ = ["slim_copy", "slice_in_place", "sliced", "width_plan", "apply_width_plan", "recalibrate_batchnorm"]
+__all__ = ["slim_copy", "slice_in_place", "meta_clone", "sliced", "width_plan", "apply_width_plan", "recalibrate_batchnorm"]
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -317,7 +317,7 @@ def _has_timm_widths(model: nn.Module) -> bool:
         _head_modules(model))
 
 
-def _meta_clone(model: nn.Module) -> nn.Module:
+def meta_clone(model: nn.Module) -> nn.Module:
     """Shape-only copy of the model on the meta device (no tensor data is copied)."""
     memo = {}
     for name, tensor in named_tensors(model):
@@ -335,7 +335,7 @@ def _measure(model: nn.Module, strict: bool = False) -> Optional[dict[str, tuple
     errors = []
     on_meta = all(t.is_meta for _, t in named_tensors(model))  # e.g. a base built on meta: measure it as is
     for meta in (True, False):
-        target = model if on_meta else _meta_clone(model) if meta else model
+        target = model if on_meta else meta_clone(model) if meta else model
         try:
             return _shapes(target, meta)
         except _ForwardError as err:

@@ -451,7 +451,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             scheduler.step_update(state.step)
             if ema is not None:
                 ema.update(accelerator.unwrap_model(model), step=state.step)
-                if config.is_update_step(state.step) or config.is_channel_step(state.step) or state.step == total_steps:
+                if config.runs_update(state.step) or config.is_channel_step(state.step):
                     chase.mask_model(ema)  # masks change only here; masked EMA entries stay 0 in between
             if state.step % log_every == 0 or state.step == total_steps:
                 stats = chase.stats()
