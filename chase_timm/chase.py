@@ -133,7 +133,15 @@ class Chase:
     def mask_model(self, other: nn.Module) -> None:
         """Apply the current masks to another copy of the model with the same names (e.g. timm's ModelEma)."""
         params = dict(_copy_module(other).named_parameters())
-        for name, mask in {**self.masks, **self.channel_masks}.items():
+        masks = {**self.masks, **self.channel_masks}
+        wrong = next((n for n, m in masks.items() if n not in params or params[n].shape != m.shape), None)
+        if wrong is not None:
+            found = tuple(params[wrong].shape) if wrong in params else "missing"
+            raise ValueError(
+                f"{type(other).__name__} does not match the training model: {wrong} is {found}, not "
+                f"{tuple(masks[wrong].shape)}. Pass a copy of this model (e.g. its EMA); when the model shrinks "
+                "during training, register the copy first (chase.register(ema)) so it shrinks along.")
+        for name, mask in masks.items():
             params[name].mul_(mask.to(params[name].device, params[name].dtype))
 
     def _check_optimizer_owns_weights(self) -> None:

@@ -30,7 +30,7 @@ from timm.data import resolve_data_config
 from timm.layers import get_spatial_dim
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_model_args, register_model, save_for_hf
 
-from ._timm import classifier_modules, unwrap_model
+from ._timm import classifier_modules, deepcopy_model, unwrap_model
 from .config import ChaseConfig
 from .metrics import count_flops
 from .slim import apply_width_plan, width_plan
@@ -181,7 +181,10 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *,
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=directory.parent))
     try:
-        export = copy.copy(model)  # shallow: same tensors, its own pretrained_cfg / model args
+        contiguous = all(t.is_contiguous() for t in model.state_dict().values())
+        # shallow: same tensors, its own pretrained_cfg / model args; a channels_last model is written from an NCHW
+        # copy (safetensors stores contiguous tensors only), the layout timm loads into
+        export = copy.copy(model) if contiguous else deepcopy_model(model).to(memory_format=torch.contiguous_format)
         export.pretrained_cfg = cfg
         export._model_args = spec.pop("base_args")
         save_for_hf(export, str(staging), model_args={"chase": spec}, safe_serialization=True,
@@ -192,7 +195,7 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *,
                            recipe=recipe, license=cfg["license"], repo_id=repo_id or f"YOUR-ORG/{directory.name}",
                            base_model=base_model)
         card.save(staging / CARD)
-        _verify(model, staging, cfg["input_size"])
+        _verify(export, staging, cfg["input_size"])
         directory.mkdir(exist_ok=True)
         for name in MODEL_FILES:
             os.replace(staging / name, directory / name)

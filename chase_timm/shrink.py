@@ -83,6 +83,10 @@ def rebuild_ddp(model: nn.Module) -> None:
         return
     accepted = inspect.signature(DistributedDataParallel.__init__).parameters
     settings = {name: getattr(model, name) for name in _DDP_SETTINGS if name in accepted and hasattr(model, name)}
+    if "forward_sync_buffers" not in settings and "broadcast_buffers" in accepted:  # torch < 2.13's name for it
+        settings["broadcast_buffers"] = model.broadcast_buffers
+    if "init_sync" in accepted:  # ranks already hold the same parameters; rank-local buffers must stay rank-local
+        settings["init_sync"] = False  # (torch >= 2.13 broadcasts buffers at init when forward_sync_buffers is given)
     settings["bucket_cap_mb"] = model.bucket_bytes_cap / (1024 * 1024)
     hooks = list(getattr(model, "_comm_hooks", []))
     module = model.module

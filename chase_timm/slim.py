@@ -192,7 +192,10 @@ def _drop(tensor: torch.Tensor, name: str, dim: int, positions: Sequence[int]) -
     if any(not 0 <= p < size for p in drop):
         raise ValueError(f"{name}: positions {sorted(drop)} out of range for dim {dim} of size {size}")
     keep = torch.tensor([i for i in range(size) if i not in drop], dtype=torch.long, device=tensor.device)
-    return tensor.index_select(dim, keep)
+    out = tensor.index_select(dim, keep)
+    if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)  # a channels_last model stays channels_last
+    return out
 
 
 def _planned_shape(name: str, old: torch.Tensor, shape: Any) -> list[int]:

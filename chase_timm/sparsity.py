@@ -14,6 +14,7 @@ import torch.nn as nn
 from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 
 __all__ = [
+    "conv_linear_weights",
     "find_sparse_weights",
     "erk_densities",
     "allocate",
@@ -33,6 +34,13 @@ _NARROW_ABOVE = 1_000_000  # selections over more scores than this are narrowed 
 _SAMPLE_SIZE = 100_000
 
 
+def conv_linear_weights(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """Every Conv/Linear weight by ``"<module>.weight"`` name, in module order: the tensors sparse kernels would
+    skip zeros of, and the candidates for sparsity."""
+    return {f"{name}.weight" if name else "weight": m.weight for name, m in model.named_modules()
+            if isinstance(m, SPARSE_MODULE_TYPES) and isinstance(getattr(m, "weight", None), nn.Parameter)}
+
+
 def find_sparse_weights(model: nn.Module, exclude: Sequence[str] = ()
                         ) -> Tuple[Dict[str, nn.Parameter], Dict[str, str]]:
     """Every Conv/Linear weight with ndim >= 2, keyed by parameter name, and {name: reason} of those kept dense.
@@ -44,19 +52,16 @@ def find_sparse_weights(model: nn.Module, exclude: Sequence[str] = ()
     matched = {pattern: False for pattern in exclude}
     weights: Dict[str, nn.Parameter] = {}
     dense: Dict[str, str] = {}
-    for module_name, module in model.named_modules():
-        if not isinstance(module, SPARSE_MODULE_TYPES):
+    for name, weight in conv_linear_weights(model).items():
+        if weight.ndim < 2:
             continue
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, nn.Parameter) or weight.ndim < 2:
-            continue
-        name = f"{module_name}.weight" if module_name else "weight"
+        module_name = name.rpartition(".")[0]
         hits = [p for p in exclude if fnmatch.fnmatchcase(module_name, p)]
         for pattern in hits:
             matched[pattern] = True
         if hits:
             dense[name] = EXCLUDED_REASON
-        elif isinstance(module, WEIGHT_STANDARDISED_TYPES):
+        elif isinstance(model.get_submodule(module_name), WEIGHT_STANDARDISED_TYPES):
             dense[name] = STANDARDISED_REASON
         else:
             weights[name] = weight
@@ -197,7 +202,7 @@ def prune_smallest(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torc
     scores = {n: torch.where(masks[n].bool(), w.detach().abs().float(), math.inf).flatten() for n, w in weights.items()}
     chosen = _select(scores, total, counts, generator, largest=False)
     for name, pos in chosen.items():
-        masks[name].view(-1)[pos] = 0
+        masks[name][torch.unravel_index(pos, masks[name].shape)] = 0  # any layout (channels_last)
     return chosen
 
 
@@ -217,11 +222,11 @@ def grow_largest(grads: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Te
         scores[name] = torch.where(candidate, grad.detach().abs().float(), -1.0).flatten()
     chosen = _select(scores, total, counts, generator, largest=True)
     for name, pos in chosen.items():
-        masks[name].view(-1)[pos] = 1
+        masks[name][torch.unravel_index(pos, masks[name].shape)] = 1
     return chosen
 
 
 def zero_positions(tensors: Iterable[torch.Tensor], positions: torch.Tensor) -> None:
     """Set the given flat positions of every tensor to zero (new weights and their optimizer state)."""
     for tensor in tensors:
-        tensor.view(-1)[positions] = 0
+        tensor[torch.unravel_index(positions, tensor.shape)] = 0  # flat = logical order, any memory layout

@@ -20,10 +20,10 @@ from safetensors import SafetensorError
 from ._timm import classifier_tensor_names
 from .chase import Chase
 from .config import ChaseConfig
-from .metrics import count_flops, sparse_flops, throughput
+from .metrics import flop_counts, throughput
 
-__all__ = ["ExportMismatchError", "check_export", "check_slim_accuracy", "mask_digest", "size_summary", "speed_summary",
-           "summary_table", "plot_training", "create_timm_model", "load_initial_weights"]
+__all__ = ["ExportMismatchError", "check_export", "check_slim_accuracy", "mask_digest", "weight_digest", "size_summary",
+           "speed_summary", "summary_table", "plot_training", "create_timm_model", "load_initial_weights"]
 
 
 class ExportMismatchError(RuntimeError):
@@ -55,6 +55,15 @@ def mask_digest(chase: Chase) -> int:
     return int(digest.hexdigest()[:15], 16)
 
 
+def weight_digest(model: nn.Module) -> int:
+    """A 60-bit fingerprint of the model's parameters (names and bytes): equal on every rank of a correct DDP run."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return int(digest.hexdigest()[:15], 16)
+
+
 def check_slim_accuracy(masked_top1: float, raw_top1: float, recal_top1: Optional[float], num_samples: int,
                         recal_tolerance: float = 5.0) -> None:
     """Fail loudly when the slim model's accuracy is not the masked model's.
@@ -74,12 +83,13 @@ def check_slim_accuracy(masked_top1: float, raw_top1: float, recal_top1: Optiona
 
 
 def size_summary(model: nn.Module, input_size: Sequence[int], sparsity: Optional[Chase] = None) -> Dict[str, int]:
-    """Parameters (all, non-zero) and FLOPs of one image: dense, and skipping zero Conv/Linear weights (the masks
-    of ``sparsity`` when given, so regrown weights that are still exactly 0 count as active)."""
+    """Parameters (all, non-zero) and FLOPs of one image from one counting pass: dense, and skipping zero
+    Conv/Linear weights (the masks of ``sparsity`` when given, so regrown weights that are still exactly 0 count as
+    active; its FLOPs are those of ``sparsity.module``, which has ``model``'s shapes: ``model`` itself or a copy
+    registered with it, such as an EMA model)."""
     params = list(model.parameters())
     return {"params": sum(p.numel() for p in params), "nonzero_params": sum(int(p.count_nonzero()) for p in params),
-            "dense_flops": count_flops(model, tuple(input_size)),
-            "sparse_flops": sparse_flops(sparsity if sparsity is not None else model, None, tuple(input_size))}
+            **flop_counts(sparsity if sparsity is not None else model, None, tuple(input_size))}
 
 
 def speed_summary(dense: nn.Module, slim: nn.Module, input_size: Sequence[int], batch_size: int = 32) -> Dict[str, Any]:

@@ -30,12 +30,12 @@ from typing import Dict, List, Optional, Sequence
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import yaml
 from torch.fx.experimental.optimization import fuse
 
 import chase_timm
-from chase_timm.metrics import count_flops, interleaved_timings, resolve_input_size, sparse_flops
+from chase_timm.metrics import flop_counts, interleaved_timings, resolve_input_size
+from synthetic_run import synthetic_config, synthetic_run
 
 ALIASES = {"d": "density", "S_c": "channel_sparsity", "beta": "min_channel_ratio"}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -92,27 +92,12 @@ def parse_chase_spec(spec: str) -> Dict[str, object]:
 def build_slim(model_name: str, num_classes: int, overrides: Dict[str, object], size: int, steps: int,
                seed: int) -> nn.Module:
     """A slim model with the widths a Chase config produces: masks, the channel schedule over ``steps``
-    synthetic SGD steps at ``size`` px (a channel event every step), then ``export()``."""
-    torch.manual_seed(seed)
-    model = timm.create_model(model_name, num_classes=num_classes)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    schedule = dict(total_steps=steps, update_interval=max(1, steps // 2), channel_interval=1, channel_offset=0,
-                    channel_end_step=max(1, steps - 2), phase_b_start_step=max(1, steps - 2))
+    synthetic SGD steps at ``size`` px (a channel event every step, ``synthetic_run``), then ``export()``."""
     try:
-        config = chase_timm.ChaseConfig(**{**schedule, **overrides})
+        config = synthetic_config(steps, **overrides)
     except (TypeError, ValueError) as e:
         raise SystemExit(f"--chase: {e}")
-    example = torch.randn(1, 3, size, size)
-    chase = chase_timm.Chase(model, config, optimizer=optimizer, example_inputs=example)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x = torch.randn(2, 3, size, size, generator=generator)
-        y = torch.randint(0, num_classes, (2,), generator=generator)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        chase.step()
-        optimizer.zero_grad()
-    return chase.export()
+    return synthetic_run(model_name, config, num_classes, size, seed)[2].export()
 
 
 def load_slim(source: str) -> nn.Module:
@@ -142,8 +127,7 @@ def prepare(model: nn.Module, device: torch.device, layout: str, backend: Option
 
 def model_facts(model: nn.Module, size: Sequence[int]) -> dict:
     """Parameters and FLOPs of one image: dense (every weight) and sparse (non-zero weights only)."""
-    return {"params": sum(p.numel() for p in model.parameters()),
-            "dense_flops": count_flops(model, size), "sparse_flops": sparse_flops(model, None, size)}
+    return {"params": sum(p.numel() for p in model.parameters()), **flop_counts(model, None, size)}
 
 
 def format_table(facts: Dict[str, dict], results: List[dict]) -> str:

@@ -26,10 +26,9 @@ cache = Path(tempfile.mkdtemp(prefix="chase-load-bench-"))
 os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache))  # read when huggingface_hub is imported
 
 import timm  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import chase_timm  # noqa: E402
+from synthetic_run import synthetic_config, synthetic_run  # noqa: E402
 
 
 def publish(folder: Path, repo_id: str) -> None:
@@ -43,28 +42,12 @@ def publish(folder: Path, repo_id: str) -> None:
     (repo / "refs" / "main").write_text("0" * 40)
 
 
-def slim_model(name: str) -> torch.nn.Module:
-    """A few real Chase steps at 32 px reaching the requested channel sparsity, then the export."""
-    torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=1000)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    config = chase_timm.ChaseConfig(total_steps=3, update_interval=2, channel_interval=1, channel_offset=0,
-                                    channel_end_step=2, channel_sparsity=args.channel_sparsity)
-    chase = chase_timm.Chase(model, config, optimizer=optimizer, example_inputs=torch.randn(1, 3, 32, 32))
-    for _ in range(2):
-        F.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.randint(0, 1000, (2,))).backward()
-        optimizer.step()
-        chase.step()
-        optimizer.zero_grad()
-    return chase.export()
-
-
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="chase-load-bench-folders-"))
     try:
         dense = timm.create_model(args.model)
         timm.models.save_for_hf(dense, str(work / "dense"), safe_serialization=True)
-        slim = slim_model(args.model)
+        slim = synthetic_run(args.model, synthetic_config(channel_sparsity=args.channel_sparsity))[2].export()
         chase_timm.save_pretrained(slim, work / "slim")
         publish(work / "dense", f"bench/{args.model}")
         publish(work / "slim", f"bench/chase-{args.model}")

@@ -14,7 +14,6 @@ pretrained=True)``), with metrics.json, run_config.yaml, training.png and checkp
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import difflib
 import json
@@ -45,8 +44,8 @@ import chase_timm
 from chase_timm.data import DATA_SPEC_HELP, DataSpecError, load_image_data, set_transform
 from chase_timm.slim import recalibrate_batchnorm
 from chase_timm.training import (ExportMismatchError, check_export, check_slim_accuracy, create_timm_model,
-                                 load_initial_weights, mask_digest,
-                                 plot_training, size_summary, speed_summary, summary_table)
+                                 load_initial_weights, mask_digest, plot_training, size_summary, speed_summary,
+                                 summary_table, weight_digest)
 
 CHASE_FLAGS = ("density", "channel_sparsity", "min_channel_ratio", "shrink")  # flags that land in `chase:`
 EPOCH_KEYS = ("update_interval_epochs", "channel_interval_epochs", "channel_end_epoch", "phase_b_epoch")
@@ -123,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep a masked timm ModelEmaV3 copy; publish its slim export")
     t.add_argument("--model-ema-decay", type=float, default=0.998, help="EMA decay per optimizer step")
     t.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation micro-steps per update")
+    t.add_argument("--channels-last", action="store_true",
+                   help="train in channels_last memory format (timm's flag): faster convolutions on CPU (oneDNN) and "
+                        "GPU, and it keeps thin shrunk layers efficient")
     t.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"),
                    help="passed to Accelerator (default: whatever `accelerate launch` configured)")
     t.add_argument("--seed", type=int, default=0, help="seed of model init, data order, augmentation and masks")
@@ -133,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--channel-sparsity", type=float, help="fraction S_c of prunable channels removed (default 0.4)")
     c.add_argument("--min-channel-ratio", type=float, help="per-group channel floor ratio beta (default 0.2)")
     c.add_argument("--shrink", choices=("off", "events", "end"),
-                   help="slice removed channels out of the training model after every channel event, once at the "
-                        "end of channel pruning, or never (default off: masking only)")
+                   help="slice removed channels out of the training model after every channel event (default: "
+                        "later steps run on the slim widths), once at the end of channel pruning, or never (off: "
+                        "masking only, the library's default)")
     o = p.add_argument_group("output")
     o.add_argument("--output", help="output folder, itself the slim model (default: outputs/<model>-chase)")
     o.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
@@ -164,6 +167,9 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, Di
                          "pass --output/--resume/--overwrite on the command line.")
         parser.set_defaults(**{k: coerce(actions[k], v, parser) for k, v in cfg.items()})
     args = parser.parse_args(argv)
+    if chase.get("shrink") is False:  # YAML 1.1 reads a bare `shrink: off` as false
+        chase["shrink"] = "off"
+    chase.setdefault("shrink", "events")  # the recipe's default, below YAML and flags: it owns EMA, DDP, checkpoints
     chase.update({k: getattr(args, k) for k in CHASE_FLAGS if getattr(args, k) is not None})
     valid = {f.name for f in dataclasses.fields(chase_timm.ChaseConfig)} - {"total_steps"} | set(EPOCH_KEYS)
     if set(chase) - valid:
@@ -367,6 +373,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     val_loader = DataLoader(data.val, batch_size=args.batch_size, num_workers=args.workers)
     calib_loader = DataLoader(data.train, batch_size=per_process, shuffle=not streaming, num_workers=args.workers,
                               generator=torch.Generator().manual_seed(args.seed))
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)  # shrinking keeps the layout
+    initial_params = count_params(model)
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=0.9)
     mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
                   num_classes=num_classes) if args.mixup or args.cutmix else None
@@ -386,7 +395,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=args.model_ema_decay) if args.model_ema else None
     if ema is not None:
         chase.register(ema)  # shrinks along with the model
-    dense_reference = copy.deepcopy(accelerator.unwrap_model(model)) if config.shrink != "off" else None
     train_flops = chase_timm.metrics.TrainingFlops(chase, input_size=input_size)  # the paper's training FLOPs
     state = TrainState()
     states = {"chase": chase, "loop": state, "train_flops": train_flops, **({"ema": ema} if ema else {})}
@@ -421,6 +429,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         for x, y in train_loader:
             if streaming:
                 x, y = x.to(accelerator.device), y.to(accelerator.device)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             if mixup:
                 x, y = mixup(x, y)
             with accelerator.accumulate(model):
@@ -442,11 +452,12 @@ def main(argv: Optional[List[str]] = None) -> None:
             state.step += 1
             step_times.append(time.perf_counter() - step_started)
             step_started = time.perf_counter()
-            if count_params(model) != width:  # Chase shrank the model (ChaseConfig.shrink)
+            if config.is_channel_step(state.step) and count_params(model) != width:  # Chase shrank the model
+                before = sum(step_times) / len(step_times)
                 shrinks.append({"step": state.step, "params_before": width, "params_after": count_params(model),
-                                "mean_step_s_before": sum(step_times) / len(step_times)})
+                                "mean_step_s_before": before})
                 accelerator.print(f"shrunk at step {state.step}: {width:,} -> {shrinks[-1]['params_after']:,} "
-                                  f"parameters; mean step time since the last shrink {shrinks[-1]['mean_step_s_before']:.3f} s")
+                                  f"parameters; mean step time since the last shrink {before:.3f} s")
                 width, step_times = shrinks[-1]["params_after"], []
             scheduler.step_update(state.step)
             if ema is not None:
@@ -490,7 +501,9 @@ def main(argv: Optional[List[str]] = None) -> None:
              "slim_top1_before_recal": evaluate(slim, val_loader, accelerator), "skipped_steps": state.skipped_steps,
              **train_flops.summary(),
              "rank_mask_digests": accelerator.gather(
-                 torch.tensor([mask_digest(chase)], device=accelerator.device)).tolist()}
+                 torch.tensor([mask_digest(chase)], device=accelerator.device)).tolist(),
+             "rank_weight_digests": accelerator.gather(  # DDP kept every rank's (shrunk) weights identical
+                 torch.tensor([weight_digest(accelerator.unwrap_model(model))], device=accelerator.device)).tolist()}
     if args.recal_batches:
         set_seed(args.seed)  # the same augmented batches on every rank
         recalibrate_batchnorm(slim, calib_loader, num_batches=args.recal_batches)
@@ -502,7 +515,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         fail(str(e))
     for name, m in (("base", masked), ("slim", slim)):
         final.update({f"{name}_{k}": v for k, v in size_summary(m, input_size, chase if m is masked else None).items()})
-    if dense_reference is not None:  # the training model was shrunk: sizes and speed of the dense widths it started at
+    dense_reference = None
+    if count_params(model) < initial_params:  # shrunk in training: compare with the widths it started at
+        dense_reference = create_timm_model(args.model, img_size, num_classes=num_classes).to(
+            accelerator.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
         final.update(base_params=count_params(dense_reference),
                      base_dense_flops=size_summary(dense_reference, input_size)["dense_flops"],
                      mean_step_s_after_last_shrink=sum(step_times) / max(len(step_times), 1))

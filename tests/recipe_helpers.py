@@ -5,6 +5,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,28 @@ def launch(args: List[str], port: int, processes: int = 2, **env: str) -> subpro
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
            str(port), str(TRAIN), *args]
     return run(cmd, ACCELERATE_USE_CPU="1", **env)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a DDP rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def folder_top1(out: Path) -> float:
+    """Top-1 on the digits validation split of a slim folder, loaded the way a user loads it (timm local-dir)."""
+    import timm
+    import torch
+    from timm.data import create_transform, resolve_data_config
+
+    from chase_timm.data import DigitsDataset
+
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    val = DigitsDataset("val", transform=create_transform(**resolve_data_config(model=model)))
+    x, y = torch.stack([v[0] for v in val]), torch.tensor([v[1] for v in val])
+    with torch.no_grad():
+        return 100.0 * float((model(x).argmax(-1) == y).float().mean())
 
 
 def load_recipe():

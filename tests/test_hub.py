@@ -274,6 +274,16 @@ def test_save_unwraps_a_compiled_model_and_resaves_a_loaded_one(slim_folders, tm
         assert torch.equal(timm.create_model(f"local-dir:{again}", pretrained=True).eval()(x), expected)
 
 
+def test_a_channels_last_model_saves_and_reloads_with_the_same_weights(tmp_path):
+    slim, config = make_slim("resnet18", prune_skip=False)
+    slim.to(memory_format=torch.channels_last)  # trained with timm's --channels-last; safetensors needs NCHW
+    folder = chase_timm.save_pretrained(slim, tmp_path / "run", data_config={"input_size": (3, 32, 32)},
+                                        chase_config=config)
+    assert slim.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # the user's model is left as it was
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in slim.state_dict().items())
+
+
 def test_save_refuses_a_model_that_is_not_a_slim_timm_model(tmp_path):
     features = timm.create_model("resnet18", features_only=True)
     with pytest.raises(ValueError, match="not a wrapper or a features_only model"):

@@ -7,12 +7,14 @@ import torch
 import torch.nn as nn
 
 import chase_timm
-from chase_timm.metrics import (TrainingFlops, count_flops, interleaved_timings, resolve_input_size,
+from chase_timm.metrics import (TrainingFlops, count_flops, flop_counts, interleaved_timings, resolve_input_size,
                                 sparse_flops, throughput)
+from chase_timm.training import size_summary
 from helpers import train
 
 
 def tiny_chase(**overrides):
+    torch.manual_seed(0)  # a random init can draw exact zeros (about 1 in 2^24 weights); this one draws none
     model = timm.create_model("resnet18", num_classes=10)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     config = chase_timm.ChaseConfig(**{"total_steps": 100, "update_interval": 50, "channel_sparsity": 0.0,
@@ -42,9 +44,11 @@ def test_sparse_flops_of_a_half_masked_layer_are_half():
     assert sparse_flops(model, {}, size) == dense
     conv = 2 * 64 * 64 * 9 * 8 * 8  # layer1.0.conv1 at 8x8 output
     assert dense - sparse_flops(model, {"layer1.0.conv1.weight": 0.5}, size) == conv // 2
-    with torch.no_grad():  # the same, measured from the weights' zeros
+    with torch.no_grad():  # the same, measured from the weights' zeros (the init may draw exact zeros elsewhere)
+        model.layer1[0].conv1.weight.fill_(1.0)
+        before = sparse_flops(model, None, size)
         model.layer1[0].conv1.weight.view(64, -1)[:, ::2] = 0  # 288 of 576 weights per filter
-    assert dense - sparse_flops(model, None, size) == conv // 2
+    assert before - sparse_flops(model, None, size) == conv // 2
     with pytest.raises(ValueError, match="not Conv/Linear weights"):
         sparse_flops(model, {"layer1.0.bn1.weight": 0.5}, size)
 
@@ -56,6 +60,20 @@ def test_sparse_flops_accept_a_chase_its_stats_or_the_model():
     assert from_masks < 0.6 * count_flops(model, 32)
     train(model, optimizer, chase, 2)  # an update at step 2 regrows weights at exactly 0
     assert sparse_flops(chase, input_size=32) > sparse_flops(model, None, 32)  # masks count them, zeros don't
+
+
+def test_size_summary_counts_dense_and_sparse_flops_in_one_forward():
+    model, optimizer, chase = tiny_chase(total_steps=10, update_interval=2)
+    train(model, optimizer, chase, 2)
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    summary = size_summary(model, (3, 32, 32), chase)
+    assert len(forwards) == 1
+    assert summary == {"params": sum(p.numel() for p in model.parameters()),
+                       "nonzero_params": sum(int(p.count_nonzero()) for p in model.parameters()),
+                       "dense_flops": count_flops(model, 32), "sparse_flops": sparse_flops(chase, input_size=32)}
+    assert flop_counts(model, None, 32) == {"dense_flops": summary["dense_flops"],
+                                            "sparse_flops": sparse_flops(model, None, 32)}
 
 
 def test_input_size_follows_pretrained_cfg_or_a_data_config():

@@ -3,35 +3,29 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import timm
-import torch
 import yaml
 from safetensors.torch import load_file
-from timm.data import create_transform, resolve_data_config
+from timm.data import resolve_data_config
 
 import chase_timm
-from chase_timm.data import DigitsDataset
 from hub_server import HubServer
-from recipe_helpers import (ROOT, TINY, TRAIN, fresh_accelerate, launch, load_recipe, metrics, run,
-                            tensors_equal, write_parquet_dataset)
+from recipe_helpers import (ROOT, TINY, TRAIN, folder_top1, free_port, fresh_accelerate, launch, load_recipe,
+                            metrics, run, tensors_equal, write_parquet_dataset)
 
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 MODEL_FILES = ("config.json", "model.safetensors", "README.md")
 
 
-@pytest.fixture(scope="module")
-def plain_run(tmp_path_factory):
-    """One uninterrupted plain-python run with a checkpoint after every epoch: (output folder, stdout)."""
-    out = tmp_path_factory.mktemp("plain") / "run"
-    proc = run([sys.executable, str(TRAIN), *TINY, "--checkpoint-every", "1", "--output", str(out)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
+@pytest.fixture
+def plain_run(tiny_run):
+    """The shared default recipe run (conftest.tiny_run): (output folder, stdout)."""
+    return tiny_run
 
 
 def test_output_folder_is_the_slim_model_and_reproduces_its_accuracy(plain_run):
@@ -47,13 +41,8 @@ def test_output_folder_is_the_slim_model_and_reproduces_its_accuracy(plain_run):
     # a user loads the folder with timm and gets the reported accuracy with the saved data config
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     assert sum(p.numel() for p in model.parameters()) == final["slim_params"] < final["base_params"]
-    data_config = resolve_data_config(model=model)
-    assert data_config["input_size"] == (3, 16, 16)
-    val = DigitsDataset("val", transform=create_transform(**data_config))
-    x, y = torch.stack([v[0] for v in val]), torch.tensor([v[1] for v in val])
-    with torch.no_grad():
-        top1 = 100.0 * float((model(x).argmax(-1) == y).float().mean())
-    assert top1 == pytest.approx(final["slim_top1"], abs=1e-6)
+    assert resolve_data_config(model=model)["input_size"] == (3, 16, 16)
+    assert folder_top1(out) == pytest.approx(final["slim_top1"], abs=1e-6)
     # the model card carries the measured figures
     card = (out / "README.md").read_text()
     assert f"{final['slim_top1']:.2f}" in card and f"{final['masked_top1']:.2f}" in card
@@ -88,12 +77,13 @@ def test_run_config_is_reusable_with_config(plain_run, tmp_path):
     assert yaml.safe_load(dumped)["chase"]["density"] == 0.2 and "\ndensity:" not in dumped
 
 
-def test_sigkill_after_a_checkpoint_then_resume_equals_the_uninterrupted_run(plain_run, tmp_path):
+def test_sigkill_after_a_shrunk_checkpoint_then_resume_equals_the_uninterrupted_run(plain_run, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, str(TRAIN), *TINY, "--checkpoint-every", "1", "--output", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    marker = out / "checkpoints" / "epoch_1" / "run_config.yaml"  # written after accelerate.save_state
+    # epoch 2 ends after the first shrink (step 33): the checkpoint holds the shrunk model and optimizer state
+    marker = out / "checkpoints" / "epoch_2" / "run_config.yaml"  # written after accelerate.save_state
     deadline = time.time() + 240
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -102,12 +92,13 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_the_uninterrupted_run(pla
     hub = HubServer().start()  # the resumed run also publishes (--push-to-hub) to a local Hub server
     try:
         resumed = run([sys.executable, str(TRAIN), *TINY, "--checkpoint-every", "1", "--output", str(out),
-                       "--resume", str(out / "checkpoints" / "epoch_1"), "--push-to-hub", "chase-test/digits-r18"],
+                       "--resume", str(out / "checkpoints" / "epoch_2"), "--push-to-hub", "chase-test/digits-r18"],
                       HF_ENDPOINT=hub.url, HF_TOKEN="hf_test", HF_HUB_OFFLINE="0")
     finally:
         hub.stop()
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout and "epoch 1, step 22" in resumed.stdout
+    assert "resumed from" in resumed.stdout and "epoch 2, step 44" in resumed.stdout
+    assert metrics(plain_run[0])["shrinks"][0]["step"] < 44  # so the resume started from a shrunk model
     assert tensors_equal(load_file(out / "model.safetensors"), load_file(plain_run[0] / "model.safetensors"))
     for key in ("slim_top1", "train_flops", "dense_train_flops"):  # the FLOPs integral resumes exactly too
         assert metrics(out)["final"][key] == metrics(plain_run[0])["final"][key], key
@@ -129,7 +120,7 @@ def refusal(argv, capsys) -> str:
 def test_resume_from_another_run_is_refused(plain_run, tmp_path, capsys):
     checkpoint = plain_run[0] / "checkpoints" / "epoch_1"
     line = refusal([*TINY, "--density", "0.2", "--output", str(tmp_path / "x"), "--resume", str(checkpoint)], capsys)
-    assert "is from another run" in line and "'chase': ({}, {'density': 0.2})" in line
+    assert "is from another run" in line and "'chase': ({'shrink': 'events'}, {'shrink': 'events', 'density': 0.2})" in line
     assert not (tmp_path / "x").exists()
 
 
@@ -150,13 +141,10 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
 def test_two_processes_on_a_streamed_hf_dataset(tmp_path):
     """Real gloo DDP: the streamed train split is sharded per rank, masks agree, the slim folder loads."""
     data = write_parquet_dataset(tmp_path / "pq", {"train": 256, "validation": 64})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "ddp"
     proc = launch(["--model", "resnet18", "--img-size", "16", "--batch-size", "32", "--epochs", "2",
                    "--grad-accum", "2", "--recal-batches", "2", "--data", f"hf:{data}", "--streaming",
-                   "--output", str(out)], port)
+                   "--output", str(out)], free_port())
     assert proc.returncode == 0, proc.stderr[-3000:]
     # 256 images / 32 per micro-step = 8 micro-steps, 2 per update -> 4 optimizer steps per epoch
     assert "2 process(es)" in proc.stdout and "8 optimizer steps" in proc.stdout
@@ -205,3 +193,13 @@ def test_digits_config_is_the_default():
     assert {**vars(args), "config": None} == vars(defaults)
     build = lambda chase: chase_timm.ChaseConfig.from_epochs(epochs=args.epochs, steps_per_epoch=22, **chase)
     assert build(section) == build(default_section)
+
+
+def test_recipe_shrinks_by_default_and_a_yaml_or_flag_turns_it_off(tmp_path):
+    recipe = load_recipe()
+    assert recipe.parse_args([])[1]["shrink"] == "events"
+    config = tmp_path / "masking.yaml"
+    config.write_text("chase:\n  shrink: off\n")  # YAML 1.1 reads a bare off as false
+    assert recipe.parse_args(["--config", str(config)])[1]["shrink"] == "off"
+    assert recipe.parse_args(["--config", str(config), "--shrink", "end"])[1]["shrink"] == "end"
+    assert recipe.parse_args(["--shrink", "off"])[1]["shrink"] == "off"

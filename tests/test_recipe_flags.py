@@ -27,7 +27,8 @@ def train_in_process(argv, monkeypatch=None) -> str:
 
 @pytest.fixture(scope="module")
 def flagged_run(tmp_path_factory):
-    """One run with --log-with tensorboard --model-ema --mixup --cutmix --clip-grad --initial-checkpoint."""
+    """One run with --log-with tensorboard --model-ema --mixup --cutmix --clip-grad --initial-checkpoint
+    --channels-last."""
     root = tmp_path_factory.mktemp("flags")
     start = timm.create_model("resnet18")  # ImageNet-shaped (1000 classes): the classifier cannot be reused
     save_file(start.state_dict(), str(root / "start.safetensors"))
@@ -45,6 +46,8 @@ def flagged_run(tmp_path_factory):
 
     def spy_wrap(self, model, *args, **kwargs):
         seen["stem_at_wrap"] = dict(model.named_parameters())["conv1.weight"].detach().clone()
+        seen["channels_last"] = all(p.is_contiguous(memory_format=torch.channels_last)
+                                    for p in model.parameters() if p.dim() == 4)
         wrap(self, model, *args, **kwargs)
 
     out = root / "run"
@@ -54,7 +57,8 @@ def flagged_run(tmp_path_factory):
         mp.setattr(chase_timm.Chase, "__init__", spy_wrap)
         printed = train_in_process([*TINY, "--epochs", "2", "--max-steps", "6", "--log-with", "tensorboard",
                                     "--model-ema", "--mixup", "0.2", "--cutmix", "0.3", "--clip-grad", "1.0",
-                                    "--initial-checkpoint", str(root / "start.safetensors"), "--output", str(out)])
+                                    "--initial-checkpoint", str(root / "start.safetensors"), "--channels-last",
+                                    "--output", str(out)])
     return out, printed, seen, start
 
 
@@ -62,6 +66,14 @@ def test_initial_checkpoint_starts_from_its_dense_weights(flagged_run):
     out, printed, seen, start = flagged_run
     assert torch.equal(seen["stem_at_wrap"], start.conv1.weight)  # loaded before Chase masked anything
     assert "re-initialised ['fc.bias', 'fc.weight']" in printed  # 1000 -> 10 classes
+
+
+def test_channels_last_trains_in_that_layout_and_publishes_a_loadable_model(flagged_run):
+    out, _, seen, _ = flagged_run
+    assert seen["channels_last"]  # every 4-d weight, as Chase and the optimizer see it
+    final = metrics(out)["final"]
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True)  # saved NCHW (safetensors), loads as timm's
+    assert sum(p.numel() for p in loaded.parameters()) == final["slim_params"]
 
 
 def test_mixup_and_cutmix_mix_every_batch_with_soft_targets(flagged_run):
