@@ -85,7 +85,7 @@ class Chase:
         self._base_shapes = {n: tuple(t.shape) for n, t in named_tensors(self.module)}
         self._base: Optional[nn.Module] = None
         self._copies: List[nn.Module] = []
-        if config.shrink != "off":
+        if config.shrink != "off" and config.channel_sparsity > 0:  # only then is there anything to shrink
             check_shrinkable(model, None, {}, {})
         self.step_count = 0
         self.skipped_updates = 0

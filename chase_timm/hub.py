@@ -181,10 +181,11 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *,
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=directory.parent))
     try:
-        contiguous = all(t.is_contiguous() for t in model.state_dict().values())
-        # shallow: same tensors, its own pretrained_cfg / model args; a channels_last model is written from an NCHW
-        # copy (safetensors stores contiguous tensors only), the layout timm loads into
-        export = copy.copy(model) if contiguous else deepcopy_model(model).to(memory_format=torch.contiguous_format)
+        export = copy.copy(model)  # shallow: same tensors, its own pretrained_cfg / model args
+        if not all(_row_major(t) for t in model.state_dict().values()):  # e.g. a channels_last model is written
+            export = deepcopy_model(model)  # from a row-major copy, what safetensors stores and timm loads into (and
+            for tensor in export.state_dict(keep_vars=True).values():  # what the reloaded model computes with);
+                tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)  # the user's model is kept
         export.pretrained_cfg = cfg
         export._model_args = spec.pop("base_args")
         save_for_hf(export, str(staging), model_args={"chase": spec}, safe_serialization=True,
@@ -202,6 +203,16 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *,
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def _row_major(tensor: torch.Tensor) -> bool:
+    """Strides exactly those of a fresh tensor of its shape (a channels_last 1x1 conv weight counts as contiguous
+    but has other strides, and convolution kernels pick their algorithm, and so their rounding, by strides)."""
+    expected, step = [], 1
+    for size in reversed(tensor.shape):
+        expected.insert(0, step)
+        step *= size
+    return tensor.stride() == tuple(expected)
 
 
 def _drop_num_classes_arg(path: Path) -> None:

@@ -40,6 +40,9 @@ def check_shrinkable(model: nn.Module, optimizer: Optional[torch.optim.Optimizer
     if isinstance(model, DistributedDataParallel) and getattr(model, "_delay_all_reduce_params", None):
         raise ValueError("Chase cannot rebuild a DistributedDataParallel with delay_all_reduce_named_params; "
                          "use ChaseConfig(shrink='off').")
+    if isinstance(model, DistributedDataParallel) and getattr(model, "mixed_precision", None) is not None:
+        raise ValueError("Chase cannot rebuild a DistributedDataParallel with its own mixed_precision (its hooks "
+                         "register once); use autocast (accelerate's mixed_precision) or ChaseConfig(shrink='off').")
     for name, param, value_name, value in _cut_states(optimizer, params, removals):
         if value.shape != param.shape:
             raise ValueError(
@@ -90,9 +93,27 @@ def rebuild_ddp(model: nn.Module) -> None:
     settings["bucket_cap_mb"] = model.bucket_bytes_cap / (1024 * 1024)
     hooks = list(getattr(model, "_comm_hooks", []))
     module = model.module
+    _check_same_shapes(module, model.process_group)
     for attr in ("logger", "reducer"):  # the old reducer's autograd hooks hold the old bucket layout
         if hasattr(model, attr):
             delattr(model, attr)
     DistributedDataParallel.__init__(model, module, **settings)
     for hook, state in hooks:
+        for attr in ("error_dict", "p_memory_dict", "q_memory_dict"):  # PowerSGD: buffers per old bucket
+            if isinstance(getattr(state, attr, None), dict):
+                getattr(state, attr).clear()
         model.register_comm_hook(state, hook)
+
+
+def _check_same_shapes(module: nn.Module, group) -> None:
+    """RuntimeError unless every rank holds the same parameter shapes: the rebuild skips DDP's own check
+    (``init_sync=False``), and a rank that did not shrink would otherwise hang or mix gradients."""
+    params = list(module.parameters())
+    summary = torch.tensor([len(params), sum(p.numel() for p in params),
+                            sum((i + 1) * p.numel() for i, p in enumerate(params))], device=params[0].device)
+    low, high = summary.clone(), summary.clone()
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN, group=group)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX, group=group)
+    if not torch.equal(low, high):
+        raise RuntimeError("ranks hold different parameter shapes after a shrink: call chase.step() (or "
+                           "chase.shrink()) on every rank at the same step.")

@@ -202,7 +202,7 @@ def prune_smallest(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torc
     scores = {n: torch.where(masks[n].bool(), w.detach().abs().float(), math.inf).flatten() for n, w in weights.items()}
     chosen = _select(scores, total, counts, generator, largest=False)
     for name, pos in chosen.items():
-        masks[name][torch.unravel_index(pos, masks[name].shape)] = 0  # any layout (channels_last)
+        _set_flat(masks[name], pos, 0)
     return chosen
 
 
@@ -222,11 +222,20 @@ def grow_largest(grads: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Te
         scores[name] = torch.where(candidate, grad.detach().abs().float(), -1.0).flatten()
     chosen = _select(scores, total, counts, generator, largest=True)
     for name, pos in chosen.items():
-        masks[name][torch.unravel_index(pos, masks[name].shape)] = 1
+        _set_flat(masks[name], pos, 1)
     return chosen
 
 
 def zero_positions(tensors: Iterable[torch.Tensor], positions: torch.Tensor) -> None:
     """Set the given flat positions of every tensor to zero (new weights and their optimizer state)."""
     for tensor in tensors:
-        tensor[torch.unravel_index(positions, tensor.shape)] = 0  # flat = logical order, any memory layout
+        _set_flat(tensor, positions, 0)
+
+
+def _set_flat(tensor: torch.Tensor, positions: torch.Tensor, value: float) -> None:
+    """``tensor.flatten()[positions] = value`` in place, whatever the memory layout (a channels_last weight cannot
+    be viewed flat; flat positions are in logical order)."""
+    if tensor.is_contiguous():
+        tensor.view(-1)[positions] = value
+    else:
+        tensor[torch.unravel_index(positions, tensor.shape)] = value

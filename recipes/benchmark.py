@@ -35,10 +35,9 @@ from torch.fx.experimental.optimization import fuse
 
 import chase_timm
 from chase_timm.metrics import flop_counts, interleaved_timings, resolve_input_size
-from synthetic_run import synthetic_config, synthetic_run
+from synthetic_run import LAYOUTS, synthetic_config, synthetic_run
 
 ALIASES = {"d": "density", "S_c": "channel_sparsity", "beta": "min_channel_ratio"}
-LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -29,10 +29,9 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 from chase_timm.metrics import count_flops
-from synthetic_run import synthetic_config, synthetic_run, training_step
+from synthetic_run import LAYOUTS, synthetic_config, synthetic_run, training_step
 
 
-LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -77,6 +76,9 @@ def compare(name: str, scheduled: tuple, layout: str, args: argparse.Namespace) 
     """Masked vs shrunk training steps of one scheduled run in one memory layout, timed side by side."""
     model, optimizer, chase = copy.deepcopy(scheduled)
     model.to(memory_format=LAYOUTS[layout])  # in place: the optimizer keeps its parameters
+    for state in optimizer.state.values():  # momentum in the layout a run built in it would have (as its grads)
+        state.update({k: v.contiguous(memory_format=LAYOUTS[layout]) for k, v in state.items()
+                      if torch.is_tensor(v) and v.dim() == 4})
     chase.config = dataclasses.replace(chase.config, total_steps=10 ** 6, update_interval=10 ** 6)  # no updates
     shrunk = copy.deepcopy((model, optimizer, chase))
     shrunk[2].shrink()  # keeps the layout

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from chase_timm import Chase, ChaseConfig
 
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}  # the benchmarks' --layouts
+
 
 def synthetic_config(steps: int = 4, **overrides: Any) -> ChaseConfig:
     """A ``steps``-step ChaseConfig: a channel event every step until S_c is reached two steps before the end

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 import chase_timm
 from chase_timm.data import DATA_SPEC_HELP, DataSpecError, load_image_data, set_transform
+from chase_timm.metrics import count_flops
 from chase_timm.slim import recalibrate_batchnorm
 from chase_timm.training import (ExportMismatchError, check_export, check_slim_accuracy, create_timm_model,
                                  load_initial_weights, mask_digest, plot_training, size_summary, speed_summary,
@@ -169,7 +170,8 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, Di
     args = parser.parse_args(argv)
     if chase.get("shrink") is False:  # YAML 1.1 reads a bare `shrink: off` as false
         chase["shrink"] = "off"
-    chase.setdefault("shrink", "events")  # the recipe's default, below YAML and flags: it owns EMA, DDP, checkpoints
+    if "shrink" not in chase and args.shrink is None:  # the recipe's default (it owns EMA, DDP and checkpoints),
+        chase["shrink"] = checkpoint_run(args.resume)["chase"]["shrink"] if args.resume else "events"  # or the run's
     chase.update({k: getattr(args, k) for k in CHASE_FLAGS if getattr(args, k) is not None})
     valid = {f.name for f in dataclasses.fields(chase_timm.ChaseConfig)} - {"total_steps"} | set(EPOCH_KEYS)
     if set(chase) - valid:
@@ -248,9 +250,18 @@ def check_output(args: argparse.Namespace, run: Dict[str, Any]) -> None:
              "run, choose another --output (nothing was changed)")
 
 
+def checkpoint_run(resume: str) -> Dict[str, Any]:
+    """A checkpoint's run config, with the values of settings that recipes older than them did not record."""
+    path = Path(resume) / RUN_FILE
+    saved = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    saved.setdefault("channels_last", False)
+    saved["chase"] = {"shrink": "off", **(saved.get("chase") or {})}  # masking only, before shrinking was default
+    return saved
+
+
 def check_resume(args: argparse.Namespace, run: Dict[str, Any]) -> None:
     """A checkpoint continues only the run it came from: same model, data, schedule and Chase settings."""
-    saved = yaml.safe_load((Path(args.resume) / RUN_FILE).read_text()) or {}
+    saved = checkpoint_run(args.resume)
     keys = (set(saved) | set(run)) - set(FREE_ON_RESUME)
     diff = {k: (saved.get(k), run.get(k)) for k in sorted(keys) if saved.get(k) != run.get(k)}
     if diff:
@@ -390,8 +401,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         warmup_epochs=round(args.warmup_epochs * total_steps / args.epochs),
         decay_milestones=[round(e * total_steps / args.epochs) for e in args.decay_milestones],
         decay_rate=args.decay_rate)
-    chase = chase_timm.Chase(model, config, optimizer=optimizer,
-                             example_inputs=torch.zeros(1, *input_size, device=accelerator.device))
+    try:
+        chase = chase_timm.Chase(model, config, optimizer=optimizer,
+                                 example_inputs=torch.zeros(1, *input_size, device=accelerator.device))
+    except ValueError as e:  # e.g. a model compiled by `accelerate launch --dynamo_backend ...` cannot shrink
+        fail(f"{e} In this recipe: --shrink off (masking only), or launch with --dynamo_backend no.")
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=args.model_ema_decay) if args.model_ema else None
     if ema is not None:
         chase.register(ema)  # shrinks along with the model
@@ -418,7 +432,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     # ---- train
     log_every = max(1, total_steps // 500)
-    shrinks, width, step_times, step_started = [], count_params(model), [], time.perf_counter()
+    shrinks, width, step_times = [], count_params(model), []
     while state.step < total_steps:
         model.train()
         getattr(train_loader, "set_epoch", getattr(data.train, "set_epoch", lambda e: None))(state.epoch)
@@ -426,6 +440,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         bar = tqdm(total=min(math.ceil(steps_per_epoch), total_steps - state.step),
                    desc=f"epoch {state.epoch + 1}/{last_epoch}", disable=not accelerator.is_local_main_process,
                    leave=False)
+        step_started = time.perf_counter()  # step times leave out evaluation and checkpoints
         for x, y in train_loader:
             if streaming:
                 x, y = x.to(accelerator.device), y.to(accelerator.device)
@@ -515,19 +530,19 @@ def main(argv: Optional[List[str]] = None) -> None:
         fail(str(e))
     for name, m in (("base", masked), ("slim", slim)):
         final.update({f"{name}_{k}": v for k, v in size_summary(m, input_size, chase if m is masked else None).items()})
-    dense_reference = None
-    if count_params(model) < initial_params:  # shrunk in training: compare with the widths it started at
-        dense_reference = create_timm_model(args.model, img_size, num_classes=num_classes).to(
-            accelerator.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
-        final.update(base_params=count_params(dense_reference),
-                     base_dense_flops=size_summary(dense_reference, input_size)["dense_flops"],
-                     mean_step_s_after_last_shrink=sum(step_times) / max(len(step_times), 1))
+    shrunk = count_params(model) < initial_params
+    if shrunk:
+        final["mean_step_s_after_last_shrink"] = sum(step_times) / max(len(step_times), 1)
     accelerator.end_training()
 
     # ---- save (main process): the slim model folder, metrics, plot; publish
     if accelerator.is_main_process:
-        final.update(speed_summary(masked if dense_reference is None else dense_reference, slim, input_size,
-                                   batch_size=per_process))
+        dense = masked
+        if shrunk:  # the training model was shrunk: sizes and speed of the dense widths it started at
+            dense = create_timm_model(args.model, img_size, num_classes=num_classes).to(
+                accelerator.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+            final.update(base_params=count_params(dense), base_dense_flops=count_flops(dense, input_size))
+        final.update(speed_summary(dense, slim, input_size, batch_size=per_process))
         report = chase.report()
         slim = slim.cpu()
         chase_timm.save_pretrained(slim, out, chase_config=config, data_config=data_config, metrics=final,

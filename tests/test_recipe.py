@@ -117,10 +117,25 @@ def refusal(argv, capsys) -> str:
     return lines[0]
 
 
+def test_a_checkpoint_from_before_shrinking_was_the_default_resumes_masking_only(plain_run, tmp_path):
+    """Its run_config.yaml records neither `channels_last` nor `chase.shrink`: it resumes as the masking run it was."""
+    recipe = load_recipe()
+    old = tmp_path / "epoch_1"
+    old.mkdir()
+    saved = yaml.safe_load((plain_run[0] / "checkpoints" / "epoch_1" / "run_config.yaml").read_text())
+    del saved["channels_last"], saved["chase"]["shrink"]
+    (old / "run_config.yaml").write_text(yaml.safe_dump(saved))
+    args, section = recipe.parse_args([*TINY, "--checkpoint-every", "1", "--resume", str(old)])
+    assert section["shrink"] == "off"
+    recipe.check_resume(args, recipe.run_config(args, section))  # no refusal
+    assert recipe.parse_args([*TINY, "--resume", str(plain_run[0] / "checkpoints" / "epoch_1")])[1]["shrink"] == "events"
+
+
 def test_resume_from_another_run_is_refused(plain_run, tmp_path, capsys):
     checkpoint = plain_run[0] / "checkpoints" / "epoch_1"
     line = refusal([*TINY, "--density", "0.2", "--output", str(tmp_path / "x"), "--resume", str(checkpoint)], capsys)
-    assert "is from another run" in line and "'chase': ({'shrink': 'events'}, {'shrink': 'events', 'density': 0.2})" in line
+    assert "is from another run" in line
+    assert "'chase': ({'shrink': 'events'}, {'shrink': 'events', 'density': 0.2})" in line
     assert not (tmp_path / "x").exists()
 
 

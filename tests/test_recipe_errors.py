@@ -90,3 +90,10 @@ def test_under_accelerate_launch_the_error_is_the_only_output(tmp_path):
     assert proc.returncode != 0
     lines = error_lines(proc)
     assert lines == ["error: unknown dataset spec --data 'mnist'; use " + lines[0].split("; use ", 1)[1]], lines
+
+
+def test_a_model_compiled_by_accelerate_cannot_shrink_and_the_error_says_what_to_pass(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "EAGER")  # what `accelerate launch --dynamo_backend eager` sets
+    line = error_of([*TINY, "--output", str(tmp_path / "run")], capsys)
+    assert "not OptimizedModule" in line and "--shrink off" in line and "--dynamo_backend no" in line
+    assert not (tmp_path / "run").exists()

@@ -11,6 +11,7 @@ from accelerate.utils import DistributedDataParallelKwargs, gather
 
 from chase_timm import Chase, ChaseConfig
 from chase_timm.metrics import TrainingFlops
+from chase_timm.shrink import rebuild_ddp
 from chase_timm.slim import apply_width_plan
 from helpers import batch, tiny_model
 from recipe_helpers import TINY, folder_top1, free_port, fresh_accelerate, launch, metrics
@@ -120,6 +121,21 @@ def _assert_is_slim_of(model, chase, twin) -> None:
     for name, mask in chase.masks.items():
         assert torch.equal(mask, twin_masks.get_parameter(name)), name
     _assert_same_outputs(model, slim)
+
+
+@pytest.mark.usefixtures("float64")
+def test_shrink_end_masks_until_the_last_channel_event_then_shrinks_once():
+    model, optimizer, chase = _setup("resnet18", shrink="end")
+    twin_model, twin_opt, twin = copy.deepcopy((model, optimizer, chase))
+    twin.config = dataclasses.replace(chase.config, shrink="off")
+    widths = []
+    for step in range(STEPS):
+        _assert_same_step(model, optimizer, chase, twin_model, twin_opt, twin, step)
+        widths.append(sum(p.numel() for p in model.parameters()))
+    end = chase.config.channel_end_step  # step count after the shrink; widths[t - 1] is the width after step t
+    assert len(set(widths[:end - 1])) == 1 and widths[end - 1] < widths[0] and len(set(widths[end - 1:])) == 1
+    assert twin.removed_channels() == chase.removed_channels()
+    _assert_is_slim_of(model, chase, twin)
 
 
 @pytest.mark.usefixtures("float64")
@@ -309,6 +325,25 @@ def test_shrinking_under_two_process_ddp_keeps_ranks_identical():
     debug_launcher(_shrink_on_two_ranks, num_processes=2)
 
 
+def _shrink_on_one_rank_only() -> None:
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(tiny_model("resnet18"))
+    optimizer = SGD(model.parameters())
+    chase = Chase(model, ChaseConfig(**SCHEDULE), optimizer=optimizer, example_inputs=torch.randn(1, 3, 32, 32))
+    for step in range(2):  # the first channel event (masking only)
+        x, y = batch(step)
+        accelerator.backward(F.cross_entropy(model(x), y))
+        optimizer.step()
+        chase.step()
+        optimizer.zero_grad()
+    with pytest.raises(RuntimeError, match="different parameter shapes after a shrink"):
+        chase.shrink() if accelerator.process_index == 0 else rebuild_ddp(model)  # rank 1 rebuilds unshrunk
+
+
+def test_a_rank_that_did_not_shrink_is_an_error_not_a_hang():
+    debug_launcher(_shrink_on_one_rank_only, num_processes=2)
+
+
 RECIPE = [*TINY, "--checkpoint-every", "1"]  # resnet18, 16 px, digits, 3 epochs of 22 steps
 
 
@@ -358,7 +393,9 @@ def test_benchmark_script_times_masked_and_shrunk_training_steps(tmp_path):
 
     rows = benchmark_shrink.main(["--models", "resnet18", "--prune-skip", "--img-size", "16", "--batch-size", "2",
                                   "--repeats", "2", "--steps", "1", "--json", str(tmp_path / "b.json")])
-    row = rows[0]
-    assert row["flops_ratio"] < 0.8 and set(row["step_s"]) == {"masked", "shrunk"} and row["prune_skip"]
-    assert row["memory"]["shrunk"]["weights_grads_state_mib"] < 0.8 * row["memory"]["masked"]["weights_grads_state_mib"]
+    assert [row["layout"] for row in rows] == ["nchw", "channels_last"]
+    for row in rows:
+        assert row["flops_ratio"] < 0.8 and set(row["step_s"]) == {"masked", "shrunk"} and row["prune_skip"]
+        memory = row["memory"]
+        assert memory["shrunk"]["weights_grads_state_mib"] < 0.8 * memory["masked"]["weights_grads_state_mib"]
     assert (tmp_path / "b.json").exists()
