@@ -388,6 +388,19 @@ def test_two_process_recipe_run_shrinks_in_step_on_both_ranks_and_learns_like_on
     assert abs(final["slim_top1"] - single["final"]["slim_top1"]) < 5.0
 
 
+def test_benchmark_script_times_a_trained_runs_final_widths(shrinking_run, tmp_path):
+    import benchmark_shrink
+
+    rows = benchmark_shrink.main(["--models", "resnet18", "--slim", str(shrinking_run[0]), "--img-size", "16",
+                                  "--batch-size", "2", "--repeats", "1", "--steps", "1", "--layouts", "nchw",
+                                  "--json", str(tmp_path / "b.json")])
+    final = metrics(shrinking_run[0])["final"]
+    assert [row["widths"] for row in rows] == [str(shrinking_run[0])]
+    assert rows[0]["flops_ratio"] == pytest.approx(final["slim_dense_flops"] / final["base_dense_flops"], rel=1e-6)
+    with pytest.raises(SystemExit, match="one --models name"):
+        benchmark_shrink.main(["--models", "resnet18", "resnet34", "--slim", str(shrinking_run[0])])
+
+
 def test_benchmark_script_times_masked_and_shrunk_training_steps(tmp_path):
     import benchmark_shrink
 
