@@ -11,7 +11,7 @@ import hashlib
 import math
 import pickle
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -47,20 +47,21 @@ def check_export(masked: nn.Module, slim: nn.Module, inputs: torch.Tensor, rtol:
 def mask_digest(chase: Chase) -> int:
     """A 60-bit fingerprint of every mask and removed channel: equal on every rank of a correct distributed run."""
     state = chase.state_dict()
-    digest = hashlib.sha256()
-    for group in ("masks", "alive"):
-        for name in sorted(state[group]):
-            digest.update(name.encode())
-            digest.update(state[group][name].bool().numpy().tobytes())
-    return int(digest.hexdigest()[:15], 16)
+    return _fingerprint((name, state[group][name].bool())
+                        for group in ("masks", "alive") for name in sorted(state[group]))
 
 
 def weight_digest(model: nn.Module) -> int:
     """A 60-bit fingerprint of the model's parameters (names and bytes): equal on every rank of a correct DDP run."""
+    return _fingerprint(model.named_parameters())
+
+
+def _fingerprint(named: Iterable[Tuple[str, torch.Tensor]]) -> int:
+    """The first 60 bits of a SHA-256 over names and tensor bytes (logical order, any device or layout)."""
     digest = hashlib.sha256()
-    for name, param in model.named_parameters():
+    for name, tensor in named:
         digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return int(digest.hexdigest()[:15], 16)
 
 

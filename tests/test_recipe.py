@@ -22,14 +22,8 @@ CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 MODEL_FILES = ("config.json", "model.safetensors", "README.md")
 
 
-@pytest.fixture
-def plain_run(tiny_run):
-    """The shared default recipe run (conftest.tiny_run): (output folder, stdout)."""
-    return tiny_run
-
-
-def test_output_folder_is_the_slim_model_and_reproduces_its_accuracy(plain_run):
-    out, stdout = plain_run
+def test_output_folder_is_the_slim_model_and_reproduces_its_accuracy(tiny_run):
+    out, stdout = tiny_run
     for name in (*MODEL_FILES, "metrics.json", "run_config.yaml", "training.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "checkpoints" / "epoch_3" / "run_config.yaml").exists()  # the final checkpoint
@@ -52,18 +46,18 @@ def test_output_folder_is_the_slim_model_and_reproduces_its_accuracy(plain_run):
     assert f"{final['train_flops']:.3g}" in card and f"{final['dense_train_flops']:.3g}" in card
 
 
-def test_raw_export_equals_the_masked_model(plain_run):
-    final = metrics(plain_run[0])["final"]
+def test_raw_export_equals_the_masked_model(tiny_run):
+    final = metrics(tiny_run[0])["final"]
     assert final["export_max_abs_diff"] < 1e-4
     assert final["slim_top1_before_recal"] == pytest.approx(final["masked_top1"], abs=1e-6)
     assert final["slim_dense_flops"] < final["base_dense_flops"]
-    epochs = metrics(plain_run[0])["epochs"]
+    epochs = metrics(tiny_run[0])["epochs"]
     assert [e["step"] for e in epochs] == [22, 44, 66] and all(e["chase_step"] == e["step"] for e in epochs)
     assert epochs[-1]["channel_sparsity"] == pytest.approx(0.4, abs=0.02)  # S_c reached, then 20 % to recover
 
 
-def test_run_config_is_reusable_with_config(plain_run, tmp_path):
-    out = plain_run[0]
+def test_run_config_is_reusable_with_config(tiny_run, tmp_path):
+    out = tiny_run[0]
     text = (out / "run_config.yaml").read_text()
     top_keys = [line.split(":")[0] for line in text.splitlines() if line and not line.startswith(" ")]
     assert len(top_keys) == len(set(top_keys)) and "output" not in top_keys and "resume" not in top_keys
@@ -77,7 +71,7 @@ def test_run_config_is_reusable_with_config(plain_run, tmp_path):
     assert yaml.safe_load(dumped)["chase"]["density"] == 0.2 and "\ndensity:" not in dumped
 
 
-def test_sigkill_after_a_shrunk_checkpoint_then_resume_equals_the_uninterrupted_run(plain_run, tmp_path):
+def test_sigkill_after_a_shrunk_checkpoint_then_resume_equals_the_uninterrupted_run(tiny_run, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, str(TRAIN), *TINY, "--checkpoint-every", "1", "--output", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -98,10 +92,10 @@ def test_sigkill_after_a_shrunk_checkpoint_then_resume_equals_the_uninterrupted_
         hub.stop()
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "epoch 2, step 44" in resumed.stdout
-    assert metrics(plain_run[0])["shrinks"][0]["step"] < 44  # so the resume started from a shrunk model
-    assert tensors_equal(load_file(out / "model.safetensors"), load_file(plain_run[0] / "model.safetensors"))
+    assert metrics(tiny_run[0])["shrinks"][0]["step"] < 44  # so the resume started from a shrunk model
+    assert tensors_equal(load_file(out / "model.safetensors"), load_file(tiny_run[0] / "model.safetensors"))
     for key in ("slim_top1", "train_flops", "dense_train_flops"):  # the FLOPs integral resumes exactly too
-        assert metrics(out)["final"][key] == metrics(plain_run[0])["final"][key], key
+        assert metrics(out)["final"][key] == metrics(tiny_run[0])["final"][key], key
     repo = hub.repos["chase-test/digits-r18"]
     published = repo.commits[repo.resolve("main")]
     assert "published:" in resumed.stdout and sorted(published) == sorted(MODEL_FILES)
@@ -117,30 +111,30 @@ def refusal(argv, capsys) -> str:
     return lines[0]
 
 
-def test_a_checkpoint_from_before_shrinking_was_the_default_resumes_masking_only(plain_run, tmp_path):
+def test_a_checkpoint_from_before_shrinking_was_the_default_resumes_masking_only(tiny_run, tmp_path):
     """Its run_config.yaml records neither `channels_last` nor `chase.shrink`: it resumes as the masking run it was."""
     recipe = load_recipe()
     old = tmp_path / "epoch_1"
     old.mkdir()
-    saved = yaml.safe_load((plain_run[0] / "checkpoints" / "epoch_1" / "run_config.yaml").read_text())
+    saved = yaml.safe_load((tiny_run[0] / "checkpoints" / "epoch_1" / "run_config.yaml").read_text())
     del saved["channels_last"], saved["chase"]["shrink"]
     (old / "run_config.yaml").write_text(yaml.safe_dump(saved))
     args, section = recipe.parse_args([*TINY, "--checkpoint-every", "1", "--resume", str(old)])
     assert section["shrink"] == "off"
     recipe.check_resume(args, recipe.run_config(args, section))  # no refusal
-    assert recipe.parse_args([*TINY, "--resume", str(plain_run[0] / "checkpoints" / "epoch_1")])[1]["shrink"] == "events"
+    assert recipe.parse_args([*TINY, "--resume", str(tiny_run[0] / "checkpoints" / "epoch_1")])[1]["shrink"] == "events"
 
 
-def test_resume_from_another_run_is_refused(plain_run, tmp_path, capsys):
-    checkpoint = plain_run[0] / "checkpoints" / "epoch_1"
+def test_resume_from_another_run_is_refused(tiny_run, tmp_path, capsys):
+    checkpoint = tiny_run[0] / "checkpoints" / "epoch_1"
     line = refusal([*TINY, "--density", "0.2", "--output", str(tmp_path / "x"), "--resume", str(checkpoint)], capsys)
     assert "is from another run" in line
     assert "'chase': ({'shrink': 'events'}, {'shrink': 'events', 'density': 0.2})" in line
     assert not (tmp_path / "x").exists()
 
 
-def test_output_holding_a_run_is_not_touched_without_overwrite(plain_run, capsys):
-    out = plain_run[0]
+def test_output_holding_a_run_is_not_touched_without_overwrite(tiny_run, capsys):
+    out = tiny_run[0]
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     line = refusal([*TINY, "--output", str(out)], capsys)
     assert f"--output {out} already holds a previous run" in line and "--overwrite" in line

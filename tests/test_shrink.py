@@ -347,15 +347,9 @@ def test_a_rank_that_did_not_shrink_is_an_error_not_a_hang():
 RECIPE = [*TINY, "--checkpoint-every", "1"]  # resnet18, 16 px, digits, 3 epochs of 22 steps
 
 
-@pytest.fixture
-def shrinking_run(tiny_run):
-    """The shared default recipe run (conftest.tiny_run), which shrinks at every channel event."""
-    return tiny_run
-
-
-def test_recipe_shrinks_by_default_and_reports_step_times(shrinking_run):
+def test_recipe_shrinks_by_default_and_reports_step_times(tiny_run):
     """SIGKILL + --resume from a shrunk checkpoint: tests/test_recipe.py (the same shared run)."""
-    full_out, stdout = shrinking_run
+    full_out, stdout = tiny_run
     assert stdout.count("shrunk at step") >= 2 and "mean step time since the last shrink" in stdout
     result = metrics(full_out)
     assert len(result["shrinks"]) >= 2 and all(s["params_after"] < s["params_before"] for s in result["shrinks"])
@@ -364,14 +358,14 @@ def test_recipe_shrinks_by_default_and_reports_step_times(shrinking_run):
     assert final["mean_step_s_after_last_shrink"] > 0
 
 
-def test_two_process_recipe_run_shrinks_in_step_on_both_ranks_and_learns_like_one_process(shrinking_run, tmp_path):
+def test_two_process_recipe_run_shrinks_in_step_on_both_ranks_and_learns_like_one_process(tiny_run, tmp_path):
     """Real gloo DDP with the same global batch (64 = 2 x 32) as the 1-process run: the rebuilt wrapper keeps
     ranks bitwise identical through both shrinks, the slim folder is valid, and training learns the same."""
     out = tmp_path / "ddp"
     proc = launch([*RECIPE, "--output", str(out)], free_port())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and proc.stdout.count("shrunk at step") >= 2
-    ddp, single = metrics(out), metrics(shrinking_run[0])
+    ddp, single = metrics(out), metrics(tiny_run[0])
     assert [s["step"] for s in ddp["shrinks"]] == [s["step"] for s in single["shrinks"]]  # same channel events
     final = ddp["final"]
     for key in ("rank_mask_digests", "rank_weight_digests"):
@@ -388,17 +382,17 @@ def test_two_process_recipe_run_shrinks_in_step_on_both_ranks_and_learns_like_on
     assert abs(final["slim_top1"] - single["final"]["slim_top1"]) < 5.0
 
 
-def test_benchmark_script_times_a_trained_runs_final_widths(shrinking_run, tmp_path):
+def test_benchmark_script_times_a_trained_runs_final_widths(tiny_run, tmp_path):
     import benchmark_shrink
 
-    rows = benchmark_shrink.main(["--models", "resnet18", "--slim", str(shrinking_run[0]), "--img-size", "16",
+    rows = benchmark_shrink.main(["--models", "resnet18", "--slim", str(tiny_run[0]), "--img-size", "16",
                                   "--batch-size", "2", "--repeats", "1", "--steps", "1", "--layouts", "nchw",
                                   "--json", str(tmp_path / "b.json")])
-    final = metrics(shrinking_run[0])["final"]
-    assert [row["widths"] for row in rows] == [str(shrinking_run[0])]
+    final = metrics(tiny_run[0])["final"]
+    assert [row["widths"] for row in rows] == [str(tiny_run[0])]
     assert rows[0]["flops_ratio"] == pytest.approx(final["slim_dense_flops"] / final["base_dense_flops"], rel=1e-6)
     with pytest.raises(SystemExit, match="one --models name"):
-        benchmark_shrink.main(["--models", "resnet18", "resnet34", "--slim", str(shrinking_run[0])])
+        benchmark_shrink.main(["--models", "resnet18", "resnet34", "--slim", str(tiny_run[0])])
 
 
 def test_benchmark_script_times_masked_and_shrunk_training_steps(tmp_path):
