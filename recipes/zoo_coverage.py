@@ -1,6 +1,6 @@
 """Architecture coverage: train a few Chase steps on each timm model, export, and check the slim model.
 
-Prints a Markdown table (the one in README.md): prunable groups, channels removed, max |slim - masked|
+Prints a Markdown table (the one in docs/coverage.md): prunable groups, channels removed, max |slim - masked|
 relative to the output scale, and parameter / dense-FLOPs ratios of the exported model.
 
     python recipes/zoo_coverage.py                       # the default zoo, both prune_skip settings
