@@ -100,7 +100,7 @@ def third_party_private_uses(tree: ast.AST, ours: set[str]) -> list[str]:
             if any(_is_private(part) for part in module.split(".")):
                 found.append(f"{node.lineno}: private module {module}")
             found.extend(f"{node.lineno}: from {module} import {n}" for n in names if _is_private(n) and not _allowed(n))
-    return found
+    return sorted(found, key=lambda use: int(use.split(":")[0]))
 
 
 def own_private_imports(tree: ast.AST, path: Path) -> list[str]:
