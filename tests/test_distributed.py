@@ -131,17 +131,29 @@ def _bucket_layout(model: DistributedDataParallel, steps: int = 2) -> list:
     return sizes
 
 
+@pytest.fixture
+def one_process_group():
+    """A real single-rank gloo process group in this process, for DDP wrappers built directly."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
 @pytest.mark.parametrize("caps", [{}, {"bucket_cap_mb": 2}, {"bucket_cap_mb_list": [1, 4, 16]}],
                          ids=["default", "uniform", "per-bucket"])
-def test_a_ddp_rebuild_keeps_the_bucket_caps_it_was_built_with(caps):
+def test_a_ddp_rebuild_keeps_the_bucket_caps_it_was_built_with(caps, one_process_group):
     # a rebuilt wrapper (after a shrink) forms its buckets as a fresh one built with the user's caps does:
     # torch 2.14's per-bucket list and the default's smaller first bucket included
-    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
-    try:
-        fresh = _bucket_layout(DistributedDataParallel(tiny_model("resnet18"), **caps))
-        rebuilt = DistributedDataParallel(tiny_model("resnet18"), **caps)
-        rebuild_ddp(rebuilt)
-        assert _bucket_layout(rebuilt) == fresh
-        assert len(fresh[-1]) > 1  # the caps split the gradients, so a lost cap would show
-    finally:
-        torch.distributed.destroy_process_group()
+    fresh = _bucket_layout(DistributedDataParallel(tiny_model("resnet18"), **caps))
+    rebuilt = DistributedDataParallel(tiny_model("resnet18"), **caps)
+    rebuild_ddp(rebuilt)
+    assert _bucket_layout(rebuilt) == fresh
+    assert len(fresh[-1]) > 1  # the caps split the gradients, so a lost cap would show
+
+
+def test_a_ddp_wrapper_the_rebuild_cannot_reproduce_is_refused_up_front(one_process_group):
+    model = tiny_model("resnet18")
+    delayed = [next(model.named_parameters())]
+    ddp = DistributedDataParallel(model, delay_all_reduce_named_params=delayed, param_to_hook_all_reduce=model.fc.weight)
+    with pytest.raises(ValueError, match="cannot rebuild a DistributedDataParallel with delay_all_reduce_named_params"):
+        Chase(ddp, ChaseConfig(**CONFIG, shrink="events"), example_inputs=torch.randn(1, 3, 32, 32))
