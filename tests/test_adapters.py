@@ -6,6 +6,8 @@ import ast
 import importlib
 import pkgutil
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -197,3 +199,21 @@ def test_the_supported_ranges_are_the_ones_pyproject_declares():
     declared = {r.name: r.specifier for r in map(Requirement, project["dependencies"])}
     assert {d: declared.get(d) for d in SUPPORTED} == {d: SpecifierSet(s) for d, s in SUPPORTED.items()}
     assert all(any(s.operator == "<" for s in SpecifierSet(spec)) for spec in SUPPORTED.values())  # upper bounds
+
+
+@pytest.mark.parametrize("name", ADAPTER_MODULES)
+def test_each_adapter_checks_the_version_when_imported(name):
+    tree = ast.parse((ADAPTERS / f"{name}.py").read_text())
+    calls = [s.value for s in tree.body if isinstance(s, ast.Expr) and isinstance(s.value, ast.Call)]
+    assert any(isinstance(c.func, ast.Name) and c.func.id == "check_version" and not c.args for c in calls)
+
+
+def test_importing_chase_timm_with_an_unsupported_version_fails_in_one_line():
+    # end to end: the user sees the range and the pip command, not an error from inside the library
+    module, version = "torch_pruning", "1.7.0"
+    code = f"import {module}; {module}.__version__ = {version!r}; import chase_timm"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"ImportError: chase_timm supports \S+ \S+ \(found {re.escape(version)}\); pip install '\S+'",
+                        last), result.stderr
