@@ -32,8 +32,8 @@ ALLOWED = {
     "_parameters": "nn.Module's parameter dict: replacing a tensor while keeping the Parameter object (and so the "
                    "optimizer's references) has no public call",
     "_buffers": "nn.Module's buffer dict: replacing a buffer in place (register_buffer refuses an existing name)",
-    "_modules": "nn.Module's child dict, as torch's own fusion and pruning utilities use it",
-    "_orig_mod": "the eager module inside torch.compile's OptimizedModule (named in torch.compile's docs)",
+    "_modules": "nn.Module's child dict, as torch.ao.quantization uses it to swap children",
+    "_orig_mod": "the eager module inside torch.compile's OptimizedModule; accelerate's unwrapping reads it too",
     "_actions": "argparse (stdlib, not a third-party library): the parser's declared options",
 }
 ALLOWED_PREFIXES = {
