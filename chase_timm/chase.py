@@ -48,17 +48,18 @@ class Chase:
     :meth:`step` whenever the masks change, before the EMA's own update: ``ema.update`` then blends a model
     whose inactive weights are 0 into an EMA whose inactive weights are 0, so they stay exactly 0 and every
     active entry is what masking after the update would give. Calling ``ema.update`` *before* ``chase.step()``
-    blends the optimizer's not-yet-masked values in; the first step warns about it.
+    blends the optimizer's not-yet-masked values in (non-zeros where the masks are 0, kept until the masks next
+    change); the first step warns about it.
 
     To resume, load Chase's state before the model's and optimizer's (a state saved after a shrink first shrinks
     the freshly built model): :func:`chase_timm.training.load_checkpoint` does it in that order.
 
-    Read-only views: ``model`` / ``module`` (the model as given / unwrapped), ``optimizer``, ``weights`` (the
-    sparse Conv/Linear weights by name), ``masks`` (their 0/1 masks), ``budget`` (d·N active weights of the
-    original model), ``total_weights`` (N), ``step_count`` (optimizer steps counted), ``accumulation_steps``
-    (Accelerate's gradient-accumulation factor) and ``channels`` (a :class:`~chase_timm.channels.ChannelState`:
-    groups, alive channels, floors, channel masks). ``config`` may be replaced by an edited copy
-    (``dataclasses.replace``) to change the schedule of the steps still to come.
+    Read-only views: ``module`` (the unwrapped model), ``optimizer``, ``weights`` (the sparse Conv/Linear weights
+    by name), ``masks`` (their 0/1 masks), ``budget`` (d·N active weights of the original model),
+    ``total_weights`` (N), ``step_count`` (optimizer steps counted), ``accumulation_steps`` (Accelerate's
+    gradient-accumulation factor) and ``channels`` (a :class:`~chase_timm.channels.ChannelState`: groups, alive
+    channels, floors, channel masks). ``config`` may be replaced by an edited copy (``dataclasses.replace``) to
+    change the schedule of the steps still to come.
 
     Args:
         model: a timm (or any) model; DDP / ``accelerator.prepare`` / ``torch.compile`` wrappers are unwrapped.
@@ -99,11 +100,6 @@ class Chase:
         self.apply_masks()
 
     # ------------------------------------------------------------------ read-only views
-    @property
-    def model(self) -> nn.Module:
-        """The model as given (a wrapper stays a wrapper)."""
-        return self._model
-
     @property
     def module(self) -> nn.Module:
         """The unwrapped model Chase masks and shrinks."""
