@@ -70,7 +70,7 @@ def check_model(name: str, prune_skip: bool, steps: int = 4, channel_sparsity: f
     return {
         "model": name,
         "prune_skip": prune_skip,
-        "groups": len(chase.prunable),
+        "groups": len(chase.channels.prunable),
         "channels": stats["channels_total"],
         "removed": stats["channels_total"] - stats["channels_alive"],
         "rel_diff": float((output - reference).abs().max() / reference.abs().max().clamp_min(1e-12)),

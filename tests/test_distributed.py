@@ -42,7 +42,7 @@ def _train_on_two_ranks(seed_offset: int = 0) -> None:
         optimizer.zero_grad()
 
     masks = torch.cat([m.flatten() for m in chase.masks.values()])
-    alive = torch.cat([a.float() for a in chase.alive.values()])
+    alive = torch.cat([a.float() for a in chase.channels.alive.values()])
     weights = torch.cat([p.detach().flatten() for p in accelerator.unwrap_model(model).parameters()])
     for name, local in (("masks", masks), ("alive channels", alive), ("weights", weights)):
         both = gather(local[None])
