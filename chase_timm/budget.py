@@ -15,7 +15,7 @@ import torch
 
 from .config import ChaseConfig
 from .slim import sliced
-from .sparsity import allocate, erk_densities, grow_largest, prune_smallest, random_masks
+from .sparsity import allocate, erk_densities, grow_largest, magnitude_masks, prune_smallest, random_masks
 
 __all__ = ["MaskBudget"]
 
@@ -25,21 +25,25 @@ _Plan = Tuple[Dict[str, int], int, Optional[Dict[str, int]]]  # nnz per layer af
 class MaskBudget:
     """Masks of ``weights`` (same names; live tensors, so slicing them in place is followed by :meth:`slice`).
 
-    ``masks`` hold 0/1 in each weight's dtype and device; ``budget`` is d·N of the original model and stays so
-    when channels are removed; ``allowed`` (set by :meth:`restrict`) is where weights may still grow.
+    ``masks`` hold 0/1 in each weight's dtype and device; ``budget`` is d·N of the original model (during a
+    sparsity ramp, ``ChaseConfig.density_at(t)``·N) and stays so when channels are removed; ``allowed`` (set by
+    :meth:`restrict`) is where weights may still grow. ``mask_init="magnitude"`` draws the first masks from the
+    weights' magnitudes, at ``start_density`` (the ramp's start; default ``density``).
     """
 
-    def __init__(self, weights: Mapping[str, torch.Tensor], density: float, generator: torch.Generator) -> None:
+    def __init__(self, weights: Mapping[str, torch.Tensor], density: float, generator: torch.Generator,
+                 mask_init: str = "random", start_density: Optional[float] = None) -> None:
         self.weights = weights
         self.generator = generator
         self.shapes = {n: tuple(w.shape) for n, w in weights.items()}
         self.numel = {n: w.numel() for n, w in weights.items()}
         self.total = sum(self.numel.values())
-        self.budget = round(density * self.total)
+        self.budget = round((density if start_density is None else start_density) * self.total)  # mask_init wiring
         self.erk = erk_densities(self.shapes, density)
         counts = allocate(self.budget, {n: self.erk[n] * self.numel[n] for n in self.shapes}, self.numel)
-        self.masks = {n: m.to(device=weights[n].device, dtype=weights[n].dtype)
-                      for n, m in random_masks(self.shapes, counts, generator).items()}
+        drawn = (magnitude_masks(weights, counts, generator) if mask_init == "magnitude"  # mask_init wiring
+                 else random_masks(self.shapes, counts, generator))
+        self.masks = {n: m.to(device=weights[n].device, dtype=weights[n].dtype) for n, m in drawn.items()}
         self.allowed: Mapping[str, torch.Tensor] = {}
 
     def restrict(self, allowed: Mapping[str, torch.Tensor]) -> None:
@@ -58,6 +62,10 @@ class MaskBudget:
         self.shapes = {n: tuple(w.shape) for n, w in self.weights.items()}
         self.numel = {n: w.numel() for n, w in self.weights.items()}
 
+    def follow(self, t: int, config: ChaseConfig) -> None:  # mask_init wiring
+        """Set the budget to the sparsity ramp's ``density_at(t)``·N (d·N without a ramp)."""
+        self.budget = round(config.density_at(t) * self.total)
+
     def nnz(self) -> Dict[str, int]:
         """Active weights per layer."""
         return {n: int(m.count_nonzero()) for n, m in self.masks.items()}
@@ -66,6 +74,7 @@ class MaskBudget:
     def update(self, t: int, config: ChaseConfig, grads: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """One prune/regrow update after step ``t``: phase A before T_dst, phase B after, settling at the last
         step (no rotation, just back to the budget). Returns the flat positions grown per layer."""
+        self.follow(t, config)  # mask_init wiring: during the ramp, prune down to density_at(t)·N
         if t >= config.total_steps:
             phase = self._settle
         else:

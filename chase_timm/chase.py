@@ -85,7 +85,10 @@ class Chase:
                 "covers them all); Chase needs at least one.")
         self._check_optimizer_owns_weights()
         self._generator = torch.Generator().manual_seed(config.seed)
-        self._budget = MaskBudget(self._weights, config.density, self._generator)
+        if config.mask_init == "magnitude":  # mask_init wiring: masks from the weights need equal weights on every rank
+            _check_weights_agree(self._weights)
+        self._budget = MaskBudget(self._weights, config.density, self._generator, config.mask_init,
+                                  config.density_at(0))  # mask_init wiring
         groups = (find_channel_groups(self._module, example_inputs, prune_skip=config.prune_skip,
                                       timeout=config.discovery_timeout) if config.channel_sparsity > 0 else [])
         self._channels = ChannelState(self._module, groups, config.channel_sparsity, config.min_channel_ratio,
@@ -122,7 +125,8 @@ class Chase:
 
     @property
     def budget(self) -> int:
-        """Active weights every update returns to: d·N of the original model."""
+        """Active weights every update returns to: d·N of the original model (during a sparsity ramp,
+        ``config.density_at(t)``·N at the last update)."""
         return self._budget.budget
 
     @property
@@ -435,6 +439,7 @@ class Chase:
         self._skipped_updates = int(state["skipped_updates"])
         self._unsynced_calls = int(state.get("unsynced_calls", 0))  # absent in states saved before it existed
         self._budget.load(masks)
+        self._budget.follow(self._step_count, self.config)  # mask_init wiring
         self._channels.load_alive(state["alive"])
         self._generator.set_state(state["generator"])
         self._refresh_channel_masks()
@@ -488,6 +493,25 @@ class Chase:
         self.mask_model(clone)
         slice_in_place(clone, removals)
         return clone
+
+
+def _check_weights_agree(weights: Mapping[str, nn.Parameter]) -> None:  # mask_init wiring
+    """Masks drawn from weights are rank-identical only if the weights are: fail clearly if they differ across ranks
+    (cheap: two float64 sums per layer, all-reduced as min and max)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    device = next(iter(weights.values())).device
+    signature = torch.stack([s for w in weights.values() for s in (w.detach().double().sum(),
+                                                                    w.detach().double().abs().sum())]).to(device)
+    low, high = signature.clone(), signature.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        first = list(weights)[int((low != high).nonzero()[0]) // 2]
+        raise RuntimeError(
+            f"ChaseConfig(mask_init='magnitude') draws the masks from the weights, but they differ across ranks "
+            f"(first: {first}). Load the same checkpoint on every rank, or build Chase after accelerator.prepare / "
+            "DDP (which broadcasts rank 0's weights).")
 
 
 def _copy_module(other: nn.Module) -> nn.Module:

@@ -17,6 +17,8 @@ __all__ = ["ChaseConfig", "cosine_anneal"]
 _SCOPES = ("global", "layerwise")
 _FANIN_MODES = ("original", "alive")
 _SHRINK_MODES = ("off", "events", "end")
+_MASK_INITS = ("random", "magnitude")
+RAMP_FRACTION = 0.25  # default ramp length with mask_init="magnitude", as a fraction of total_steps (measured)
 
 
 def cosine_anneal(start: float, end: float, step: int, period: int) -> float:
@@ -56,6 +58,14 @@ class ChaseConfig:
         shrink: Physically remove channels from the training model (and its optimizer state) during training:
             ``"off"`` (mask only, the default), ``"events"`` (after every channel event) or ``"end"`` (once, at
             ``channel_end_step``); see ``Chase.shrink``.
+        mask_init: Initial masks: ``"random"`` (the paper's ERK-random draw, for training from scratch) or
+            ``"magnitude"`` (the largest |w| of the model's own weights within each layer's ERK budget, for a
+            pretrained start).
+        ramp_steps: Length of the sparsity ramp: the active budget follows :meth:`density_at`, a cubic from
+            1.0 (the dense pretrained start) down to ``density`` (gradual magnitude pruning, Zhu & Gupta 2017).
+            0 is one-shot. Default: 25 % of the run with ``mask_init="magnitude"``, 0 with ``"random"``.
+        channel_start_step: Channel sparsity starts rising after this step (default ``ramp_steps``: channels
+            are scored on weights that have finished the ramp and removed while the budget is already d).
     """
 
     total_steps: int
@@ -80,6 +90,9 @@ class ChaseConfig:
     seed: int = 0
     discovery_timeout: float = 60.0
     shrink: str = "off"
+    mask_init: str = "random"
+    ramp_steps: Optional[int] = None
+    channel_start_step: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.exclude = tuple(self.exclude) if not isinstance(self.exclude, str) else (self.exclude,)
@@ -101,6 +114,7 @@ class ChaseConfig:
         _check_choice("scope", self.scope, _SCOPES)
         _check_choice("umm_fanin", self.umm_fanin, _FANIN_MODES)
         _check_choice("shrink", self.shrink, _SHRINK_MODES)
+        _check_choice("mask_init", self.mask_init, _MASK_INITS)
         _check_range("channel_sparsity", self.channel_sparsity, 0.0, 1.0, high_open=True)
         _check_range("min_channel_ratio", self.min_channel_ratio, 0.0, 1.0, low_open=True)
         _check_int("channel_round_to", self.channel_round_to, low=1)
@@ -111,10 +125,11 @@ class ChaseConfig:
                 raise ValueError(f"ChaseConfig.{flag} must be true or false, got {getattr(self, flag)!r}.")
         if not all(isinstance(p, str) and p for p in self.exclude):
             raise ValueError(f"ChaseConfig.exclude must be a list of non-empty module-name patterns, got {self.exclude!r}.")
-        for name in ("update_interval", "channel_interval", "phase_b_start_step", "channel_end_step"):
+        for name in ("update_interval", "channel_interval", "phase_b_start_step", "channel_end_step", "ramp_steps",
+                     "channel_start_step"):
             value = getattr(self, name)
             if value is not None:
-                _check_int(name, value, low=0 if name.endswith("_step") else 1)
+                _check_int(name, value, low=0 if name.endswith(("_step", "_steps")) else 1)
         if self.channel_offset is not None:
             _check_int("channel_offset", self.channel_offset, low=0)
 
@@ -136,6 +151,10 @@ class ChaseConfig:
             self.channel_offset = self.update_interval // 2 % self.channel_interval
         if self.channel_end_step is None:
             self.channel_end_step = max(1, round(0.8 * t))
+        if self.ramp_steps is None:
+            self.ramp_steps = round(RAMP_FRACTION * t) if self.mask_init == "magnitude" else 0
+        if self.channel_start_step is None:
+            self.channel_start_step = self.ramp_steps
 
     def _validate_steps(self) -> None:
         t = self.total_steps
@@ -148,6 +167,11 @@ class ChaseConfig:
                    hint="the phase A -> B switch must not come after the end of training")
         _check_int("channel_end_step", self.channel_end_step, low=1, high=t,
                    hint="channel pruning must end by total_steps")
+        _check_int("ramp_steps", self.ramp_steps, low=0, high=t, hint="the sparsity ramp must end by total_steps")
+        if self.channel_sparsity > 0:
+            _check_int("channel_start_step", self.channel_start_step, low=0, high=self.channel_end_step - 1,
+                       hint="channel pruning starts after the sparsity ramp (default ramp_steps) and must start "
+                            "before channel_end_step: shorten ramp_steps or set channel_start_step")
 
     # ----------------------------------------------------------------- schedules
     def grow_density(self, step: int) -> float:
@@ -160,9 +184,19 @@ class ChaseConfig:
         return cosine_anneal(self.phase_b_rate_start, self.phase_b_rate_end, step, self.total_steps)
 
     def channel_sparsity_at(self, step: int) -> float:
-        """s_t = S_c·(1 - (1 - t/T_c)^3): the cubic (GMP) channel-sparsity schedule."""
-        progress = min(max(step, 0), self.channel_end_step) / self.channel_end_step
+        """s_t = S_c·(1 - (1 - (t - t_0)/(T_c - t_0))^3): the cubic (GMP) channel-sparsity schedule, from
+        ``channel_start_step`` t_0 (0 in the paper) to ``channel_end_step`` T_c."""
+        start = min(self.channel_start_step, self.channel_end_step - 1)
+        progress = min(max(step - start, 0), self.channel_end_step - start) / (self.channel_end_step - start)
         return self.channel_sparsity * (1.0 - (1.0 - progress) ** 3)
+
+    def density_at(self, step: int) -> float:
+        """The active budget's density after ``step``: d + (1 - d)·(1 - t/T_ramp)^3, a cubic from 1.0 (dense) to d
+        over ``ramp_steps`` (gradual magnitude pruning); always d without a ramp."""
+        if self.ramp_steps == 0:
+            return self.density
+        progress = min(max(step, 0), self.ramp_steps) / self.ramp_steps
+        return self.density + (1.0 - self.density) * (1.0 - progress) ** 3
 
     def is_update_step(self, step: int) -> bool:
         """Whether a prune/regrow update runs after optimizer step ``step`` (1-based)."""
@@ -181,7 +215,7 @@ class ChaseConfig:
         ``channel_end_step`` itself so the schedule lands exactly on S_c.
         """
         on_grid = (step + self.channel_offset) % self.channel_interval == 0
-        return self.channel_sparsity > 0 and step <= self.channel_end_step and (
+        return self.channel_sparsity > 0 and self.channel_start_step < step <= self.channel_end_step and (
             on_grid or step == self.channel_end_step)
 
     # ----------------------------------------------------------------- constructors

@@ -23,6 +23,7 @@ __all__ = [
     "prune_smallest",
     "grow_largest",
     "zero_positions",
+    "magnitude_masks",
 ]
 
 SPARSE_MODULE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
@@ -239,3 +240,22 @@ def _set_flat(tensor: torch.Tensor, positions: torch.Tensor, value: float) -> No
         tensor.view(-1)[positions] = value
     else:
         tensor[torch.unravel_index(positions, tensor.shape)] = value
+
+
+def magnitude_masks(weights: Mapping[str, torch.Tensor], counts: Optional[Mapping[str, int]],
+                    generator: torch.Generator, *, total: int = 0) -> Dict[str, torch.Tensor]:
+    """Boolean masks keeping the largest-|w| weights: exactly ``counts[name]`` per layer, or (``counts=None``) the
+    ``total`` largest over all layers (one global threshold). Masks live on the weights' devices.
+
+    The initial masks of a pretrained start (``ChaseConfig(mask_init="magnitude")``): they keep what the
+    checkpoint's largest weights compute. Ties at the cut are broken with the shared ``generator``
+    (:func:`select_extreme`), so equal weights on every rank give equal masks.
+    """
+    scores = {n: w.detach().abs().float().flatten() for n, w in weights.items()}
+    chosen = _select(scores, total, counts, generator, largest=True)
+    masks = {}
+    for name, weight in weights.items():
+        mask = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+        _set_flat(mask, chosen[name], 1)
+        masks[name] = mask
+    return masks
