@@ -18,7 +18,7 @@ _SCOPES = ("global", "layerwise")
 _FANIN_MODES = ("original", "alive")
 _SHRINK_MODES = ("off", "events", "end")
 _MASK_INITS = ("random", "magnitude")
-RAMP_FRACTION = 0.25  # default ramp length with mask_init="magnitude", as a fraction of total_steps (measured)
+RAMP_FRACTION = 0.5  # default ramp length with mask_init="magnitude", as a fraction of total_steps (measured)
 
 
 def cosine_anneal(start: float, end: float, step: int, period: int) -> float:
@@ -63,7 +63,7 @@ class ChaseConfig:
             pretrained start).
         ramp_steps: Length of the sparsity ramp: the active budget follows :meth:`density_at`, a cubic from
             1.0 (the dense pretrained start) down to ``density`` (gradual magnitude pruning, Zhu & Gupta 2017).
-            0 is one-shot. Default: 25 % of the run with ``mask_init="magnitude"``, 0 with ``"random"``.
+            0 is one-shot. Default: half of the run with ``mask_init="magnitude"``, 0 with ``"random"``.
         channel_start_step: Channel sparsity starts rising after this step (default ``ramp_steps``: channels
             are scored on weights that have finished the ramp and removed while the budget is already d).
     """

@@ -4,10 +4,11 @@ checkpoint knows, and does fine-tuning to a slim model pay?
     python recipes/benchmark_pretrained.py --output docs        # resnet18 at 32 px
 
 Pretrained weights cannot be downloaded here, so the script makes its own "pretrained" model in two stages:
-resnet18 (timm, 32 px) is pretrained dense on the embedded digits (1,797 images), its classifier is
-re-initialised for ``--classes`` classes, and it is fine-tuned dense on rendered glyphs (the first ``--classes`` letters drawn with
-random DejaVu font, size, rotation, shift and noise; ``--train-images`` train and ``--val-images`` validation
-images, disjoint draws) — the dense starting checkpoint of the glyph task. From that checkpoint it measures
+resnet18 (timm, 32 px) is pretrained dense on rendered glyphs (the first ``--classes`` letters drawn with a
+random DejaVu font, size, rotation, shift, brightness and noise; ``--glyph-images`` train images), its
+classifier is re-initialised for 10 classes and it is fine-tuned dense on the embedded digits (``--val-images``
+validation images, the rest of the 1,797 train) — the dense starting checkpoint of the digits task, as a zoo
+checkpoint fine-tuned on a user's data would be. From that checkpoint, on the digits, it measures
 
 * (a) top-1 right after wrapping (no BN recalibration, before any step) for random masks (the paper's
   ERK-random draw), magnitude masks one-shot (within ERK budgets and with one global threshold) and
@@ -47,14 +48,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--classes", type=int, default=10, help="glyph classes (the first N letters)")
-    parser.add_argument("--train-images", type=int, default=2000)
-    parser.add_argument("--val-images", type=int, default=1000)
+    parser.add_argument("--glyph-images", type=int, default=2000, help="glyph (pretraining) train images")
+    parser.add_argument("--glyph-val-images", type=int, default=520)
+    parser.add_argument("--val-images", type=int, default=1000, help="digits validation images (the rest train)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--pretrain-epochs", type=int, default=2, help="dense epochs on the digits")
-    parser.add_argument("--dense-epochs", type=int, default=2, help="dense epochs on the glyphs (the checkpoint)")
+    parser.add_argument("--pretrain-epochs", type=int, default=3, help="dense epochs on the glyphs")
+    parser.add_argument("--dense-epochs", type=int, default=3, help="dense epochs on the digits (the checkpoint)")
     parser.add_argument("--steps", type=int, default=100, help="fine-tuning steps of every compared run")
     parser.add_argument("--eval-every", type=int, default=10, help="steps between validation passes")
-    parser.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine) of every stage")
+    parser.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine) of the pretraining stages")
+    parser.add_argument("--finetune-lr", type=float, default=0.01, help="peak learning rate (cosine) of the compared runs")
+    parser.add_argument("--ramp-fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75],
+                        help="ramp lengths (fractions of --steps) of the Chase-from-pretrained runs")
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--channel-sparsity", type=float, default=0.4)
     parser.add_argument("--seed", type=int, default=0)
@@ -76,7 +81,7 @@ def font_files() -> List[Path]:
 def render_glyphs(n: int, classes: int, size: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``n`` greyscale glyph images (uint8, n x size x size) of the first ``classes`` letters and their labels.
 
-    Each image: one letter in a random DejaVu face at a random size, rotated by up to 25 degrees, shifted,
+    Each image: one letter in a random DejaVu face at a random size, rotated by up to 15 degrees, shifted,
     on a random-brightness background with Gaussian noise; balanced labels in random order.
     """
     rng = np.random.default_rng(seed)
@@ -88,12 +93,12 @@ def render_glyphs(n: int, classes: int, size: int, seed: int) -> Tuple[torch.Ten
         font = ImageFont.truetype(str(fonts[rng.integers(len(fonts))]), int(rng.integers(canvas * 9 // 20, canvas * 7 // 10)))
         img = Image.new("L", (canvas, canvas), 0)
         ImageDraw.Draw(img).text((canvas / 2, canvas / 2), LETTERS[label], fill=255, font=font, anchor="mm")
-        img = img.rotate(float(rng.uniform(-25, 25)), resample=Image.BILINEAR,
+        img = img.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR,
                          translate=tuple(int(v) for v in rng.integers(-canvas // 6, canvas // 6 + 1, 2)))
         glyph = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
         background = rng.uniform(0.0, 0.4)
         ink = rng.uniform(0.6, 1.0)
-        pixels = background + (ink - background) * glyph + rng.normal(0.0, 0.15, glyph.shape)
+        pixels = background + (ink - background) * glyph + rng.normal(0.0, 0.08, glyph.shape)
         images[i] = np.clip(pixels * 255.0, 0, 255).astype(np.uint8)
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
@@ -118,12 +123,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return 100.0 * correct / len(y)
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, args: argparse.Namespace, seed: int,
-          chase_config: Optional[chase_timm.ChaseConfig] = None,
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, args: argparse.Namespace,
+          seed: int, chase_config: Optional[chase_timm.ChaseConfig] = None,
           on_eval: Optional[Callable[[int, nn.Module], None]] = None) -> Optional[chase_timm.Chase]:
-    """``steps`` SGD steps (momentum 0.9, cosine lr from ``args.lr``), batches drawn with ``seed``; Chase if a
+    """``steps`` SGD steps (momentum 0.9, cosine lr from ``lr``), batches drawn with ``seed``; Chase if a
     config is given; ``on_eval(step, model)`` every ``args.eval_every`` steps and at the end."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-5)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     chase = None
     if chase_config is not None:
@@ -164,6 +169,7 @@ def step0_top1(model: nn.Module, config: chase_timm.ChaseConfig, x: torch.Tensor
     clone = copy.deepcopy(model)
     chase = chase_timm.Chase(clone, config, example_inputs=x[:1])
     if global_threshold:
+        clone.load_state_dict(model.state_dict())  # undo the ERK masking, then mask with the global threshold
         chase.masks = {n: m.to(chase.weights[n].dtype) for n, m in magnitude_masks(
             chase.weights, None, torch.Generator().manual_seed(0), total=chase.budget).items()}
         chase.apply_masks()
@@ -178,25 +184,27 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
 
-    gx, gy = render_glyphs(args.train_images, args.classes, args.img_size, seed=args.seed)
-    vx, vy = render_glyphs(args.val_images, args.classes, args.img_size, seed=args.seed + 10_000)
-    gx, vx = to_inputs(gx, args.img_size), to_inputs(vx, args.img_size)
-    digits = digits_splits(seed=args.seed)
+    # 1. "pretrained": dense on rendered glyphs (the source task), then the classifier re-initialised and dense on
+    # the digits (the target task): the dense starting checkpoint of the digits task
+    gx, gy = render_glyphs(args.glyph_images, args.classes, args.img_size, seed=args.seed)
+    gvx, gvy = render_glyphs(args.glyph_val_images, args.classes, args.img_size, seed=args.seed + 10_000)
+    gx, gvx = to_inputs(gx, args.img_size), to_inputs(gvx, args.img_size)
+    digits = digits_splits(val_fraction=args.val_images, seed=args.seed)  # an int: that many validation images
     dx, dy = to_inputs(torch.from_numpy(digits["train"][0]), args.img_size), torch.from_numpy(digits["train"][1])
-    dvx, dvy = to_inputs(torch.from_numpy(digits["val"][0]), args.img_size), torch.from_numpy(digits["val"][1])
+    vx, vy = to_inputs(torch.from_numpy(digits["val"][0]), args.img_size), torch.from_numpy(digits["val"][1])
 
-    # 1. "pretrained": dense on the digits, then the classifier re-initialised and dense on the glyphs
-    model = timm.create_model(args.model, num_classes=10)
-    steps_per_epoch = math.ceil(len(dy) / args.batch_size)
-    train(model, dx, dy, args.pretrain_epochs * steps_per_epoch, args, seed=args.seed)
-    digits_top1 = evaluate(model, dvx, dvy)
-    model.reset_classifier(args.classes)
-    dense_steps = args.dense_epochs * math.ceil(len(gy) / args.batch_size)
-    train(model, gx, gy, dense_steps, args, seed=args.seed + 1)
+    model = timm.create_model(args.model, num_classes=args.classes)
+    pretrain_steps = args.pretrain_epochs * math.ceil(len(gy) / args.batch_size)
+    train(model, gx, gy, pretrain_steps, args.lr, args, seed=args.seed)
+    glyphs_top1 = evaluate(model, gvx, gvy)
+    model.reset_classifier(10)
+    dense_steps = args.dense_epochs * math.ceil(len(dy) / args.batch_size)
+    train(model, dx, dy, dense_steps, args.lr, args, seed=args.seed + 1)
     dense_top1 = evaluate(model, vx, vy)
     pretrained = copy.deepcopy(model.state_dict())
-    print(f"pretrained: digits top-1 {digits_top1:.1f} % ({len(dvy)} val), then glyphs top-1 {dense_top1:.1f} % "
-          f"({len(vy)} val) after {dense_steps} dense steps [{time.perf_counter() - start:.0f} s]", flush=True)
+    print(f"pretrained: glyphs top-1 {glyphs_top1:.1f} % ({len(gvy)} val) after {pretrain_steps} steps, then digits "
+          f"top-1 {dense_top1:.1f} % ({len(vy)} val) after {dense_steps} dense steps [{time.perf_counter() - start:.0f} s]",
+          flush=True)
 
     # (a) top-1 right after wrapping
     default = chase_config(args, "magnitude")
@@ -215,17 +223,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     def run(name: str, config: Optional[chase_timm.ChaseConfig], from_pretrained: bool = True) -> None:
         torch.manual_seed(args.seed)
-        net = timm.create_model(args.model, num_classes=args.classes)
+        net = timm.create_model(args.model, num_classes=10)
         if from_pretrained:
             net.load_state_dict(pretrained)
-        curve: List[Tuple[int, float, Optional[float]]] = [(0, evaluate(net, vx, vy), None)]
+        curve: List[Tuple[int, float, Optional[float]]] = [
+            (0, evaluate(net, vx, vy), None if config is None else config.density_at(0))]
 
         def on_eval(step: int, m: nn.Module) -> None:
             density = None if config is None else config.density_at(step)
             curve.append((step, evaluate(m, vx, vy), density))
 
         t0 = time.perf_counter()
-        chase = train(net, gx, gy, args.steps, args, seed=args.seed + 2, chase_config=config, on_eval=on_eval)
+        chase = train(net, dx, dy, args.steps, args.finetune_lr, args, seed=args.seed + 2, chase_config=config, on_eval=on_eval)
         result = {"curve": [{"step": s, "top1": a, "density_budget": d} for s, a, d in curve],
                   "final_top1": curve[-1][1], "seconds": round(time.perf_counter() - t0, 1)}
         if chase is not None:
@@ -239,32 +248,36 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
               + f" [{result['seconds']:.0f} s]", flush=True)
 
     run("dense", None)
-    run("chase_pretrained_magnitude", default)
+    for fraction in args.ramp_fractions:
+        run(f"chase_pretrained_magnitude_ramp{fraction:g}",
+            chase_config(args, "magnitude", ramp_steps=round(fraction * args.steps)))
     run("chase_scratch", chase_config(args, "random"), from_pretrained=False)
 
-    ramp = runs["chase_pretrained_magnitude"]["curve"]
-    ramp_points = [p for p in ramp if p["step"] <= default.ramp_steps]
-    worst_gap = max(dense_top1 - p["top1"] for p in ramp_points)
+    ramp_gaps = {}  # the worst top-1 gap to the dense model over the evaluations inside each ramp
+    for name, result in runs.items():
+        if name.startswith("chase_pretrained"):
+            ramp_steps = result["config"]["ramp_steps"]
+            ramp_gaps[name] = max(dense_top1 - p["top1"] for p in result["curve"] if p["step"] <= ramp_steps)
     results = {
         "setup": {
             "model": args.model, "img_size": args.img_size, "seed": args.seed,
-            "pretraining": f"{args.pretrain_epochs} dense epochs on digits ({len(dy)} train), then "
-                           f"{dense_steps} dense steps on glyphs ({len(gy)} train, {args.classes} classes)",
-            "validation_images": len(vy), "finetune_steps": args.steps, "batch_size": args.batch_size,
-            "eval_every": args.eval_every, "lr": args.lr, "density": args.density,
-            "channel_sparsity": args.channel_sparsity, "ramp_steps": default.ramp_steps,
-            "channel_start_step": default.channel_start_step, "update_interval": default.update_interval,
+            "pretraining": f"{pretrain_steps} dense steps on glyphs ({len(gy)} train, {args.classes} classes), then "
+                           f"{dense_steps} dense steps on digits ({len(dy)} train)",
+            "validation_images": len(vy), "train_images": len(dy), "finetune_steps": args.steps, "batch_size": args.batch_size,
+            "eval_every": args.eval_every, "lr": args.lr, "finetune_lr": args.finetune_lr, "density": args.density,
+            "channel_sparsity": args.channel_sparsity, "default_ramp_steps": default.ramp_steps,
+            "update_interval": default.update_interval,
         },
-        "pretrained": {"digits_top1": digits_top1, "glyphs_top1": dense_top1},
+        "pretrained": {"glyphs_top1": glyphs_top1, "glyphs_val_images": len(gvy), "digits_top1": dense_top1},
         "at_wrap": at_wrap,
         "at_wrap_ratio_to_dense": {k: v / dense_top1 for k, v in at_wrap.items()},
-        "ramp_worst_gap_to_dense": worst_gap,
+        "ramp_worst_gap_to_dense": ramp_gaps,
         "runs": runs,
         "seconds": round(time.perf_counter() - start, 1),
     }
     (out / "pretrained.json").write_text(json.dumps(results, indent=2))
     plot(results, out / "pretrained.png")
-    print(f"ramp: worst top-1 gap to dense {worst_gap:.1f} points over {len(ramp_points)} evaluations; "
+    print(f"ramp: worst top-1 gap to dense (points) {json.dumps({k: round(v, 1) for k, v in ramp_gaps.items()})}; "
           f"wrote {out / 'pretrained.json'} and {out / 'pretrained.png'} [{results['seconds']:.0f} s]")
     return results
 
@@ -277,13 +290,14 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     setup = results["setup"]
-    labels = {"dense": "dense, continued", "chase_pretrained_magnitude": "Chase from pretrained (magnitude + ramp)",
-              "chase_scratch": "Chase from scratch"}
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.axvspan(0, setup["ramp_steps"], color="0.92", label=f"sparsity ramp ({setup['ramp_steps']} steps)")
     for name, run in results["runs"].items():
         steps = [p["step"] for p in run["curve"]]
-        line, = ax.plot(steps, [p["top1"] for p in run["curve"]], marker="o", ms=3, label=labels[name])
+        if name.startswith("chase_pretrained"):
+            label = f"Chase from pretrained (magnitude, ramp {run['config']['ramp_steps']} steps)"
+        else:
+            label = {"dense": "dense, continued", "chase_scratch": "Chase from scratch"}[name]
+        line, = ax.plot(steps, [p["top1"] for p in run["curve"]], marker="o", ms=3, label=label)
         if "slim_top1" in run:
             ax.plot([steps[-1]], [run["slim_top1"]], marker="*", ms=12, color=line.get_color(), ls="none")
     ax.set_xlabel("fine-tuning step")

@@ -38,14 +38,14 @@ def test_magnitude_masks_keep_the_largest_weights_with_exact_counts():
 
 def test_density_ramp_is_cubic_from_dense_to_d_and_channels_start_after_it():
     config = ChaseConfig(total_steps=100, density=0.1, mask_init="magnitude")
-    assert config.ramp_steps == 25 and config.channel_start_step == 25
+    assert config.ramp_steps == 50 and config.channel_start_step == 50
     densities = [config.density_at(t) for t in range(101)]
-    assert densities[0] == 1.0 and densities[25] == pytest.approx(0.1) and densities[-1] == pytest.approx(0.1)
+    assert densities[0] == 1.0 and densities[50] == pytest.approx(0.1) and densities[-1] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(densities, densities[1:]))
-    assert config.density_at(5) == pytest.approx(0.1 + 0.9 * 0.8 ** 3)
-    assert not any(config.is_channel_step(t) for t in range(26)) and any(config.is_channel_step(t)
-                                                                        for t in range(26, 40))
-    assert config.channel_sparsity_at(25) == 0.0 and config.channel_sparsity_at(80) == pytest.approx(0.4)
+    assert config.density_at(10) == pytest.approx(0.1 + 0.9 * 0.8 ** 3)
+    assert not any(config.is_channel_step(t) for t in range(51)) and any(config.is_channel_step(t)
+                                                                        for t in range(51, 65))
+    assert config.channel_sparsity_at(50) == 0.0 and config.channel_sparsity_at(80) == pytest.approx(0.4)
 
     paper = ChaseConfig(total_steps=100, density=0.1)
     assert paper.ramp_steps == 0 and paper.channel_start_step == 0
