@@ -64,8 +64,9 @@ class ChaseConfig:
         ramp_steps: Length of the sparsity ramp: the active budget follows :meth:`density_at`, a cubic from
             1.0 (the dense pretrained start) down to ``density`` (gradual magnitude pruning, Zhu & Gupta 2017).
             0 is one-shot. Default: half of the run with ``mask_init="magnitude"``, 0 with ``"random"``.
-        channel_start_step: Channel sparsity starts rising after this step (default ``ramp_steps``: channels
-            are scored on weights that have finished the ramp and removed while the budget is already d).
+        channel_start_step: Channel sparsity starts rising after this step (default ``ramp_steps``, at most
+            ``channel_end_step - 1``: channels are scored on weights that have finished the ramp and removed
+            while the budget is already d).
     """
 
     total_steps: int
@@ -153,8 +154,8 @@ class ChaseConfig:
             self.channel_end_step = max(1, round(0.8 * t))
         if self.ramp_steps is None:
             self.ramp_steps = round(RAMP_FRACTION * t) if self.mask_init == "magnitude" else 0
-        if self.channel_start_step is None:
-            self.channel_start_step = self.ramp_steps
+        if self.channel_start_step is None:  # after the ramp, but never so late that no channel event is left
+            self.channel_start_step = min(self.ramp_steps, self.channel_end_step - 1)
 
     def _validate_steps(self) -> None:
         t = self.total_steps

@@ -47,6 +47,10 @@ def test_density_ramp_is_cubic_from_dense_to_d_and_channels_start_after_it():
                                                                         for t in range(51, 65))
     assert config.channel_sparsity_at(50) == 0.0 and config.channel_sparsity_at(80) == pytest.approx(0.4)
 
+    for total in range(1, 60):  # the derived defaults hold for runs of any length
+        short = ChaseConfig(total_steps=total, mask_init="magnitude")
+        assert short.channel_start_step < short.channel_end_step and short.ramp_steps <= total
+
     paper = ChaseConfig(total_steps=100, density=0.1)
     assert paper.ramp_steps == 0 and paper.channel_start_step == 0
     assert {paper.density_at(t) for t in (0, 50, 100)} == {0.1}
@@ -68,7 +72,7 @@ def test_config_round_trips_and_old_dicts_load():
     (dict(mask_init="pretrained"), "mask_init"),
     (dict(mask_init="magnitude", ramp_steps=101), "ramp_steps"),
     (dict(mask_init="magnitude", ramp_steps=-1), "ramp_steps"),
-    (dict(mask_init="magnitude", ramp_steps=90), "channel_start_step"),  # ramp past channel_end_step (80)
+    (dict(mask_init="magnitude", channel_start_step=80), "channel_start_step"),  # at channel_end_step (80)
 ])
 def test_bad_ramp_settings_fail_in_one_line(kwargs, field):
     with pytest.raises(ValueError, match=rf"^ChaseConfig\.{field} must") as err:
