@@ -8,6 +8,7 @@ import json
 import pytest
 import timm
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from safetensors.torch import save_file
@@ -285,3 +286,43 @@ def test_streamed_rows_per_rank_never_exceed_the_smallest_shard_share(tmp_path):
     assert _rows_every_rank_gets(stream, 10, 1) == 10
     assert _rows_every_rank_gets(stream, 10, 2) == 3  # the smaller shard, not the mean of 5
     assert _rows_every_rank_gets(stream, 10, 3) == 3  # 2 shards over 3 ranks: every 3rd row, at least floor(10/3)
+
+
+def test_chase_runs_the_steps_the_loop_runs_when_max_steps_cuts_an_epoch(tmp_path):
+    """--epochs 7 --max-steps 61: the loop and the lr schedule run 61 steps, and so must Chase's schedule (a rate of
+    61/7 steps an epoch floored back to 60 of them before)."""
+    seen = {}
+    wrap = chase_timm.Chase.__init__
+
+    def spy_wrap(self, model, config, *args, **kwargs):
+        seen["total_steps"] = config.total_steps
+        wrap(self, model, config, *args, **kwargs)
+
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(chase_timm.Chase, "__init__", spy_wrap)
+        train_in_process(["--model", "resnet10t", "--img-size", "16", "--batch-size", "16", "--epochs", "7",
+                          "--max-steps", "61", "--recal-batches", "1", "--output", str(out)])
+    last = metrics(out)["epochs"][-1]
+    assert seen["total_steps"] == last["step"] == last["chase_step"] == 61
+    assert metrics(out)["steps"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the lr schedule ends there too
+
+
+def test_grad_accum_keeps_its_old_name_in_flags_yaml_and_checkpoints(tmp_path):
+    """--grad-accum-steps is timm's name; --grad-accum, a `grad_accum:` YAML key and checkpoints of older recipes
+    (that key, none of the timm flags added since) keep working."""
+    recipe = load_recipe()
+    assert recipe.parse_args(["--grad-accum", "2"])[0].grad_accum_steps == 2
+    (tmp_path / "old.yaml").write_text("grad_accum: 3\n")
+    assert recipe.parse_args(["--config", str(tmp_path / "old.yaml")])[0].grad_accum_steps == 3
+    saved = recipe.run_config(*recipe.parse_args(TINY))
+    saved["grad_accum"] = saved.pop("grad_accum_steps")
+    for key in ("momentum", "min_lr", "warmup_lr", "reprob", "remode", "recount", "clip_mode"):
+        del saved[key]
+    (tmp_path / "epoch_1").mkdir()
+    (tmp_path / "epoch_1" / "run_config.yaml").write_text(yaml.safe_dump(saved))
+    args, section = recipe.parse_args([*TINY, "--resume", str(tmp_path / "epoch_1")])
+    recipe.check_resume(args, recipe.run_config(args, section))  # no refusal: the same run
+    with pytest.raises(SystemExit):  # while a flag added since, set otherwise, is another run
+        args, section = recipe.parse_args([*TINY, "--min-lr", "1e-4", "--resume", str(tmp_path / "epoch_1")])
+        recipe.check_resume(args, recipe.run_config(args, section))
