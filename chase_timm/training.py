@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 __all__ = ["ExportMismatchError", "check_export", "check_slim_accuracy", "mask_digest", "weight_digest", "size_summary",
-           "speed_summary", "summary_table", "plot_training", "create_timm_model", "load_initial_weights", "count_params",
-           "evaluate", "clip_gradients", "tracker_config"]
+           "speed_summary", "summary_table", "plot_training", "create_timm_model", "load_initial_weights",
+           "count_params", "evaluate", "clip_gradients", "tracker_config"]
 
 
 class ExportMismatchError(RuntimeError):

@@ -107,7 +107,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.batch_size > data.train_size:
         fail(f"--batch-size {args.batch_size} is larger than the {data.train_size} training images of "
              f"--data {args.data}; lower --batch-size")
-    steps_per_epoch = math.ceil(data.train_size // args.batch_size / args.grad_accum_steps)  # Accelerate syncs at the end
+    steps_per_epoch = math.ceil(data.train_size // args.batch_size / args.grad_accum_steps)  # syncs at the end too
     total_steps = min(math.floor(args.epochs * steps_per_epoch), args.max_steps or math.inf)
     if chase_section.get("density") == 1.0:  # the dense baseline: nothing to regrow above density 1
         chase_section.setdefault("soft_bound", 0.0)
@@ -132,8 +132,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                                        "crop_pct": args.crop_pct or (1.0 if digits else None)}, model=model)
     input_size = data_config["input_size"]
     aug = dict(scale=(0.6, 1.0), ratio=(0.8, 1.25), hflip=0.0) if digits else {}  # a mirrored digit is another glyph
-    set_transform(data.train, create_transform(**data_config, is_training=True, color_jitter=None, auto_augment=args.aa,
-                                               re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, **aug))
+    set_transform(data.train, create_transform(**data_config, is_training=True, color_jitter=None, **aug,
+                                               auto_augment=args.aa, re_prob=args.reprob, re_mode=args.remode,
+                                               re_count=args.recount))
     set_transform(data.val, create_transform(**data_config, is_training=False))
     streaming = isinstance(data.train, torch.utils.data.IterableDataset)
     train_loader = DataLoader(data.train, batch_size=per_process if streaming else args.batch_size,
@@ -144,7 +145,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)  # shrinking keeps the layout
     initial_params = count_params(model)
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(args))  # opt, lr, weight_decay, momentum, eps, layer_decay
+    if args.layer_decay and not hasattr(model, "group_matcher"):
+        fail(f"--layer-decay needs a timm model with layer groups (group_matcher); {args.model} has none")
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(args))  # opt, lr, weight_decay, momentum, eps, ...
     mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
                   num_classes=num_classes) if args.mixup or args.cutmix else None
     criterion = (SoftTargetCrossEntropy() if mixup else
