@@ -41,9 +41,9 @@ from chase_timm.data import DataSpecError, load_image_data, set_transform
 from chase_timm.metrics import count_flops
 from chase_timm.slim import recalibrate_batchnorm
 from chase_timm.training import (ExportMismatchError, check_export, check_slim_accuracy, clip_gradients,
-                                 count_params, create_timm_model, evaluate, load_initial_weights, mask_digest,
-                                 plot_training, size_summary, speed_summary, summary_table, tracker_config,
-                                 weight_digest)
+                                 count_params, create_timm_model, evaluate, load_checkpoint, load_initial_weights,
+                                 mask_digest, plot_training, size_summary, speed_summary, summary_table,
+                                 tracker_config, weight_digest)
 from train_flags import RUN_FILE, check_output, check_resume, fail, parse_args, run_config
 
 STATE_FILE = "chase_timm_state.pt"  # Chase, loop state, training FLOPs, EMA: loaded with weights_only=True
@@ -172,12 +172,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     train_flops = chase_timm.metrics.TrainingFlops(chase, input_size=input_size)  # the paper's training FLOPs
     state = TrainState()
     states = {"chase": chase, "loop": state, "train_flops": train_flops, **({"ema": ema} if ema else {})}
-    if args.resume:  # library knowledge (the order), to become one library call: Chase's state before Accelerate's
+    if args.resume:  # Chase's state first (it shrinks model, optimizer and EMA to the checkpoint), then Accelerate's
         saved = torch.load(Path(args.resume) / STATE_FILE, weights_only=True)
-        chase.load_state_dict(saved.pop("chase"))  # first: after a shrink it shrinks model and EMA to the checkpoint
-        accelerator.load_state(args.resume)
-        for name, obj_state in saved.items():
-            states[name].load_state_dict(obj_state)
+        load_checkpoint(chase, saved, states, lambda: accelerator.load_state(args.resume))
         accelerator.print(f"resumed from {args.resume}: epoch {state.epoch}, step {state.step}")
     elif accelerator.is_main_process and args.overwrite and out.is_dir():
         shutil.rmtree(out)  # check_output made sure it holds a previous run of this recipe
@@ -235,10 +232,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                                   f"parameters; mean step time since the last shrink {before:.3f} s")
                 width, step_times = shrinks[-1]["params_after"], []
             scheduler.step_update(state.step)
-            if ema is not None:  # library knowledge (the order), to become one library call: mask after ema.update
-                ema.update(accelerator.unwrap_model(model), step=state.step)
-                if config.runs_update(state.step) or config.is_channel_step(state.step):
-                    chase.mask_model(ema)  # masks change only here; masked EMA entries stay 0 in between
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(model), step=state.step)  # after chase.step(), which masks it
             if state.step % log_every == 0 or state.step == total_steps:
                 stats = chase.stats()
                 state.steps.append({"step": state.step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
