@@ -230,6 +230,7 @@ class ChaseConfig:
             phase_b_epoch: Optional[float] = None,
             channel_interval_epochs: Optional[float] = 2.0,
             update_interval_epochs: Optional[float] = 1.0,
+            total_steps: Optional[int] = None,
             **kwargs: Any,
     ) -> "ChaseConfig":
         """Build a config from epoch-valued schedule points, as the paper's scripts state them.
@@ -239,14 +240,16 @@ class ChaseConfig:
         prune/regrow update once per epoch (never more than the paper's 1000 steps apart) and a channel event
         every 2 epochs, the first one 1.5 epochs in (offset ΔT_p/2), so a warm-up of up to 1.5 epochs sees
         none; channel pruning and phase A end at 80 % of the run. Step-valued keyword arguments
-        (``update_interval=1000``, ``channel_offset=...``) override the epoch-valued ones.
+        (``update_interval=1000``, ``channel_offset=...``) override the epoch-valued ones. ``total_steps``, when
+        given, is the run's exact number of optimizer steps (a run capped at a step count: ``epochs ×
+        steps_per_epoch`` of a fractional rate can round one below it); by default ``floor(epochs × steps_per_epoch)``.
         """
         if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, (int, float)) or not (
                 steps_per_epoch > 0 and math.isfinite(steps_per_epoch)):
             raise ValueError(f"steps_per_epoch must be a positive number, got {steps_per_epoch!r}.")
         to_steps = lambda e: None if e is None else int(math.floor(e * steps_per_epoch))
         at_least_one = lambda e: None if e is None else max(1, to_steps(e))
-        total = to_steps(epochs)
+        total = to_steps(epochs) if total_steps is None else total_steps
         if "update_interval" not in kwargs and update_interval_epochs is not None:
             kwargs["update_interval"] = min(1000, at_least_one(update_interval_epochs), max(1, total or 1))
         if "channel_interval" not in kwargs and channel_interval_epochs is not None:

@@ -11,7 +11,7 @@ import hashlib
 import math
 import pickle
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -22,9 +22,12 @@ from .chase import Chase
 from .config import ChaseConfig
 from .metrics import flop_counts, throughput
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 __all__ = ["ExportMismatchError", "check_export", "check_slim_accuracy", "mask_digest", "weight_digest", "size_summary",
            "speed_summary", "summary_table", "plot_training", "create_timm_model", "load_initial_weights",
-           "load_checkpoint"]
+           "load_checkpoint", "count_params", "evaluate", "clip_gradients", "tracker_config"]
 
 
 class ExportMismatchError(RuntimeError):
@@ -228,3 +231,48 @@ def load_checkpoint(chase: Chase, saved: Mapping[str, Any], objects: Mapping[str
     for name, state in saved.items():
         if name != "chase":
             objects[name].load_state_dict(state)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (elements), the width measure a shrinking run reports."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, accelerator: Accelerator) -> float:
+    """Top-1 accuracy (%) over the whole loader, sharded across processes (each sample counted once)."""
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        with accelerator.autocast():
+            pred = model(x).argmax(-1)
+        pred, y = accelerator.gather_for_metrics((pred, y))
+        correct += int((pred == y).sum())
+        total += y.numel()
+    return 100.0 * correct / total
+
+
+def clip_gradients(accelerator: Accelerator, parameters: Iterable[torch.Tensor], value: float,
+                   mode: str = "norm") -> None:
+    """timm's ``--clip-grad``/``--clip-mode`` through Accelerate, which unscales fp16 gradients first: the global
+    norm (``"norm"``) and each value (``"value"``) by Accelerate's calls, adaptive per-unit clipping (``"agc"``) by
+    timm's ``dispatch_clip_grad`` on the unscaled gradients."""
+    if mode == "norm":
+        accelerator.clip_grad_norm_(parameters, value)
+    elif mode == "value":
+        accelerator.clip_grad_value_(parameters, value)
+    elif mode == "agc":
+        from timm.utils import dispatch_clip_grad
+
+        accelerator.unscale_gradients()
+        dispatch_clip_grad(parameters, value, mode="agc")
+    else:
+        raise ValueError(f"clip mode must be 'norm', 'value' or 'agc', got {mode!r}")
+
+
+def tracker_config(flags: Mapping[str, Any], config: ChaseConfig) -> Dict[str, Any]:
+    """The run's flags and the flat ChaseConfig (``chase.<field>``) as scalars, the only values every Accelerate
+    tracker takes (TensorBoard's ``add_hparams`` rejects lists, dicts and None): lists are joined with commas."""
+    flat = {**flags, **{f"chase.{k}": v for k, v in config.to_dict().items()}}
+    return {k: (",".join(map(str, v)) if isinstance(v, (list, tuple)) else v) for k, v in flat.items()
+            if v is not None and not isinstance(v, dict)}

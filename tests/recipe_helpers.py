@@ -63,7 +63,10 @@ def folder_top1(out: Path) -> float:
 
 
 def load_recipe():
-    """Import recipes/train.py as a module (for in-process runs and argument checks)."""
+    """Import recipes/train.py as a module (for in-process runs and argument checks); its sibling train_flags.py
+    is importable as it is under `python recipes/train.py` (the script's folder on sys.path)."""
+    if str(TRAIN.parent) not in sys.path:
+        sys.path.insert(0, str(TRAIN.parent))
     spec = importlib.util.spec_from_file_location("chase_train_recipe", TRAIN)
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

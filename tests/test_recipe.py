@@ -152,7 +152,7 @@ def test_two_processes_on_a_streamed_hf_dataset(tmp_path):
     data = write_parquet_dataset(tmp_path / "pq", {"train": 256, "validation": 64})
     out = tmp_path / "ddp"
     proc = launch(["--model", "resnet18", "--img-size", "16", "--batch-size", "32", "--epochs", "2",
-                   "--grad-accum", "2", "--recal-batches", "2", "--data", f"hf:{data}", "--streaming",
+                   "--grad-accum-steps", "2", "--recal-batches", "2", "--data", f"hf:{data}", "--streaming",
                    "--output", str(out)], free_port())
     assert proc.returncode == 0, proc.stderr[-3000:]
     # 256 images / 32 per micro-step = 8 micro-steps, 2 per update -> 4 optimizer steps per epoch

@@ -49,6 +49,14 @@ def folders(tmp_path_factory):
     (["--data", "hf:{root}/tiny", "--streaming", "--workers", "2"], "--streaming reads with --workers 0"),
     (["--data", "hf:{root}/tiny", "--streaming", "--val-fraction", "0.2"], "cannot hold out --val-fraction"),
     (["--initial-checkpoint", "{root}/garbage.safetensors"], "is not a plain state dict of tensors"),
+    (["--log-with", "nosuchtracker"], "--log-with 'nosuchtracker' is not one of: all"),
+    (["--opt", "adamx"], "--opt 'adamx' is not a timm optimizer (close: adamax"),
+    (["--sched", "plateau"], "--sched 'plateau' is not one of: cosine, tanh, step, multistep"),
+    (["--clip-mode", "agc2"], "--clip-mode: invalid choice: 'agc2' (choose from 'norm', 'value', 'agc')"),
+    (["--remode", "zero"], "--remode: invalid choice: 'zero' (choose from 'const', 'rand', 'pixel')"),
+    (["--aa", "autoaug"], "--aa 'autoaug' is not a timm AutoAugment policy"),
+    (["--drop-path", "1.5"], "--drop-path must be in [0, 1], got 1.5"),
+    (["--grad-accum", "0"], "--grad-accum-steps must be >= 1, got 0"),
 ])
 def test_bad_input_is_one_clear_line_before_any_work(folders, tmp_path, capsys, argv, message):
     argv = [a.format(root=folders) for a in argv]
@@ -73,6 +81,9 @@ def test_initial_checkpoint_of_another_architecture_is_refused(tmp_path, capsys,
     ({"output": "runs/x"}, "unknown training key(s) ['output']"),
     ({"epochs": "ten"}, "epochs: 'ten' is not a valid int"),
     ({"chase": {"densty": 0.1}}, "unknown `chase:` key(s) ['densty']"),
+    ({"clip_mode": "agc2"}, "--clip-mode 'agc2' is not one of: norm, value, agc"),  # argparse skips YAML values
+    ({"mixed_precision": "fp8"}, "--mixed-precision 'fp8' is not one of: no, fp16, bf16"),
+    ({"log_with": "nosuchtracker"}, "--log-with 'nosuchtracker' is not one of: all"),
 ])
 def test_bad_yaml_is_a_clear_error(tmp_path, capsys, config, message):
     path = tmp_path / "bad.yaml"

@@ -8,13 +8,24 @@ import json
 import pytest
 import timm
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from safetensors.torch import save_file
 from timm.data import Mixup
+from timm.data.auto_augment import RandAugment
+from timm.data.random_erasing import RandomErasing
+from timm.layers import DropPath
 
 import chase_timm
+import chase_timm.data
+from chase_timm.data import set_transform
 from recipe_helpers import TINY, fresh_accelerate, load_recipe, metrics, write_parquet_dataset
+
+# timm train.py flags, each with a value its default does not have, checked where it lands
+TIMM_FLAGS = ["--drop", "0.25", "--drop-path", "0.1", "--aa", "rand-m9-mstd0.5", "--reprob", "0.5", "--remode", "pixel",
+              "--recount", "2", "--opt", "rmsprop", "--momentum", "0.8", "--opt-eps", "1e-4", "--layer-decay", "0.7",
+              "--warmup-lr", "1e-4", "--min-lr", "5e-4"]
 
 
 def train_in_process(argv, monkeypatch=None) -> str:
@@ -27,38 +38,44 @@ def train_in_process(argv, monkeypatch=None) -> str:
 
 @pytest.fixture(scope="module")
 def flagged_run(tmp_path_factory):
-    """One run with --log-with tensorboard --model-ema --mixup --cutmix --clip-grad --initial-checkpoint
-    --channels-last."""
+    """One run with --log-with tensorboard --model-ema --mixup --cutmix --clip-grad/--clip-mode --initial-checkpoint
+    --channels-last and timm's model, augmentation, optimizer and schedule flags."""
     root = tmp_path_factory.mktemp("flags")
     start = timm.create_model("resnet18")  # ImageNet-shaped (1000 classes): the classifier cannot be reused
     save_file(start.state_dict(), str(root / "start.safetensors"))
-    seen = {"mixup": [], "clip": [], "stem_at_wrap": None}
-    mix, clip, wrap = Mixup.__call__, Accelerator.clip_grad_norm_, chase_timm.Chase.__init__
+    seen = {"mixup": [], "clip": [], "stem_at_wrap": None, "transforms": []}
+    mix, clip, wrap = Mixup.__call__, Accelerator.clip_grad_value_, chase_timm.Chase.__init__
 
     def spy_mix(self, x, target):
         x, target = mix(self, x, target)
         seen["mixup"].append((self.mixup_alpha, self.cutmix_alpha, tuple(target.shape)))
         return x, target
 
-    def spy_clip(self, parameters, max_norm, norm_type=2):
-        seen["clip"].append(max_norm)
-        return clip(self, parameters, max_norm, norm_type)
+    def spy_clip(self, parameters, clip_value):
+        seen["clip"].append(clip_value)
+        return clip(self, parameters, clip_value)
 
     def spy_wrap(self, model, *args, **kwargs):
         seen["stem_at_wrap"] = dict(model.named_parameters())["conv1.weight"].detach().clone()
         seen["channels_last"] = all(p.is_contiguous(memory_format=torch.channels_last)
                                     for p in model.parameters() if p.dim() == 4)
+        seen["model"], seen["optimizer"] = model, kwargs["optimizer"]
         wrap(self, model, *args, **kwargs)
+
+    def spy_transform(dataset, transform):
+        seen["transforms"].append(transform)
+        return set_transform(dataset, transform)
 
     out = root / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Mixup, "__call__", spy_mix)
-        mp.setattr(Accelerator, "clip_grad_norm_", spy_clip)
+        mp.setattr(Accelerator, "clip_grad_value_", spy_clip)
         mp.setattr(chase_timm.Chase, "__init__", spy_wrap)
+        mp.setattr(chase_timm.data, "set_transform", spy_transform)  # the recipe imports it when loaded
         printed = train_in_process([*TINY, "--epochs", "2", "--max-steps", "6", "--log-with", "tensorboard",
                                     "--model-ema", "--mixup", "0.2", "--cutmix", "0.3", "--clip-grad", "1.0",
-                                    "--initial-checkpoint", str(root / "start.safetensors"), "--channels-last",
-                                    "--output", str(out)])
+                                    "--clip-mode", "value", "--initial-checkpoint", str(root / "start.safetensors"),
+                                    "--channels-last", *TIMM_FLAGS, "--recal-batches", "0", "--output", str(out)])
     return out, printed, seen, start
 
 
@@ -81,8 +98,62 @@ def test_mixup_and_cutmix_mix_every_batch_with_soft_targets(flagged_run):
     assert len(mixed) == 6 and all(m == (0.2, 0.3, (64, 10)) for m in mixed)
 
 
-def test_clip_grad_clips_every_optimizer_step(flagged_run):
-    assert flagged_run[2]["clip"] == [1.0] * 6
+def test_clip_grad_clips_every_optimizer_step_in_the_clip_mode(flagged_run):
+    assert flagged_run[2]["clip"] == [1.0] * 6  # --clip-mode value: Accelerate's clip_grad_value_
+
+
+@pytest.mark.parametrize("mode", ["norm", "value", "agc"])
+def test_clip_modes_clip_as_timm_does(mode):
+    """clip_gradients(accelerator, ..., mode) leaves the gradients timm's dispatch_clip_grad leaves."""
+    from timm.utils import dispatch_clip_grad
+
+    from chase_timm.training import clip_gradients
+
+    torch.manual_seed(0)
+    model, reference = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    reference.load_state_dict(model.state_dict())
+    model(torch.randn(16, 8)).pow(2).sum().mul(50).backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        q.grad = p.grad.clone()
+    unclipped = model.weight.grad.clone()
+    with fresh_accelerate():
+        accelerator = Accelerator(cpu=True)
+        clip_gradients(accelerator, accelerator.prepare(model).parameters(), 0.05, mode)
+    dispatch_clip_grad(reference.parameters(), 0.05, mode=mode)
+    assert not torch.equal(model.weight.grad, unclipped)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), reference.parameters()))
+
+
+def test_timm_model_flags_reach_the_model(flagged_run):
+    model = flagged_run[2]["model"]
+    assert model.drop_rate == 0.25  # --drop
+    drop_paths = [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+    assert drop_paths and max(drop_paths) == pytest.approx(0.1)  # --drop-path: timm's per-block ramp up to it
+
+
+def test_timm_augmentation_flags_reach_the_train_transform(flagged_run):
+    train, val = flagged_run[2]["transforms"]
+    steps = train.transforms
+    assert any(isinstance(t, RandAugment) for t in steps)  # --aa rand-m9-mstd0.5
+    erasing = [t for t in steps if isinstance(t, RandomErasing)]
+    assert len(erasing) == 1 and (erasing[0].probability, erasing[0].mode, erasing[0].max_count) == (0.5, "pixel", 2)
+    assert not any(isinstance(t, (RandAugment, RandomErasing)) for t in val.transforms)
+
+
+def test_timm_optimizer_flags_reach_the_optimizer(flagged_run):
+    optimizer = flagged_run[2]["optimizer"].optimizer  # Accelerate's wrapper around timm's choice
+    assert isinstance(optimizer, torch.optim.RMSprop)  # --opt rmsprop
+    assert {(g["momentum"], g["eps"]) for g in optimizer.param_groups} == {(0.8, 1e-4)}  # --momentum, --opt-eps
+    scales = sorted({round(g["lr_scale"], 6) for g in optimizer.param_groups})  # --layer-decay 0.7 per layer group
+    assert len(scales) > 2 and scales[-1] == 1.0 and scales[-2] == pytest.approx(0.7)
+
+
+def test_timm_schedule_flags_reach_the_scheduler(flagged_run):
+    """--warmup-lr starts the warm-up (3 of 6 steps), --min-lr ends the cosine; each group scaled by its lr_scale."""
+    steps = metrics(flagged_run[0])["steps"]
+    scale = flagged_run[2]["optimizer"].optimizer.param_groups[0]["lr_scale"]
+    assert steps[0]["lr"] == pytest.approx((1e-4 + (2e-3 - 1e-4) / 3) * scale)
+    assert steps[-1]["step"] == 6 and steps[-1]["lr"] == pytest.approx(5e-4 * scale)
 
 
 def test_model_ema_is_masked_checkpointed_and_published(flagged_run):
@@ -215,3 +286,43 @@ def test_streamed_rows_per_rank_never_exceed_the_smallest_shard_share(tmp_path):
     assert _rows_every_rank_gets(stream, 10, 1) == 10
     assert _rows_every_rank_gets(stream, 10, 2) == 3  # the smaller shard, not the mean of 5
     assert _rows_every_rank_gets(stream, 10, 3) == 3  # 2 shards over 3 ranks: every 3rd row, at least floor(10/3)
+
+
+def test_chase_runs_the_steps_the_loop_runs_when_max_steps_cuts_an_epoch(tmp_path):
+    """--epochs 7 --max-steps 61: the loop and the lr schedule run 61 steps, and so must Chase's schedule (a rate of
+    61/7 steps an epoch floored back to 60 of them before)."""
+    seen = {}
+    wrap = chase_timm.Chase.__init__
+
+    def spy_wrap(self, model, config, *args, **kwargs):
+        seen["total_steps"] = config.total_steps
+        wrap(self, model, config, *args, **kwargs)
+
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(chase_timm.Chase, "__init__", spy_wrap)
+        train_in_process(["--model", "resnet10t", "--img-size", "16", "--batch-size", "16", "--epochs", "7",
+                          "--max-steps", "61", "--recal-batches", "1", "--output", str(out)])
+    last = metrics(out)["epochs"][-1]
+    assert seen["total_steps"] == last["step"] == last["chase_step"] == 61
+    assert metrics(out)["steps"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the lr schedule ends there too
+
+
+def test_grad_accum_keeps_its_old_name_in_flags_yaml_and_checkpoints(tmp_path):
+    """--grad-accum-steps is timm's name; --grad-accum, a `grad_accum:` YAML key and checkpoints of older recipes
+    (that key, none of the timm flags added since) keep working."""
+    recipe = load_recipe()
+    assert recipe.parse_args(["--grad-accum", "2"])[0].grad_accum_steps == 2
+    (tmp_path / "old.yaml").write_text("grad_accum: 3\n")
+    assert recipe.parse_args(["--config", str(tmp_path / "old.yaml")])[0].grad_accum_steps == 3
+    saved = recipe.run_config(*recipe.parse_args(TINY))
+    saved["grad_accum"] = saved.pop("grad_accum_steps")
+    for key in ("momentum", "min_lr", "warmup_lr", "reprob", "remode", "recount", "clip_mode"):
+        del saved[key]
+    (tmp_path / "epoch_1").mkdir()
+    (tmp_path / "epoch_1" / "run_config.yaml").write_text(yaml.safe_dump(saved))
+    args, section = recipe.parse_args([*TINY, "--resume", str(tmp_path / "epoch_1")])
+    recipe.check_resume(args, recipe.run_config(args, section))  # no refusal: the same run
+    with pytest.raises(SystemExit):  # while a flag added since, set otherwise, is another run
+        args, section = recipe.parse_args([*TINY, "--min-lr", "1e-4", "--resume", str(tmp_path / "epoch_1")])
+        recipe.check_resume(args, recipe.run_config(args, section))
