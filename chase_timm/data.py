@@ -31,10 +31,8 @@ DIGITS_CLASSES = tuple(str(i) for i in range(10))
 
 def _load_digits() -> Tuple[np.ndarray, np.ndarray]:
     """All 1,797 digits as uint8 images (N, 8, 8) scaled 0-255 and int64 labels."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:  # scikit-learn is an optional (recipes) dependency
-        raise ImportError("The embedded digits dataset needs scikit-learn: pip install 'chase-timm[recipes]'.") from e
+    from sklearn.datasets import load_digits
+
     digits = load_digits()
     images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
     return images, digits.target.astype(np.int64)
@@ -42,7 +40,10 @@ def _load_digits() -> Tuple[np.ndarray, np.ndarray]:
 
 def digits_splits(val_fraction: float = 0.2, seed: int = 0) -> dict:
     """Deterministic stratified train/val split: ``{"train": (images, labels), "val": (images, labels)}``."""
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.model_selection import train_test_split
+    except ImportError:  # scikit-learn is an optional (recipes) dependency
+        raise ImportError('the embedded digits dataset needs scikit-learn: pip install "chase-timm[recipes]"') from None
 
     images, labels = _load_digits()
     tr_x, va_x, tr_y, va_y = train_test_split(
