@@ -232,6 +232,9 @@ def _rows_every_rank_gets(stream: Any, size: int, world_size: int) -> int:
     return sum(rows[:stream.n_shards // world_size])  # the unluckiest rank holds the smallest shards
 
 
+# Not timm's hfds/hfids readers (still reachable as those specs): they read fixed 'image'/'label' columns and no
+# data_dir, and hfids needs num_samples for local files and evens ranks out by repeating rows up to ceil(N/world)
+# (timm 1.0.31 reader_hfids.py), where hf: finds the columns itself and cuts every rank to its smallest share.
 def _hf_dataset(name: str, data_dir: Optional[str], train_split: str, val_split: Optional[str], val_fraction: float,
                 streaming: bool, seed: int, rank: int, world_size: int) -> ImageData:
     import datasets

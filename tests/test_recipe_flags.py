@@ -202,16 +202,19 @@ def test_a_vit_is_built_for_the_digits_size_and_reloads_at_it(tmp_path):
 def test_streamed_rows_per_rank_never_exceed_the_smallest_shard_share(tmp_path):
     """Whole shards dealt to ranks (their number divides by the world size): every rank may get the smallest ones,
     so each rank reads at most that many rows and no rank waits for another in DDP."""
-    import datasets
+    from chase_timm.data import load_image_data
 
-    from chase_timm.data import _rows_every_rank_gets
-
-    write_parquet_dataset(tmp_path, {"train": 7})
+    write_parquet_dataset(tmp_path, {"train": 7, "validation": 2})
     write_parquet_dataset(tmp_path / "b", {"train": 3})
-    (tmp_path / "b" / "data" / "train-00000-of-00001.parquet").rename(tmp_path / "data" / "train-x.parquet")
-    files = sorted(str(p) for p in (tmp_path / "data").glob("train*.parquet"))
-    stream = datasets.load_dataset("parquet", data_files={"train": files}, split="train", streaming=True)
-    assert stream.n_shards == 2
-    assert _rows_every_rank_gets(stream, 10, 1) == 10
-    assert _rows_every_rank_gets(stream, 10, 2) == 3  # the smaller shard, not the mean of 5
-    assert _rows_every_rank_gets(stream, 10, 3) == 3  # 2 shards over 3 ranks: every 3rd row, at least floor(10/3)
+    (tmp_path / "data" / "train-00000-of-00001.parquet").rename(tmp_path / "data" / "train-00000-of-00002.parquet")
+    (tmp_path / "b" / "data" / "train-00000-of-00001.parquet").rename(tmp_path / "data" / "train-00001-of-00002.parquet")
+
+    def rows(world_size: int) -> list:
+        """Rows each rank's stream yields, and the length it reports, for every rank."""
+        ranks = [load_image_data(f"hf:{tmp_path}", streaming=True, rank=r, world_size=world_size).train
+                 for r in range(world_size)]
+        return [(len(train), sum(1 for _ in train)) for train in ranks]
+
+    assert rows(1) == [(10, 10)]
+    assert rows(2) == [(3, 3)] * 2  # two shards of 7 and 3 rows: the smaller shard, not the mean of 5
+    assert rows(3) == [(3, 3)] * 3  # 2 shards over 3 ranks: every 3rd row, at least floor(10/3)
