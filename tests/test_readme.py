@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 PRELUDE = """
@@ -43,6 +45,7 @@ def python_blocks(text: str) -> list:
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.M | re.S)
 
 
+@pytest.mark.slow
 def test_readme_python_blocks_run_in_order(tmp_path):
     blocks = python_blocks(README.read_text(encoding="utf-8"))
     assert blocks, "README.md has no python block"

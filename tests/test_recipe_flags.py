@@ -16,6 +16,8 @@ from timm.data import Mixup
 import chase_timm
 from recipe_helpers import TINY, fresh_accelerate, load_recipe, metrics, write_parquet_dataset
 
+pytestmark = pytest.mark.slow  # nearly every test here runs the recipe in process
+
 
 def train_in_process(argv, monkeypatch=None) -> str:
     """recipes/train.py's main() in this process; returns what it printed."""
