@@ -50,7 +50,7 @@ def channel_profile(source: Union[Chase, nn.Module]) -> List[LayerChannels]:
     """
     if isinstance(source, Chase):
         model, weights, masks = source.module, source.weights, source.masks
-        alive = {n: k.flatten(1).any(1) for n, k in source.allowed.items()}
+        alive = {n: k.flatten(1).any(1) for n, k in source.channels.allowed.items()}
     else:
         model = unwrap_model(source)
         weights = conv_linear_weights(model)

@@ -1,4 +1,5 @@
-"""Channel sparsity policy: UMM scores per group, floors, and exact global selection of channels to remove.
+"""Channel sparsity policy: UMM scores per group, floors, exact global selection of channels to remove, and
+:class:`ChannelState`, the bookkeeping of which channels are alive, removed or physically shrunk away.
 
 Structure (which slices are coupled) comes from :mod:`chase_timm.graph`; this module only decides *which*
 channels go, following the paper: the globally lowest Unmasked Mean Magnitude first, never taking a group
@@ -7,13 +8,16 @@ below its floor floor(C·(1-S_c)·beta).
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Sequence
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence
 
 import torch
+import torch.nn as nn
 
-from .graph import ChannelGroup
+from ._timm import named_tensors
+from .graph import ChannelGroup, reindex_groups
+from .slim import meta_clone, width_plan
 
-__all__ = ["group_floor", "umm_scores", "select_channels", "tensor_keep_masks"]
+__all__ = ["group_floor", "umm_scores", "select_channels", "tensor_keep_masks", "ChannelState"]
 
 
 def group_floor(width: int, channel_sparsity: float, min_channel_ratio: float, round_to: int = 1) -> int:
@@ -140,3 +144,121 @@ def tensor_keep_masks(groups: Sequence[ChannelGroup], alive: Mapping[str, torch.
             keep &= vec.view(shape)
         masks[name] = keep.to(device=tensor.device, dtype=tensor.dtype)
     return masks
+
+
+class ChannelState:
+    """Which channels of a model's groups are alive: in its current numbering and in the original one.
+
+    The channel half of :class:`~chase_timm.Chase`, read through ``chase.channels`` (only Chase changes it):
+
+    - ``groups``: every coupled channel group of the model as it is now (physically shrunk groups re-indexed);
+      ``prunable``: those Chase may thin (removable, with a Conv/Linear producer to score);
+    - ``alive``: ``{group: bool flags}`` in the current numbering; ``floors``: the fewest channels a group keeps;
+      ``total``: prunable channels of the original model;
+    - ``allowed``: channel mask F (bool) of every sparse weight touched by a removed channel still in the model;
+      ``channel_masks``: F of the other tensors so touched (norm weights, biases, ...), in their dtype.
+    """
+
+    def __init__(self, module: nn.Module, groups: List[ChannelGroup], channel_sparsity: float,
+                 min_channel_ratio: float, round_to: int = 1) -> None:
+        self.groups = groups
+        self.prunable = [g for g in groups if g.prunable and g.producers()]
+        self.alive = {g.name: torch.ones(g.width, dtype=torch.bool) for g in self.prunable}
+        self.floors = {g.name: group_floor(g.width, channel_sparsity, min_channel_ratio, round_to)
+                       for g in self.prunable}
+        self.total = sum(g.width for g in self.prunable)
+        self.allowed: Dict[str, torch.Tensor] = {}
+        self.channel_masks: Dict[str, torch.Tensor] = {}
+        # physical shrinking: original channel number of every channel still in the model, original widths,
+        # original tensor shapes (UMM's original fan-in), a shape-only copy of the base (for width plans)
+        self._origin = {g.name: torch.arange(g.width) for g in self.prunable}
+        self._base_width = {g.name: g.width for g in groups}
+        self._base_shapes = {n: tuple(t.shape) for n, t in named_tensors(module)}
+        self._base: Optional[nn.Module] = None
+
+    def alive_count(self) -> int:
+        """Prunable channels still alive."""
+        return sum(int(a.sum()) for a in self.alive.values())
+
+    def scores(self, tensors: Mapping[str, torch.Tensor], fanin: str) -> Dict[str, torch.Tensor]:
+        """UMM of every prunable group's channels (see :func:`umm_scores`)."""
+        keep = {**self.allowed, **{n: m.bool() for n, m in self.channel_masks.items()}}
+        return umm_scores(self.prunable, tensors, keep, fanin, self._base_shapes)
+
+    def remove_lowest(self, tensors: Mapping[str, torch.Tensor], sparsity: float, fanin: str,
+                      generator: torch.Generator, round_to: int = 1) -> bool:
+        """Mark the globally lowest-UMM channels removed until channel sparsity reaches ``sparsity`` (floors
+        permitting); False when none were due."""
+        n_remove = math.ceil(self.alive_count() - self.total * (1.0 - sparsity) - 1e-9)
+        if n_remove <= 0:
+            return False
+        removed = select_channels(self.scores(tensors, fanin), self.alive, self.floors, n_remove, generator, round_to)
+        for name, idx in removed.items():
+            self.alive[name][idx] = False
+        return True
+
+    def refresh_masks(self, tensors: Mapping[str, torch.Tensor], sparse: Collection[str]) -> None:
+        """Recompute the channel masks F from the alive channels (``allowed`` for the ``sparse`` weights)."""
+        keep = tensor_keep_masks(self.prunable, self.alive, tensors)
+        self.allowed = {n: k.bool() for n, k in keep.items() if n in sparse}
+        self.channel_masks = {n: k for n, k in keep.items() if n not in sparse}
+
+    def original_alive(self, name: str, present: bool = False) -> torch.Tensor:
+        """Flags of a group's channels in the original numbering: alive, or (``present``) still in the model."""
+        flags = torch.zeros(self._base_width[name], dtype=torch.bool)
+        flags[self._origin[name]] = True if present else self.alive[name]
+        return flags
+
+    def removed(self) -> Dict[str, List[int]]:
+        """Removed channel indices per group, numbered as in the original model (only groups that lost channels)."""
+        removed = {n: (~self.original_alive(n)).nonzero().flatten().tolist() for n in self.alive}
+        return {n: r for n, r in removed.items() if r}
+
+    def pending(self) -> Dict[str, List[int]]:
+        """Removed channels still in the model (masked, not yet sliced out), numbered as the model is now."""
+        return {n: (~a).nonzero().flatten().tolist() for n, a in self.alive.items() if not bool(a.all())}
+
+    def shrunk(self) -> Dict[str, List[int]]:
+        """Channels physically removed so far, in the original numbering."""
+        return {n: (~self.original_alive(n, present=True)).nonzero().flatten().tolist() for n, origin in
+                self._origin.items() if origin.numel() < self._base_width[n]}
+
+    def record_shrink(self, module: nn.Module, removed: Mapping[str, Sequence[int]]) -> None:
+        """Follow ``removed`` (current numbering) out of the numbering; call just before slicing them out of
+        ``module`` (its first call keeps a shape-only copy of the base model for :meth:`state_dict`'s width plan)."""
+        if self._base is None:
+            self._base = meta_clone(module)
+        self.groups = reindex_groups(self.groups, removed)
+        self.prunable = [g for g in self.groups if g.name in self.alive]
+        for name, alive in self.alive.items():
+            keep = torch.ones(len(alive), dtype=torch.bool)
+            keep[removed.get(name, [])] = False
+            self._origin[name], self.alive[name] = self._origin[name][keep], alive[keep]
+
+    def state_dict(self, module: nn.Module) -> Dict[str, Any]:
+        """``alive`` flags in the original numbering; after a shrink also ``shrunk`` and ``width_plan`` (``module``'s
+        shapes relative to the base model, :func:`chase_timm.slim.apply_width_plan`)."""
+        shrunk = self.shrunk()
+        return {"alive": {n: self.original_alive(n) for n in self.alive},
+                **({"shrunk": shrunk, "width_plan": width_plan(module, self._base)} if shrunk else {})}
+
+    def load_alive(self, alive: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`'s ``alive`` (original numbering) onto the channels still in the model."""
+        self.alive = {n: a.bool()[self._origin[n]] for n, a in alive.items()}
+
+    def report(self, tensors: Mapping[str, torch.Tensor], fanin: str) -> List[Dict[str, Any]]:
+        """One row per group: widths before/after, UMM distribution of kept channels, why excluded."""
+        scores = self.scores(tensors, fanin)
+        rows = []
+        for group in self.groups:
+            row = {"group": group.name, "width_before": self._base_width[group.name], "width_after": group.width,
+                   "residual": group.residual, "prunable": group.name in self.alive, "reason": group.reason}
+            if group.name in self.alive:
+                alive = self.alive[group.name]
+                kept = scores[group.name][alive]
+                row.update(width_after=int(alive.sum()), floor=self.floors[group.name],
+                           umm_min=float(kept.min()), umm_median=float(kept.median()), umm_max=float(kept.max()))
+            elif group.prunable:
+                row.update(prunable=False, reason="no Conv/Linear producer to score")
+            rows.append(row)
+        return rows

@@ -25,11 +25,10 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning import ops
-from torch_pruning._helpers import _HybridIndex
-from torch_pruning.dependency.dependency import Dependency
-from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
 
 from ._timm import classifier_modules, deepcopy_model, default_example_input
+from .adapters.autograd import new_forward_hooks_removed, result_shape, saved_dim, saved_input_shape
+from .adapters.torch_pruning import flatten_stride, root_dependency, root_positions
 from .slim import slice_in_place
 
 __all__ = ["ChannelSlice", "ChannelGroup", "find_channel_groups", "tensor_removals", "reindex_groups"]
@@ -175,16 +174,13 @@ def _tracing(model: nn.Module) -> Iterator[None]:
     """Grad enabled (torch-pruning traces autograd); training flags and forward hooks restored afterwards
     (torch-pruning leaves its tracing hooks behind when the forward raises)."""
     flags = {m: m.training for m in model.modules()}
-    hooks = {m: set(m._forward_hooks) for m in flags}
     try:
-        with torch.enable_grad(), warnings.catch_warnings():
+        with torch.enable_grad(), warnings.catch_warnings(), new_forward_hooks_removed(flags):
             warnings.simplefilter("ignore")
             yield
     finally:
         for m, flag in flags.items():
             m.training = flag
-            for key in set(m._forward_hooks) - hooks[m]:
-                del m._forward_hooks[key]
 
 
 def _placeholders(model: nn.Module, reason: str) -> list[ChannelGroup]:
@@ -328,8 +324,8 @@ def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int],
     fn = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
     if root.type == ops.OPTYPE.DEPTHWISE_CONV:
         fn = tp.prune_depthwise_conv_out_channels
-    start = [_HybridIndex(idx=i, root_idx=i) for i in channels]
-    deps = {(root, fn): Dependency(fn, fn, source=root, target=root)}
+    start = root_positions(channels)
+    deps = {(root, fn): root_dependency(root, fn)}
     owners = {(root, fn): {i: i for i in channels}}  # position -> root channel, per (node, function)
     mixed: dict[str, None] = {}
     stack = [(root, fn, start)]
@@ -368,7 +364,7 @@ def _mapped(dep: Any, idxs: list, limit: int) -> Optional[list]:
     for mapping in dep.index_mapping:
         if mapping is None or not idxs:
             continue
-        stride = getattr(mapping, "_stride", 1) if isinstance(mapping, _FlattenIndexMapping) else 1
+        stride = flatten_stride(mapping) or 1
         if not getattr(mapping, "reverse", True) and len(idxs) * stride > limit:
             return None
         idxs = mapping(idxs)
@@ -486,15 +482,14 @@ def _shape_op(draft: _Draft, node: Any, dep: Any) -> None:
     """Reshape/split/unbind/slice/expand: fine only when they don't regroup the channel dim."""
     fn = node.grad_fn
     name = fn.name() if hasattr(fn, "name") else type(fn).__name__
-    before = tuple(getattr(fn, "_saved_self_sym_sizes", None) or getattr(fn, "_saved_self_sizes", None) or ())
-    after = tuple(fn._input_metadata[0].shape) if getattr(fn, "_input_metadata", None) else ()
+    before, after = saved_input_shape(fn), result_shape(fn)
     kind = node.type
     if kind == ops.OPTYPE.RESHAPE and (_keeps_channels(before, after) or _flatten(before, after, dep)):
         return
     if kind == ops.OPTYPE.EXPAND and before and len(before) == len(after) and \
             before[_channel_dim(len(before))] == after[_channel_dim(len(after))]:
         return
-    if kind == ops.OPTYPE.SLICE and before and fn._saved_dim % len(before) != _channel_dim(len(before)):
+    if kind == ops.OPTYPE.SLICE and before and saved_dim(fn) % len(before) != _channel_dim(len(before)):
         return
     what = {ops.OPTYPE.RESHAPE: "reshape", ops.OPTYPE.SPLIT: "split", ops.OPTYPE.UNBIND: "unbind",
             ops.OPTYPE.SLICE: "channel slice", ops.OPTYPE.EXPAND: "expand"}.get(kind, str(kind))
@@ -520,7 +515,7 @@ def _keeps_channels(before: tuple, after: tuple) -> bool:
 def _flatten(before: tuple, after: tuple, dep: Any) -> bool:
     """(N, C, H, W) -> (N, C*H*W) with torch-pruning's flatten index mapping in place."""
     flat = len(before) >= 2 and tuple(after) == (before[0], _prod(before[1:]))
-    return flat and any(isinstance(m, _FlattenIndexMapping) for m in dep.index_mapping)
+    return flat and any(flatten_stride(m) is not None for m in dep.index_mapping)
 
 
 def _prod(sizes: Sequence[int]) -> int:

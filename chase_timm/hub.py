@@ -31,6 +31,8 @@ from timm.layers import get_spatial_dim
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_model_args, register_model, save_for_hf
 
 from ._timm import classifier_modules, deepcopy_model, unwrap_model
+from .adapters.autograd import has_non_persistent_buffers
+from .adapters.timm import record_model_args, recorded_model_args
 from .config import ChaseConfig
 from .metrics import count_flops
 from .slim import apply_width_plan, width_plan
@@ -143,7 +145,7 @@ def _build(base: str, plan: Mapping, pretrained: bool, device: Any = None, dtype
     if pretrained:
         with torch.device("meta"):
             model = timm.create_model(base, pretrained=False, **kwargs)
-        if not any(m._non_persistent_buffers_set for m in model.modules()):  # weights restore everything else
+        if not has_non_persistent_buffers(model):  # weights restore everything else
             apply_width_plan(model, plan)
             model.to_empty(device=device or "cpu")
             if dtype is not None:
@@ -187,7 +189,7 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *,
             for tensor in export.state_dict(keep_vars=True).values():  # what the reloaded model computes with);
                 tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)  # the user's model is kept
         export.pretrained_cfg = cfg
-        export._model_args = spec.pop("base_args")
+        record_model_args(export, spec.pop("base_args"))
         save_for_hf(export, str(staging), model_args={"chase": spec}, safe_serialization=True,
                     data_config={k: cfg[k] for k in _DATA_KEYS if k in cfg},
                     model_config={"label_names": label_names} if label_names else None)
@@ -239,7 +241,7 @@ def _slim_spec(model: nn.Module) -> tuple[dict, nn.Module]:
     if not isinstance(getattr(model, "pretrained_cfg", None), Mapping) or not hasattr(model, "num_classes"):
         raise ValueError(f"save_pretrained needs a timm model as Chase.export() returns it, not a wrapper or a "
                          f"features_only model (got {type(model).__name__})")
-    saved = dict(getattr(model, "_model_args", None) or {})
+    saved = recorded_model_args(model)
     chase = saved.pop("chase", None)
     arch = chase["base_architecture"] if isinstance(chase, Mapping) else model.pretrained_cfg.get("architecture")
     if not isinstance(arch, str) or not timm.is_model(arch) or arch == ARCHITECTURE:
@@ -247,7 +249,7 @@ def _slim_spec(model: nn.Module) -> tuple[dict, nn.Module]:
                          f"architecture {arch!r}): pass the model Chase.export() returned, or one loaded with "
                          f"timm.create_model('local-dir:...')")
     probe = copy.copy(model)
-    probe._model_args = saved
+    record_model_args(probe, saved)
     args = get_model_args(probe)
     with torch.device("meta"):
         base = timm.create_model(arch, pretrained=False, **args)
@@ -464,7 +466,7 @@ def slim_summary(source: str) -> dict:
     if name.startswith("local-dir:"):
         read_config(name[len("local-dir:"):])
     slim = timm.create_model(name, pretrained=False, device="meta")
-    chase = slim._model_args.get("chase")
+    chase = recorded_model_args(slim).get("chase")
     if not isinstance(chase, Mapping):
         raise ValueError(f"{source} is not a chase slim model (architecture {slim.pretrained_cfg.get('architecture')})")
     spec, base = _slim_spec(slim)

@@ -154,8 +154,8 @@ class TrainingFlops:
         chase, sparse, slim = self.chase, self.other, self.other
         for name, per_element in self.per_element.items():
             numel = chase.module.get_parameter(name).numel()
-            mask = chase.masks.get(name, chase.channel_masks.get(name))
-            keep = chase.allowed.get(name, chase.channel_masks.get(name))
+            mask = chase.masks.get(name, chase.channels.channel_masks.get(name))
+            keep = chase.channels.allowed.get(name, chase.channels.channel_masks.get(name))
             sparse += per_element * (float(mask.count_nonzero()) if mask is not None else numel)
             slim += per_element * (float(keep.count_nonzero()) if keep is not None else numel)
         self.sparse_forward, self.slim_forward = sparse, slim
@@ -170,7 +170,7 @@ class TrainingFlops:
         if t != self._seen_step:
             update = config.runs_update(t)
             if update:  # the dense weight gradient of every micro-batch of this optimizer step
-                self.total += (self.slim_forward - self.sparse_forward) * samples * self.chase._accumulation_steps()
+                self.total += (self.slim_forward - self.sparse_forward) * samples * self.chase.accumulation_steps
             if update or config.is_channel_step(t):
                 self._recount()
             self._seen_step = t

@@ -9,7 +9,6 @@ checked before anything changes.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Dict, Mapping, Optional, Sequence
 
 import torch
@@ -17,16 +16,12 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ._timm import unwrap_model
+from .adapters.ddp import check_rebuildable, rebuild_ddp
 from .slim import sliced
 
 __all__ = ["check_shrinkable", "slice_optimizer_state", "rebuild_ddp"]
 
 Removals = Mapping[str, Mapping[int, Sequence[int]]]
-
-# DistributedDataParallel constructor arguments that its instances keep under the same name
-_DDP_SETTINGS = ("device_ids", "output_device", "dim", "process_group", "find_unused_parameters",
-                 "gradient_as_bucket_view", "static_graph", "mixed_precision", "forward_sync_buffers",
-                 "skip_all_reduce_unused_params", "batched_grad_copy")
 
 
 def check_shrinkable(model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
@@ -37,12 +32,7 @@ def check_shrinkable(model: nn.Module, optimizer: Optional[torch.optim.Optimizer
         raise ValueError(
             f"Chase can shrink a plain model or one wrapped by DistributedDataParallel (accelerator.prepare), not "
             f"{type(model).__name__}; shrink before wrapping (e.g. before torch.compile) or use ChaseConfig(shrink='off').")
-    if isinstance(model, DistributedDataParallel) and getattr(model, "_delay_all_reduce_params", None):
-        raise ValueError("Chase cannot rebuild a DistributedDataParallel with delay_all_reduce_named_params; "
-                         "use ChaseConfig(shrink='off').")
-    if isinstance(model, DistributedDataParallel) and getattr(model, "mixed_precision", None) is not None:
-        raise ValueError("Chase cannot rebuild a DistributedDataParallel with its own mixed_precision (its hooks "
-                         "register once); use autocast (accelerate's mixed_precision) or ChaseConfig(shrink='off').")
+    check_rebuildable(model)
     for name, param, value_name, value in _cut_states(optimizer, params, removals):
         if value.shape != param.shape:
             raise ValueError(
@@ -74,46 +64,3 @@ def _cut_states(optimizer: Optional[torch.optim.Optimizer], params: Mapping[str,
         for value_name, value in state.get(param, {}).items():
             if torch.is_tensor(value) and value.dim() > 0:
                 yield name, param, value_name, value
-
-
-def rebuild_ddp(model: nn.Module) -> None:
-    """Re-run ``DistributedDataParallel.__init__`` on the same wrapper so its reducer matches the new shapes.
-
-    Collective: every rank must call it at the same step. A plain model is left alone. The wrapper keeps its
-    identity (what ``accelerator.prepare`` returned stays the model to train), its settings and comm hooks.
-    """
-    if not isinstance(model, DistributedDataParallel):
-        return
-    accepted = inspect.signature(DistributedDataParallel.__init__).parameters
-    settings = {name: getattr(model, name) for name in _DDP_SETTINGS if name in accepted and hasattr(model, name)}
-    if "forward_sync_buffers" not in settings and "broadcast_buffers" in accepted:  # torch < 2.13's name for it
-        settings["broadcast_buffers"] = model.broadcast_buffers
-    if "init_sync" in accepted:  # ranks already hold the same parameters; rank-local buffers must stay rank-local
-        settings["init_sync"] = False  # (torch >= 2.13 broadcasts buffers at init when forward_sync_buffers is given)
-    settings["bucket_cap_mb"] = model.bucket_bytes_cap / (1024 * 1024)
-    hooks = list(getattr(model, "_comm_hooks", []))
-    module = model.module
-    _check_same_shapes(module, model.process_group)
-    for attr in ("logger", "reducer"):  # the old reducer's autograd hooks hold the old bucket layout
-        if hasattr(model, attr):
-            delattr(model, attr)
-    DistributedDataParallel.__init__(model, module, **settings)
-    for hook, state in hooks:
-        for attr in ("error_dict", "p_memory_dict", "q_memory_dict"):  # PowerSGD: buffers per old bucket
-            if isinstance(getattr(state, attr, None), dict):
-                getattr(state, attr).clear()
-        model.register_comm_hook(state, hook)
-
-
-def _check_same_shapes(module: nn.Module, group) -> None:
-    """RuntimeError unless every rank holds the same parameter shapes: the rebuild skips DDP's own check
-    (``init_sync=False``), and a rank that did not shrink would otherwise hang or mix gradients."""
-    params = list(module.parameters())
-    summary = torch.tensor([len(params), sum(p.numel() for p in params),
-                            sum((i + 1) * p.numel() for i, p in enumerate(params))], device=params[0].device)
-    low, high = summary.clone(), summary.clone()
-    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN, group=group)
-    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX, group=group)
-    if not torch.equal(low, high):
-        raise RuntimeError("ranks hold different parameter shapes after a shrink: call chase.step() (or "
-                           "chase.shrink()) on every rank at the same step.")

@@ -11,7 +11,7 @@ import hashlib
 import math
 import pickle
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -23,7 +23,8 @@ from .config import ChaseConfig
 from .metrics import flop_counts, throughput
 
 __all__ = ["ExportMismatchError", "check_export", "check_slim_accuracy", "mask_digest", "weight_digest", "size_summary",
-           "speed_summary", "summary_table", "plot_training", "create_timm_model", "load_initial_weights"]
+           "speed_summary", "summary_table", "plot_training", "create_timm_model", "load_initial_weights",
+           "load_checkpoint"]
 
 
 class ExportMismatchError(RuntimeError):
@@ -200,3 +201,29 @@ def load_initial_weights(model: nn.Module, path: Union[str, Path]) -> List[str]:
         raise ValueError(f"{path} does not fit {type(model).__name__}: missing {missing[:3]}, unexpected "
                          f"{sorted(unexpected)[:3]}, shape mismatches {wrong_shape[:3]} (is it another architecture?)")
     return skipped
+
+
+def load_checkpoint(chase: Chase, saved: Mapping[str, Any], objects: Mapping[str, Any],
+                    load_framework_state: Optional[Callable[[], Any]] = None) -> None:
+    """Resume from ``saved`` (``{"chase": chase.state_dict(), name: obj.state_dict(), ...}``) in the order that works.
+
+    Chase's state goes first: saved after :meth:`Chase.shrink`, it shrinks the freshly built full-width model, its
+    optimizer state and registered copies (an EMA) to the checkpoint's widths, which the saved model and
+    optimizer tensors have. Then ``load_framework_state()`` (e.g. ``lambda: accelerator.load_state(folder)``:
+    model, optimizer, scheduler, RNG), then ``objects[name].load_state_dict(saved[name])`` for every other entry in
+    ``saved``'s order (``objects`` may also hold the Chase under ``"chase"``). Raises ValueError, loading nothing,
+    when ``saved`` has no ``"chase"`` entry or one that ``objects`` does not name.
+    """
+    if "chase" not in saved:
+        raise ValueError(f"the checkpoint has no 'chase' entry (it has {sorted(saved)}); save chase.state_dict() "
+                         "under 'chase'.")
+    unknown = sorted(set(saved) - {"chase"} - set(objects))
+    if unknown:
+        raise ValueError(f"checkpoint entries {unknown} have no object to load into; pass them in objects "
+                         f"(it has {sorted(objects)}).")
+    chase.load_state_dict(saved["chase"])
+    if load_framework_state is not None:
+        load_framework_state()
+    for name, state in saved.items():
+        if name != "chase":
+            objects[name].load_state_dict(state)

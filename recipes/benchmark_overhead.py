@@ -39,6 +39,11 @@ def timed(fn: Callable[[], None]) -> float:
     return benchmark.timer() - start
 
 
+def jump_to(chase: chase_timm.Chase, step: int) -> None:
+    """Continue as if ``step`` optimizer steps had run, so the next ``chase.step()`` is step + 1's."""
+    chase.load_state_dict({**chase.state_dict(), "step": step})
+
+
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
@@ -67,14 +72,14 @@ def main() -> None:
     for _ in range(2):  # warm-up both, and one channel event so channel masks are live in the timed steps
         train_step(dense, dense_opt)
         train_step(sparse, sparse_opt, chase.step)
-    chase.step_count = config.channel_interval - config.channel_offset - 1
+    jump_to(chase, config.channel_interval - config.channel_offset - 1)
     channel_event = timed(lambda: train_step(sparse, sparse_opt, chase.step))
 
     dense_times, chase_times = [], []
     for _ in range(args.steps):
         dense_times.append(timed(lambda: train_step(dense, dense_opt)))
         chase_times.append(timed(lambda: train_step(sparse, sparse_opt, chase.step)))
-    chase.step_count = config.update_interval - 1
+    jump_to(chase, config.update_interval - 1)
     update_step = timed(lambda: train_step(sparse, sparse_opt, chase.step))
 
     dense_med, chase_med = statistics.median(dense_times), statistics.median(chase_times)
@@ -82,7 +87,7 @@ def main() -> None:
     print(f"model {args.model}, {args.img_size}px, batch {args.batch_size}, device {device}, "
           f"threads {torch.get_num_threads()}, {args.steps} interleaved steps each")
     print(f"Chase setup (ERK masks + channel-group discovery): {setup:.2f} s "
-          f"({len(chase.prunable)} prunable groups, {chase.channels_total} channels)")
+          f"({len(chase.channels.prunable)} prunable groups, {chase.channels.total} channels)")
     print(f"ordinary step: chase/dense time ratio = {chase_med / dense_med:.3f}   (target <= 1.05)")
     print(f"one prune/regrow update costs {(update_step - chase_med) / dense_med:.2f} ordinary steps   (target <= 2)")
     print(f"one channel-pruning event costs {(channel_event - chase_med) / dense_med:.2f} ordinary steps   (target <= 2)")

@@ -414,10 +414,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     states = {"chase": chase, "loop": state, "train_flops": train_flops, **({"ema": ema} if ema else {})}
     if args.resume:
         saved = torch.load(Path(args.resume) / STATE_FILE, weights_only=True)
-        chase.load_state_dict(saved.pop("chase"))  # first: after a shrink it shrinks model and EMA to the checkpoint
-        accelerator.load_state(args.resume)
-        for name, obj_state in saved.items():
-            states[name].load_state_dict(obj_state)
+        chase_timm.training.load_checkpoint(chase, saved, states, lambda: accelerator.load_state(args.resume))
         accelerator.print(f"resumed from {args.resume}: epoch {state.epoch}, step {state.step}")
     elif accelerator.is_main_process and args.overwrite and out.is_dir():
         shutil.rmtree(out)  # check_output made sure it holds a previous run of this recipe
@@ -476,9 +473,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 width, step_times = shrinks[-1]["params_after"], []
             scheduler.step_update(state.step)
             if ema is not None:
-                ema.update(accelerator.unwrap_model(model), step=state.step)
-                if config.runs_update(state.step) or config.is_channel_step(state.step):
-                    chase.mask_model(ema)  # masks change only here; masked EMA entries stay 0 in between
+                ema.update(accelerator.unwrap_model(model), step=state.step)  # after chase.step(), which masks it
             if state.step % log_every == 0 or state.step == total_steps:
                 stats = chase.stats()
                 state.steps.append({"step": state.step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],

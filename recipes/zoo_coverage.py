@@ -1,6 +1,6 @@
 """Architecture coverage: train a few Chase steps on each timm model, export, and check the slim model.
 
-Prints a Markdown table (the one in README.md): prunable groups, channels removed, max |slim - masked|
+Prints a Markdown table (the one in docs/coverage.md): prunable groups, channels removed, max |slim - masked|
 relative to the output scale, and parameter / dense-FLOPs ratios of the exported model.
 
     python recipes/zoo_coverage.py                       # the coverage list, both prune_skip settings
@@ -71,7 +71,7 @@ def check_model(name: str, prune_skip: bool, steps: int = 4, channel_sparsity: f
     return {
         "model": name,
         "prune_skip": prune_skip,
-        "groups": len(chase.prunable),
+        "groups": len(chase.channels.prunable),
         "channels": stats["channels_total"],
         "removed": stats["channels_total"] - stats["channels_alive"],
         "rel_diff": float((output - reference).abs().max() / reference.abs().max().clamp_min(1e-12)),

@@ -36,9 +36,9 @@ def test_profile_of_a_chase_skips_removed_channels_and_the_classifier(tmp_path):
     train(model, optimizer, chase, 4)
     profile = {layer.name: layer for layer in channel_profile(chase)}
     assert "fc.weight" not in profile
-    group = next(g for g in chase.prunable if not chase.alive[g.name].all())  # a group that lost channels
+    group = next(g for g in chase.channels.prunable if not chase.channels.alive[g.name].all())  # a group that lost channels
     producer = group.producers()[0].tensor
-    assert profile[producer].relative_density.numel() == int(chase.alive[group.name].sum()) < group.width
+    assert profile[producer].relative_density.numel() == int(chase.channels.alive[group.name].sum()) < group.width
     for layer in profile.values():  # relative to the layer's own density: the mean is 1 by definition
         assert layer.relative_density.mean().item() == pytest.approx(1.0, abs=1e-5)
     layers = list(profile.values())

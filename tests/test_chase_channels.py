@@ -33,21 +33,21 @@ def make(name: str, **config):
 def test_schedule_floors_global_umm_permanence_and_budget():
     model, optimizer, chase = make("resnet18")
     config = chase.config
-    assert [g.name for g in chase.prunable][:2] == ["layer1.0.conv1", "layer1.1.conv1"]
+    assert [g.name for g in chase.channels.prunable][:2] == ["layer1.0.conv1", "layer1.1.conv1"]
     history = []
 
     def check(step: int) -> None:
         t = step + 1
-        alive = {n: a.clone() for n, a in chase.alive.items()}
+        alive = {n: a.clone() for n, a in chase.channels.alive.items()}
         if history:
             for n, a in alive.items():
                 assert not bool((a & ~history[-1][n]).any()), "a removed channel came back"
         history.append(alive)
         for n, a in alive.items():
-            assert int(a.sum()) >= chase.floors[n], f"{n} fell below its floor"
+            assert int(a.sum()) >= chase.channels.floors[n], f"{n} fell below its floor"
         if config.is_channel_step(t):
             sparsity = chase.stats()["channel_sparsity"]
-            assert config.channel_sparsity_at(t) <= sparsity < config.channel_sparsity_at(t) + 1.0 / chase.channels_total
+            assert config.channel_sparsity_at(t) <= sparsity < config.channel_sparsity_at(t) + 1.0 / chase.channels.total
         if config.is_update_step(t):
             want = round(config.grow_density(t) * chase.total_weights) if t < config.phase_b_start_step else chase.budget
             assert chase.stats()["nnz"] == want, f"budget off at step {t}"
@@ -58,12 +58,12 @@ def test_schedule_floors_global_umm_permanence_and_budget():
 
     def capture(step: int) -> None:
         if step + 2 == event:
-            before["scores"] = umm_scores(chase.prunable, chase.params)
-            before["alive"] = {n: a.clone() for n, a in chase.alive.items()}
+            before["scores"] = umm_scores(chase.channels.prunable, dict(chase.module.named_parameters()))
+            before["alive"] = {n: a.clone() for n, a in chase.channels.alive.items()}
         check(step)
 
     train(model, optimizer, chase, STEPS, after_step=capture)
-    assert chase.stats()["channel_sparsity"] == pytest.approx(config.channel_sparsity, abs=1.0 / chase.channels_total)
+    assert chase.stats()["channel_sparsity"] == pytest.approx(config.channel_sparsity, abs=1.0 / chase.channels.total)
     assert chase.stats()["nnz"] == chase.budget  # d of the ORIGINAL model, regrown inside surviving channels
 
     # the event's removals are the lowest-UMM channels among groups that were not held by their floor
@@ -72,7 +72,7 @@ def test_schedule_floors_global_umm_permanence_and_budget():
     for n, score in before["scores"].items():
         newly = before["alive"][n] & ~after[n]
         removed += score[newly].tolist()
-        if int(after[n].sum()) > chase.floors[n]:
+        if int(after[n].sum()) > chase.channels.floors[n]:
             kept += score[after[n]].tolist()
     assert removed and max(removed) <= min(kept)
 
@@ -80,8 +80,8 @@ def test_schedule_floors_global_umm_permanence_and_budget():
 def test_removed_channels_are_masked_everywhere_and_export_is_exact():
     model, optimizer, chase = make("resnet18")
     train(model, optimizer, chase, STEPS)
-    group = next(g for g in chase.prunable if not bool(chase.alive[g.name].all()))
-    gone = (~chase.alive[group.name]).nonzero().flatten().tolist()
+    group = next(g for g in chase.channels.prunable if not bool(chase.channels.alive[g.name].all()))
+    gone = (~chase.channels.alive[group.name]).nonzero().flatten().tolist()
     params = dict(model.named_parameters())
     for piece in group.slices:
         if piece.tensor in params:
@@ -105,10 +105,10 @@ def test_paper_imagenet_setting_on_resnet50():
     model, optimizer, chase = make("resnet50", channel_sparsity=0.4, min_channel_ratio=0.2, total_steps=8,
                                    update_interval=4, channel_interval=1, channel_offset=0, channel_end_step=6,
                                    phase_b_start_step=6)
-    names = {g.name for g in chase.prunable}
+    names = {g.name for g in chase.channels.prunable}
     assert names == {f"layer{s}.{b}.conv{c}" for s, blocks in zip((1, 2, 3, 4), (3, 4, 6, 3))
                      for b in range(blocks) for c in (1, 2)}
-    assert chase.channels_total == 7552
+    assert chase.channels.total == 7552
     train(model, optimizer, chase, 8)
     slim = chase.export()
     ratio = count_flops(slim, (3, 224, 224)) / count_flops(model, (3, 224, 224))
@@ -116,9 +116,9 @@ def test_paper_imagenet_setting_on_resnet50():
     assert chase.stats()["channel_sparsity"] == pytest.approx(0.4, abs=1e-3)
     assert 0.5 < ratio < 0.85
     # README's order at init (ERK density x mean |w|): deep 3x3 conv2 first, down to their floors
-    kept = {g.name: int(chase.alive[g.name].sum()) for g in chase.prunable}
-    assert all(kept[n] == chase.floors[n] for n in kept if n.startswith(("layer3", "layer4")) and n.endswith("conv2"))
-    assert all(kept[g.name] == g.width for g in chase.prunable if g.name.startswith("layer1")
+    kept = {g.name: int(chase.channels.alive[g.name].sum()) for g in chase.channels.prunable}
+    assert all(kept[n] == chase.channels.floors[n] for n in kept if n.startswith(("layer3", "layer4")) and n.endswith("conv2"))
+    assert all(kept[g.name] == g.width for g in chase.channels.prunable if g.name.startswith("layer1")
                or (g.name.endswith("conv1") and not g.name.startswith("layer4")))
 
 
@@ -126,7 +126,7 @@ def test_no_prunable_group_exports_unchanged():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     chase = Chase(model, channel_config(), example_inputs=torch.randn(1, 3, 8, 8))
     report = chase.report()
-    assert not chase.prunable and all(row["reason"] for row in report)
+    assert not chase.channels.prunable and all(row["reason"] for row in report)
     slim = chase.export()
     assert [p.shape for p in slim.parameters()] == [p.shape for p in model.parameters()]
 
@@ -152,8 +152,8 @@ def test_torch_compile_is_unwrapped_without_running_dynamo():
     assert time.perf_counter() - start < 2 * eager_time + 2.0  # was ~40 s through dynamo on resnet10t
     assert not compiled_graphs, "wrapping a compiled model ran dynamo"
     assert chase.module is model and list(chase.weights) == list(eager.weights)
-    assert [(g.name, g.prunable, g.reason) for g in chase.groups] == [(g.name, g.prunable, g.reason) for g in eager.groups]
-    assert not any(g.residual for g in chase.prunable)  # residual streams stay out without prune_skip
+    assert [(g.name, g.prunable, g.reason) for g in chase.channels.groups] == [(g.name, g.prunable, g.reason) for g in eager.channels.groups]
+    assert not any(g.residual for g in chase.channels.prunable)  # residual streams stay out without prune_skip
     train(model, optimizer, chase, STEPS)  # the compiled wrapper shares these parameters
     slim = chase.export()
     assert type(slim) is type(model)
@@ -211,5 +211,5 @@ def test_channel_round_to_keeps_multiples_of_it():
 
     model, optimizer, chase = make("resnet18", channel_round_to=8)
     train(model, optimizer, chase, STEPS)
-    widths = [int(a.sum()) for a in chase.alive.values()]
+    widths = [int(a.sum()) for a in chase.channels.alive.values()]
     assert chase.stats()["channel_sparsity"] > 0.3 and all(w % 8 == 0 for w in widths), widths

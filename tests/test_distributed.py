@@ -6,8 +6,11 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, debug_launcher
 from accelerate.utils import gather
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
 
 from chase_timm import Chase, ChaseConfig
+from chase_timm.shrink import rebuild_ddp
 from helpers import batch, tiny_model
 from recipe_helpers import fresh_accelerate
 
@@ -39,7 +42,7 @@ def _train_on_two_ranks(seed_offset: int = 0) -> None:
         optimizer.zero_grad()
 
     masks = torch.cat([m.flatten() for m in chase.masks.values()])
-    alive = torch.cat([a.float() for a in chase.alive.values()])
+    alive = torch.cat([a.float() for a in chase.channels.alive.values()])
     weights = torch.cat([p.detach().flatten() for p in accelerator.unwrap_model(model).parameters()])
     for name, local in (("masks", masks), ("alive channels", alive), ("weights", weights)):
         both = gather(local[None])
@@ -111,3 +114,48 @@ def _accumulating_run(num_batches: int, total_steps: int, epochs: int) -> list:
 def test_total_steps_counted_in_micro_steps_warns_once(num_batches, total_steps, epochs, warned):
     messages = _accumulating_run(num_batches, total_steps, epochs)
     assert len(messages) == int(warned), messages
+
+
+def _bucket_layout(model: DistributedDataParallel, steps: int = 2) -> list:
+    """Gradient elements per all-reduce bucket at each of ``steps`` backward passes, as DDP's reducer formed
+    them (DDP re-forms its buckets after the first pass), seen through a comm hook."""
+    sizes = []
+
+    def record(state, bucket):
+        sizes[-1].append(bucket.buffer().numel())
+        return allreduce_hook(None, bucket)
+
+    model.register_comm_hook(None, record)
+    for step in range(steps):
+        sizes.append([])
+        x, y = batch(step)
+        F.cross_entropy(model(x), y).backward()
+    return sizes
+
+
+@pytest.fixture
+def one_process_group():
+    """A real single-rank gloo process group in this process, for DDP wrappers built directly."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("caps", [{}, {"bucket_cap_mb": 2}, {"bucket_cap_mb_list": [1, 4, 16]}],
+                         ids=["default", "uniform", "per-bucket"])
+def test_a_ddp_rebuild_keeps_the_bucket_caps_it_was_built_with(caps, one_process_group):
+    # a rebuilt wrapper (after a shrink) forms its buckets as a fresh one built with the user's caps does:
+    # torch 2.14's per-bucket list and the default's smaller first bucket included
+    fresh = _bucket_layout(DistributedDataParallel(tiny_model("resnet18"), **caps))
+    rebuilt = DistributedDataParallel(tiny_model("resnet18"), **caps)
+    rebuild_ddp(rebuilt)
+    assert _bucket_layout(rebuilt) == fresh
+    assert len(fresh[-1]) > 1  # the caps split the gradients, so a lost cap would show
+
+
+def test_a_ddp_wrapper_the_rebuild_cannot_reproduce_is_refused_up_front(one_process_group):
+    model = tiny_model("resnet18")
+    delayed = [next(model.named_parameters())]
+    ddp = DistributedDataParallel(model, delay_all_reduce_named_params=delayed, param_to_hook_all_reduce=model.fc.weight)
+    with pytest.raises(ValueError, match="cannot rebuild a DistributedDataParallel with delay_all_reduce_named_params"):
+        Chase(ddp, ChaseConfig(**CONFIG, shrink="events"), example_inputs=torch.randn(1, 3, 32, 32))

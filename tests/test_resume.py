@@ -74,4 +74,4 @@ def test_resume_restores_the_tie_breaking_generator():
     _, _, resumed = _frozen_backbone_run(4, state)
     assert resumed.step_count == full.step_count == 8
     assert all(torch.equal(full.masks[n], resumed.masks[n]) for n in full.masks), "resume lost the generator state"
-    assert all(torch.equal(full.alive[n], resumed.alive[n]) for n in full.alive)
+    assert all(torch.equal(full.channels.alive[n], resumed.channels.alive[n]) for n in full.channels.alive)

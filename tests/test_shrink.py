@@ -86,7 +86,7 @@ def test_shrinking_run_matches_masking_run_after_every_shrink(name, make_optimiz
         twin.config = dataclasses.replace(chase.config, shrink="off")
         _assert_same_step(model, optimizer, chase, twin_model, twin_opt, twin, step)
         shrinks += 1
-        assert chase.removed_channels() == twin.removed_channels() and not chase._pending()
+        assert chase.removed_channels() == twin.removed_channels() and not chase.channels.pending()
         _assert_same_outputs(model, twin_model)
         # the step after the shrink (sliced optimizer state; t=3 and t=7 are prune/regrow updates) agrees too
         _assert_same_step(model, optimizer, chase, twin_model, twin_opt, twin, step + 1)
@@ -243,7 +243,7 @@ def test_unsliceable_optimizer_state_is_refused_before_anything_changes():
     with pytest.raises(ValueError, match=r"optimizer state 'row_var' of .* has shape .* use an optimizer whose state"):
         chase.shrink()
     assert {k: v.shape for k, v in model.state_dict().items()} == shapes
-    assert all(torch.equal(m, chase.masks[n]) for n, m in masks.items()) and chase._pending()
+    assert all(torch.equal(m, chase.masks[n]) for n, m in masks.items()) and chase.channels.pending()
     # with shrink="events" the same problem is a warning and training goes on by masking
     model, optimizer, chase = _setup("resnet18", torch.optim.Adafactor)
     with pytest.warns(UserWarning, match="Training continues with masking only"):
