@@ -11,7 +11,6 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
-from accelerate.utils import extract_model_from_parallel
 
 __all__ = ["unwrap_model", "default_example_input", "deepcopy_model", "named_tensors", "classifier_modules",
            "classifier_tensor_names"]
@@ -78,5 +77,6 @@ def classifier_tensor_names(model: nn.Module) -> set[str]:
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The eager module inside DDP / ``accelerator.prepare`` / ``torch.compile`` wrappers, in any nesting."""
     model = getattr(model, "_orig_mod", model)  # torch.compile(DDP(m)) or torch.compile(m)
-    model = extract_model_from_parallel(model)
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):  # what accelerator.prepare wraps
+        model = model.module
     return getattr(model, "_orig_mod", model)  # DDP(torch.compile(m))

@@ -93,13 +93,11 @@ def plot_channel_profile(profile: Sequence[LayerChannels], path: Union[str, Path
     """Save a figure of the whole distribution: every channel's relative density per layer, the pooled
     histogram, relative density against UMM, and (if given) the fractions over training ``history``
     (a list of ``{"updates": n, "overall": {threshold: fraction}}``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     fractions = sparse_channel_fractions(profile, thresholds)["overall"]
-    fig = plt.figure(figsize=(13, 8), constrained_layout=True)
+    fig = Figure(figsize=(13, 8), layout="constrained")  # no pyplot: the user's backend stays as it is
     grid = fig.add_gridspec(2, 3)
     ax = fig.add_subplot(grid[0, :])
     generator = torch.Generator().manual_seed(0)
@@ -141,6 +139,6 @@ def plot_channel_profile(profile: Sequence[LayerChannels], path: Union[str, Path
         ax.axis("off")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)  # renders to PNG without pyplot
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -38,7 +38,8 @@ class ChaseConfig:
         density: Overall unstructured density d of the sparse Conv/Linear weights (0.1 = 90 % sparse).
         soft_bound: p, the MEST soft memory bound: phase A grows to rho_t = cosine(d+p -> d+soft_bound_end).
         soft_bound_end: Extra density phase A anneals to (0 in the CIFAR scripts, 0.005 on ImageNet).
-        update_interval: Delta T_p, steps between prune/regrow updates (default: 1 % of the run, 10 to 1000).
+        update_interval: Delta T_p, steps between prune/regrow updates (default: 5 % of the run, at least
+            10 (or the whole run if shorter), at most 1000).
         phase_b: After ``phase_b_start_step`` run fixed-density prune/regrow (RigL-like) instead of freezing.
         phase_b_start_step: T_dst, the phase A -> B switch (default 0.8·total_steps, i.e. epoch 80 of 100).
         phase_b_rate_start / phase_b_rate_end: Phase-B prune fraction, cosine over the whole run (0.5 -> 0.005).
@@ -47,7 +48,8 @@ class ChaseConfig:
         exclude: fnmatch patterns of module names whose weights stay dense (e.g. ``"conv1"``, ``"head.*"``).
         channel_sparsity: S_c, final fraction of prunable channels removed (0 disables channel pruning).
         min_channel_ratio: beta; every group keeps at least floor(C·(1-S_c)·beta) channels.
-        channel_interval: Delta T, steps between channel-pruning events (default: ``update_interval``).
+        channel_interval: Delta T, steps between channel-pruning events (default: ``2 * update_interval``,
+            at most the whole run).
         channel_offset: Channel events fire when (t + offset) % Delta T == 0 (default Delta T_p / 2).
         channel_end_step: T_c, channel sparsity reaches S_c here (default 0.8·total_steps).
         channel_round_to: Keep a multiple of this many channels per group (hardware-friendly widths).

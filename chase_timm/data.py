@@ -31,10 +31,8 @@ DIGITS_CLASSES = tuple(str(i) for i in range(10))
 
 def _load_digits() -> Tuple[np.ndarray, np.ndarray]:
     """All 1,797 digits as uint8 images (N, 8, 8) scaled 0-255 and int64 labels."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:  # scikit-learn is an optional (recipes) dependency
-        raise ImportError("The embedded digits dataset needs scikit-learn: pip install 'chase-timm[recipes]'.") from e
+    from sklearn.datasets import load_digits
+
     digits = load_digits()
     images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
     return images, digits.target.astype(np.int64)
@@ -42,7 +40,10 @@ def _load_digits() -> Tuple[np.ndarray, np.ndarray]:
 
 def digits_splits(val_fraction: float = 0.2, seed: int = 0) -> dict:
     """Deterministic stratified train/val split: ``{"train": (images, labels), "val": (images, labels)}``."""
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.model_selection import train_test_split
+    except ImportError:  # scikit-learn is an optional (recipes) dependency
+        raise ImportError('the embedded digits dataset needs scikit-learn: pip install "chase-timm[recipes]"') from None
 
     images, labels = _load_digits()
     tr_x, va_x, tr_y, va_y = train_test_split(
@@ -231,6 +232,9 @@ def _rows_every_rank_gets(stream: Any, size: int, world_size: int) -> int:
     return sum(rows[:stream.n_shards // world_size])  # the unluckiest rank holds the smallest shards
 
 
+# Not timm's hfds/hfids readers (still reachable as those specs): they read fixed 'image'/'label' columns and no
+# data_dir, and hfids needs num_samples for local files and evens ranks out by repeating rows up to ceil(N/world)
+# (timm 1.0.31 reader_hfids.py), where hf: finds the columns itself and cuts every rank to its smallest share.
 def _hf_dataset(name: str, data_dir: Optional[str], train_split: str, val_split: Optional[str], val_fraction: float,
                 streaming: bool, seed: int, rank: int, world_size: int) -> ImageData:
     import datasets

@@ -13,7 +13,6 @@ Definitions follow the paper's table (FLOPs = 2 x multiply-accumulates of Conv/L
 """
 from __future__ import annotations
 
-import timeit
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -195,11 +194,11 @@ class TrainingFlops:
 
 
 def _measure(model: nn.Module, x: torch.Tensor, number: int, label: str) -> benchmark.Measurement:
-    """``number`` forward passes timed with torch.utils.benchmark's clock (synchronises the accelerator)."""
+    """``number`` forward passes under inference mode, timed by ``torch.utils.benchmark.Timer.timeit``."""
+    timer = benchmark.Timer("model(x)", globals={"model": model, "x": x}, label=label,
+                            num_threads=torch.get_num_threads())
     with torch.inference_mode():
-        seconds = timeit.Timer(lambda: model(x), timer=benchmark.timer).timeit(number)
-    spec = benchmark.TaskSpec(stmt="model(x)", setup="", label=label, num_threads=torch.get_num_threads())
-    return benchmark.Measurement(number_per_run=number, raw_times=[seconds], task_spec=spec)
+        return timer.timeit(number)
 
 
 def interleaved_timings(models: Mapping[str, nn.Module], x: torch.Tensor, repeats: int = 5, warmup: int = 2,

@@ -103,28 +103,15 @@ def apply_width_plan(model: nn.Module, plan: Mapping, keep_values: bool = False)
 
 
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable, num_batches: Optional[int] = None) -> None:
-    """Recompute BatchNorm running statistics as a cumulative average over ``batches`` (``update_bn`` semantics)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    device = next(itertools.chain(model.parameters(), model.buffers())).device
-    momenta = {m: m.momentum for m in norms}
+    """Recompute BatchNorm running statistics over the first ``num_batches`` of ``batches`` (the cumulative average of
+    ``torch.optim.swa_utils.update_bn``, on the model's device); unlike ``update_bn``, which resets every module to
+    the top-level train/eval flag, each module keeps its own flag."""
     flags = {m: m.training for m in model.modules()}
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    try:
-        with torch.no_grad():
-            for batch in itertools.islice(batches, num_batches):
-                if isinstance(batch, (list, tuple)):
-                    batch = batch[0]
-                model(batch.to(device))
-    finally:
-        for m, momentum in momenta.items():
-            m.momentum = momentum
-        for m, flag in flags.items():
-            m.training = flag
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    torch.optim.swa_utils.update_bn(itertools.islice(batches, num_batches), model,
+                                    device=None if tensor is None else tensor.device)
+    for m, flag in flags.items():
+        m.training = flag
 
 
 # ------------------------------------------------------------------------------------- plan validation

@@ -126,12 +126,11 @@ def plot_training(path: Union[str, Path], steps: Sequence[Mapping[str, float]], 
                   config: ChaseConfig, report: Sequence[Mapping[str, Any]], title: str) -> None:
     """One PNG: loss and validation accuracy, weight density, channel sparsity against the cubic schedule,
     and the width of every prunable channel group before/after."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     x = [r["step"] for r in steps]
-    fig = plt.figure(figsize=(16, 9), constrained_layout=True)
+    fig = Figure(figsize=(16, 9), layout="constrained")  # no pyplot: the user's backend stays as it is
     grid = fig.add_gridspec(2, 3)
     ax = fig.add_subplot(grid[0, 0])
     ax.plot(x, [r["loss"] for r in steps], color="tab:blue", lw=0.8, label="train loss")
@@ -163,8 +162,8 @@ def plot_training(path: Union[str, Path], steps: Sequence[Mapping[str, float]], 
            title=f"width per prunable channel group ({len(groups)} of {len(report)} groups prunable)")
     ax.legend(fontsize=8)
     fig.suptitle(title)
+    FigureCanvasAgg(fig)  # renders to PNG without pyplot
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def create_timm_model(name: str, img_size: Optional[int] = None, **kwargs: Any) -> nn.Module:

@@ -1,12 +1,36 @@
 """Small shared pieces for the tests: tiny real timm models and a deterministic training loop."""
 from __future__ import annotations
 
+import functools
+import os
+from pathlib import Path
 from typing import Callable, Optional
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo_coverage import build as tiny_model, input_size  # noqa: F401  (re-exported for the tests)
+from zoo_coverage import COVERAGE_LIST, build as tiny_model, check_model, input_size  # noqa: F401  (re-exported)
+
+
+def coverage_params(names=COVERAGE_LIST) -> list:
+    """Model names as pytest params in one xdist group per model: a model's tests share a worker, so its
+    :func:`coverage_row` (and with it the channel-group discovery) runs once per test session."""
+    return [pytest.param(name, id=name, marks=pytest.mark.xdist_group(f"coverage-{name}")) for name in names]
+
+
+@functools.lru_cache(maxsize=None)
+def coverage_row(name: str, prune_skip: bool) -> dict:
+    """``check_model``'s row for a model of the coverage list (Chase run, export, comparison), once per process."""
+    return check_model(name, prune_skip)
+
+
+def session_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A folder of this test session that every xdist worker shares (build shared things in it under a FileLock)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    root.mkdir(exist_ok=True)
+    return root
 
 
 def batch(step: int, size: int = 32, n: int = 2, num_classes: int = 10):

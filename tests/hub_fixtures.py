@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import chase_timm
 from chase_timm import Chase, ChaseConfig
-from helpers import input_size, tiny_model
+from helpers import input_size, session_dir, tiny_model
 
 # (base, prune_skip): every family the issue names, prune_skip where it changes the model
 CASES = [("resnet18", False), ("resnet18", True), ("mobilenetv3_small_050", False),
@@ -106,9 +106,7 @@ def run_python(code: str, env: dict, timeout: int = 300) -> subprocess.Completed
 @pytest.fixture(scope="session")
 def slim_folders(tmp_path_factory) -> dict[str, Path]:
     """case name -> saved chase folder (built once per session, shared by xdist workers)."""
-    base = tmp_path_factory.getbasetemp()
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "chase-hub-models"  # this session only
-    root.mkdir(exist_ok=True)
+    root = session_dir(tmp_path_factory, "chase-hub-models")
     folders = {}
     with FileLock(str(root / ".lock")):
         for base, prune_skip in CASES:

@@ -1,6 +1,7 @@
 """The sparse-channel phenomenon: per-channel densities relative to their layer, fractions, plot, script."""
 import json
 
+import matplotlib
 import pytest
 import timm
 import torch
@@ -42,8 +43,9 @@ def test_profile_of_a_chase_skips_removed_channels_and_the_classifier(tmp_path):
         assert layer.relative_density.mean().item() == pytest.approx(1.0, abs=1e-5)
     layers = list(profile.values())
     history = [{"updates": 1, "overall": sparse_channel_fractions(layers)["overall"]}]
+    matplotlib.use("pdf")  # a user's backend (a notebook's inline one, say): drawing our figure must keep it
     path = plot_channel_profile(layers, tmp_path / "p.png", "t", history=history)
-    assert path.stat().st_size > 10_000
+    assert path.stat().st_size > 10_000 and matplotlib.get_backend() == "pdf"
     dense = timm.create_model("resnet18", num_classes=10)
     with torch.no_grad():  # a random init may hold an exact zero, which would count as (barely) sparse
         for p in dense.parameters():

@@ -11,7 +11,7 @@ from chase_timm.sparsity import allocate, erk_densities
 from helpers import batch, input_size, tiny_model, train
 from recipe_helpers import fresh_accelerate
 
-ZOO = ["resnet18", "resnet50", "mobilenetv3_small_050", "efficientnet_b0", "convnext_atto",
+MODELS = ["resnet18", "resnet50", "mobilenetv3_small_050", "efficientnet_b0", "convnext_atto",
        "vit_tiny_patch16_224", "regnetx_002", "densenet121"]
 STEPS = 10
 
@@ -29,7 +29,7 @@ def expected_nnz(chase: Chase, step: int) -> int:
     return chase.budget
 
 
-CASES = [(name, "sgd") for name in ZOO] + [(name, "adamw") for name in ("resnet18", "convnext_atto", "vit_tiny_patch16_224")]
+CASES = [(name, "sgd") for name in MODELS] + [(name, "adamw") for name in ("resnet18", "convnext_atto", "vit_tiny_patch16_224")]
 
 
 @pytest.mark.parametrize("name, opt_name", CASES)

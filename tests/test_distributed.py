@@ -54,10 +54,12 @@ def _diverging_seeds() -> None:
     _train_on_two_ranks(seed_offset=1)
 
 
+@pytest.mark.slow
 def test_masks_identical_across_two_ddp_processes():
     debug_launcher(_train_on_two_ranks, num_processes=2)
 
 
+@pytest.mark.slow
 def test_divergent_ranks_are_detected():
     # the library's own RuntimeError, raised at the first event; not this test's gather assertion further down
     with pytest.raises(Exception, match=r"RuntimeError: Chase masks differ across ranks after step \d+"):

@@ -70,6 +70,7 @@ def test_local_dir_round_trip_is_bitwise_for_every_family(slim_folders):
         assert timm.data.resolve_data_config(model=model)["crop_pct"] == cfg["crop_pct"]
 
 
+@pytest.mark.network
 def test_push_then_fresh_cache_hf_hub_load_is_bitwise(slim_folders, hub, tmp_path):
     code = f"""
 import timm, torch, chase_timm
@@ -156,6 +157,7 @@ def test_transformers_loads_a_saved_folder(slim_folders):
             assert backbone(pixel_values=x).pooler_output.shape[-1] == model.timm_model.num_features
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["resnet50", "mobilenetv3_small_050"])
 def test_export_parity_of_a_loaded_slim_model(base, tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
@@ -299,6 +301,7 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.network
 def test_cli_push_uploads_and_info_describes_a_folder(slim_folders, hub):
     folder = slim_folders["regnetx_002-skip"]
     env = {**_env(), "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test"}
@@ -315,6 +318,7 @@ def test_cli_push_uploads_and_info_describes_a_folder(slim_folders, hub):
     assert "RegNet slimmed from regnetx_002" in info.stdout and "pruned:" in info.stdout and "parameters" in info.stdout
 
 
+@pytest.mark.network
 def test_cli_push_to_an_unreachable_hub_leaves_the_folder_and_says_how_to_retry(slim_folders, tmp_path):
     folder = _broken_copy(slim_folders, tmp_path)
     before = _digest(folder)
@@ -334,6 +338,7 @@ def test_cli_info_on_a_folder_that_is_not_a_chase_folder_says_so(tmp_path, capsy
     assert "has no config.json: it is not a chase folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_hf_hub_load_time_is_at_most_twice_the_dense_base():
     script = Path(__file__).resolve().parents[1] / "recipes" / "benchmark_load.py"
     out = subprocess.run([sys.executable, str(script), "--repeats", "5"], capture_output=True, text=True, env=_env(),

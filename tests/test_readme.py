@@ -91,6 +91,7 @@ def test_readme_has_python_blocks():
     assert README in FILES_WITH_PYTHON, "README.md has no python block"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", FILES_WITH_PYTHON, ids=_name)
 def test_python_blocks_run_in_order(path, tmp_path):
     blocks = python_blocks(path.read_text(encoding="utf-8"))

@@ -22,6 +22,7 @@ CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 MODEL_FILES = ("config.json", "model.safetensors", "README.md")
 
 
+@pytest.mark.slow
 def test_output_folder_is_the_slim_model_and_reproduces_its_accuracy(tiny_run):
     out, stdout = tiny_run
     for name in (*MODEL_FILES, "metrics.json", "run_config.yaml", "training.png"):
@@ -46,6 +47,7 @@ def test_output_folder_is_the_slim_model_and_reproduces_its_accuracy(tiny_run):
     assert f"{final['train_flops']:.3g}" in card and f"{final['dense_train_flops']:.3g}" in card
 
 
+@pytest.mark.slow
 def test_raw_export_equals_the_masked_model(tiny_run):
     final = metrics(tiny_run[0])["final"]
     assert final["export_max_abs_diff"] < 1e-4
@@ -56,6 +58,7 @@ def test_raw_export_equals_the_masked_model(tiny_run):
     assert epochs[-1]["channel_sparsity"] == pytest.approx(0.4, abs=0.02)  # S_c reached, then 20 % to recover
 
 
+@pytest.mark.slow
 def test_run_config_is_reusable_with_config(tiny_run, tmp_path):
     out = tiny_run[0]
     text = (out / "run_config.yaml").read_text()
@@ -71,6 +74,8 @@ def test_run_config_is_reusable_with_config(tiny_run, tmp_path):
     assert yaml.safe_load(dumped)["chase"]["density"] == 0.2 and "\ndensity:" not in dumped
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_sigkill_after_a_shrunk_checkpoint_then_resume_equals_the_uninterrupted_run(tiny_run, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, str(TRAIN), *TINY, "--checkpoint-every", "1", "--output", str(out)]
@@ -111,6 +116,7 @@ def refusal(argv, capsys) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_shrinking_was_the_default_resumes_masking_only(tiny_run, tmp_path):
     """Its run_config.yaml records neither `channels_last` nor `chase.shrink`: it resumes as the masking run it was."""
     recipe = load_recipe()
@@ -125,6 +131,7 @@ def test_a_checkpoint_from_before_shrinking_was_the_default_resumes_masking_only
     assert recipe.parse_args([*TINY, "--resume", str(tiny_run[0] / "checkpoints" / "epoch_1")])[1]["shrink"] == "events"
 
 
+@pytest.mark.slow
 def test_resume_from_another_run_is_refused(tiny_run, tmp_path, capsys):
     checkpoint = tiny_run[0] / "checkpoints" / "epoch_1"
     line = refusal([*TINY, "--density", "0.2", "--output", str(tmp_path / "x"), "--resume", str(checkpoint)], capsys)
@@ -133,6 +140,7 @@ def test_resume_from_another_run_is_refused(tiny_run, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_output_holding_a_run_is_not_touched_without_overwrite(tiny_run, capsys):
     out = tiny_run[0]
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
@@ -147,6 +155,7 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert (tmp_path / "thesis.tex").read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_two_processes_on_a_streamed_hf_dataset(tmp_path):
     """Real gloo DDP: the streamed train split is sharded per rank, masks agree, the slim folder loads."""
     data = write_parquet_dataset(tmp_path / "pq", {"train": 256, "validation": 64})
@@ -204,6 +213,7 @@ def test_digits_config_is_the_default():
     assert build(section) == build(default_section)
 
 
+@pytest.mark.slow
 def test_recipe_shrinks_by_default_and_a_yaml_or_flag_turns_it_off(tmp_path):
     recipe = load_recipe()
     assert recipe.parse_args([])[1]["shrink"] == "events"

@@ -22,6 +22,8 @@ import chase_timm.data
 from chase_timm.data import set_transform
 from recipe_helpers import TINY, fresh_accelerate, load_recipe, metrics, write_parquet_dataset
 
+pytestmark = pytest.mark.slow  # nearly every test here runs the recipe in process
+
 # timm train.py flags, each with a value its default does not have, checked where it lands
 TIMM_FLAGS = ["--drop", "0.25", "--drop-path", "0.1", "--aa", "rand-m9-mstd0.5", "--reprob", "0.5", "--remode", "pixel",
               "--recount", "2", "--opt", "rmsprop", "--momentum", "0.8", "--opt-eps", "1e-4", "--layer-decay", "0.7",
@@ -273,19 +275,22 @@ def test_a_vit_is_built_for_the_digits_size_and_reloads_at_it(tmp_path):
 def test_streamed_rows_per_rank_never_exceed_the_smallest_shard_share(tmp_path):
     """Whole shards dealt to ranks (their number divides by the world size): every rank may get the smallest ones,
     so each rank reads at most that many rows and no rank waits for another in DDP."""
-    import datasets
+    from chase_timm.data import load_image_data
 
-    from chase_timm.data import _rows_every_rank_gets
-
-    write_parquet_dataset(tmp_path, {"train": 7})
+    write_parquet_dataset(tmp_path, {"train": 7, "validation": 2})
     write_parquet_dataset(tmp_path / "b", {"train": 3})
-    (tmp_path / "b" / "data" / "train-00000-of-00001.parquet").rename(tmp_path / "data" / "train-x.parquet")
-    files = sorted(str(p) for p in (tmp_path / "data").glob("train*.parquet"))
-    stream = datasets.load_dataset("parquet", data_files={"train": files}, split="train", streaming=True)
-    assert stream.n_shards == 2
-    assert _rows_every_rank_gets(stream, 10, 1) == 10
-    assert _rows_every_rank_gets(stream, 10, 2) == 3  # the smaller shard, not the mean of 5
-    assert _rows_every_rank_gets(stream, 10, 3) == 3  # 2 shards over 3 ranks: every 3rd row, at least floor(10/3)
+    (tmp_path / "data" / "train-00000-of-00001.parquet").rename(tmp_path / "data" / "train-00000-of-00002.parquet")
+    (tmp_path / "b" / "data" / "train-00000-of-00001.parquet").rename(tmp_path / "data" / "train-00001-of-00002.parquet")
+
+    def rows(world_size: int) -> list:
+        """Rows each rank's stream yields, and the length it reports, for every rank."""
+        ranks = [load_image_data(f"hf:{tmp_path}", streaming=True, rank=r, world_size=world_size).train
+                 for r in range(world_size)]
+        return [(len(train), sum(1 for _ in train)) for train in ranks]
+
+    assert rows(1) == [(10, 10)]
+    assert rows(2) == [(3, 3)] * 2  # two shards of 7 and 3 rows: the smaller shard, not the mean of 5
+    assert rows(3) == [(3, 3)] * 3  # 2 shards over 3 ranks: every 3rd row, at least floor(10/3)
 
 
 def test_chase_runs_the_steps_the_loop_runs_when_max_steps_cuts_an_epoch(tmp_path):

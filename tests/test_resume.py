@@ -20,6 +20,7 @@ def run_worker(*args: str) -> None:
     subprocess.run([sys.executable, str(WORKER), *args], check=True, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_resume_in_a_new_process_is_bitwise_identical(tmp_path):
     run_worker("full", str(tmp_path / "full.pt"))
     run_worker("first", str(tmp_path / "half.pt"))

@@ -4,39 +4,13 @@ import functools
 import json
 
 import pytest
-import timm
 import torch
 
-from chase_timm.graph import find_channel_groups, tensor_removals
+from chase_timm.graph import tensor_removals
 from chase_timm.slim import apply_width_plan, recalibrate_batchnorm, slim_copy, width_plan
-from zoo_coverage import SMALLER
+from helpers import coverage_params, coverage_row, input_size, tiny_model
 
-# architecture -> (input size, create_model kwargs); tiny inputs keep the whole zoo at about two minutes
-ZOO = {
-    "resnet18": (32, {}),
-    "resnet50": (32, {}),
-    "seresnext26d_32x4d": (32, {}),
-    "regnetx_002": (32, {}),
-    "densenet121": (32, {}),
-    "vgg11_bn": (32, SMALLER["vgg11_bn"]),  # 256-wide pre-logits instead of 4096 (100M params)
-    "mobilenetv2_050": (32, {}),
-    "mobilenetv3_small_050": (32, {}),
-    "efficientnet_b0": (32, {}),
-    "ghostnet_050": (32, {}),
-    "convnext_atto": (32, {}),
-    "vit_tiny_patch16_224": (32, {"img_size": 32}),
-    "mixer_s16_224": (32, {"img_size": 32}),
-    "repvgg_a0": (32, {}),
-    "dla34": (32, {}),
-    "hrnet_w18_small": (32, {}),
-    "inception_v3": (75, {}),  # smallest input its stem accepts
-}
 TOLERANCE = 1e-4
-
-
-def _create(arch: str, **overrides) -> torch.nn.Module:
-    size, kwargs = ZOO[arch]
-    return timm.create_model(arch, pretrained=False, **{"num_classes": 10, **kwargs, **overrides})
 
 
 def _randomize_(model: torch.nn.Module) -> torch.nn.Module:
@@ -65,12 +39,13 @@ def _zero_(model: torch.nn.Module, removals: dict) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _slimmed(arch: str, prune_skip: bool):
-    """(masked model, slim model, input, prunable groups) with 30-50 % of every prunable group removed."""
+    """(masked model, slim model, input, prunable groups) with 30-50 % of every prunable group removed; the groups
+    are those the coverage run of the same model found (discovery is slow: once per model and setting)."""
     torch.manual_seed(0)
-    size = ZOO[arch][0]
-    model = _randomize_(_create(arch))
+    size = input_size(arch)
+    model = _randomize_(tiny_model(arch))
     x = torch.randn(1, 3, size, size)
-    groups = find_channel_groups(model, x, prune_skip=prune_skip)
+    groups = coverage_row(arch, prune_skip)["channel_groups"]
     prunable = [g for g in groups if g.prunable]
     gen = torch.Generator().manual_seed(2)
     removed = {}
@@ -87,8 +62,9 @@ def _feature_channels(model: torch.nn.Module, x: torch.Tensor) -> list[int]:
     return [f.shape[1] for f in model.forward_intermediates(x, intermediates_only=True)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prune_skip", [False, True], ids=["internal", "prune_skip"])
-@pytest.mark.parametrize("arch", list(ZOO))
+@pytest.mark.parametrize("arch", coverage_params())
 def test_slim_copy_matches_masked_model(arch, prune_skip):
     masked, slim, x, prunable = _slimmed(arch, prune_skip)
     if prune_skip and not any(g.residual for g in prunable):
@@ -105,7 +81,8 @@ def test_slim_copy_matches_masked_model(arch, prune_skip):
         assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in masked.parameters())
 
 
-@pytest.mark.parametrize("arch", list(ZOO))
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", coverage_params())
 def test_slim_model_keeps_timm_interface(arch):
     slim, x = copy.deepcopy(_slimmed(arch, True)[1]), _slimmed(arch, True)[2]
     with torch.no_grad():
@@ -118,18 +95,20 @@ def test_slim_model_keeps_timm_interface(arch):
         assert slim(x).shape == (1, 5)
 
 
+@pytest.mark.xdist_group("coverage-resnet18")
 def test_masked_model_untouched_by_slim_copy():
     masked, slim, x, _ = _slimmed("resnet18", False)
     assert masked.layer1[0].conv1.weight.shape == (64, 64, 3, 3)
     assert slim.layer1[0].conv1.weight.shape[0] < 64
 
 
-@pytest.mark.parametrize("arch", ["resnet50", "efficientnet_b0", "densenet121", "regnetx_002", "convnext_atto",
-                                  "vit_tiny_patch16_224", "vgg11_bn", "dla34"])
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", coverage_params(["resnet50", "efficientnet_b0", "densenet121", "regnetx_002",
+                                                  "convnext_atto", "vit_tiny_patch16_224", "vgg11_bn", "dla34"]))
 def test_width_plan_replays_on_meta_built_model(arch):
     masked, slim, x, _ = _slimmed(arch, True)
     with torch.device("meta"):
-        base = _create(arch)
+        base = tiny_model(arch)
     plan = json.loads(json.dumps(width_plan(slim, base)))
     assert plan["tensors"]
     apply_width_plan(base, plan)
@@ -142,34 +121,35 @@ def test_width_plan_replays_on_meta_built_model(arch):
     assert [i["num_chs"] for i in base.feature_info] == [i["num_chs"] for i in slim.feature_info]
 
 
+@pytest.mark.xdist_group("coverage-vgg11_bn")
 def test_width_plan_leaves_class_count_to_the_new_model():
     masked, slim, x, _ = _slimmed("vgg11_bn", False)  # pre-logits are pruned, so the classifier input shrinks
-    plan = width_plan(slim, _create("vgg11_bn"))
+    plan = width_plan(slim, tiny_model("vgg11_bn"))
     assert plan["tensors"]["head.fc.weight"][0] is None
-    model = apply_width_plan(_create("vgg11_bn", num_classes=3), plan)
+    model = apply_width_plan(tiny_model("vgg11_bn", num_classes=3), plan)
     assert model.head.fc.weight.shape == (3, slim.head.fc.weight.shape[1])
     assert model(x).shape == (1, 3)
-    headless = apply_width_plan(_create("vgg11_bn", num_classes=0), plan)
+    headless = apply_width_plan(tiny_model("vgg11_bn", num_classes=0), plan)
     assert headless(x).shape == (1, slim.head_hidden_size)
 
 
 def test_apply_width_plan_rejects_unknown_tensor():
     with pytest.raises(ValueError, match="layer9.conv.weight"):
-        apply_width_plan(_create("resnet18"), {"tensors": {"layer9.conv.weight": [8, 8, 3, 3]}})
+        apply_width_plan(tiny_model("resnet18"), {"tensors": {"layer9.conv.weight": [8, 8, 3, 3]}})
 
 
 def test_apply_width_plan_rejects_wrong_rank():
     with pytest.raises(ValueError, match="conv1.weight"):
-        apply_width_plan(_create("resnet18"), {"tensors": {"conv1.weight": [32, 3]}})
+        apply_width_plan(tiny_model("resnet18"), {"tensors": {"conv1.weight": [32, 3]}})
 
 
 def test_apply_width_plan_rejects_inconsistent_plan():
     with pytest.raises(ValueError, match="bn1"):
-        apply_width_plan(_create("resnet18"), {"tensors": {"conv1.weight": [32, 3, 7, 7]}})
+        apply_width_plan(tiny_model("resnet18"), {"tensors": {"conv1.weight": [32, 3, 7, 7]}})
 
 
 def test_recalibrate_batchnorm_matches_update_bn():
-    model = _create("resnet18").train()
+    model = tiny_model("resnet18").train()
     batches = [(torch.randn(4, 3, 32, 32), torch.zeros(4)) for _ in range(3)]
     reference = copy.deepcopy(model)
     torch.optim.swa_utils.update_bn(batches, reference)
@@ -181,7 +161,7 @@ def test_recalibrate_batchnorm_matches_update_bn():
 
 
 def test_slim_copy_handles_tensors_cached_under_autograd():
-    model = _create("resnet18").eval()
+    model = tiny_model("resnet18").eval()
     model.layer1[0].cache = {"cpu": model.conv1.weight * 2}  # like LeViT's attention-bias cache
     slim = slim_copy(model, {"layer1.0.conv1.weight": {0: [0]}, "layer1.0.bn1.weight": {0: [0]},
                              "layer1.0.bn1.bias": {0: [0]}, "layer1.0.bn1.running_mean": {0: [0]},

@@ -38,6 +38,8 @@ def timm_tests_dir(pytestconfig, tmp_path_factory) -> Path:
     return tests
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_timm_model_tests_pass_on_hf_hub_slim_models(slim_folders, timm_tests_dir, tmp_path):
     cache = tmp_path / "hub-cache"
     for case in FAMILIES:
