@@ -33,8 +33,8 @@ InputSize = Union[int, Sequence[int], Mapping[str, Any], None]
 
 def resolve_input_size(model: nn.Module, input_size: InputSize = None) -> Tuple[int, int, int]:
     """(C, H, W) of one image: ``input_size`` as (C, H, W), an int (square, the model's channels) or a timm data
-    config (its ``input_size``); by default the model's own ``pretrained_cfg`` size (a saved slim model
-    records the size it was trained at)."""
+    config (its ``input_size``); by default the size the model was built at (``img_size=...``), else its own
+    ``pretrained_cfg`` size (a saved slim model records the size it was trained at)."""
     if isinstance(input_size, Mapping):
         if "input_size" not in input_size:
             raise ValueError("input_size as a mapping must be a timm data config with an 'input_size' key, "
@@ -79,7 +79,7 @@ def _weight_flops(model: nn.Module, input_size: InputSize) -> Tuple[int, Dict[st
 def count_flops(model: nn.Module, input_size: InputSize = None) -> int:
     """Dense FLOPs of one forward pass of one image (2 x MACs, as in the paper's table).
 
-    ``input_size``: (C, H, W), an int, or a timm data config; default: the model's ``pretrained_cfg`` size.
+    ``input_size``: (C, H, W), an int, or a timm data config; default: the size the model was built at.
     """
     return _weight_flops(model, input_size)[0]
 

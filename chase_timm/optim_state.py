@@ -43,6 +43,8 @@ SHRINK_EXACT: Mapping[str, str] = {
 }
 # optimizer classes whose update depends on the tensor's size or shape: shrinking would change the run
 SHRINK_REFUSED: Mapping[str, str] = {
+    "torch.optim.Adafactor": "its factored second moments are row/column means and its step is scaled by RMS values "
+                             "over the whole tensor (both divide by the tensor's size)",
     "timm.optim.Adafactor": "its factored second moments are row/column means and its update is clipped by an RMS "
                             "over the whole tensor (both divide by the tensor's size)",
     "timm.optim.AdafactorBigVision": "its factored second moments are row/column means (they divide by the tensor's "

@@ -292,10 +292,8 @@ def test_a_model_built_at_another_size_is_saved_and_described_at_that_size(base,
     folder = chase_timm.save_pretrained(slim, tmp_path / "run", chase_config=config)  # no data_config
     saved = json.loads((folder / "config.json").read_text())
     assert tuple(saved["pretrained_cfg"]["input_size"]) == (3, 32, 32)
-    info = chase_timm.hub.slim_summary(str(folder))
-    assert tuple(info["input_size"]) == (3, 32, 32)
-    assert info["metrics"]["slim_dense_flops"] == chase_timm.metrics.count_flops(slim, 32)
-    assert "dense FLOPs" in (folder / "README.md").read_text()
+    assert f"{chase_timm.metrics.count_flops(slim, 32):,}" in (folder / "README.md").read_text()  # card FLOPs
+    assert tuple(chase_timm.hub.slim_summary(str(folder))["input_size"]) == (3, 32, 32)  # chase-timm info
 
 
 def test_save_refuses_a_model_that_is_not_a_slim_timm_model(tmp_path):

@@ -6,6 +6,9 @@ so reaching it is tied to the timm versions this adapter was written for (:data:
 """
 from __future__ import annotations
 
+import functools
+
+import timm
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 from packaging.version import Version
@@ -16,10 +19,9 @@ __all__ = ["TIMM_VERSIONS", "check_timm_version", "unwrap_optimizer"]
 TIMM_VERSIONS = (Version("1.0.31"), Version("1.1"))  # [low, high): Lookahead keeps its base in ``_base_optimizer``
 
 
+@functools.lru_cache(maxsize=None)  # called on every unwrap: parse once
 def check_timm_version(version: str | None = None) -> None:
     """RuntimeError (one line) unless the installed timm (or ``version``) is one this adapter was written for."""
-    import timm
-
     found = Version(version or timm.__version__)
     low, high = TIMM_VERSIONS
     if not low <= found < high:
