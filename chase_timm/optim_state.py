@@ -144,8 +144,8 @@ def check_shrink_exact(optimizer: Optional[torch.optim.Optimizer]) -> None:
     if verdict == "refused":
         exact = ", ".join(path.rpartition(".")[2] for path in SHRINK_EXACT)
         raise ValueError(
-            f"Chase cannot shrink channels exactly under {name}: {why}. Use ChaseConfig(shrink='off') (masking only: "
-            f"same channels removed, export still slim) or an optimizer whose shrinking is exact ({exact}).")
+            f"Chase cannot shrink channels exactly under {name}: {why}. Use ChaseConfig(shrink='off') (masking only; "
+            f"the export is still slim) or an optimizer whose shrinking is exact ({exact}).")
     if verdict == "unverified":
         warnings.warn(f"Chase: shrinking under {name} is unverified ({why}); it may train differently from masking "
                       "only. See docs/optimizers.md, or use ChaseConfig(shrink='off').", UserWarning, stacklevel=3)
