@@ -27,7 +27,7 @@ __all__ = ["state_optimizer", "param_states", "states_like", "replace_param_stat
 
 _ELEMENTWISE = "element-wise update"
 _NORMS = "per-tensor norms only, which zero entries do not change"
-# optimizer classes (public import paths) whose shrinking run equals the masking run (float64, <= 1e-9 relative)
+# optimizer classes (public import paths) whose shrinking run equals the masking run up to float64 rounding
 SHRINK_EXACT: Mapping[str, str] = {
     "torch.optim.SGD": _ELEMENTWISE, "torch.optim.Adam": _ELEMENTWISE, "torch.optim.AdamW": _ELEMENTWISE,
     "torch.optim.Adamax": _ELEMENTWISE, "torch.optim.Adadelta": _ELEMENTWISE, "torch.optim.Adagrad": _ELEMENTWISE,
