@@ -11,30 +11,38 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
+from timm.layers import to_2tuple
 
-__all__ = ["unwrap_model", "default_example_input", "deepcopy_model", "named_tensors", "classifier_modules",
+__all__ = ["unwrap_model", "model_input_size", "default_example_input", "deepcopy_model", "named_tensors", "classifier_modules",
            "classifier_tensor_names"]
 
 
-def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
-    """A random image batch the model accepts: timm's ``pretrained_cfg`` size, or a fixed patch-embed size."""
+def model_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) the model takes: the size it was built at (``img_size=...`` recorded on its patch embedding or
+    itself) wins over timm's ``pretrained_cfg`` size, which describes the default build; channels from the first
+    conv (honours ``in_chans`` overrides the cfg doesn't record)."""
     channels, size = 3, (224, 224)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if len(cfg.get("input_size", ())) == 3:
         channels, size = cfg["input_size"][0], tuple(cfg["input_size"][1:])
     for module in model.modules():
         if isinstance(module, nn.modules.conv._ConvNd):
-            channels = module.in_channels  # honours in_chans overrides the cfg doesn't record
+            channels = module.in_channels
             break
     for module in model.modules():
         img_size = getattr(module, "img_size", None)
-        if getattr(module, "strict_img_size", False) and img_size is not None:
-            size = tuple(img_size)  # e.g. ViT / Mixer built with img_size=...
+        if isinstance(img_size, int) or (isinstance(img_size, (tuple, list)) and len(img_size) == 2):
+            size = tuple(to_2tuple(img_size))  # e.g. ViT, Mixer, Swin, PiT built with img_size=...
             break
+    return (channels, *size)
+
+
+def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
+    """A random image batch the model accepts, at :func:`model_input_size`, on the model's device and dtype."""
     tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
     device = tensor.device if tensor is not None else torch.device("cpu")
     dtype = tensor.dtype if tensor is not None and tensor.is_floating_point() else torch.float32
-    return torch.randn(batch_size, channels, *size, device=device, dtype=dtype)
+    return torch.randn(batch_size, *model_input_size(model), device=device, dtype=dtype)
 
 
 def deepcopy_model(model: nn.Module, memo: Optional[dict] = None) -> nn.Module:

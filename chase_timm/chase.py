@@ -22,6 +22,7 @@ from .budget import MaskBudget
 from .channels import ChannelState
 from .config import ChaseConfig
 from .graph import find_channel_groups, tensor_removals
+from .optim_state import check_shrink_exact, states_like
 from ._timm import deepcopy_model, named_tensors, unwrap_model
 from .shrink import check_shrinkable, rebuild_ddp, slice_optimizer_state
 from .slim import slice_in_place, slim_copy, sliced
@@ -64,8 +65,12 @@ class Chase:
     Args:
         model: a timm (or any) model; DDP / ``accelerator.prepare`` / ``torch.compile`` wrappers are unwrapped.
         config: the :class:`ChaseConfig`.
-        optimizer: the optimizer that owns the model's parameters; its per-parameter state (momentum, Adam
-            moments, ...) is masked with the weights so regrown weights start from zero state.
+        optimizer: the optimizer that owns the model's parameters (also inside Accelerate's wrapper or timm's
+            ``Lookahead``); its per-parameter state shaped like the parameter (momentum, Adam moments, Lookahead's
+            slow weights, list entries such as Kron's) is masked with the weights, so regrown weights start from
+            zero state. State of another shape (Adafactor's factored statistics, Kron's preconditioners) is left
+            as it is. With ``config.shrink != "off"`` an optimizer whose update depends on the tensor's size is
+            refused (ValueError) and one never checked is warned about (:mod:`chase_timm.optim_state`).
         example_inputs: input used to trace channel coupling (default: one image of the model's input size).
     """
 
@@ -84,6 +89,8 @@ class Chase:
                 f"{type(self._module).__name__} has no Conv/Linear weight to sparsify (or ChaseConfig.exclude "
                 "covers them all); Chase needs at least one.")
         self._check_optimizer_owns_weights()
+        if config.shrink != "off" and config.channel_sparsity > 0:
+            check_shrink_exact(optimizer)
         self._generator = torch.Generator().manual_seed(config.seed)
         if config.mask_init == "magnitude":  # mask_init wiring: masks from the weights need equal weights on every rank
             _check_weights_agree(self._weights)
@@ -186,11 +193,9 @@ class Chase:
         torch._foreach_mul_(targets, multipliers)
         if self.optimizer is None:
             return
-        state = self.optimizer.state
         for param, mask in zip(targets, multipliers):
-            for value in state.get(param, {}).values():
-                if torch.is_tensor(value) and value.shape == param.shape:
-                    value.mul_(mask)
+            for value in states_like(self.optimizer, param):
+                value.mul_(mask)
 
     @torch.no_grad()
     def mask_model(self, other: nn.Module) -> None:
@@ -299,9 +304,7 @@ class Chase:
         grown = self._budget.update(t, self.config, grads)
         for name, positions in grown.items():
             weight = self.weights[name]
-            state = self.optimizer.state.get(weight, {}) if self.optimizer is not None else {}
-            zero_positions([weight] + [v for v in state.values() if torch.is_tensor(v) and v.shape == weight.shape],
-                           positions)
+            zero_positions([weight, *states_like(self.optimizer, weight)], positions)
         self.apply_masks()
         self._check_ranks_agree(t)
 

@@ -59,7 +59,8 @@ class ChaseConfig:
         discovery_timeout: Seconds allowed for channel-group discovery before the rest is skipped.
         shrink: Physically remove channels from the training model (and its optimizer state) during training:
             ``"off"`` (mask only, the default), ``"events"`` (after every channel event) or ``"end"`` (once, at
-            ``channel_end_step``); see ``Chase.shrink``.
+            ``channel_end_step``); see ``Chase.shrink``. Exact (the same run as masking) only under optimizers
+            whose update ignores the tensor's size: others are refused (``chase_timm.optim_state``).
         mask_init: Initial masks: ``"random"`` (the paper's ERK-random draw, for training from scratch) or
             ``"magnitude"`` (the largest |w| of the model's own weights within each layer's ERK budget, for a
             pretrained start).

@@ -30,7 +30,7 @@ from timm.data import resolve_data_config
 from timm.layers import get_spatial_dim
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_model_args, register_model, save_for_hf
 
-from ._timm import classifier_modules, deepcopy_model, unwrap_model
+from ._timm import classifier_modules, deepcopy_model, model_input_size, unwrap_model
 from .adapters.autograd import has_non_persistent_buffers
 from .adapters.timm import record_model_args, recorded_model_args
 from .config import ChaseConfig
@@ -273,7 +273,10 @@ def _pretrained_cfg(model: nn.Module, base: nn.Module, data_config: Optional[Map
     if unknown:
         raise ValueError(f"data_config has unknown keys {sorted(unknown)}; timm's data config keys are "
                          f"{', '.join(_DATA_KEYS)}")
-    resolved = resolve_data_config(args=dict(data_config or {}), model=model)
+    args = dict(data_config or {})
+    if args.get("input_size") is None and args.get("img_size") is None:  # the size it was built at, not the cfg's
+        args["input_size"] = model_input_size(model)
+    resolved = resolve_data_config(args=args, model=model)
     cfg.update({k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in resolved.items() if k in _DATA_KEYS})
     cfg.update(architecture=ARCHITECTURE, license=license or "unknown", num_classes=model.num_classes,
                description=f"{base.pretrained_cfg.get('architecture')} slimmed by Chase", **CHASE_PAPER)
@@ -470,7 +473,7 @@ def slim_summary(source: str) -> dict:
     if not isinstance(chase, Mapping):
         raise ValueError(f"{source} is not a chase slim model (architecture {slim.pretrained_cfg.get('architecture')})")
     spec, base = _slim_spec(slim)
-    input_size = tuple(slim.pretrained_cfg["input_size"])
+    input_size = model_input_size(slim)
     plan = spec["width_plan"]["tensors"]
     blocks: dict[str, int] = {}
     for tensor in plan:

@@ -32,8 +32,8 @@ InputSize = Union[int, Sequence[int], Mapping[str, Any], None]
 
 def resolve_input_size(model: nn.Module, input_size: InputSize = None) -> Tuple[int, int, int]:
     """(C, H, W) of one image: ``input_size`` as (C, H, W), an int (square, the model's channels) or a timm data
-    config (its ``input_size``); by default the model's own ``pretrained_cfg`` size (a saved slim model
-    records the size it was trained at)."""
+    config (its ``input_size``); by default the size the model was built at (``img_size=...``), else its own
+    ``pretrained_cfg`` size (a saved slim model records the size it was trained at)."""
     if isinstance(input_size, Mapping):
         if "input_size" not in input_size:
             raise ValueError("input_size as a mapping must be a timm data config with an 'input_size' key, "
@@ -50,18 +50,22 @@ def resolve_input_size(model: nn.Module, input_size: InputSize = None) -> Tuple[
     return size
 
 
-@torch.no_grad()
 def _weight_flops(model: nn.Module, input_size: InputSize) -> Tuple[int, Dict[str, int]]:
-    """Total FLOPs of one image and the FLOPs of every Conv/Linear weight (``"<module>.weight"``), one pass."""
+    """Total FLOPs of one image and the FLOPs of every Conv/Linear weight (``"<module>.weight"``), one pass.
+
+    Counted with autograd on, whatever the caller's mode: FlopCounterMode's module tracker fails under no_grad on
+    some models (PiT: "Expected gradient function to be set"); the count is the same either way.
+    """
     model = unwrap_model(model)
     size = resolve_input_size(model, input_size)
-    example = default_example_input(model, 1).new_empty(1, *size).normal_()
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
     try:
-        with counter:
-            model(example)
+        with torch.inference_mode(False), torch.enable_grad():
+            example = default_example_input(model, 1).new_empty(1, *size).normal_()
+            with counter:
+                model(example)
     finally:
         model.train(was_training)
     prefix = type(model).__name__ + "."  # FlopCounterMode keys modules as "<RootClass>.<qualified name>"
@@ -74,7 +78,7 @@ def _weight_flops(model: nn.Module, input_size: InputSize) -> Tuple[int, Dict[st
 def count_flops(model: nn.Module, input_size: InputSize = None) -> int:
     """Dense FLOPs of one forward pass of one image (2 x MACs, as in the paper's table).
 
-    ``input_size``: (C, H, W), an int, or a timm data config; default: the model's ``pretrained_cfg`` size.
+    ``input_size``: (C, H, W), an int, or a timm data config; default: the size the model was built at.
     """
     return _weight_flops(model, input_size)[0]
 
@@ -85,8 +89,10 @@ def _densities(source: Union[nn.Module, Chase],
     if isinstance(source, Chase):
         model = source.module
         if densities is None:
-            # masks, not zeros: regrown weights start at exactly 0 but are active and cost FLOPs
-            densities = {n: float(m.count_nonzero()) / m.numel() for n, m in source.masks.items()}
+            # masks, not zeros: regrown weights start at exactly 0 but are active and cost FLOPs; kept-dense
+            # Conv/Linear weights (exclude, weight-standardised) lose the rows and columns of removed channels
+            dense = {n: source.channel_masks[n] for n in conv_linear_weights(model) if n in source.channel_masks}
+            densities = {n: float(m.count_nonzero()) / m.numel() for n, m in {**source.masks, **dense}.items()}
     else:
         model = unwrap_model(source)
         if densities is None:

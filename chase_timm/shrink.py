@@ -2,10 +2,10 @@
 
 Shrinking keeps every ``nn.Parameter`` object (see :func:`chase_timm.slim.slice_in_place`), so the optimizer's
 parameter lists stay valid; its per-parameter state (momentum, Adam moments, any tensor shaped like its
-parameter) is cut the same way. A ``DistributedDataParallel`` wrapper fixes its reducer buckets to the
-parameter shapes at construction, so it is rebuilt in place (same object, same settings, comm hooks
-re-registered) on every rank at the same step; the caller's references to it stay valid. Everything is
-checked before anything changes.
+parameter, read through wrappers by :mod:`chase_timm.optim_state`) is cut the same way. A
+``DistributedDataParallel`` wrapper fixes its reducer buckets to the parameter shapes at construction, so it
+is rebuilt in place (same object, same settings, comm hooks re-registered) on every rank at the same step; the
+caller's references to it stay valid. Everything is checked before anything changes.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ._timm import unwrap_model
 from .adapters.ddp import check_rebuildable, rebuild_ddp
+from .optim_state import param_states, replace_param_states
 from .slim import sliced
 
 __all__ = ["check_shrinkable", "slice_optimizer_state", "rebuild_ddp"]
@@ -49,18 +50,15 @@ def slice_optimizer_state(optimizer: Optional[torch.optim.Optimizer], params: Ma
         cut.setdefault(id(param), {})[value_name] = sliced(value, removals[name], f"{name} {value_name}")
     for name, param in params.items():
         if id(param) in cut:
-            optimizer.state[param].update(cut.pop(id(param)))
+            replace_param_states(optimizer, param, cut.pop(id(param)))
 
 
 def _cut_states(optimizer: Optional[torch.optim.Optimizer], params: Mapping[str, nn.Parameter], removals: Removals):
     """(name, parameter, state key, state tensor) for every non-scalar state tensor of a parameter being cut."""
-    if optimizer is None:
-        return
-    state = optimizer.state
     for name, dims in removals.items():
         param = params.get(name)
         if param is None or not dims:
             continue
-        for value_name, value in state.get(param, {}).items():
-            if torch.is_tensor(value) and value.dim() > 0:
-                yield name, param, value_name, value
+        for value_name, value in param_states(optimizer, param):
+            yield name, param, value_name, value
+

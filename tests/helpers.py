@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import pytest
 import torch
@@ -40,14 +40,18 @@ def batch(step: int, size: int = 32, n: int = 2, num_classes: int = 10):
 
 
 def train(model, optimizer, chase, steps: int, size: int = 32, first_step: int = 0,
-          after_step: Optional[Callable[[int], None]] = None) -> None:
-    """The documented loop: backward, optimizer.step(), chase.step(), zero_grad()."""
+          after_step: Optional[Callable[[int], None]] = None) -> List[float]:
+    """The documented loop: backward, optimizer.step(), chase.step(), zero_grad(). Returns the step losses."""
     model.train()
+    losses = []
     for step in range(first_step, first_step + steps):
         x, y = batch(step, size)
-        F.cross_entropy(model(x), y).backward()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        losses.append(loss.item())
         optimizer.step()
         chase.step()
         if after_step is not None:
             after_step(step)
         optimizer.zero_grad()
+    return losses

@@ -286,6 +286,18 @@ def test_a_channels_last_model_saves_and_reloads_with_the_same_weights(tmp_path)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in slim.state_dict().items())
 
 
+@pytest.mark.parametrize("base", ["vit_tiny_patch16_224", "mixer_s16_224"])
+def test_a_model_built_at_another_size_is_saved_and_described_at_that_size(base, tmp_path):
+    """Built with img_size=32 while pretrained_cfg says 224: FLOPs, verification, config and info use 32."""
+    slim, config = make_slim(base, prune_skip=False)
+    assert slim.pretrained_cfg["input_size"] == (3, 224, 224)
+    folder = chase_timm.save_pretrained(slim, tmp_path / "run", chase_config=config)  # no data_config
+    saved = json.loads((folder / "config.json").read_text())
+    assert tuple(saved["pretrained_cfg"]["input_size"]) == (3, 32, 32)
+    assert f"{chase_timm.metrics.count_flops(slim, 32):,}" in (folder / "README.md").read_text()  # card FLOPs
+    assert tuple(chase_timm.hub.slim_summary(str(folder))["input_size"]) == (3, 32, 32)  # chase-timm info
+
+
 def test_save_refuses_a_model_that_is_not_a_slim_timm_model(tmp_path):
     features = timm.create_model("resnet18", features_only=True)
     with pytest.raises(ValueError, match="not a wrapper or a features_only model"):

@@ -140,3 +140,28 @@ def test_throughput_runs_and_restores_train_mode():
     model = timm.create_model("resnet18", num_classes=10).train()
     assert throughput(model, batch_size=2, input_size=(3, 32, 32), warmup=1, iters=2) > 0
     assert model.training
+
+
+def test_sparse_flops_skip_removed_channels_of_kept_dense_layers():
+    """Excluded (dense) convs lose the rows and columns of removed channels too, in masking mode: sparse_flops
+    counts what TrainingFlops counts."""
+    model, optimizer, chase = tiny_chase(total_steps=8, update_interval=2, channel_sparsity=0.5, channel_interval=1,
+                                         channel_offset=0, channel_end_step=4,
+                                         exclude=("layer3.0.conv1", "layer3.1.conv1", "layer4.0.conv1"))
+    flops = TrainingFlops(chase, input_size=32)
+    train(model, optimizer, chase, 4, after_step=lambda _: flops.step(2))
+    dense_rows = chase.channel_masks["layer4.0.conv1.weight"]
+    assert 0 < dense_rows.count_nonzero() < dense_rows.numel()  # an excluded conv lost channels
+    assert sparse_flops(chase, input_size=32) == pytest.approx(flops.sparse_forward, rel=1e-9)
+
+
+@pytest.mark.parametrize("name, size", [("pit_ti_224", 224), ("resnet18", 32)])
+def test_flops_are_the_same_under_no_grad_and_inference_mode(name, size):
+    """torch's FlopCounterMode fails under no_grad on PiT (module tracker); counting must not depend on the mode."""
+    model = timm.create_model(name)
+    flops = count_flops(model, size)
+    assert flops > 0
+    with torch.no_grad():
+        assert count_flops(model, size) == flops
+    with torch.inference_mode():
+        assert count_flops(model, size) == flops

@@ -1,9 +1,9 @@
 """Third-party adapters: the only modules that touch another library's private names, one module per surface.
 
 ``torch_pruning`` (Torch-Pruning's dependency-walk internals), ``autograd`` (autograd graph nodes' saved values and
-``nn.Module`` hook/buffer bookkeeping), ``ddp`` (rebuilding a live ``DistributedDataParallel``) and ``timm``
-(the model args ``timm.create_model`` records). Each adapter defines ``check_version(found)`` and calls it when it
-is first imported: on a version it was not written for it fails with one clear line. The supported ranges live in
+``nn.Module`` hook/buffer bookkeeping), ``ddp`` (rebuilding a live ``DistributedDataParallel``), ``timm`` (the model
+args ``timm.create_model`` records) and ``optim`` (timm ``Lookahead``'s base optimizer). Each adapter defines
+``check_version(found)`` and calls it when it is first imported: on a version it was not written for it fails with one clear line. The supported ranges live in
 :data:`SUPPORTED`, the same ranges pyproject.toml declares (a test keeps the two equal).
 """
 from __future__ import annotations
