@@ -91,7 +91,8 @@ def _densities(source: Union[nn.Module, Chase],
         if densities is None:
             # masks, not zeros: regrown weights start at exactly 0 but are active and cost FLOPs; kept-dense
             # Conv/Linear weights (exclude, weight-standardised) lose the rows and columns of removed channels
-            dense = {n: source.channel_masks[n] for n in conv_linear_weights(model) if n in source.channel_masks}
+            channel_masks = source.channels.channel_masks
+            dense = {n: channel_masks[n] for n in conv_linear_weights(model) if n in channel_masks}
             densities = {n: float(m.count_nonzero()) / m.numel() for n, m in {**source.masks, **dense}.items()}
     else:
         model = unwrap_model(source)

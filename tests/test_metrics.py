@@ -150,7 +150,7 @@ def test_sparse_flops_skip_removed_channels_of_kept_dense_layers():
                                          exclude=("layer3.0.conv1", "layer3.1.conv1", "layer4.0.conv1"))
     flops = TrainingFlops(chase, input_size=32)
     train(model, optimizer, chase, 4, after_step=lambda _: flops.step(2))
-    dense_rows = chase.channel_masks["layer4.0.conv1.weight"]
+    dense_rows = chase.channels.channel_masks["layer4.0.conv1.weight"]
     assert 0 < dense_rows.count_nonzero() < dense_rows.numel()  # an excluded conv lost channels
     assert sparse_flops(chase, input_size=32) == pytest.approx(flops.sparse_forward, rel=1e-9)
 
