@@ -6,13 +6,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from shrink_equivalence import batch  # noqa: F401  (re-exported for the tests)
 from zoo_coverage import build as tiny_model, input_size  # noqa: F401  (re-exported for the tests)
-
-
-def batch(step: int, size: int = 32, n: int = 2, num_classes: int = 10):
-    """The batch of a given step: identical in every process and every run."""
-    g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, num_classes, (n,), generator=g)
 
 
 def train(model, optimizer, chase, steps: int, size: int = 32, first_step: int = 0,
