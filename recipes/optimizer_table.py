@@ -5,7 +5,8 @@ run on resnet18 at 32 px with 4 shrinks (``recipes/shrink_equivalence.py``, the 
 independent masking twin:
 
 - shrinking: ``exact`` (everything within 1e-9 relative), ``refused`` (``Chase(...)`` raised a ValueError at
-  construction; its message is kept), ``DIVERGES`` (ran, but differs from the twin) or ``CRASHES`` (raised while
+  construction; its message is kept), ``warned, masked`` (Chase warned at the first channel event that it cannot
+  cut the state and trained by masking), ``DIVERGES`` (ran, but differs from the twin) or ``CRASHES`` (raised while
   training). The last two must not occur.
 - masking only: ``zeroed`` if every state tensor shaped like its parameter is zero at masked positions after every
   step, else the first offenders; state of another shape (factored, preconditioners) is listed as what it is.
@@ -64,7 +65,8 @@ and Muon rows).
 - **Dropout and drop-path** make shrinking equal masking only *in distribution*: their random draws depend on the
   tensor sizes, so a shrunk model draws different masks than the masked one. The equivalence runs use none.
 - **exact**: everything within the tolerance. **refused**: `Chase(...)` raises a one-line ValueError at
-  construction when `shrink != "off"` (masking only still works). **DIVERGES** / **CRASHES**: shrinking silently
+  construction when `shrink != "off"` (masking only still works). **warned, masked**: Chase warned at the first
+  channel event that it cannot cut this state and went on by masking (correct, not faster). **DIVERGES** / **CRASHES**: shrinking silently
   trains another model / fails after a shrink; no row may say either.
 - **masking only**: `zeroed` means every state tensor shaped like its parameter is zero at every masked position
   after every step, so regrown weights start from zero state. State of another shape (Adafactor's factored
@@ -102,10 +104,10 @@ def row(name: str) -> Dict[str, object]:
     if skip:
         return {"optimizer": name, "shrinking": "skipped", "note": skip}
     start = time.perf_counter()
-    result, note = None, ""
+    result, note, caught = None, "", []
     try:
-        with float64(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with float64(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             result = compare("resnet18", name)
     except Exception as err:  # the masking twin itself could not train: not a Chase result
         note = f"masking run failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
@@ -121,6 +123,9 @@ def row(name: str) -> Dict[str, object]:
         out.update(shrinking="skipped", note="loss not finite with the default learning rate")
     elif result.refused is not None:
         out.update(shrinking="refused", note=result.refused)
+    elif result.shrinks == 0 and any("masking only" in str(w.message) for w in caught):
+        warned = next(str(w.message) for w in caught if "masking only" in str(w.message))
+        out.update(shrinking="warned, masked", note=warned)
     elif result.error is not None:
         out.update(shrinking="CRASHES", note=result.error)
     else:

@@ -72,7 +72,7 @@ def _kinds(chase: Chase, groups) -> set:
 
 
 @pytest.mark.parametrize("name, opt, overrides, kinds", [
-    ("resnet18", "adamw", {"prune_skip": True}, {"residual"}),
+    ("resnet10t", "adamw", {"prune_skip": True}, {"residual"}),
     ("mobilenetv3_small_050", "adamw", {"umm_fanin": "alive"}, {"depthwise", "se"}),
     ("densenet121", "sgd", {"prune_skip": True}, {"concat"}),
     ("regnetx_002", "sgd", {}, {"grouped"}),
@@ -115,7 +115,7 @@ def test_optimizers_whose_update_depends_on_the_tensor_size_are_refused_when_shr
 
 def test_shrink_end_masks_until_the_last_channel_event_then_shrinks_once():
     with float64():
-        result = compare("resnet18", "sgd", shrink="end")
+        result = compare("resnet10t", "sgd", shrink="end")
     _assert_exact(result)
     widths, end = result.widths, SCHEDULE["channel_end_step"]  # widths[t] is the width after step t
     assert len(set(widths[:end])) == 1 and widths[end] < widths[0] and len(set(widths[end:])) == 1
@@ -123,7 +123,7 @@ def test_shrink_end_masks_until_the_last_channel_event_then_shrinks_once():
 
 def test_a_channels_last_model_stays_channels_last_through_every_shrink():
     with float64():
-        result = compare("resnet18", "sgd", channels_last=True)
+        result = compare("resnet10t", "sgd", channels_last=True)
     _assert_exact(result)
     assert result.shrinks == 4
     model, optimizer, _ = result.run
