@@ -55,7 +55,11 @@ def float64() -> Iterator[None]:
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    """Per-parameter state, looking through timm's Lookahead (which keeps it in its base optimizer)."""
+    """Per-parameter state, looking through timm's Lookahead (which keeps it in its base optimizer).
+
+    The comparison's own view, independent of the library's, so a library that misses the base optimizer's
+    state shows up as a difference instead of agreeing with itself.
+    """
     return getattr(optimizer, "_base_optimizer", optimizer).state
 
 
