@@ -50,7 +50,7 @@ Shrinking (`ChaseConfig(shrink="events"|"end")`) must train exactly the model th
 trains, only cheaper. Each row trains resnet18 at 32 px for {steps} steps in float64 with 4 shrinks (channel events
 at steps 2, 4, 6, 8; prune/regrow at 3, 6, 9, 10), the optimizer built by `timm.optim.create_optimizer_v2(model,
 opt=NAME, weight_decay=1e-4)` (its weight-decay and no-weight-decay parameter groups; the optimizer's own default
-learning rate, 0.01 for SGD), against a masking twin built separately from the same seed. Compared: the loss at
+learning rate, 0.01 for the SGD family), against a masking twin built separately from the same seed. Compared: the loss at
 every step, the removed channels, the masks, every weight, every optimizer state tensor shaped like its parameter
 (the twin's cut as `export()` cuts the model), eval outputs and the slim export. The code is
 `recipes/shrink_equivalence.py`, shared with `tests/test_shrink.py` (which runs the SGD, AdamW, Lookahead, cautious
