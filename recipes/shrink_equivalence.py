@@ -36,15 +36,16 @@ STEPS = 10
 # a channel event every 2 steps from step 2 to 8 (4 shrinks), prune/regrow at steps 3, 6, 9 and the settling step 10
 SCHEDULE = dict(total_steps=STEPS, update_interval=3, channel_interval=2, channel_offset=0, channel_end_step=8,
                 channel_sparsity=0.5, min_channel_ratio=0.5)
-def learning_rate(opt: str) -> Optional[float]:
-    """0.01 for the SGD family (some of it has no default), otherwise the optimizer's own default."""
-    base = opt.split("_")[-1]
-    return 0.01 if "sgd" in base or base.startswith(("momentum", "nesterov")) else None
-
 WEIGHT_DECAY = 1e-4
 BATCH = 8  # batch-2 BatchNorm on resnet18's 1x1 maps at 32 px amplifies rounding ~30x per step; 8 does not
 
 Trio = Tuple[nn.Module, torch.optim.Optimizer, Chase]
+
+
+def learning_rate(opt: str) -> Optional[float]:
+    """0.01 for the SGD family (some of it has no default), otherwise the optimizer's own default."""
+    base = opt.split("_")[-1]
+    return 0.01 if "sgd" in base or base.startswith(("momentum", "nesterov")) else None
 
 
 @contextlib.contextmanager
