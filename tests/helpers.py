@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from shrink_equivalence import batch  # noqa: F401  (re-exported for the tests)
 from zoo_coverage import COVERAGE_LIST, build as tiny_model, check_model, input_size  # noqa: F401  (re-exported)
 
 
@@ -31,12 +32,6 @@ def session_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
     root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
     root.mkdir(exist_ok=True)
     return root
-
-
-def batch(step: int, size: int = 32, n: int = 2, num_classes: int = 10):
-    """The batch of a given step: identical in every process and every run."""
-    g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, num_classes, (n,), generator=g)
 
 
 def train(model, optimizer, chase, steps: int, size: int = 32, first_step: int = 0,
