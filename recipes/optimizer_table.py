@@ -74,6 +74,12 @@ and Muon rows).
   after every step, so regrown weights start from zero state. State of another shape (Adafactor's factored
   second moments, ...) cannot be masked element-wise and is listed under *other state*. The state is read
   through timm's Lookahead (its base optimizer's state, where Lookahead keeps it; `chase_timm.optim_state`).
+- **Where the verdicts live**: `chase_timm.optim_state` is the one place that knows an optimizer's per-parameter
+  state: it looks inside Accelerate's `AcceleratedOptimizer` and timm's `Lookahead` (moments and the slow weights
+  `lookahead_slow_buff`) and into lists or tuples of tensors. `SHRINK_EXACT` lists the classes whose update is
+  element-wise or uses per-tensor norms that zero entries do not change; `SHRINK_REFUSED` (and the param-group
+  flags `caution`, `clipping_threshold`) the ones refused, each with its reason; Lookahead is judged by its base.
+  An optimizer in neither list trains with a one-time warning that shrinking is unverified for it.
 
 | optimizer | shrinking | max rel. loss diff | worst other diff | masking only | other state | s | note |
 |---|---|---|---|---|---|---|---|
