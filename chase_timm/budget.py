@@ -38,10 +38,10 @@ class MaskBudget:
         self.shapes = {n: tuple(w.shape) for n, w in weights.items()}
         self.numel = {n: w.numel() for n, w in weights.items()}
         self.total = sum(self.numel.values())
-        self.budget = round((density if start_density is None else start_density) * self.total)  # mask_init wiring
+        self.budget = round((density if start_density is None else start_density) * self.total)
         self.erk = erk_densities(self.shapes, density)
         counts = allocate(self.budget, {n: self.erk[n] * self.numel[n] for n in self.shapes}, self.numel)
-        drawn = (magnitude_masks(weights, counts, generator) if mask_init == "magnitude"  # mask_init wiring
+        drawn = (magnitude_masks(weights, counts, generator) if mask_init == "magnitude"
                  else random_masks(self.shapes, counts, generator))
         self.masks = {n: m.to(device=weights[n].device, dtype=weights[n].dtype) for n, m in drawn.items()}
         self.allowed: Mapping[str, torch.Tensor] = {}
@@ -62,7 +62,7 @@ class MaskBudget:
         self.shapes = {n: tuple(w.shape) for n, w in self.weights.items()}
         self.numel = {n: w.numel() for n, w in self.weights.items()}
 
-    def follow(self, t: int, config: ChaseConfig) -> None:  # mask_init wiring
+    def follow(self, t: int, config: ChaseConfig) -> None:
         """Set the budget to the sparsity ramp's ``density_at(t)``·N (d·N without a ramp)."""
         self.budget = round(config.density_at(t) * self.total)
 
@@ -74,7 +74,7 @@ class MaskBudget:
     def update(self, t: int, config: ChaseConfig, grads: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """One prune/regrow update after step ``t``: phase A before T_dst, phase B after, settling at the last
         step (no rotation, just back to the budget). Returns the flat positions grown per layer."""
-        self.follow(t, config)  # mask_init wiring: during the ramp, prune down to density_at(t)·N
+        self.follow(t, config)  # during a sparsity ramp: prune down to density_at(t)·N
         if t >= config.total_steps:
             phase = self._settle
         else:

@@ -69,8 +69,9 @@ class Chase:
             ``Lookahead``); its per-parameter state shaped like the parameter (momentum, Adam moments, Lookahead's
             slow weights, list entries such as Kron's) is masked with the weights, so regrown weights start from
             zero state. State of another shape (Adafactor's factored statistics, Kron's preconditioners) is left
-            as it is. With ``config.shrink != "off"`` an optimizer whose update depends on the tensor's size is
-            refused (ValueError) and one never checked is warned about (:mod:`chase_timm.optim_state`).
+            as it is. With ``config.shrink != "off"`` and ``channel_sparsity > 0`` an optimizer whose update depends
+            on the tensor's size is refused (ValueError) and one never checked is warned about
+            (:mod:`chase_timm.optim_state`).
         example_inputs: input used to trace channel coupling (default: one image of the model's input size).
     """
 
@@ -92,10 +93,10 @@ class Chase:
         if config.shrink != "off" and config.channel_sparsity > 0:
             check_shrink_exact(optimizer)
         self._generator = torch.Generator().manual_seed(config.seed)
-        if config.mask_init == "magnitude":  # mask_init wiring: masks from the weights need equal weights on every rank
+        if config.mask_init == "magnitude" and config.density_at(0) < 1:  # masks from the weights: equal on every rank
             _check_weights_agree(self._weights)
         self._budget = MaskBudget(self._weights, config.density, self._generator, config.mask_init,
-                                  config.density_at(0))  # mask_init wiring
+                                  config.density_at(0))
         groups = (find_channel_groups(self._module, example_inputs, prune_skip=config.prune_skip,
                                       timeout=config.discovery_timeout) if config.channel_sparsity > 0 else [])
         self._channels = ChannelState(self._module, groups, config.channel_sparsity, config.min_channel_ratio,
@@ -316,7 +317,7 @@ class Chase:
         device = next(iter(masks.values())).device
         signature = torch.tensor(
             [v for m in masks.values() for v in (int(m.count_nonzero()), int(m.flatten().nonzero().sum()))]
-            + [int(a.sum()) for a in self._channels.alive.values()], dtype=torch.float64, device=device)
+            + [int(a.sum()) for a in self._channels.alive.values()], dtype=torch.int64, device=device)
         low, high = signature.clone(), signature.clone()
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
@@ -402,6 +403,7 @@ class Chase:
             "unsynced_calls": self._unsynced_calls,
             "config": self.config.to_dict(),
             "masks": {n: m.bool().cpu() for n, m in self._budget.masks.items()},
+            "budget": self._budget.budget,  # during a sparsity ramp: density_at(the last update step)·N
             "alive": channels.pop("alive"),
             "generator": self._generator.get_state(),
             **channels,
@@ -442,7 +444,10 @@ class Chase:
         self._skipped_updates = int(state["skipped_updates"])
         self._unsynced_calls = int(state.get("unsynced_calls", 0))  # absent in states saved before it existed
         self._budget.load(masks)
-        self._budget.follow(self._step_count, self.config)  # mask_init wiring
+        if "budget" in state:
+            self._budget.budget = int(state["budget"])
+        else:  # a state saved before the ramp existed: no ramp, so d·N
+            self._budget.follow(self._step_count, self.config)
         self._channels.load_alive(state["alive"])
         self._generator.set_state(state["generator"])
         self._refresh_channel_masks()
@@ -498,7 +503,7 @@ class Chase:
         return clone
 
 
-def _check_weights_agree(weights: Mapping[str, nn.Parameter]) -> None:  # mask_init wiring
+def _check_weights_agree(weights: Mapping[str, nn.Parameter]) -> None:
     """Masks drawn from weights are rank-identical only if the weights are: fail clearly if they differ across ranks
     (cheap: two float64 sums per layer, all-reduced as min and max)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

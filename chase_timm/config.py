@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple
 
@@ -176,6 +177,17 @@ class ChaseConfig:
             _check_int("channel_start_step", self.channel_start_step, low=0, high=self.channel_end_step - 1,
                        hint="channel pruning starts after the sparsity ramp (default ramp_steps) and must start "
                             "before channel_end_step: shorten ramp_steps or set channel_start_step")
+            start, end, off, every = self.channel_start_step, self.channel_end_step, self.channel_offset, \
+                self.channel_interval
+            if self.ramp_steps and (end - 1 + off) // every - (start + off) // every < 1:  # only the final event left
+                warnings.warn(f"ChaseConfig: channel pruning runs only from step {start} to {end}, so one channel "
+                              f"event removes all of channel_sparsity={self.channel_sparsity}; shorten ramp_steps "
+                              "(or set channel_start_step earlier) or move channel_end_step later.", UserWarning,
+                              stacklevel=4)
+        if not self.phase_b and self.ramp_steps > self.phase_b_start_step:
+            raise ValueError(f"ChaseConfig.ramp_steps={self.ramp_steps} ends after phase_b_start_step="
+                             f"{self.phase_b_start_step} with phase_b=False, where updates stop: the ramp would stop "
+                             "part-way. Shorten ramp_steps or keep phase_b=True.")
 
     # ----------------------------------------------------------------- schedules
     def grow_density(self, step: int) -> float:

@@ -170,9 +170,10 @@ def step0_top1(model: nn.Module, config: chase_timm.ChaseConfig, x: torch.Tensor
     chase = chase_timm.Chase(clone, config, example_inputs=x[:1])
     if global_threshold:
         clone.load_state_dict(model.state_dict())  # undo the ERK masking, then mask with the global threshold
-        chase.masks = {n: m.to(chase.weights[n].dtype) for n, m in magnitude_masks(
-            chase.weights, None, torch.Generator().manual_seed(0), total=chase.budget).items()}
-        chase.apply_masks()
+        masks = magnitude_masks(chase.weights, None, torch.Generator().manual_seed(0), total=chase.budget)
+        with torch.no_grad():
+            for name, mask in masks.items():
+                chase.weights[name].mul_(mask.to(chase.weights[name].dtype))
     return evaluate(clone, x, y)
 
 

@@ -178,6 +178,8 @@ def compare(name: str, opt: str = "sgd", steps: int = STEPS, ema: bool = False, 
     size = input_size(name)
     result.twin_run = twin_trio = build(name, opt, shrink="off", **overrides)
     twin_ema = timm.utils.ModelEmaV3(twin_trio[0], decay=0.9) if ema else None
+    if twin_ema is not None:  # registered in both runs: masked whenever the masks change, as documented
+        twin_trio[2].register(twin_ema)
     for step in range(steps):
         result.twin_losses.append(loss_step(*twin_trio, step, size, batch_size))
         result.unmasked_state += [f"step {step + 1}: {b}" for b in unmasked_state(twin_trio[2], twin_trio[1])]

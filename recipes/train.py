@@ -164,8 +164,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         chase = chase_timm.Chase(model, config, optimizer=optimizer,
                                  example_inputs=torch.zeros(1, *input_size, device=accelerator.device))
-    except ValueError as e:  # e.g. a model compiled by `accelerate launch --dynamo_backend ...` cannot shrink
-        fail(f"{e} In this recipe: --shrink off (masking only), or launch with --dynamo_backend no.")
+    except ValueError as e:  # a compiled model or a refused optimizer cannot shrink; say the recipe's own switches
+        hints = {"torch.compile": " In this recipe: --shrink off (masking only), or launch with --dynamo_backend no.",
+                 "shrink='off'": " In this recipe: --shrink off (masking only)."}
+        fail(str(e) + next((hint for key, hint in hints.items() if key in str(e)), ""))
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=args.model_ema_decay) if args.model_ema else None
     if ema is not None:
         chase.register(ema)  # shrinks along with the model
