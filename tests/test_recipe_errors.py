@@ -108,3 +108,9 @@ def test_a_model_compiled_by_accelerate_cannot_shrink_and_the_error_says_what_to
     line = error_of([*TINY, "--output", str(tmp_path / "run")], capsys)
     assert "not OptimizedModule" in line and "--shrink off" in line and "--dynamo_backend no" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_an_optimizer_refused_for_shrinking_gets_the_recipes_own_switch(tmp_path, capsys):
+    """Under the default --shrink events, a size-dependent optimizer is refused in one line naming --shrink off."""
+    line = error_of([*TINY, "--opt", "cadamw", "--output", str(tmp_path / "run")], capsys)
+    assert "timm.optim" in line and "--shrink off" in line and "--dynamo_backend" not in line
