@@ -7,6 +7,7 @@ flatten index mapping to bound how many positions a flatten->Linear expands to.
 """
 from __future__ import annotations
 
+from importlib.metadata import version
 from typing import Any, Callable, Optional, Sequence
 
 import torch_pruning as tp
@@ -16,8 +17,9 @@ from . import require
 __all__ = ["check_version", "root_dependency", "root_positions", "flatten_stride"]
 
 
-def check_version(found: str = tp.__version__) -> None:
-    """ImportError (one line) unless ``found`` is a torch-pruning version this adapter was written for."""
+def check_version(found: str = getattr(tp, "__version__", None) or version("torch-pruning")) -> None:
+    """ImportError (one line) unless ``found`` is a torch-pruning version this adapter was written for (some 1.6.0
+    builds lack ``__version__``: the installed distribution's metadata then says)."""
     require("torch-pruning", found)
 
 
