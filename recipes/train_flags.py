@@ -224,12 +224,13 @@ def command_line_keys(parser: argparse.ArgumentParser, argv: Optional[List[str]]
 
 def start_defaults(args: argparse.Namespace, chase: Dict[str, Any], given: set,
                    parser: argparse.ArgumentParser) -> None:
-    """A run from weights: magnitude masks under the density ramp and a fine-tuning lr, unless set; the teacher."""
+    """A run from weights: magnitude masks under the density ramp and a fine-tuning lr, unless set (from scratch:
+    the paper's random masks, whatever the library's default); the KD teacher."""
     from_weights = bool(args.pretrained or args.initial_checkpoint)
     if args.pretrained:
         check_has_weights("--pretrained", args.model, parser)
+    chase.setdefault("mask_init", "magnitude" if from_weights else "random")  # random: the paper's, from scratch
     if from_weights:
-        chase.setdefault("mask_init", "magnitude")
         if "lr" not in given:
             args.lr = parser.get_default("lr") * FINETUNE_LR_SCALE
     if "kd_model_name" not in given and from_weights:
@@ -353,7 +354,8 @@ def checkpoint_run(resume: str) -> Dict[str, Any]:
     recorded_since = {a.dest: a.default for a in build_parser()._actions
                       if a.default is not None and a.dest not in NOT_SAVED + CHASE_FLAGS + ("help",)}
     saved = {**recorded_since, **saved}
-    saved["chase"] = {"shrink": "off", **(saved.get("chase") or {})}  # masking only, before shrinking was default
+    saved["chase"] = {"shrink": "off", "mask_init": "random",  # masking only and random masks, before the defaults
+                      **(saved.get("chase") or {})}              # became shrinking and magnitude masks from weights
     return saved
 
 

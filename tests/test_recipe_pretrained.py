@@ -3,9 +3,8 @@ density ramp and a fine-tuning lr and say so first; the card names the start; on
 logit distillation from a frozen dense teacher; bad starts are one line."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
+import json
 
 import pytest
 import timm
@@ -16,27 +15,12 @@ from safetensors.torch import load_file, save_file
 import chase_timm
 import chase_timm.slim
 import chase_timm.training
-from recipe_helpers import ROOT, TINY, fresh_accelerate, load_recipe, metrics
+from recipe_helpers import ROOT, TINY, load_recipe, metrics
+from test_recipe_errors import error_of
+from test_recipe_flags import train_in_process
 
 FINETUNE_CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*finetune*.yaml")) + \
     [ROOT / "recipes" / "configs" / "resnet50_cifar100_transfer.yaml"]
-
-
-def train_in_process(argv) -> str:
-    """recipes/train.py's main() in this process; returns what it printed."""
-    stdout = io.StringIO()
-    with fresh_accelerate(), contextlib.redirect_stdout(stdout):
-        load_recipe().main(argv)
-    return stdout.getvalue()
-
-
-def error_of(argv, capsys) -> str:
-    """The recipe must exit with status 2 and exactly one error line on stderr, no traceback."""
-    with fresh_accelerate(), pytest.raises(SystemExit) as exc:
-        load_recipe().main(argv)
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if "CUDA" not in line]
-    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +63,24 @@ def test_initial_checkpoint_starts_dense_under_the_ramp_says_so_and_names_the_ch
     assert "base_model" not in card.split("---")[1]  # a local start has no Hub id: named in the body only
 
 
+def test_pretrained_names_the_hub_checkpoint_and_its_new_classifier_and_the_card_cites_it(tmp_path):
+    """--pretrained on a timm checkpoint whose pretrained_cfg has an hf_hub_id (a local-dir: copy: nothing can be
+    downloaded here) for 1000 classes, trained on the 10 digits: the first line names both, the card's base_model
+    is the Hub id."""
+    from timm.models import save_for_hf
+    save_for_hf(timm.create_model("resnet18"), str(tmp_path / "r18"), safe_serialization=True)
+    config = json.loads((tmp_path / "r18" / "config.json").read_text())
+    config["pretrained_cfg"]["hf_hub_id"] = "timm/resnet18.a1_in1k"
+    (tmp_path / "r18" / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    printed = train_in_process([*TINY, "--model", f"local-dir:{tmp_path / 'r18'}", "--pretrained", "--epochs", "1",
+                                "--max-steps", "2", "--recal-batches", "1", "--output", str(out)])
+    assert printed.startswith("starting from pretrained weights timm/resnet18.a1_in1k (classifier re-initialised "
+                              "for 10 classes: fc.bias, fc.weight): mask_init=magnitude, density ramp 1 -> 0.1 over 1 "
+                              "steps")
+    assert "base_model: timm/resnet18.a1_in1k" in (out / "README.md").read_text().split("---")[1]
+
+
 def test_starting_weights_switch_defaults_unless_set(checkpoints, tmp_path):
     recipe = load_recipe()
     start = ["--initial-checkpoint", str(checkpoints / "dense10.safetensors")]
@@ -90,7 +92,7 @@ def test_starting_weights_switch_defaults_unless_set(checkpoints, tmp_path):
     args, chase = recipe.parse_args([*start, "--config", str(tmp_path / "c.yaml")])
     assert chase["mask_init"] == "random" and args.lr == 0.01  # YAML values count as set
     args, chase = recipe.parse_args([])  # from scratch: the paper's draw, the from-scratch lr
-    assert "mask_init" not in chase and args.lr == 0.002
+    assert chase["mask_init"] == "random" and args.lr == 0.002
 
 
 @pytest.mark.parametrize("argv, message", [
