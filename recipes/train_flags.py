@@ -33,9 +33,6 @@ KEY_ALIASES = {"grad_accum": "grad_accum_steps"}  # older YAML / run_config.yaml
 RUN_FILE = "run_config.yaml"
 # timm schedulers that step per optimizer update (create_scheduler_v2 names; 'plateau' needs a metric, 'none' is none)
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "constant", "poly", "wsd", "rsqrt")
-# A run that starts from weights (--pretrained / --initial-checkpoint) without its own --lr trains at this fraction of
-# the from-scratch default: a from-scratch lr moves a trained network far from what it knows in the first steps.
-FINETUNE_LR_SCALE = 0.1
 # The KD teacher of a run that starts from weights when --kd-model-name is not given: None (KD off), or "dense" (a
 # frozen copy of the dense starting model) should measurement show that distillation helps.
 KD_TEACHER_FROM_WEIGHTS: Optional[str] = None
@@ -74,8 +71,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="resnet50", help="any timm model name (or hf-hub:/local-dir: source)")
     g.add_argument("--pretrained", action="store_true", help="start from the model's pretrained dense weights "
-                   "(timm/Hub download; the classifier is re-initialised for another class count); switches to "
-                   f"--mask-init magnitude and, without --lr, {FINETUNE_LR_SCALE:g} x the default lr")
+                   "(timm/Hub download; the classifier is re-initialised for another class count); switches the default "
+                   "--mask-init to magnitude")
     g.add_argument("--initial-checkpoint", help="start from dense weights in a local file (.safetensors, or a torch "
                    "checkpoint read with weights_only=True); a classifier of another class count is re-initialised; "
                    "switches the defaults as --pretrained does")
@@ -178,7 +175,6 @@ def parse_args(argv: Optional[List[str]] = None, description: str = "") -> Tuple
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     config_path = parser.parse_known_args(argv)[0].config
     chase: Dict[str, Any] = {}
-    given = command_line_keys(parser, argv)
     if config_path:
         cfg = load_yaml(config_path, parser)
         chase = dict(cfg.pop("chase", None) or {})
@@ -188,7 +184,6 @@ def parse_args(argv: Optional[List[str]] = None, description: str = "") -> Tuple
                          f"{sorted(set(actions) - set(CHASE_FLAGS + NOT_SAVED))}; Chase knobs belong under `chase:`; "
                          "pass --output/--resume/--overwrite on the command line.")
         parser.set_defaults(**{k: coerce(actions[k], v, parser) for k, v in cfg.items()})
-        given |= set(cfg)
     args = parser.parse_args(argv)
     if chase.get("shrink") is False:  # YAML 1.1 reads a bare `shrink: off` as false
         chase["shrink"] = "off"
@@ -207,7 +202,7 @@ def parse_args(argv: Optional[List[str]] = None, description: str = "") -> Tuple
     if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
         parser.error(f"--initial-checkpoint {args.initial_checkpoint!r} is not a file")
     check_model_name(args.model, parser)
-    start_defaults(args, chase, given, parser)
+    start_defaults(args, chase, parser)
     if args.resume and not os.path.isfile(os.path.join(args.resume, RUN_FILE)):
         parser.error(f"--resume {args.resume!r} is not a checkpoint of this recipe (expected "
                      f"<output>/checkpoints/epoch_N holding {RUN_FILE})")
@@ -215,25 +210,14 @@ def parse_args(argv: Optional[List[str]] = None, description: str = "") -> Tuple
     return args, chase
 
 
-def command_line_keys(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> set:
-    """The options given on the command line, as opposed to their defaults."""
-    unset = object()
-    given = parser.parse_known_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))[0]
-    return {k for k, v in vars(given).items() if v is not unset}
-
-
-def start_defaults(args: argparse.Namespace, chase: Dict[str, Any], given: set,
-                   parser: argparse.ArgumentParser) -> None:
-    """A run from weights: magnitude masks under the density ramp and a fine-tuning lr, unless set (from scratch:
-    the paper's random masks, whatever the library's default); the KD teacher."""
+def start_defaults(args: argparse.Namespace, chase: Dict[str, Any], parser: argparse.ArgumentParser) -> None:
+    """A run from weights gets magnitude masks under the density ramp unless `mask_init` is set (from scratch: the
+    paper's random masks, whatever the library's default), and the default KD teacher."""
     from_weights = bool(args.pretrained or args.initial_checkpoint)
     if args.pretrained:
         check_has_weights("--pretrained", args.model, parser)
     chase.setdefault("mask_init", "magnitude" if from_weights else "random")  # random: the paper's, from scratch
-    if from_weights:
-        if "lr" not in given:
-            args.lr = parser.get_default("lr") * FINETUNE_LR_SCALE
-    if "kd_model_name" not in given and from_weights:
+    if args.kd_model_name is None and from_weights:
         args.kd_model_name = KD_TEACHER_FROM_WEIGHTS
     if args.kd_model_name in ("none", ""):
         args.kd_model_name = None
@@ -255,7 +239,7 @@ def check_has_weights(flag: str, name: str, parser: argparse.ArgumentParser) -> 
 
 def start_line(args: argparse.Namespace, config: "chase_timm.ChaseConfig", reinitialised: List[str],
                num_classes: int, hub_id: Optional[str]) -> str:
-    """The first line of a run from weights: where they come from and what that switched (masks, ramp, lr, KD)."""
+    """The first line of a run from weights: where they come from and what that switched (masks, ramp, KD)."""
     source = (f"pretrained weights {hub_id or args.model}" if args.pretrained else
               f"the local checkpoint {args.initial_checkpoint}")
     head = f" (classifier re-initialised for {num_classes} classes: {', '.join(reinitialised)})" if reinitialised else ""
