@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ExportMismatchError", "check_export", "check_slim_accuracy", "mask_digest", "weight_digest", "size_summary",
            "speed_summary", "summary_table", "plot_training", "create_timm_model", "load_initial_weights",
+           "reinitialised_classifier", "distillation_task",
            "load_checkpoint", "count_params", "evaluate", "clip_gradients", "tracker_config"]
 
 
@@ -204,6 +205,32 @@ def load_initial_weights(model: nn.Module, path: Union[str, Path]) -> List[str]:
         raise ValueError(f"{path} does not fit {type(model).__name__}: missing {missing[:3]}, unexpected "
                          f"{sorted(unexpected)[:3]}, shape mismatches {wrong_shape[:3]} (is it another architecture?)")
     return skipped
+
+
+def reinitialised_classifier(model: nn.Module, num_classes: int) -> List[str]:
+    """Names of the classifier tensors timm left at their initialisation when it loaded pretrained weights trained
+    for another class count (``pretrained_cfg["num_classes"]``), so a run can say what it did not inherit."""
+    trained = model.pretrained_cfg.get("num_classes")
+    return sorted(classifier_tensor_names(model)) if trained not in (None, num_classes) else []
+
+
+def distillation_task(student: nn.Module, teacher: Union[str, nn.Module], criterion: nn.Module, num_classes: int,
+                      input_size: Sequence[int], device: torch.device, **kwargs: Any) -> nn.Module:
+    """timm's ``LogitDistillationTask`` (``kwargs``: temperature, task/distill loss weights) around ``student`` (the
+    prepared model) and a frozen teacher on ``device``: a module, or a timm name built with its pretrained weights.
+    ``ValueError`` before any training unless the teacher predicts ``num_classes`` classes."""
+    import timm
+    from timm.task import DistillationTeacher, LogitDistillationTask
+
+    teacher = timm.create_model(teacher, pretrained=True) if isinstance(teacher, str) else teacher
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    with torch.no_grad():
+        classes = teacher(torch.zeros(1, *input_size, device=device)).shape[-1]
+    if classes != num_classes:
+        raise ValueError(f"the teacher predicts {classes} classes, the data has {num_classes}; use a teacher "
+                         "fine-tuned on this data")
+    return LogitDistillationTask(student, DistillationTeacher(teacher, device=device), criterion=criterion,
+                                 device=device, verbose=False, **kwargs)
 
 
 def load_checkpoint(chase: Chase, saved: Mapping[str, Any], objects: Mapping[str, Any],

@@ -14,6 +14,7 @@ training.png and checkpoints/ beside it.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -41,10 +42,11 @@ from chase_timm.data import DataSpecError, load_image_data, set_transform
 from chase_timm.metrics import count_flops
 from chase_timm.slim import recalibrate_batchnorm
 from chase_timm.training import (ExportMismatchError, check_export, check_slim_accuracy, clip_gradients,
-                                 count_params, create_timm_model, evaluate, load_checkpoint, load_initial_weights,
-                                 mask_digest, plot_training, size_summary, speed_summary, summary_table,
-                                 tracker_config, weight_digest)
-from train_flags import RUN_FILE, check_output, check_resume, fail, parse_args, run_config
+                                 count_params, create_timm_model, distillation_task, evaluate, load_checkpoint,
+                                 load_initial_weights, mask_digest, plot_training, reinitialised_classifier,
+                                 size_summary, speed_summary, summary_table, tracker_config, weight_digest)
+from train_flags import (DENSE_TEACHER, RUN_FILE, check_output, check_resume, checkpoint_note, fail, parse_args,
+                         run_config, start_line)
 
 STATE_FILE = "chase_timm_state.pt"  # Chase, loop state, training FLOPs, EMA: loaded with weights_only=True
 
@@ -122,12 +124,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         model = create_timm_model(args.model, img_size, pretrained=args.pretrained, num_classes=num_classes,
                                   drop_rate=args.drop, drop_path_rate=args.drop_path)  # None: the model's own
-        if args.initial_checkpoint:
-            skipped = load_initial_weights(model, args.initial_checkpoint)
-            accelerator.print(f"dense weights from {args.initial_checkpoint}" + (f" (re-initialised {skipped})"
-                                                                                  if skipped else ""))
+        reinitialised = (load_initial_weights(model, args.initial_checkpoint) if args.initial_checkpoint else
+                         reinitialised_classifier(model, num_classes) if args.pretrained else [])
     except (RuntimeError, ValueError, OSError, TypeError) as e:  # download refused, wrong file, --drop-path unknown
         fail(f"could not build {args.model} with its starting weights: {str(e).splitlines()[0]}")
+    base_model = model.pretrained_cfg.get("hf_hub_id") if args.pretrained else None  # the card's base_model
+    if args.kd_model_name == DENSE_TEACHER and reinitialised:
+        fail(f"--kd-model-name {DENSE_TEACHER}: the starting model's classifier was re-initialised ({reinitialised}), "
+             f"so it cannot teach these {num_classes} classes; fine-tune it dense first or pass --kd-model-name none")
+    teacher = copy.deepcopy(model) if args.kd_model_name == DENSE_TEACHER else args.kd_model_name  # before Chase
+    if args.pretrained or args.initial_checkpoint:
+        accelerator.print(start_line(args, config, reinitialised, num_classes, base_model))
     data_config = resolve_data_config({"input_size": (3, img_size, img_size) if img_size else None,
                                        "crop_pct": args.crop_pct or (1.0 if digits else None)}, model=model)
     input_size = data_config["input_size"]
@@ -168,6 +175,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         hints = {"torch.compile": " In this recipe: --shrink off (masking only), or launch with --dynamo_backend no.",
                  "shrink='off'": " In this recipe: --shrink off (masking only)."}
         fail(str(e) + next((hint for key, hint in hints.items() if key in str(e)), ""))
+    if config.mask_init == "magnitude" and config.ramp_steps == 0 and args.recal_batches and not args.resume:
+        set_seed(args.seed)  # one-shot masks: BN statistics of the masked weights, the same batches on every rank
+        recalibrate_batchnorm(accelerator.unwrap_model(model), calib_loader, num_batches=args.recal_batches)
+    try:  # timm's logit distillation around the prepared student; the frozen teacher is not Chase's nor the optimizer's
+        task = distillation_task(model, teacher, criterion, num_classes, input_size, accelerator.device,
+                                 temperature=args.kd_temperature, task_loss_weight=args.task_loss_weight,
+                                 distill_loss_weight=args.distill_loss_weight) if teacher else None
+    except (RuntimeError, ValueError, OSError) as e:
+        fail(f"--kd-model-name {args.kd_model_name}: {str(e).splitlines()[0]}")
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=args.model_ema_decay) if args.model_ema else None
     if ema is not None:
         chase.register(ema)  # shrinks along with the model
@@ -209,7 +225,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 x, y = mixup(x, y)
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    loss = criterion(model(x), y)
+                    loss = task(x, y)["loss"] if task else criterion(model(x), y)
                 accelerator.backward(loss)
                 if args.clip_grad and accelerator.sync_gradients:
                     clip_gradients(accelerator, model.parameters(), args.clip_grad, args.clip_mode)
@@ -302,8 +318,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         final.update(speed_summary(dense, slim, input_size, batch_size=per_process))
         report = chase.report()
         slim = slim.cpu()
+        recipe = (f"# {checkpoint_note(args.initial_checkpoint)}\n" if args.initial_checkpoint else "") + \
+            yaml.safe_dump(run, sort_keys=False)  # a local start is named in the card; a Hub one is its base_model
         chase_timm.save_pretrained(slim, out, chase_config=config, data_config=data_config, metrics=final,
-                                   dataset=data.description, recipe=run, repo_id=args.push_to_hub, overwrite=True)
+                                   dataset=data.description, recipe=recipe, repo_id=args.push_to_hub, overwrite=True,
+                                   base_model=base_model)
         (out / RUN_FILE).write_text(yaml.safe_dump(run, sort_keys=False))
         (out / "metrics.json").write_text(json.dumps(
             {"model": args.model, "data": args.data, "final": final, "epochs": state.epochs, "steps": state.steps,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from timm.optim import list_optimizers
 import chase_timm
 from chase_timm.data import DATA_SPEC_HELP
 
-CHASE_FLAGS = ("density", "channel_sparsity", "min_channel_ratio", "shrink")  # flags that land in `chase:`
+CHASE_FLAGS = ("density", "channel_sparsity", "min_channel_ratio", "shrink", "mask_init", "ramp_steps")  # -> `chase:`
 EPOCH_KEYS = ("update_interval_epochs", "channel_interval_epochs", "channel_end_epoch", "phase_b_epoch")
 NOT_SAVED = ("config", "resume", "overwrite", "output", "push_to_hub")  # run_config.yaml must not redo these
 FREE_ON_RESUME = ("checkpoint_every", "log_with", "workers", "recal_batches")  # may change when resuming
@@ -32,6 +33,10 @@ KEY_ALIASES = {"grad_accum": "grad_accum_steps"}  # older YAML / run_config.yaml
 RUN_FILE = "run_config.yaml"
 # timm schedulers that step per optimizer update (create_scheduler_v2 names; 'plateau' needs a metric, 'none' is none)
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "constant", "poly", "wsd", "rsqrt")
+# The KD teacher of a run that starts from weights when --kd-model-name is not given: None (KD off), or "dense" (a
+# frozen copy of the dense starting model) should measurement show that distillation helps.
+KD_TEACHER_FROM_WEIGHTS: Optional[str] = None
+DENSE_TEACHER = "dense"  # --kd-model-name value for the frozen dense starting model
 
 
 def fail(message: str) -> NoReturn:
@@ -66,9 +71,11 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="resnet50", help="any timm model name (or hf-hub:/local-dir: source)")
     g.add_argument("--pretrained", action="store_true", help="start from the model's pretrained dense weights "
-                   "(timm/Hub download; the classifier is re-initialised for another class count)")
+                   "(timm/Hub download; the classifier is re-initialised for another class count); switches the default "
+                   "--mask-init to magnitude")
     g.add_argument("--initial-checkpoint", help="start from dense weights in a local file (.safetensors, or a torch "
-                   "checkpoint read with weights_only=True); a classifier of another class count is re-initialised")
+                   "checkpoint read with weights_only=True); a classifier of another class count is re-initialised; "
+                   "switches the defaults as --pretrained does")
     g.add_argument("--data", default="digits", help=DATA_SPEC_HELP)
     g.add_argument("--data-dir", help="root folder for timm dataset specs, data_dir for hf: datasets")
     g.add_argument("--train-split", help="train split name (default: train)")
@@ -114,6 +121,14 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     o.add_argument("--warmup-epochs", type=float, default=1.0, help="linear lr warm-up (fractions allowed)")
     o.add_argument("--decay-milestones", type=float, nargs="+", default=[], help="epochs of lr decay (multistep)")
     o.add_argument("--decay-rate", type=float, default=0.1, help="lr factor at each milestone (multistep)")
+    k = p.add_argument_group("knowledge distillation (timm's train.py names and timm.task.LogitDistillationTask)")
+    k.add_argument("--kd-model-name", help=f"teacher: '{DENSE_TEACHER}' (a frozen copy of the dense starting model; "
+                   "needs --pretrained or --initial-checkpoint), a timm model name with pretrained weights, or 'none' "
+                   f"(default: {KD_TEACHER_FROM_WEIGHTS or 'none'})")
+    k.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature of the distillation loss")
+    k.add_argument("--distill-loss-weight", type=float,
+                   help="weight of the distillation loss (default 1.0, or 1 - --task-loss-weight when only that is set)")
+    k.add_argument("--task-loss-weight", type=float, help="weight of the classification loss (default 1.0)")
     o.add_argument("--model-ema", action="store_true",
                    help="keep a masked timm ModelEmaV3 copy; publish its slim export")
     o.add_argument("--model-ema-decay", type=float, default=0.998, help="EMA decay per optimizer step")
@@ -131,6 +146,11 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                    "--channel-sparsity 0 trains the dense baseline)")
     c.add_argument("--channel-sparsity", type=float, help="fraction S_c of prunable channels removed (default 0.4)")
     c.add_argument("--min-channel-ratio", type=float, help="per-group channel floor ratio beta (default 0.2)")
+    c.add_argument("--mask-init", choices=("random", "magnitude"),
+                   help="first masks: the paper's ERK-random draw, or the largest weights under a cubic density ramp "
+                        "(default: magnitude with --pretrained / --initial-checkpoint, else random)")
+    c.add_argument("--ramp-steps", type=int, help="optimizer steps of the density ramp from 1.0 to d (default: half "
+                   "the run with --mask-init magnitude; 0 = one-shot, then BN statistics are recalibrated)")
     c.add_argument("--shrink", choices=("off", "events", "end"),
                    help="slice removed channels out of the training model after every channel event (default: "
                         "later steps run on the slim widths), once at the end of channel pruning, or never (off: "
@@ -182,6 +202,7 @@ def parse_args(argv: Optional[List[str]] = None, description: str = "") -> Tuple
     if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
         parser.error(f"--initial-checkpoint {args.initial_checkpoint!r} is not a file")
     check_model_name(args.model, parser)
+    start_defaults(args, chase, parser)
     if args.resume and not os.path.isfile(os.path.join(args.resume, RUN_FILE)):
         parser.error(f"--resume {args.resume!r} is not a checkpoint of this recipe (expected "
                      f"<output>/checkpoints/epoch_N holding {RUN_FILE})")
@@ -189,13 +210,67 @@ def parse_args(argv: Optional[List[str]] = None, description: str = "") -> Tuple
     return args, chase
 
 
+def start_defaults(args: argparse.Namespace, chase: Dict[str, Any], parser: argparse.ArgumentParser) -> None:
+    """A run from weights gets magnitude masks under the density ramp unless `mask_init` is set (from scratch: the
+    paper's random masks, whatever the library's default), and the default KD teacher."""
+    from_weights = bool(args.pretrained or args.initial_checkpoint)
+    if args.pretrained:
+        check_has_weights("--pretrained", args.model, parser)
+    chase.setdefault("mask_init", "magnitude" if from_weights else "random")  # random: the paper's, from scratch
+    if args.kd_model_name is None and from_weights:
+        args.kd_model_name = KD_TEACHER_FROM_WEIGHTS
+    if args.kd_model_name in ("none", ""):
+        args.kd_model_name = None
+    if args.kd_model_name == DENSE_TEACHER and not from_weights:
+        parser.error(f"--kd-model-name {DENSE_TEACHER} distils from the dense starting model: pass --pretrained or "
+                     "--initial-checkpoint, or name a timm model with pretrained weights")
+    if args.kd_model_name not in (None, DENSE_TEACHER):
+        check_has_weights("--kd-model-name", args.kd_model_name, parser)
+
+
+def check_has_weights(flag: str, name: str, parser: argparse.ArgumentParser) -> None:
+    """Fail before any work when timm has no pretrained weights for the model `name` (hf-hub:/local-dir: aside)."""
+    check_model_name(name, parser)
+    if ":" not in name and not timm.models.is_model_pretrained(name):
+        parser.error(f"{flag}: timm has no pretrained weights for {name!r}; list the ones it has with "
+                     f"timm.list_pretrained('{name.split('.')[0]}*'), or start from a local file with "
+                     "--initial-checkpoint")
+
+
+def start_line(args: argparse.Namespace, config: "chase_timm.ChaseConfig", reinitialised: List[str],
+               num_classes: int, hub_id: Optional[str]) -> str:
+    """The first line of a run from weights: where they come from and what that switched (masks, ramp, KD)."""
+    source = (f"pretrained weights {hub_id or args.model}" if args.pretrained else
+              f"the local checkpoint {args.initial_checkpoint}")
+    head = f" (classifier re-initialised for {num_classes} classes: {', '.join(reinitialised)})" if reinitialised else ""
+    if config.mask_init == "random":
+        masks = f"mask_init=random: ERK-random masks at density {config.density} from step 0"
+    elif config.ramp_steps:
+        masks = (f"mask_init=magnitude, density ramp {config.density_at(0):g} -> {config.density:g} over "
+                 f"{config.ramp_steps} steps (cubic), channel events from step {config.channel_start_step}")
+    else:
+        masks = (f"mask_init=magnitude, one-shot at density {config.density:g}, BN statistics recalibrated on "
+                 f"{args.recal_batches} train batches")
+    kd = f"KD from {args.kd_model_name} (T={args.kd_temperature:g})" if args.kd_model_name else "no KD"
+    return f"starting from {source}{head}: {masks}; lr {args.lr:g}; {kd}"
+
+
+def checkpoint_note(path: str) -> str:
+    """Names a local starting checkpoint in the model card: its file name and the start of its SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"Fine-tuned from the local checkpoint {Path(path).name} (sha256 {digest.hexdigest()[:12]})"
+
+
 def check_values(args: argparse.Namespace, actions: Sequence[argparse.Action], parser: argparse.ArgumentParser) -> None:
     """Ranges and choices of every flag, wherever it was set (argparse skips `choices` for YAML values)."""
     for name, low in (("epochs", 1), ("batch_size", 1), ("grad_accum_steps", 1), ("max_steps", 1), ("workers", 0),
-                      ("recal_batches", 0), ("checkpoint_every", 0), ("recount", 1)):
+                      ("recal_batches", 0), ("checkpoint_every", 0), ("recount", 1), ("ramp_steps", 0)):
         if getattr(args, name) is not None and getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-    for name in ("lr", "clip_grad", "img_size", "opt_eps", "layer_decay"):
+    for name in ("lr", "clip_grad", "img_size", "opt_eps", "layer_decay", "kd_temperature"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     for name in ("drop", "drop_path", "reprob"):
@@ -263,7 +338,8 @@ def checkpoint_run(resume: str) -> Dict[str, Any]:
     recorded_since = {a.dest: a.default for a in build_parser()._actions
                       if a.default is not None and a.dest not in NOT_SAVED + CHASE_FLAGS + ("help",)}
     saved = {**recorded_since, **saved}
-    saved["chase"] = {"shrink": "off", **(saved.get("chase") or {})}  # masking only, before shrinking was default
+    saved["chase"] = {"shrink": "off", "mask_init": "random",  # masking only and random masks, before the defaults
+                      **(saved.get("chase") or {})}              # became shrinking and magnitude masks from weights
     return saved
 
 

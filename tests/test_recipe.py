@@ -136,7 +136,8 @@ def test_resume_from_another_run_is_refused(tiny_run, tmp_path, capsys):
     checkpoint = tiny_run[0] / "checkpoints" / "epoch_1"
     line = refusal([*TINY, "--density", "0.2", "--output", str(tmp_path / "x"), "--resume", str(checkpoint)], capsys)
     assert "is from another run" in line
-    assert "'chase': ({'shrink': 'events'}, {'shrink': 'events', 'density': 0.2})" in line
+    assert ("'chase': ({'shrink': 'events', 'mask_init': 'random'}, {'shrink': 'events', 'density': 0.2, "
+            "'mask_init': 'random'})") in line
     assert not (tmp_path / "x").exists()
 
 

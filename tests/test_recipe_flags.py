@@ -84,7 +84,7 @@ def flagged_run(tmp_path_factory):
 def test_initial_checkpoint_starts_from_its_dense_weights(flagged_run):
     out, printed, seen, start = flagged_run
     assert torch.equal(seen["stem_at_wrap"], start.conv1.weight)  # loaded before Chase masked anything
-    assert "re-initialised ['fc.bias', 'fc.weight']" in printed  # 1000 -> 10 classes
+    assert "classifier re-initialised for 10 classes: fc.bias, fc.weight" in printed  # 1000 -> 10
 
 
 def test_channels_last_trains_in_that_layout_and_publishes_a_loadable_model(flagged_run):
