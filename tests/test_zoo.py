@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import timm
