@@ -19,7 +19,8 @@ _SCOPES = ("global", "layerwise")
 _FANIN_MODES = ("original", "alive")
 _SHRINK_MODES = ("off", "events", "end")
 _MASK_INITS = ("random", "magnitude")
-RAMP_FRACTION = 0.5  # default ramp length with mask_init="magnitude", as a fraction of total_steps (measured)
+RAMP_FRACTION = 0.75  # default ramp length with mask_init="magnitude", as a fraction of total_steps (measured)
+CHANNEL_START_IN_RAMP = 2 / 3  # default channel start, as a fraction of the ramp: the budget is within (1-d)/27 of d
 
 
 def cosine_anneal(start: float, end: float, step: int, period: int) -> float:
@@ -67,10 +68,10 @@ class ChaseConfig:
             pretrained start).
         ramp_steps: Length of the sparsity ramp: the active budget follows :meth:`density_at`, a cubic from
             1.0 (the dense pretrained start) down to ``density`` (gradual magnitude pruning, Zhu & Gupta 2017).
-            0 is one-shot. Default: half of the run with ``mask_init="magnitude"``, 0 with ``"random"``.
-        channel_start_step: Channel sparsity starts rising after this step (default ``ramp_steps``, at most
-            ``channel_end_step - 1``: channels are scored on weights that have finished the ramp and removed
-            while the budget is already d).
+            0 is one-shot. Default: three quarters of the run with ``mask_init="magnitude"``, 0 with ``"random"``.
+        channel_start_step: Channel sparsity starts rising after this step (default two thirds of ``ramp_steps``,
+            at most ``channel_end_step - 1``: the cubic ramp's budget is then within (1 - d)/27 of d, so channels
+            are scored on weights that are nearly at the final density, and several channel events remain).
     """
 
     total_steps: int
@@ -158,8 +159,8 @@ class ChaseConfig:
             self.channel_end_step = max(1, round(0.8 * t))
         if self.ramp_steps is None:
             self.ramp_steps = round(RAMP_FRACTION * t) if self.mask_init == "magnitude" else 0
-        if self.channel_start_step is None:  # after the ramp, but never so late that no channel event is left
-            self.channel_start_step = min(self.ramp_steps, self.channel_end_step - 1)
+        if self.channel_start_step is None:  # late in the ramp, but never so late that no channel event is left
+            self.channel_start_step = min(round(CHANNEL_START_IN_RAMP * self.ramp_steps), self.channel_end_step - 1)
 
     def _validate_steps(self) -> None:
         t = self.total_steps
