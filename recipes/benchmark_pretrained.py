@@ -1,23 +1,26 @@
 """Chase from a pretrained model, measured offline: does ``ChaseConfig(mask_init="magnitude")`` keep what the
 checkpoint knows, and does fine-tuning to a slim model pay?
 
-    python recipes/benchmark_pretrained.py --output docs        # resnet18 at 32 px
+    OMP_NUM_THREADS=1 python recipes/benchmark_pretrained.py --output docs        # resnet18 at 32 px
 
-Pretrained weights cannot be downloaded here, so the script makes its own "pretrained" model in two stages:
-resnet18 (timm, 32 px) is pretrained dense on rendered glyphs (the first ``--classes`` letters drawn with a
-random DejaVu font, size, rotation, shift, brightness and noise; ``--glyph-images`` train images), its
-classifier is re-initialised for 10 classes and it is fine-tuned dense on the embedded digits (``--val-images``
-validation images, the rest of the 1,797 train) — the dense starting checkpoint of the digits task, as a zoo
-checkpoint fine-tuned on a user's data would be. From that checkpoint, on the digits, it measures
+Pretrained weights cannot be downloaded here, so the script makes its own: resnet18 (timm, 32 px) trained dense
+for ``--pretrain-steps`` on ``--pretrain-images`` rendered glyphs (the first ``--classes`` letters in a random
+DejaVu face, size, rotation, shift, brightness and noise) is the checkpoint a user starts from. The user's data
+are new glyphs of the same letters: ``--finetune-images`` to fine-tune on, ``--val-images`` to validate on (the
+embedded digits are not used). From that checkpoint it measures, for every seed in ``--seeds``:
 
 * (a) top-1 right after wrapping (no BN recalibration, before any step) for random masks (the paper's
   ERK-random draw), magnitude masks one-shot (within ERK budgets and with one global threshold) and
   magnitude masks with the default ramp;
-* (b) validation top-1 every ``--eval-every`` steps while fine-tuning, during and after the ramp;
+* (b) validation top-1 after every epoch of the fine-tuning set (and every ``--eval-every`` steps for Chase
+  from pretrained), during and after the ramp, for the default and the ``--ramp-variants`` schedules;
 * (c) after the same ``--steps`` fine-tuning steps and seeds: the slim export of Chase-from-pretrained,
-  continued dense training, and Chase from scratch (fresh initialisation, random masks).
+  continued dense training, and Chase from scratch (fresh initialisation, random masks);
+* (d) Chase from pretrained with logit distillation from the frozen dense checkpoint (timm's
+  ``LogitDistillationTask``) at each of ``--kd-temperatures``;
+* (e) Chase from scratch with one-shot magnitude masks of the fresh initialisation, against random masks.
 
-Writes ``pretrained.json`` and ``pretrained.png`` (top-1 against fine-tuning step) to ``--output``.
+Writes ``pretrained.json`` and ``pretrained.png`` (mean top-1 over seeds against fine-tuning step) to ``--output``.
 """
 from __future__ import annotations
 
