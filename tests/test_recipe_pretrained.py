@@ -48,9 +48,9 @@ def test_initial_checkpoint_starts_dense_under_the_ramp_says_so_and_names_the_ch
         printed = train_in_process([*TINY, "--epochs", "2", "--max-steps", "6", "--initial-checkpoint", str(start),
                                     "--output", str(out)])
     config = seen["config"]
-    assert config.mask_init == "magnitude" and config.ramp_steps == 3 and seen["density_at_wrap"] == 1.0
+    assert config.mask_init == "magnitude" and config.ramp_steps == 4 and seen["density_at_wrap"] == 1.0
     assert printed.splitlines()[0] == (
-        f"starting from the local checkpoint {start}: mask_init=magnitude, density ramp 1 -> 0.1 over 3 steps "
+        f"starting from the local checkpoint {start}: mask_init=magnitude, density ramp 1 -> 0.1 over 4 steps "
         "(cubic), channel events from step 3; lr 0.002; no KD")
     history = metrics(out)["steps"]
     assert history[0]["density"] == 1.0 and history[-1]["density"] == pytest.approx(0.1, abs=0.01)
@@ -75,7 +75,7 @@ def test_pretrained_names_the_hub_checkpoint_and_its_new_classifier_and_the_card
     printed = train_in_process([*TINY, "--model", f"local-dir:{tmp_path / 'r18'}", "--pretrained", "--epochs", "1",
                                 "--max-steps", "2", "--recal-batches", "1", "--output", str(out)])
     assert printed.startswith("starting from pretrained weights timm/resnet18.a1_in1k (classifier re-initialised "
-                              "for 10 classes: fc.bias, fc.weight): mask_init=magnitude, density ramp 1 -> 0.1 over 1 "
+                              "for 10 classes: fc.bias, fc.weight): mask_init=magnitude, density ramp 1 -> 0.1 over 2 "
                               "steps")
     assert "base_model: timm/resnet18.a1_in1k" in (out / "README.md").read_text().split("---")[1]
 
@@ -129,7 +129,8 @@ def test_finetune_configs_start_from_timm_weights_with_the_ramp(path):
     steps_per_epoch = 1_281_167 // args.batch_size if "imagefolder" in args.data else 45_000 // args.batch_size
     config = chase_timm.ChaseConfig.from_epochs(epochs=args.epochs, steps_per_epoch=steps_per_epoch,
                                                 **{"seed": args.seed, **section})
-    assert 0 < config.ramp_steps <= config.channel_start_step < config.channel_end_step < config.total_steps
+    assert 0 < config.channel_start_step <= config.ramp_steps and config.channel_start_step < config.channel_end_step \
+        < config.total_steps  # channels start late in the ramp (two thirds of it by default)
     assert args.epochs <= 30 and args.lr < 0.05
     if "vit" in args.model:
         assert args.layer_decay and hasattr(timm.create_model(args.model, pretrained=False), "group_matcher")
