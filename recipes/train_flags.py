@@ -149,8 +149,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     c.add_argument("--mask-init", choices=("random", "magnitude"),
                    help="first masks: the paper's ERK-random draw, or the largest weights under a cubic density ramp "
                         "(default: magnitude with --pretrained / --initial-checkpoint, else random)")
-    c.add_argument("--ramp-steps", type=int, help="optimizer steps of the density ramp from 1.0 to d (default: half "
-                   "the run with --mask-init magnitude; 0 = one-shot, then BN statistics are recalibrated)")
+    c.add_argument("--ramp-steps", type=int, help="optimizer steps of the density ramp from 1.0 to d (default: three "
+                   "quarters of the run with --mask-init magnitude; 0 = one-shot, then BN statistics are recalibrated)")
     c.add_argument("--shrink", choices=("off", "events", "end"),
                    help="slice removed channels out of the training model after every channel event (default: "
                         "later steps run on the slim widths), once at the end of channel pruning, or never (off: "
