@@ -212,13 +212,16 @@ def parse_args(argv: Optional[List[str]] = None, description: str = "") -> Tuple
 
 def start_defaults(args: argparse.Namespace, chase: Dict[str, Any], parser: argparse.ArgumentParser) -> None:
     """A run from weights gets magnitude masks under the density ramp unless `mask_init` is set (from scratch: the
-    paper's random masks, whatever the library's default), and the default KD teacher."""
+    paper's random masks, whatever the library's default), and the default KD teacher; a resumed run gets what its
+    checkpoint recorded (recipes before these defaults: random masks, no KD)."""
     from_weights = bool(args.pretrained or args.initial_checkpoint)
     if args.pretrained:
         check_has_weights("--pretrained", args.model, parser)
-    chase.setdefault("mask_init", "magnitude" if from_weights else "random")  # random: the paper's, from scratch
+    saved = checkpoint_run(args.resume) if args.resume else None  # a resumed run keeps what it started with
+    chase.setdefault("mask_init", saved["chase"]["mask_init"] if saved else  # random: the paper's, from scratch
+                     "magnitude" if from_weights else "random")
     if args.kd_model_name is None and from_weights:
-        args.kd_model_name = KD_TEACHER_FROM_WEIGHTS
+        args.kd_model_name = saved.get("kd_model_name") if saved else KD_TEACHER_FROM_WEIGHTS
     if args.kd_model_name in ("none", ""):
         args.kd_model_name = None
     if args.kd_model_name == DENSE_TEACHER and not from_weights:

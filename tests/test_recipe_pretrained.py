@@ -94,6 +94,19 @@ def test_starting_weights_switch_defaults_unless_set(checkpoints, tmp_path):
     assert chase["mask_init"] == "random"
 
 
+def test_a_run_from_weights_recorded_before_these_defaults_resumes_with_its_own_command(checkpoints, tmp_path):
+    # its run_config has no mask_init (it drew random masks); resuming with the command the refusal suggests works
+    recipe = load_recipe()
+    old = tmp_path / "checkpoints" / "epoch_1"
+    old.mkdir(parents=True)
+    args, chase = recipe.parse_args(["--initial-checkpoint", str(checkpoints / "dense10.safetensors")])
+    run = recipe.run_config(args, {k: v for k, v in chase.items() if k != "mask_init"})
+    (old / "run_config.yaml").write_text(yaml.safe_dump(run, sort_keys=False))
+    args, chase = recipe.parse_args(["--config", str(old / "run_config.yaml"), "--resume", str(old)])
+    assert chase["mask_init"] == "random"
+    recipe.check_resume(args, recipe.run_config(args, chase))  # no "from another run" refusal
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "botnet50ts_256", "--pretrained"],
      "--pretrained: timm has no pretrained weights for 'botnet50ts_256'; list the ones it has with "
