@@ -218,14 +218,19 @@ def distillation_task(student: nn.Module, teacher: Union[str, nn.Module], criter
                       input_size: Sequence[int], device: torch.device, **kwargs: Any) -> nn.Module:
     """timm's ``LogitDistillationTask`` (``kwargs``: temperature, task/distill loss weights) around ``student`` (the
     prepared model) and a frozen teacher on ``device``: a module, or a timm name built with its pretrained weights.
-    ``ValueError`` before any training unless the teacher predicts ``num_classes`` classes."""
+    ``ValueError`` before any training unless the teacher takes ``input_size`` inputs and predicts ``num_classes``
+    classes."""
     import timm
     from timm.task import DistillationTeacher, LogitDistillationTask
 
     teacher = timm.create_model(teacher, pretrained=True) if isinstance(teacher, str) else teacher
     teacher = teacher.to(device).eval().requires_grad_(False)
-    with torch.no_grad():
-        classes = teacher(torch.zeros(1, *input_size, device=device)).shape[-1]
+    try:
+        with torch.no_grad():
+            classes = teacher(torch.zeros(1, *input_size, device=device)).shape[-1]
+    except (AssertionError, RuntimeError) as e:  # e.g. timm's PatchEmbed asserts its built image size
+        raise ValueError(f"the teacher does not take this data's {tuple(input_size)} inputs ({str(e).splitlines()[0]}); "
+                         "use a teacher built for this input size") from e
     if classes != num_classes:
         raise ValueError(f"the teacher predicts {classes} classes, the data has {num_classes}; use a teacher "
                          "fine-tuned on this data")

@@ -135,6 +135,17 @@ def test_a_teacher_for_other_classes_is_refused_before_training(checkpoints, tmp
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+def test_a_teacher_for_another_input_size_is_refused_before_training(checkpoints, tmp_path, capsys):
+    from timm.models import save_for_hf
+    save_for_hf(timm.create_model("vit_tiny_patch16_224", num_classes=10), str(tmp_path / "teacher"),
+                safe_serialization=True)  # built for 224 px; TINY runs at 16
+    line = error_of([*TINY, "--initial-checkpoint", str(checkpoints / "dense10.safetensors"), "--kd-model-name",
+                     f"local-dir:{tmp_path / 'teacher'}", "--output", str(tmp_path / "out")], capsys)
+    assert line.startswith(f"error: --kd-model-name local-dir:{tmp_path / 'teacher'}: the teacher does not take this "
+                           "data's (3, 16, 16) inputs (") and line.endswith("use a teacher built for this input size")
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
 @pytest.mark.parametrize("path", FINETUNE_CONFIGS, ids=lambda p: p.stem)
 def test_finetune_configs_start_from_timm_weights_with_the_ramp(path):
     args, section = load_recipe().parse_args(["--config", str(path)])
