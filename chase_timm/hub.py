@@ -166,12 +166,14 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *,
                     metrics: Optional[Mapping[str, Any]] = None, dataset: Optional[str] = None,
                     recipe: Union[Mapping, str, None] = None, license: Optional[str] = None,
                     overwrite: bool = False, repo_id: Optional[str] = None, base_model: Optional[str] = None,
-                    label_names: Optional[list] = None) -> Path:
+                    started_from: Optional[str] = None, label_names: Optional[list] = None) -> Path:
     """Write a slim model as config.json + model.safetensors + README.md, verified by reloading it.
 
     ``model`` is what ``Chase.export()`` returned (or a model loaded from a chase folder); ``data_config`` the
     timm data config used in training (lands in ``pretrained_cfg``); ``metrics``/``dataset``/``recipe``/
-    ``license``/``base_model`` feed the model card; ``repo_id`` names the Hub repo in the card's usage snippet.
+    ``license``/``base_model`` feed the model card; ``base_model`` is the Hub id of the dense starting checkpoint
+    (card metadata), ``started_from`` a sentence naming a start that has none (e.g. a local file; card body);
+    ``repo_id`` names the Hub repo in the card's usage snippet.
     A folder holding anything is refused unless ``overwrite=True``, which replaces only the three model files.
     """
     directory = Path(directory)
@@ -196,7 +198,7 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *,
         _drop_num_classes_arg(staging / CONFIG)
         card = render_card(model, base, staging, chase_config=chase_config, metrics=full_metrics, dataset=dataset,
                            recipe=recipe, license=cfg["license"], repo_id=repo_id or f"YOUR-ORG/{directory.name}",
-                           base_model=base_model)
+                           base_model=base_model, started_from=started_from)
         card.save(staging / CARD)
         _verify(export, staging, cfg["input_size"])
         directory.mkdir(exist_ok=True)
@@ -327,7 +329,8 @@ def _verify(model: nn.Module, folder: Path, input_size: tuple) -> None:
 
 def render_card(model: nn.Module, base: nn.Module, folder: Path, *,
                 chase_config: Union[ChaseConfig, Mapping, None], metrics: Mapping[str, Any], dataset: Optional[str],
-                recipe: Union[Mapping, str, None], license: str, repo_id: str, base_model: Optional[str]) -> ModelCard:
+                recipe: Union[Mapping, str, None], license: str, repo_id: str, base_model: Optional[str],
+                started_from: Optional[str] = None) -> ModelCard:
     """The model card from ``hub_cards/model_card.md`` (Hub metadata + what Chase did + usage)."""
     config = json.loads((folder / CONFIG).read_text())
     chase = ChaseConfig.from_dict(dict(chase_config)) if isinstance(chase_config, Mapping) else chase_config
@@ -351,7 +354,8 @@ def render_card(model: nn.Module, base: nn.Module, folder: Path, *,
         chase=chase.to_dict() if chase is not None else None, stages=_stage_widths(base, model),
         pruned_tensors=len(config["model_args"]["chase"]["width_plan"]["tensors"]),
         total_tensors=sum(1 for _ in model.state_dict()), metrics=_card_metrics(metrics),
-        pretrained_cfg=config["pretrained_cfg"], recipe=recipe, dataset=dataset)
+        pretrained_cfg=config["pretrained_cfg"], recipe=recipe, dataset=dataset, base_model=base_model,
+        started_from=started_from)
 
 
 def _stage_widths(base: nn.Module, model: nn.Module) -> list[dict]:

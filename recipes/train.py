@@ -45,7 +45,7 @@ from chase_timm.training import (ExportMismatchError, check_export, check_slim_a
                                  count_params, create_timm_model, distillation_task, evaluate, load_checkpoint,
                                  load_initial_weights, mask_digest, plot_training, reinitialised_classifier,
                                  size_summary, speed_summary, summary_table, tracker_config, weight_digest)
-from train_flags import (DENSE_TEACHER, RUN_FILE, check_output, check_resume, checkpoint_note, fail, parse_args,
+from train_flags import (DENSE_TEACHER, RUN_FILE, card_start, check_output, check_resume, fail, parse_args,
                          run_config, start_line)
 
 STATE_FILE = "chase_timm_state.pt"  # Chase, loop state, training FLOPs, EMA: loaded with weights_only=True
@@ -128,7 +128,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                          reinitialised_classifier(model, num_classes) if args.pretrained else [])
     except (RuntimeError, ValueError, OSError, TypeError) as e:  # download refused, wrong file, --drop-path unknown
         fail(f"could not build {args.model} with its starting weights: {str(e).splitlines()[0]}")
-    base_model = model.pretrained_cfg.get("hf_hub_id") if args.pretrained else None  # the card's base_model
+    base_model, started_from = card_start(args, model.pretrained_cfg)  # a Hub id, or a sentence for the card
     if args.kd_model_name == DENSE_TEACHER and reinitialised:
         fail(f"--kd-model-name {DENSE_TEACHER}: the starting model's classifier was re-initialised ({reinitialised}), "
              f"so it cannot teach these {num_classes} classes; fine-tune it dense first or pass --kd-model-name none")
@@ -318,11 +318,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         final.update(speed_summary(dense, slim, input_size, batch_size=per_process))
         report = chase.report()
         slim = slim.cpu()
-        recipe = (f"# {checkpoint_note(args.initial_checkpoint)}\n" if args.initial_checkpoint else "") + \
-            yaml.safe_dump(run, sort_keys=False)  # a local start is named in the card; a Hub one is its base_model
         chase_timm.save_pretrained(slim, out, chase_config=config, data_config=data_config, metrics=final,
-                                   dataset=data.description, recipe=recipe, repo_id=args.push_to_hub, overwrite=True,
-                                   base_model=base_model)
+                                   dataset=data.description, recipe=run, repo_id=args.push_to_hub, overwrite=True,
+                                   base_model=base_model, started_from=started_from)
         (out / RUN_FILE).write_text(yaml.safe_dump(run, sort_keys=False))
         (out / "metrics.json").write_text(json.dumps(
             {"model": args.model, "data": args.data, "final": final, "epochs": state.epochs, "steps": state.steps,

@@ -258,13 +258,24 @@ def start_line(args: argparse.Namespace, config: "chase_timm.ChaseConfig", reini
     return f"starting from {source}{head}: {masks}; lr {args.lr:g}; {kd}"
 
 
-def checkpoint_note(path: str) -> str:
-    """Names a local starting checkpoint in the model card: its file name and the start of its SHA-256."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return f"Fine-tuned from the local checkpoint {Path(path).name} (sha256 {digest.hexdigest()[:12]})"
+def card_start(args: argparse.Namespace, pretrained_cfg: Dict[str, Any]) -> Tuple[Optional[str], Optional[str]]:
+    """The model card's starting point: the Hub id of --pretrained weights (``base_model``), or, for a start without
+    one (a local checkpoint: its file name and the start of its SHA-256; a local-dir: or URL source), a sentence."""
+    if args.initial_checkpoint:
+        digest = hashlib.sha256()
+        with open(args.initial_checkpoint, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        name = Path(args.initial_checkpoint).name
+        return None, f"Fine-tuned from the local checkpoint {name} (sha256 {digest.hexdigest()[:12]})"
+    if not args.pretrained:
+        return None, None
+    if pretrained_cfg.get("hf_hub_id"):
+        return pretrained_cfg["hf_hub_id"], None
+    if args.model.startswith("local-dir:"):  # the folder's name, not this machine's path
+        return None, f"Fine-tuned from the pretrained weights in the local folder {Path(args.model[10:]).name}"
+    url = pretrained_cfg.get("url")
+    return None, f"Fine-tuned from the pretrained weights of {args.model}" + (f" ({url})" if url else "")
 
 
 def check_values(args: argparse.Namespace, actions: Sequence[argparse.Action], parser: argparse.ArgumentParser) -> None:

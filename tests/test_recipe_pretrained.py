@@ -58,7 +58,8 @@ def test_initial_checkpoint_starts_dense_under_the_ramp_says_so_and_names_the_ch
     assert run["chase"]["mask_init"] == "magnitude"
     card = (out / "README.md").read_text()
     sha = hashlib.sha256(start.read_bytes()).hexdigest()[:12]
-    assert f"Fine-tuned from the local checkpoint dense10.safetensors (sha256 {sha})" in card
+    body = card.split("## Usage")[0]  # named in the card's opening paragraph, not only in the recipe's YAML
+    assert f"\nFine-tuned from the local checkpoint dense10.safetensors (sha256 {sha}).\n" in body
     assert "base_model" not in card.split("---")[1]  # a local start has no Hub id: named in the body only
 
 
@@ -77,7 +78,20 @@ def test_pretrained_names_the_hub_checkpoint_and_its_new_classifier_and_the_card
     assert printed.startswith("starting from pretrained weights timm/resnet18.a1_in1k (classifier re-initialised "
                               "for 10 classes: fc.bias, fc.weight): mask_init=magnitude, density ramp 1 -> 0.1 over 2 "
                               "steps")
-    assert "base_model: timm/resnet18.a1_in1k" in (out / "README.md").read_text().split("---")[1]
+    card = (out / "README.md").read_text()
+    assert "base_model: timm/resnet18.a1_in1k" in card.split("---")[1]
+    assert "Fine-tuned from the pretrained checkpoint [`timm/resnet18.a1_in1k`]" in card.split("## Usage")[0]
+
+
+def test_pretrained_weights_without_a_hub_id_are_named_in_the_card_body(tmp_path):
+    from timm.models import save_for_hf
+    save_for_hf(timm.create_model("resnet18", num_classes=10), str(tmp_path / "r18"), safe_serialization=True)
+    out = tmp_path / "run"
+    train_in_process([*TINY, "--model", f"local-dir:{tmp_path / 'r18'}", "--pretrained", "--epochs", "1",
+                      "--max-steps", "2", "--recal-batches", "1", "--output", str(out)])
+    card = (out / "README.md").read_text()
+    assert "base_model" not in card.split("---")[1]
+    assert "\nFine-tuned from the pretrained weights in the local folder r18.\n" in card.split("## Usage")[0]
 
 
 def test_starting_weights_switch_defaults_unless_set(checkpoints, tmp_path):

@@ -114,8 +114,8 @@ def test_zoo_runs_end_to_end_at_toy_scale_and_publishes_loadable_models(tmp_path
             dense_params = sum(p.numel() for p in timm.create_model(row["base"], num_classes=10).parameters())
             assert math.isclose(float(row["param_count"]), sum(p.numel() for p in slim.parameters()) / 1e6,
                                 abs_tol=0.005) and float(row["param_count"]) < dense_params / 1e6
-            card = (folder / "README.md").read_text()  # names the starting checkpoint, not only in the run config
-            assert f"Fine-tuned from the local checkpoint {row['base']}.safetensors (sha256 " in card
+            card = (folder / "README.md").read_text()  # names the starting checkpoint in its opening paragraph
+            assert f"Fine-tuned from the local checkpoint {row['base']}.safetensors (sha256 " in card.split("## Usage")[0]
         assert "toy-resnet10t" in docs.read_text() and docs.read_text().endswith("after\n")
         code = "\n".join(["import chase_timm, timm, torch"] + [
             f"m = timm.create_model('hf-hub:{r['hub_id']}', pretrained=True).eval(); "
