@@ -157,8 +157,9 @@ class ChaseConfig:
             self.channel_offset = self.update_interval // 2 % self.channel_interval
         if self.channel_end_step is None:
             self.channel_end_step = max(1, round(0.8 * t))
-        if self.ramp_steps is None:
-            self.ramp_steps = round(RAMP_FRACTION * t) if self.mask_init == "magnitude" else 0
+        if self.ramp_steps is None:  # without phase B, updates stop at phase_b_start_step: the ramp ends by then
+            self.ramp_steps = 0 if self.mask_init != "magnitude" else round(RAMP_FRACTION * t) if self.phase_b else \
+                min(round(RAMP_FRACTION * t), self.phase_b_start_step)
         if self.channel_start_step is None:  # late in the ramp, but never so late that no channel event is left
             self.channel_start_step = min(round(CHANNEL_START_IN_RAMP * self.ramp_steps), self.channel_end_step - 1)
 
@@ -176,8 +177,8 @@ class ChaseConfig:
         _check_int("ramp_steps", self.ramp_steps, low=0, high=t, hint="the sparsity ramp must end by total_steps")
         if self.channel_sparsity > 0:
             _check_int("channel_start_step", self.channel_start_step, low=0, high=self.channel_end_step - 1,
-                       hint="channel pruning starts after the sparsity ramp (default ramp_steps) and must start "
-                            "before channel_end_step: shorten ramp_steps or set channel_start_step")
+                       hint="channel pruning starts late in the sparsity ramp (default 2/3 of ramp_steps) and must "
+                            "start before channel_end_step: shorten ramp_steps or set channel_start_step")
             start, end, off, every = self.channel_start_step, self.channel_end_step, self.channel_offset, \
                 self.channel_interval
             if self.ramp_steps and (end - 1 + off) // every - (start + off) // every < 1:  # only the final event left

@@ -178,3 +178,12 @@ def test_magnitude_masks_are_rank_identical_and_differing_weights_fail_clearly()
         with pytest.raises(Exception, match=r"RuntimeError: ChaseConfig\(mask_init='magnitude'\) draws the masks "
                                             r"from the weights, but they differ across ranks \(first: conv1.weight\)"):
             debug_launcher(_wrap_diverging, num_processes=2)
+
+
+def test_the_default_ramp_ends_where_updates_stop_without_phase_b():
+    # a derived default never raises: without phase B the ramp is cut to phase_b_start_step; a set one still fails
+    config = ChaseConfig(total_steps=100, mask_init="magnitude", phase_b=False, phase_b_start_step=50)
+    assert config.ramp_steps == 50 and config.channel_start_step == 33
+    assert ChaseConfig(total_steps=100, mask_init="magnitude", phase_b=False).ramp_steps == 75  # B would start at 80
+    with pytest.raises(ValueError, match="ramp_steps=60 ends after phase_b_start_step=50"):
+        ChaseConfig(total_steps=100, mask_init="magnitude", phase_b=False, phase_b_start_step=50, ramp_steps=60)
