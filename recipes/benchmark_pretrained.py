@@ -274,7 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                               stats={k: chase.stats()[k] for k in ("density", "channel_sparsity")})
                 if from_pretrained_chase:  # the largest drop below the dense checkpoint inside the ramp
                     ramp = config.ramp_steps
-                    result["ramp_gap_every_eval"] = max(dense_top1 - a for s, a in curve if 0 < s <= ramp)
+                    result["ramp_gap_every_eval"] = max([dense_top1 - a for s, a in curve if 0 < s <= ramp] or [0.0])
                     result["ramp_gap_every_epoch"] = max([dense_top1 - a for s, a in curve if s in epoch_steps
                                                           and s <= ramp] or [0.0])
             per_seed.append(result)
@@ -284,7 +284,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                      f"{result['ramp_gap_every_epoch']:.1f} (every epoch)" if "ramp_gap_every_eval" in result else "")
                   + f" [{result['seconds']:.0f} s]", flush=True)
         final_key = "slim_top1" if "slim_top1" in per_seed[0] else "final_top1"
-        runs[name] = {"config": None if config is None else config.to_dict(), "kd_temperature": kd,
+        runs[name] = {"config": None if config is None else {**config.to_dict(), "seed": None},  # per seed
+                      "kd_temperature": kd,
                       "from_pretrained": not scratch, "seeds": per_seed,
                       "final": summary([r[final_key] for r in per_seed])}
         for key in ("ramp_gap_every_eval", "ramp_gap_every_epoch"):

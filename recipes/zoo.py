@@ -93,7 +93,7 @@ def entry_configs(manifest: Dict[str, Any], overrides: Dict[str, Any], only: Opt
         if only and entry["name"] not in only:
             continue
         config = {**defaults, **(entry.get("config") or {}), **overrides}
-        config["chase"] = {**defaults.get("chase", {}), **(entry.get("config") or {}).get("chase", {}),
+        config["chase"] = {**(defaults.get("chase") or {}), **((entry.get("config") or {}).get("chase") or {}),
                            **overrides.get("chase", {})}
         selected.append({**entry, "config": config})
     return selected
@@ -137,8 +137,9 @@ def measure(entry: dict, folder: Path, device: torch.device, bench_batch: int) -
     run = yaml.safe_load((folder / RUN_FILE).read_text())
     slim = timm.create_model(f"local-dir:{folder}", pretrained=True)
     data_config = resolve_data_config(model=slim)
-    data = load_image_data(run["data"], data_dir=run.get("data_dir"), val_split=run.get("val_split"),
-                           val_fraction=run.get("val_fraction", 0.0), seed=run.get("seed", 0))
+    data = load_image_data(run["data"], data_dir=run.get("data_dir"), train_split=run.get("train_split"),
+                           val_split=run.get("val_split"), val_fraction=run.get("val_fraction", 0.0),
+                           seed=run.get("seed", 0))
     set_transform(data.val, create_transform(**data_config, is_training=False))
     loader = DataLoader(data.val, batch_size=run.get("batch_size", 64), num_workers=run.get("workers", 0))
     top1, top5 = top1_top5(slim, loader, device)
@@ -207,6 +208,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if proc.returncode:
             errors = [line for line in log.read_text().splitlines() if line.startswith("error:")]
             row["error"] = (errors[-1] if errors else f"train.py exited {proc.returncode}; see {log}")
+            row["hub_id"] = None  # nothing was published
         else:
             try:
                 row.update(measure(entry, out / entry["name"], device, args.bench_batch))

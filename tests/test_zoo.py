@@ -101,7 +101,7 @@ def test_zoo_runs_end_to_end_at_toy_scale_and_publishes_loadable_models(tmp_path
         assert list(rows[0]) == zoo.COLUMNS and [r["base"] for r in rows] == ["resnet10t", "mobilenetv3_small_050",
                                                                               "resnet10t"]
         good, bad = rows[:2], rows[2]
-        assert "does not fit" in bad["error"] and not bad["top1"]
+        assert "does not fit" in bad["error"] and not bad["top1"] and not bad["hub_id"]  # nothing published
         for row in good:
             assert not row["error"] and row["model"] == row["hub_id"] and row["hub_id"].startswith("chase-test/")
             top1, top5 = float(row["top1"]), float(row["top5"])
