@@ -9,6 +9,7 @@ docs/prunability.md.
 
     OMP_NUM_THREADS=1 python recipes/prunability_table.py                      # every family (long)
     OMP_NUM_THREADS=1 python recipes/prunability_table.py --families resnet vgg --csv /tmp/t.csv --md /tmp/t.md
+    OMP_NUM_THREADS=1 python recipes/prunability_table.py --resume --md docs/prunability.md   # finish a stopped run
 """
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ def left_whole(groups: list) -> str:
 def roundtrip(slim: torch.nn.Module, size: int) -> float:
     """Max relative difference between the slim model and its save_pretrained -> local-dir: reload."""
     with tempfile.TemporaryDirectory() as root:
-        save_pretrained(slim, Path(root) / "model")
+        save_pretrained(slim, Path(root) / "model", data_config={"input_size": (3, size, size)})  # the trained size
         loaded = timm.create_model(f"local-dir:{Path(root) / 'model'}", pretrained=True).eval()
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -136,11 +137,13 @@ def measure(family: str, names: List[str]) -> Dict[str, Any]:
         row.update(model=name, params=params)
         if params > MAX_PARAMS:
             row["error"] = f"too large: smallest variant has {params / 1e6:.0f}M parameters"
-            return row
-        size, kwargs = runnable_size(name)
-        row.update(input_size=size, build_args=json.dumps(kwargs) if kwargs else "")
+        else:
+            size, kwargs = runnable_size(name)
+            row.update(input_size=size, build_args=json.dumps(kwargs) if kwargs else "")
     except Exception as e:
         row["error"] = first_line(e)
+    if row.get("error"):
+        row["seconds"] = round(time.perf_counter() - start, 1)
         return row
     row["status"] = "failed"
     try:
@@ -216,6 +219,7 @@ def main() -> None:
     parser.add_argument("--csv", default="docs/prunability.csv")
     parser.add_argument("--md", default=None, help="write the Markdown table here (default: print it)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per family")
+    parser.add_argument("--resume", action="store_true", help="keep the families already in --csv, run the rest")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one family, print its row as JSON
     args = parser.parse_args()
     known = families()
@@ -227,11 +231,17 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown families {unknown}: use module names of timm.models, e.g. {list(known)[:3]}")
     rows = []
+    if args.resume and Path(args.csv).exists():
+        with open(args.csv, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["family"] in chosen]
+    done = {r["family"] for r in rows}
     for family in chosen:
+        if family in done:
+            continue
         rows.append(run_family(family, args.timeout))
         r = rows[-1]
         print(f"{family:22s} {r['status']:8s} {r.get('model', '-')!s:28s} exact={r.get('exact', '-')!s:5s} "
-              f"flops={fmt(r.get('flops'), '.2f')}/{fmt(r.get('flops_skip'), '.2f')} {r['seconds']:6.1f}s "
+              f"flops={fmt(r.get('flops'), '.2f')}/{fmt(r.get('flops_skip'), '.2f')} {float(r['seconds']):6.1f}s "
               f"{r.get('error', '')}", flush=True)
         with open(args.csv, "w", newline="") as f:  # both rewritten after every family: a stopped run keeps its rows
             writer = csv.DictWriter(f, FIELDS)
