@@ -243,14 +243,21 @@ def main() -> None:
         print(f"{family:22s} {r['status']:8s} {r.get('model', '-')!s:28s} exact={r.get('exact', '-')!s:5s} "
               f"flops={fmt(r.get('flops'), '.2f')}/{fmt(r.get('flops_skip'), '.2f')} {float(r['seconds']):6.1f}s "
               f"{r.get('error', '')}", flush=True)
-        with open(args.csv, "w", newline="") as f:  # both rewritten after every family: a stopped run keeps its rows
-            writer = csv.DictWriter(f, FIELDS)
-            writer.writeheader()
-            writer.writerows({k: r.get(k, "") for k in FIELDS} for r in rows)
-        if args.md:
-            Path(args.md).write_text(PAGE + markdown(rows))
+        write(rows, args.csv, args.md)  # after every family: a stopped run keeps its rows
+    write(rows, args.csv, args.md)
     if not args.md:
-        print(markdown(rows))
+        print(markdown(sorted(rows, key=lambda r: r["family"])))
+
+
+def write(rows: List[Dict[str, Any]], csv_path: str, md_path: Optional[str]) -> None:
+    """The CSV and (if asked) the Markdown page, rows sorted by family."""
+    rows = sorted(rows, key=lambda r: r["family"])
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in FIELDS} for r in rows)
+    if md_path:
+        Path(md_path).write_text(PAGE + markdown(rows))
 
 
 if __name__ == "__main__":
