@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import timm
 import torch
@@ -40,10 +40,14 @@ def build(name: str, num_classes: int = 10, **overrides: Any) -> torch.nn.Module
     return timm.create_model(name, pretrained=False, num_classes=num_classes, **{**kwargs, **overrides})
 
 
-def check_model(name: str, prune_skip: bool, steps: int = 4, channel_sparsity: float = 0.5) -> Dict:
-    """Train ``steps`` Chase steps with a channel event after each, export, and compare eval outputs."""
-    model = build(name)
-    size = input_size(name)
+def check_model(name: str, prune_skip: bool, steps: int = 4, channel_sparsity: float = 0.5, size: Optional[int] = None,
+                keep_models: bool = False, **overrides: Any) -> Dict:
+    """Train ``steps`` Chase steps with a channel event after each, export, and compare eval outputs.
+
+    ``size``: input side (default :func:`input_size`); ``overrides`` go to :func:`build`; ``keep_models`` adds the
+    ``chase`` wrapper and the exported ``slim`` model to the row (the prunability table reports and saves them)."""
+    model = build(name, **overrides)
+    size = size or input_size(name)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     config = ChaseConfig(total_steps=steps + 1, update_interval=2, channel_interval=1, channel_offset=0,
                          channel_end_step=steps, channel_sparsity=channel_sparsity, min_channel_ratio=0.5,
@@ -81,6 +85,7 @@ def check_model(name: str, prune_skip: bool, steps: int = 4, channel_sparsity: f
         "setup_s": setup,
         "export_s": export,
         "channel_groups": groups,  # every group found, for reuse: discovery is the slow part of setup
+        **({"chase": chase, "slim": slim} if keep_models else {}),
     }
 
 
