@@ -1,4 +1,5 @@
-"""Small facts about timm models shared by structure, surgery, hub and metrics (imports nothing of ours).
+"""Small facts about timm models shared by structure, surgery, hub and metrics (of ours, imports only the timm
+adapter).
 
 Which modules are the classifier, which input a model expects, every tensor by its canonical name, and a
 deep copy that copes with autograd-cached tensors.
@@ -13,14 +14,16 @@ import torch
 import torch.nn as nn
 from timm.layers import to_2tuple
 
+from .adapters.timm import recorded_model_args
+
 __all__ = ["unwrap_model", "model_input_size", "default_example_input", "deepcopy_model", "named_tensors", "classifier_modules",
            "classifier_tensor_names"]
 
 
 def model_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the model takes: the size it was built at (``img_size=...`` recorded on its patch embedding or
-    itself) wins over timm's ``pretrained_cfg`` size, which describes the default build; channels from the first
-    conv (honours ``in_chans`` overrides the cfg doesn't record)."""
+    """(C, H, W) the model takes: the size it was built at (``img_size=...`` as timm recorded it at creation, or on
+    its patch embedding or itself) wins over timm's ``pretrained_cfg`` size, which describes the default build;
+    channels from the first conv (honours ``in_chans`` overrides the cfg doesn't record)."""
     channels, size = 3, (224, 224)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if len(cfg.get("input_size", ())) == 3:
@@ -29,8 +32,8 @@ def model_input_size(model: nn.Module) -> tuple[int, int, int]:
         if isinstance(module, nn.modules.conv._ConvNd):
             channels = module.in_channels
             break
-    for module in model.modules():
-        img_size = getattr(module, "img_size", None)
+    built = recorded_model_args(model).get("img_size")  # e.g. GCViT, EfficientFormerV2 keep no img_size attribute
+    for img_size in itertools.chain([built], (getattr(module, "img_size", None) for module in model.modules())):
         if isinstance(img_size, int) or (isinstance(img_size, (tuple, list)) and len(img_size) == 2):
             size = tuple(to_2tuple(img_size))  # e.g. ViT, Mixer, Swin, PiT built with img_size=...
             break

@@ -298,6 +298,13 @@ def test_a_model_built_at_another_size_is_saved_and_described_at_that_size(base,
     assert tuple(chase_timm.hub.slim_summary(str(folder))["input_size"]) == (3, 32, 32)  # chase-timm info
 
 
+def test_a_model_that_keeps_no_img_size_attribute_is_saved_at_the_size_timm_built_it(tmp_path):
+    # EfficientFormerV2 (like GCViT) takes img_size=64 but stores it on no module: timm's recorded args say it
+    model = timm.create_model("efficientformerv2_s0", img_size=64, num_classes=10)
+    folder = chase_timm.save_pretrained(model, tmp_path / "run")  # no data_config: verified at 64, not 224
+    assert tuple(json.loads((folder / "config.json").read_text())["pretrained_cfg"]["input_size"]) == (3, 64, 64)
+
+
 def test_save_refuses_a_model_that_is_not_a_slim_timm_model(tmp_path):
     features = timm.create_model("resnet18", features_only=True)
     with pytest.raises(ValueError, match="not a wrapper or a features_only model"):
