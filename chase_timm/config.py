@@ -157,9 +157,9 @@ class ChaseConfig:
             self.channel_offset = self.update_interval // 2 % self.channel_interval
         if self.channel_end_step is None:
             self.channel_end_step = max(1, round(0.8 * t))
-        if self.ramp_steps is None:  # without phase B, updates stop at phase_b_start_step: the ramp ends by then
-            self.ramp_steps = 0 if self.mask_init != "magnitude" else round(RAMP_FRACTION * t) if self.phase_b else \
-                min(round(RAMP_FRACTION * t), self.phase_b_start_step)
+        if self.ramp_steps is None:
+            ramp = round(RAMP_FRACTION * t) if self.mask_init == "magnitude" else 0
+            self.ramp_steps = ramp if self.phase_b else min(ramp, self.phase_b_start_step)  # updates stop there
         if self.channel_start_step is None:  # late in the ramp, but never so late that no channel event is left
             self.channel_start_step = min(round(CHANNEL_START_IN_RAMP * self.ramp_steps), self.channel_end_step - 1)
 
