@@ -22,6 +22,7 @@ from .budget import MaskBudget
 from .channels import ChannelState
 from .config import ChaseConfig
 from .graph import find_channel_groups, tensor_removals
+from .norms import follow_masks, remove_hooks
 from .optim_state import check_shrink_exact, states_like
 from ._timm import deepcopy_model, named_tensors, unwrap_model
 from .shrink import check_shrinkable, rebuild_ddp, slice_optimizer_state
@@ -212,6 +213,7 @@ class Chase:
                 "during training, register the copy first (chase.register(ema)) so it shrinks along.")
         for name, mask in masks.items():
             params[name].mul_(mask.to(params[name].device, params[name].dtype))
+        follow_masks(_copy_module(other), self._channels.channel_masks)  # norms over the alive channels
 
     def _check_optimizer_owns_weights(self) -> None:
         """The optimizer must hold the sparse weights, else their state can't be masked (and they don't train)."""
@@ -288,6 +290,7 @@ class Chase:
         """Recompute the channel masks F from the alive channels and AND them into the sparse masks."""
         self._channels.refresh_masks(self._params, self._weights)
         self._budget.restrict(self._channels.allowed)
+        follow_masks(self._module, self._channels.channel_masks)  # LayerNorm/RMSNorm/GRN over the alive channels
 
     # ------------------------------------------------------------------ connection updates
     @torch.no_grad()
@@ -386,6 +389,8 @@ class Chase:
             slice_in_place(target, removals)
         self._budget.slice(removals)
         self._refresh_channel_masks()  # channel masks only for removed channels still in the model (none after shrink())
+        for target in targets:
+            follow_masks(target, self._channels.channel_masks)
         rebuild_ddp(self._model)
 
     # ------------------------------------------------------------------ state
@@ -496,10 +501,10 @@ class Chase:
         self._check_run_length()
         removals = tensor_removals(self._channels.groups, self._channels.pending())
         if model is None:
-            return slim_copy(self._module, removals)
+            return remove_hooks(slim_copy(self._module, removals))  # a plain timm model, no chase_timm.norms hooks
         clone = deepcopy_model(_copy_module(model))
         self.mask_model(clone)
-        slice_in_place(clone, removals)
+        slice_in_place(remove_hooks(clone), removals)
         return clone
 
 

@@ -26,8 +26,10 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning import ops
 
+from . import norms
 from ._timm import classifier_modules, deepcopy_model, default_example_input
-from .adapters.autograd import new_forward_hooks_removed, result_shape, saved_dim, saved_input_shape
+from .adapters.autograd import (new_forward_hooks_removed, result_shape, saved_dim, saved_input_shape,
+                                saved_permutation)
 from .adapters.torch_pruning import flatten_stride, root_dependency, root_positions
 from .slim import slice_in_place
 
@@ -37,9 +39,11 @@ _logger = logging.getLogger(__name__)
 
 RESIDUAL_REASON = "residual stream (set prune_skip=True to prune it)"
 TIMEOUT_REASON = "discovery time limit reached"
+TOKEN_REASON = "its channels are the token axis of a token-mixing MLP (removing one would remove a token)"
 _TOLERANCE = 1e-4  # max |masked - sliced| relative to the output scale
 _MAX_EXPANSION = 256  # positions per channel a flatten->Linear may produce (a 16x16 map; 7x7 at 224 px)
 _LAYERS = (ops.OPTYPE.CONV, ops.OPTYPE.DEPTHWISE_CONV, ops.OPTYPE.LINEAR)
+_LINEAR_PARTS = ("MmBackward", "AddmmBackward", "ViewBackward", "UnsafeViewBackward", "ReshapeAlias")
 _SCALE_SHIFT_OPS = ("Mul", "Add", "Sub", "Div", "Expand", "View", "Reshape", "UnsafeView", "Unsqueeze",
                     "Squeeze", "Cat")
 
@@ -381,6 +385,11 @@ def _translate(ctx: _Context, draft: _Draft, item: _Item) -> None:
             return
         by_root.setdefault(root, []).append(pos)
     kind, module = node.type, node.module
+    if (0, TOKEN_REASON) in draft.problems or (kind in _LAYERS and _token_axis(draft, item.dep)):
+        return
+    if kind == ops.OPTYPE.ELEMENTWISE and _onto_tokens(draft, item.dep):
+        draft.problem(TOKEN_REASON, 0)  # what torch-pruning couples beyond is the token axis, not channels
+        return
     if kind in _LAYERS:
         _layer_slices(ctx, draft, module, handler, by_root)
     elif kind in (ops.OPTYPE.BN, ops.OPTYPE.IN):
@@ -391,7 +400,8 @@ def _translate(ctx: _Context, draft: _Draft, item: _Item) -> None:
                           "so masking is not equivalent to removal", 1)
         _add_tensors(ctx, draft, module, ("weight", "bias"), "norm", by_root)
     elif kind == ops.OPTYPE.LN:
-        draft.problem("LayerNorm normalises across these channels, so masking is not equivalent to removal", 1)
+        if not norms.covers(module):  # covered norms compute over the alive channels (chase_timm.norms)
+            draft.problem("LayerNorm normalises across these channels, so masking is not equivalent to removal", 1)
         _add_tensors(ctx, draft, module, ("weight", "bias"), "norm", by_root, dim=-1)
     elif kind == ops.OPTYPE.PRELU:
         if module.num_parameters > 1:
@@ -405,7 +415,7 @@ def _translate(ctx: _Context, draft: _Draft, item: _Item) -> None:
     elif kind == ops.OPTYPE.CONCAT:
         draft.residual = True
     elif kind == ops.OPTYPE.ELEMENTWISE:
-        draft.residual |= _is_add(node)
+        draft.residual |= _is_add(node) and not _response_norm_add(node)
     else:
         _shape_op(draft, node, item.dep)
 
@@ -476,6 +486,56 @@ def _is_add(node: Any) -> bool:
     name = node.grad_fn.name() if hasattr(node.grad_fn, "name") else ""
     sources = {n for n in node.inputs if n.type != ops.OPTYPE.PARAMETER}
     return name.startswith(("AddBackward", "SubBackward")) and len(sources) >= 2
+
+
+def _token_axis(draft: _Draft, dep: Any) -> bool:
+    """A Linear right behind a (B, N, C) <-> (B, C, N) transpose (MLP-Mixer's / ResMLP's token MLP) works on the
+    token axis: the group's C channels are a batch axis to it, so removing one takes none of its weights (the
+    numerical check confirms). torch-pruning would map the channels onto its token features."""
+    if not isinstance(dep.target.module, nn.Linear):
+        return False
+    up = dep.handler == tp.prune_linear_in_channels
+    for near in (dep.target.inputs if up else dep.target.outputs):
+        fn = getattr(_past_views(near, up), "grad_fn", None)
+        if fn is not None and saved_permutation(fn) == (0, 2, 1):
+            out = result_shape(fn)  # the Linear's input, or (B, N, C) after its output was transposed back
+            side = out if up else (out[0], out[2], out[1])
+            return side[1] == len(draft.requested) != side[2]
+    return False
+
+
+def _onto_tokens(draft: _Draft, dep: Any) -> bool:
+    """A Linear's outputs transposed (B, C, N) -> (B, N, C) onto the token axis (MLP-Mixer's token-MLP output)."""
+    fn = getattr(dep.target, "grad_fn", None)
+    if fn is None or saved_permutation(fn) != (0, 2, 1) or not isinstance(_past_views(dep.source, True).module,
+                                                                           nn.Linear):
+        return False
+    out = result_shape(fn)
+    return out[1] == len(draft.requested) != out[2]
+
+
+def _past_views(node: Any, up: bool) -> Any:
+    """The first node up (or down) from ``node`` that is not part of F.linear on a 3-D input (its 3-D <-> 2-D
+    views and the matmul of a non-contiguous input)."""
+    while node.type == ops.OPTYPE.RESHAPE or (node.type == ops.OPTYPE.ELEMENTWISE
+                                               and _fn_name(node).startswith(_LINEAR_PARTS)):
+        near = [n for n in (node.inputs if up else node.outputs)
+                if n.type != ops.OPTYPE.PARAMETER and not _fn_name(n).startswith("TBackward")]  # not the weight
+        if len(near) != 1:
+            break
+        node = near[0]
+    return node
+
+
+def _fn_name(node: Any) -> str:
+    fn = getattr(node, "grad_fn", None)
+    return fn.name() if hasattr(fn, "name") else ""
+
+
+def _response_norm_add(node: Any) -> bool:
+    """GRN's own ``x + addcmul(bias, weight, x * x_n)``: a per-channel update of one tensor, not a residual join."""
+    return any(n.grad_fn is not None and n.grad_fn.name().startswith("AddcmulBackward")
+               and any(p.type == ops.OPTYPE.PARAMETER for v in n.inputs for p in v.inputs) for n in node.inputs)
 
 
 def _shape_op(draft: _Draft, node: Any, dep: Any) -> None:
@@ -684,10 +744,11 @@ def _mismatch(model: nn.Module, batch: list[ChannelGroup], subsets: dict, inputs
                 tensor.index_fill_(dim, torch.tensor(positions, device=tensor.device), 0)
             zeroed[id(params[name])] = nn.Parameter(tensor, requires_grad=False)
     work = _copy_sharing(model, zeroed)
+    norms.follow_masks(work, norms.removal_masks(work, removals))  # as Chase runs the masked model
     try:
         with torch.no_grad():
             expected = _leaves(work(*inputs))
-            slice_in_place(work, removals, refresh=False)
+            slice_in_place(norms.remove_hooks(work), removals, refresh=False)
             actual = _leaves(work(*inputs))
     except Exception as err:
         return f"physically sliced model does not run: {type(err).__name__}: {err}"

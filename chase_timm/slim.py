@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ._timm import classifier_tensor_names, deepcopy_model, default_example_input, named_tensors
+from .norms import follow_masks
 
 __all__ = ["slim_copy", "slice_in_place", "meta_clone", "sliced", "width_plan", "apply_width_plan", "recalibrate_batchnorm"]
 
@@ -32,7 +33,11 @@ def slim_copy(model: nn.Module, removals: Mapping[str, Mapping[int, Sequence[int
 
 
 def slice_in_place(model: nn.Module, removals: Mapping[str, Mapping[int, Sequence[int]]], refresh: bool = True) -> None:
-    """Remove the listed positions from the model's own tensors; ``refresh=False`` skips timm attribute re-measuring."""
+    """Remove the listed positions from the model's own tensors; ``refresh=False`` skips timm attribute re-measuring.
+
+    Norms computing over alive channels (:mod:`chase_timm.norms`) go back to their own output: their masks
+    describe the unsliced widths (the caller that masks the sliced model sets them again)."""
+    follow_masks(model, {})
     slots = _tensor_slots(model)
     new = {}
     for name, dims in removals.items():
@@ -245,8 +250,8 @@ def _fix_module(module: nn.Module, name: str) -> None:
         module.num_features = _common_size(module, name, ("weight", "bias", "running_mean", "running_var"))
     elif isinstance(module, nn.GroupNorm):
         _fix_groupnorm(module, name)
-    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
-        module.normalized_shape = tuple(module.weight.shape)
+    elif isinstance(getattr(module, "normalized_shape", None), tuple) and getattr(module, "weight", None) is not None:
+        module.normalized_shape = tuple(module.weight.shape)  # LayerNorm, timm's RmsNorm / RmsNorm2d
     elif isinstance(module, nn.PReLU):
         module.num_parameters = module.weight.numel()
     elif isinstance(module, nn.Embedding):

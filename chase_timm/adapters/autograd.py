@@ -9,15 +9,15 @@ registers forward hooks while tracing and leaves them behind when the forward ra
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
 
 from . import require
 
-__all__ = ["check_version", "saved_input_shape", "result_shape", "saved_dim", "new_forward_hooks_removed",
-           "has_non_persistent_buffers"]
+__all__ = ["check_version", "saved_input_shape", "result_shape", "saved_dim", "saved_permutation", "new_forward_hooks_removed",
+           "has_non_persistent_buffers", "forward_hooks", "remove_forward_hooks"]
 
 
 def check_version(found: str = torch.__version__) -> None:
@@ -44,6 +44,20 @@ def saved_dim(fn: Any) -> int:
     return fn._saved_dim
 
 
+def saved_permutation(fn: Any) -> Optional[tuple]:
+    """The dim order a transpose/permute backward node's forward produced (``None`` for other nodes)."""
+    name = fn.name() if hasattr(fn, "name") else ""
+    ndim = len(result_shape(fn))
+    if name.startswith("TransposeBackward") and ndim:
+        order = list(range(ndim))
+        a, b = (int(d) - 2 ** 64 if int(d) >= 2 ** 63 else int(d) for d in (fn._saved_dim0, fn._saved_dim1))
+        order[a], order[b] = order[b], order[a]  # negative dims are saved as unsigned 64-bit
+        return tuple(order)
+    if name.startswith("PermuteBackward") and ndim:
+        return tuple(int(d) % ndim for d in fn._saved_dims)
+    return None
+
+
 @contextmanager
 def new_forward_hooks_removed(modules: Iterable[nn.Module]) -> Iterator[None]:
     """Remove, on exit (also after an exception), every forward hook registered on ``modules`` inside the block."""
@@ -54,6 +68,17 @@ def new_forward_hooks_removed(modules: Iterable[nn.Module]) -> Iterator[None]:
         for m, keys in before.items():
             for key in set(m._forward_hooks) - keys:
                 del m._forward_hooks[key]
+
+
+def forward_hooks(module: nn.Module, kind: type) -> list:
+    """The forward hooks of ``module`` that are instances of ``kind`` (hook objects survive deep copies)."""
+    return [h for h in module._forward_hooks.values() if isinstance(h, kind)]
+
+
+def remove_forward_hooks(module: nn.Module, kind: type) -> None:
+    """Remove the forward hooks of ``module`` that are instances of ``kind``."""
+    for key in [k for k, h in module._forward_hooks.items() if isinstance(h, kind)]:
+        del module._forward_hooks[key]
 
 
 def has_non_persistent_buffers(model: nn.Module) -> bool:
