@@ -14,8 +14,11 @@ import torch.nn as nn
 from timm.layers import LayerNorm, LayerNorm2d, RmsNorm, RmsNorm2d, SimpleNorm, SimpleNorm2d
 from timm.layers.grn import GlobalResponseNorm
 
-from chase_timm.norms import covers, follow_masks, remove_hooks
+from chase_timm import save_pretrained
+from chase_timm.norms import AliveChannels, covers, follow_masks, remove_hooks
 from chase_timm.slim import slim_copy
+from helpers import check_model
+from shrink_equivalence import compare, float64
 
 C, REMOVED = 8, [1, 4, 5]
 NORMS = [
@@ -56,3 +59,65 @@ def test_a_hooked_norm_computes_what_the_sliced_norm_computes(norm, shape):
                               rtol=0, atol=1e-6)  # the plain norm counts the removed channels: the test can fail
     follow_masks(norm, {"weight": torch.ones(C, dtype=torch.float64)})  # all alive again: the module's own output
     assert torch.equal(norm(x), remove_hooks(copy.deepcopy(norm))(x))
+
+
+def _hooked(model: nn.Module) -> list:
+    return [n for n, m in model.named_modules() if any(isinstance(h, AliveChannels) for h in m._forward_hooks.values())]
+
+
+def _removed_kinds(chase, removed) -> set:
+    """Kinds of norm-coupled channels among the removed groups: a residual stream through a channel-mixing norm
+    (LayerNorm/RMSNorm/SimpleNorm) and GRN hidden widths."""
+    kinds = set()
+    for group in (g for g in chase.channels.groups if g.name in removed):
+        norms = {type(chase.module.get_submodule(s.tensor.rsplit(".", 1)[0])) for s in group.slices
+                 if s.tensor.endswith(".weight") and covers(chase.module.get_submodule(s.tensor.rsplit(".", 1)[0]))}
+        kinds |= {"grn"} if GlobalResponseNorm in norms else set()
+        kinds |= {"stream"} if group.residual and norms - {GlobalResponseNorm} else set()
+        kinds |= {"tokens"} if {s.tensor for s in group.slices} >= {"cls_token", "pos_embed"} else set()
+    return kinds
+
+
+EXPORTS = [
+    ("vit_tiny_patch16_224", True, {"stream", "tokens"}),  # patch embed, cls token, pos embed, every LayerNorm, head
+    ("convnextv2_atto", False, {"grn"}),
+    ("convnext_zepto_rms", True, {"stream"}),  # SimpleNorm2d stages
+]
+
+
+@pytest.mark.parametrize("name, prune_skip, kinds", EXPORTS)
+def test_norm_coupled_channels_are_removed_and_export_and_reload_exactly(name, prune_skip, kinds, tmp_path):
+    """float32: Chase steps with channel events, the slim export (no hooks) and its save_pretrained -> local-dir:
+    reload compute what the masked training model computes (<= 1e-4 relative, as check_export)."""
+    row = check_model(name, prune_skip, keep_models=True)
+    chase, slim = row["chase"], row["slim"]
+    assert kinds <= _removed_kinds(chase, chase.removed_channels()), _removed_kinds(chase, chase.removed_channels())
+    assert _hooked(chase.module) and not _hooked(slim)  # the masked model needs them; the slim model is plain timm
+    assert row["rel_diff"] <= 1e-4 and row["flops_ratio"] < 0.75, row
+    save_pretrained(slim, tmp_path / "m")
+    reloaded = timm.create_model(f"local-dir:{tmp_path / 'm'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = chase.module.eval()(x)
+        for model in (slim.eval(), reloaded):
+            assert float((model(x) - reference).abs().max() / reference.abs().max()) <= 1e-4
+
+
+TWINS = [
+    pytest.param("convnext_zepto_rms", True, {"stream"}),
+    pytest.param("convnextv2_atto", False, {"grn"}, marks=pytest.mark.slow),
+    pytest.param("convnextv2_atto", True, {"grn", "stream"}, marks=pytest.mark.slow),
+    pytest.param("vit_tiny_patch16_224", True, {"stream", "tokens"}, marks=pytest.mark.slow),
+    pytest.param("mixer_s16_224", True, {"stream"}, marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("name, prune_skip, kinds", TWINS)
+def test_shrinking_norm_coupled_channels_equals_the_masking_twin(name, prune_skip, kinds):
+    """float64, 1e-9 relative (tests/test_shrink.py's harness): losses, weights, AdamW state, outputs, slim export,
+    and a registered EMA (its norms are hooked through Chase.register / mask_model)."""
+    with float64():
+        result = compare(name, "adamw", ema=True, prune_skip=prune_skip)
+    assert result.exact(), (result.worst(), result.error, result.refused)
+    assert result.shrinks == 4 and result.widths[-1] < 0.9 * result.widths[0]
+    assert kinds <= _removed_kinds(result.twin_run[2], result.removed)
