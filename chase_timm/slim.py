@@ -446,9 +446,11 @@ def _rescaled(old: Any, key: str, before: dict, after: dict) -> Any:
 
 
 def _refresh_timm_attrs(model: nn.Module, before: dict, after: dict) -> None:
-    """num_features, head_hidden_size, feature_info num_chs and head in_features/num_features/hidden_size."""
-    if hasattr(model, "num_features"):
-        model.num_features = _rescaled(model.num_features, "features", before, after)
+    """num_features (and a token model's embed_dim, which reset_classifier reads), head_hidden_size, feature_info
+    num_chs and head in_features/num_features/hidden_size."""
+    for attr in ("num_features", "embed_dim"):
+        if hasattr(model, attr):
+            setattr(model, attr, _rescaled(getattr(model, attr), "features", before, after))
     if hasattr(model, "head_hidden_size"):
         model.head_hidden_size = _rescaled(model.head_hidden_size, "pre_logits", before, after)
     infos = _feature_infos(model)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from chase_timm.graph import tensor_removals
+from chase_timm.norms import follow_masks, removal_masks
 from chase_timm.slim import apply_width_plan, recalibrate_batchnorm, slim_copy, width_plan
 from helpers import coverage_params, coverage_row, input_size, tiny_model
 
@@ -55,6 +56,7 @@ def _slimmed(arch: str, prune_skip: bool):
     removals = tensor_removals(groups, removed)
     masked = copy.deepcopy(model)
     _zero_(masked, removals)
+    follow_masks(masked, removal_masks(masked, removals))  # and its norms compute over the alive channels
     return masked, slim_copy(masked, removals), x, tuple(prunable)
 
 
