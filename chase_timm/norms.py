@@ -1,13 +1,14 @@
 """Norms that mix channels, made to compute over the alive channels only, so masking stays equal to slicing.
 
-LayerNorm, RMSNorm and timm's SimpleNorm (RMS-like, unbiased variance) take their statistics over the channel dim, and GRN (ConvNeXt-V2's GlobalResponseNorm)
-divides by the mean of the per-channel norms over channels. Once Chase zeroes a removed channel, these statistics
-still count it (a mean over C, not over the C' channels left), so the masked model is not the sliced one, and no
-change of the affine parameters fixes it (the shift of the mean differs per token). A forward hook on each such
-norm (module classes unchanged) replaces its output with the same formula over the alive channels: mean and
-variance over C' for LayerNorm, mean of squares over C' for RMSNorm, variance over C' - 1 for SimpleNorm, the channel mean of GRN's norms over C' — the
-arithmetic the sliced timm module does, eps placed as timm places it. A removed channel's output is its affine
-terms (0 once Chase zeroes them), whatever its input.
+LayerNorm, RMSNorm and timm's SimpleNorm (RMS-like, unbiased variance) take their statistics over the channel dim,
+and GRN (ConvNeXt-V2's GlobalResponseNorm) divides by the mean of the per-channel norms over channels. Once Chase
+zeroes a removed channel these statistics still count it (a mean over C, not over the C' channels left), so the
+masked model is not the sliced one, and no change of the affine parameters fixes it (the shift of the mean differs
+per token). A forward hook on each such norm (module classes unchanged) replaces its output with what the sliced
+timm module computes: LayerNorm / RMSNorm / SimpleNorm run their own functional (``F.layer_norm``, ``F.rms_norm``,
+timm's ``simple_norm``, same eps) on the alive channels gathered out of the input, and scatter the result back
+(removed channels output 0); GRN takes the channel mean of its norms over the alive channels only (its removed
+channels pass their input through, which Chase has zeroed and the next layer ignores).
 
 Which channels are alive is explicit data, not guessed from values: the 0/1 channel mask Chase keeps for the norm's
 ``weight`` (GRN's weight starts at zero in timm, so "weight == 0" cannot tell). :func:`follow_masks` installs or
@@ -21,8 +22,10 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import (LayerNorm, LayerNorm2d, LayerNorm2dFp32, LayerNormFp32, RmsNorm, RmsNorm2d, RmsNorm2dFp32,
                          RmsNormFp32, SimpleNorm, SimpleNorm2d, SimpleNorm2dFp32, SimpleNormFp32)
+from timm.layers.fast_norm import simple_norm
 from timm.layers.grn import GlobalResponseNorm
 
 from .adapters.autograd import forward_hooks, remove_forward_hooks
@@ -30,42 +33,36 @@ from .adapters.autograd import forward_hooks, remove_forward_hooks
 __all__ = ["covers", "follow_masks", "removal_masks", "remove_hooks", "AliveChannels"]
 
 
-def _stats_dtype(x: torch.Tensor) -> torch.dtype:
-    """At least float32 for the statistics (as F.layer_norm and timm's Fp32 norms compute them)."""
-    return torch.promote_types(x.dtype, torch.float32)
+def _layer_norm(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], weight, bias, module.eps)
 
 
-def _layer_norm(module: nn.Module, x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
-    alive = mask.sum()
-    mean = (x * mask).sum(dim, keepdim=True) / alive
-    centred = (x - mean) * mask
-    var = (centred * centred).sum(dim, keepdim=True) / alive
-    y = centred * torch.rsqrt(var + module.eps) * _view(module.weight, dim)
-    return y if module.bias is None else y + _view(module.bias, dim)
+def _rms_norm(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return F.rms_norm(x, x.shape[-1:], weight, module.eps)  # eps None: torch's nn.RMSNorm default, as in forward
 
 
-def _rms_norm(module: nn.Module, x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
-    eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps  # torch's nn.RMSNorm default
-    v = (x * x * mask).sum(dim, keepdim=True) / mask.sum()
-    return x * torch.rsqrt(v + eps) * _view(module.weight, dim)
+def _simple_norm(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return simple_norm(x, x.shape[-1:], weight, module.eps)  # timm's: unbiased variance, no centring of the output
 
 
-def _simple_norm(module: nn.Module, x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
-    """timm's SimpleNorm: x scaled by the unbiased (C - 1) variance's rsqrt, no centring of the output."""
-    alive = mask.sum()
-    centred = (x - (x * mask).sum(dim, keepdim=True) / alive) * mask
-    var = (centred * centred).sum(dim, keepdim=True) / (alive - 1)
-    return x * torch.rsqrt(var + module.eps) * _view(module.weight, dim)
+def _alive_norm(module: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The sliced norm's output on the alive channels ``index`` of ``x``, zeros elsewhere. A channels-first (NCHW)
+    norm works on the channels-last view, as timm's LayerNorm2d does (one gather, one scatter, no extra copy)."""
+    formula, dim = _FORMULAS[type(module)]
+    x = x if dim == -1 else x.movedim(1, -1)
+    bias = getattr(module, "bias", None)
+    y = formula(module, x.index_select(-1, index), module.weight.index_select(0, index).to(x.dtype),
+                None if bias is None else bias.index_select(0, index).to(x.dtype))
+    y = x.new_zeros(x.shape).index_copy(-1, index, y)
+    return y if dim == -1 else y.movedim(-1, 1)
 
 
-def _response_norm(module: GlobalResponseNorm, x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+def _response_norm(module: GlobalResponseNorm, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GRN with the mean of the channel norms taken over the alive channels (``mask``)."""
+    mask = mask.view(module.wb_shape)
     x_g = x.norm(p=2, dim=module.spatial_dim, keepdim=True)
-    x_n = x_g / ((x_g * mask).sum(dim, keepdim=True) / mask.sum() + module.eps)
+    x_n = x_g / ((x_g * mask).sum(module.channel_dim, keepdim=True) / mask.sum() + module.eps)
     return x + torch.addcmul(module.bias.view(module.wb_shape), module.weight.view(module.wb_shape), x * x_n)
-
-
-def _view(t: torch.Tensor, dim: int) -> torch.Tensor:
-    return t if dim == -1 else t.view(-1, 1, 1)
 
 
 # type -> (formula, channel dim). Exact types only: a subclass may compute something else (the numerical check in
@@ -95,19 +92,18 @@ class AliveChannels:
 
     def __init__(self) -> None:
         self.mask: Optional[torch.Tensor] = None
+        self.index: Optional[torch.Tensor] = None  # positions where mask is 1
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
         if self.mask is None:
             return None
         x = args[0]
-        if isinstance(module, GlobalResponseNorm):
-            formula, dim = _response_norm, module.channel_dim
-        else:
-            formula, dim = _FORMULAS[type(module)]
-        dtype = _stats_dtype(x)
-        mask = self.mask.to(x.device, dtype)
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in float32 at least, as the norms do
         with torch.autocast(x.device.type, enabled=False):
-            y = formula(module, x.to(dtype), mask if dim == -1 else mask.view(-1, 1, 1), dim)
+            if isinstance(module, GlobalResponseNorm):
+                y = _response_norm(module, x, self.mask.to(x.device, x.dtype))
+            else:
+                y = _alive_norm(module, x, self.index.to(x.device))
         return y.to(output.dtype)
 
 
@@ -133,8 +129,9 @@ def follow_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
                 hook = AliveChannels()
                 module.register_forward_hook(hook)
             hook.mask = mask.detach().flatten().clone()
+            hook.index = hook.mask.nonzero().flatten()
         elif hook is not None:
-            hook.mask = None
+            hook.mask = hook.index = None
 
 
 def removal_masks(model: nn.Module, removals: Mapping[str, Mapping[int, Sequence[int]]]) -> dict[str, torch.Tensor]:

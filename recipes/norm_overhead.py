@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from chase_timm import Chase, ChaseConfig
+from chase_timm.adapters.autograd import forward_hooks
 from chase_timm.norms import AliveChannels
 from zoo_coverage import build
 
@@ -36,7 +37,7 @@ def overhead(name: str, steps: int, batch: int, size: int = 32) -> dict:
         optimizer.zero_grad()
 
     step()  # the channel event: removes half of every group and installs the hooks
-    hooks = [h for m in model.modules() for h in m._forward_hooks.values() if isinstance(h, AliveChannels)]
+    hooks = [h for m in model.modules() for h in forward_hooks(m, AliveChannels)]
     masks = [h.mask for h in hooks]
     times: dict[bool, list] = {True: [], False: []}
     for i in range(2 * steps):

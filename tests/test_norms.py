@@ -15,6 +15,7 @@ from timm.layers import LayerNorm, LayerNorm2d, RmsNorm, RmsNorm2d, SimpleNorm, 
 from timm.layers.grn import GlobalResponseNorm
 
 from chase_timm import save_pretrained
+from chase_timm.adapters.autograd import forward_hooks
 from chase_timm.norms import AliveChannels, covers, follow_masks, remove_hooks
 from chase_timm.slim import slim_copy
 from helpers import check_model
@@ -62,7 +63,7 @@ def test_a_hooked_norm_computes_what_the_sliced_norm_computes(norm, shape):
 
 
 def _hooked(model: nn.Module) -> list:
-    return [n for n, m in model.named_modules() if any(isinstance(h, AliveChannels) for h in m._forward_hooks.values())]
+    return [n for n, m in model.named_modules() if forward_hooks(m, AliveChannels)]
 
 
 def _removed_kinds(chase, removed) -> set:
