@@ -14,12 +14,12 @@ import torch.nn as nn
 from timm.layers import LayerNorm, LayerNorm2d, RmsNorm, RmsNorm2d, SimpleNorm, SimpleNorm2d
 from timm.layers.grn import GlobalResponseNorm
 
-from chase_timm import save_pretrained
+from chase_timm import Chase, ChaseConfig, save_pretrained
 from chase_timm.adapters.autograd import forward_hooks
 from chase_timm.norms import AliveChannels, covers, follow_masks, remove_hooks
 from chase_timm.slim import slim_copy
-from helpers import check_model
-from shrink_equivalence import compare, float64
+from helpers import check_model, tiny_model
+from shrink_equivalence import compare, float64, loss_step
 
 C, REMOVED = 8, [1, 4, 5]
 NORMS = [
@@ -122,3 +122,25 @@ def test_shrinking_norm_coupled_channels_equals_the_masking_twin(name, prune_ski
     assert result.exact(), (result.worst(), result.error, result.refused)
     assert result.shrinks == 4 and result.widths[-1] < 0.9 * result.widths[0]
     assert kinds <= _removed_kinds(result.twin_run[2], result.removed)
+
+
+def test_a_resumed_run_computes_over_the_alive_channels_again():
+    """Chase.load_state_dict re-hooks a fresh model's norms (masking only, so nothing is sliced to show it)."""
+    def run():
+        model = tiny_model("convnextv2_atto")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        config = ChaseConfig(total_steps=10, channel_interval=1, channel_offset=0, channel_end_step=1,
+                             channel_sparsity=0.5, min_channel_ratio=0.5)
+        return model, optimizer, Chase(model, config, optimizer=optimizer, example_inputs=torch.randn(1, 3, 32, 32))
+
+    model, optimizer, chase = run()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    loss_step(model, optimizer, chase, 0)  # the channel event: GRN hidden widths halved, masked
+    assert _removed_kinds(chase, chase.removed_channels()) == {"grn"}
+    fresh, fresh_optimizer, resumed = run()
+    resumed.load_state_dict(chase.state_dict())
+    fresh.load_state_dict(model.state_dict())
+    assert _hooked(fresh) == _hooked(model) != []
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model.eval()(x))
+        assert not torch.allclose(remove_hooks(fresh)(x), model(x), rtol=1e-4)  # without them it would differ
