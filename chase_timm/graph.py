@@ -28,7 +28,7 @@ from torch_pruning import ops
 
 from ._timm import classifier_modules, deepcopy_model, default_example_input
 from .adapters.autograd import new_forward_hooks_removed, result_shape, saved_dim, saved_input_shape
-from .adapters.torch_pruning import flatten_stride, root_dependency, root_positions
+from .adapters.torch_pruning import flatten_stride, root_dependency, root_positions, tolerant_index_mapping
 from .slim import slice_in_place
 
 __all__ = ["ChannelSlice", "ChannelGroup", "find_channel_groups", "tensor_removals", "reindex_groups"]
@@ -39,6 +39,7 @@ RESIDUAL_REASON = "residual stream (set prune_skip=True to prune it)"
 TIMEOUT_REASON = "discovery time limit reached"
 _TOLERANCE = 1e-4  # max |masked - sliced| relative to the output scale
 _MAX_EXPANSION = 256  # positions per channel a flatten->Linear may produce (a 16x16 map; 7x7 at 224 px)
+_MAX_POSITIONS = 1024  # positions per channel one group's walk may visit (ViT-S with prune_skip: 180)
 _LAYERS = (ops.OPTYPE.CONV, ops.OPTYPE.DEPTHWISE_CONV, ops.OPTYPE.LINEAR)
 _SCALE_SHIFT_OPS = ("Mul", "Add", "Sub", "Div", "Expand", "View", "Reshape", "UnsafeView", "Unsqueeze",
                     "Squeeze", "Cat")
@@ -100,14 +101,14 @@ def find_channel_groups(
     deadline = time.monotonic() + timeout
     inputs = _as_inputs(model, example_inputs)
     try:
-        with _tracing(model):
+        with _tracing(model), tolerant_index_mapping() as unmapped:
             graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=inputs, forward_fn=lambda m, args: m(*args), verbose=False)
     except Exception as err:  # never break the caller's training: report, don't raise
         return _placeholders(model, f"dependency graph could not be built: {type(err).__name__}: {str(err).strip()}")
     if time.monotonic() > deadline:
         return _placeholders(model, TIMEOUT_REASON)
-    drafts = _discover(graph, model, deadline)
+    drafts = _discover(graph, model, deadline, unmapped)
     _flag_overlaps(drafts)
     groups = [d.decide(prune_skip) for d in drafts]
     return _verified(model, groups, inputs, deadline)
@@ -252,12 +253,13 @@ class _Context:
     names: dict[int, str]
     module_names: dict[nn.Module, str]
     heads: set[int]
+    unmapped: set        # nodes whose index mapping torch-pruning could not derive
 
 
-def _discover(graph: tp.DependencyGraph, model: nn.Module, deadline: float) -> list[_Draft]:
+def _discover(graph: tp.DependencyGraph, model: nn.Module, deadline: float, unmapped: set) -> list[_Draft]:
     """One draft group per Conv/Linear root whose output channels no earlier group covered."""
     ctx = _Context(graph, _tensor_names(model), {m: n for n, m in model.named_modules()},
-                   set(map(id, classifier_modules(model))))
+                   set(map(id, classifier_modules(model))), unmapped)
     covered: dict[nn.Module, set[int]] = {}
     drafts = []
     for name, module in model.named_modules():
@@ -288,7 +290,7 @@ def _unreached(name: str, channels: list[int], reason: str) -> _Draft:
 def _draft(ctx: _Context, name: str, module: nn.Module, todo: list[int], deadline: float) -> _Draft:
     """Collect the group rooted at ``module``'s output channels ``todo`` and translate every item."""
     try:
-        group, mixed = _coupled(ctx.graph, module, todo, deadline)
+        group, mixed = _coupled(ctx.graph, module, todo, deadline, ctx.unmapped)
     except TimeoutError:
         return _unreached(name, todo, TIMEOUT_REASON)
     except Exception as err:
@@ -315,31 +317,44 @@ class _Item:
 
 
 def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int],
-             deadline: float) -> tuple[list[_Item], list[str]]:
+             deadline: float, unmapped: set) -> tuple[list[_Item], list[str]]:
     """Everything coupled to ``module``'s output ``channels`` by torch-pruning's dependency rules and index
     mappings. Each (node, function, position) is visited once, by its first root channel; a position reached
     again from another channel means the op mixes channels and is reported (second return value) instead of
-    walked, which keeps ECA/ReXNet-style graphs linear instead of quadratic."""
+    walked, which keeps ECA/ReXNet-style graphs linear instead of quadratic. Positions arriving at a node that
+    is already queued join its queued batch, and a walk that visits more than ``_MAX_POSITIONS`` per channel
+    (chained reshapes, e.g. EfficientViT-MSRA's cascaded attention) stops as not prunable."""
     root = graph.module2node[module]
     fn = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
     if root.type == ops.OPTYPE.DEPTHWISE_CONV:
         fn = tp.prune_depthwise_conv_out_channels
-    start = root_positions(channels)
     deps = {(root, fn): root_dependency(root, fn)}
     owners = {(root, fn): {i: i for i in channels}}  # position -> root channel, per (node, function)
     mixed: dict[str, None] = {}
-    stack = [(root, fn, start)]
+    mixed_at: set = set()
+    pending = {(root, fn): root_positions(channels)}  # positions not walked yet; arrivals merge while queued
+    stack = [(root, fn)]
+    budget = _MAX_POSITIONS * len(channels)
     while stack:
         if time.monotonic() > deadline:
             raise TimeoutError
-        node, fn, idxs = stack.pop()
+        node, fn = stack.pop()
+        idxs = pending.pop((node, fn))
         for dep in node.dependencies:
             if not dep.is_triggered_by(fn):
                 continue
+            if dep.target in unmapped:
+                mixed[f"torch-pruning cannot map channel indices at {dep.target.name}, so the group is not "
+                      "prunable"] = None
+                continue
             mapped = _mapped(dep, idxs, _MAX_EXPANSION * len(channels))
-            if mapped is None:
+            budget -= len(mapped or ())
+            if mapped is None or budget < 0:
                 mixed[f"torch-pruning's index mapping explodes at {dep.target.name} (repeated flatten/reshape), "
                       "so the group is not prunable"] = None
+                if budget < 0:
+                    stack.clear()  # what was reached so far still marks the layers as covered
+                    break
                 continue
             key = (dep.target, dep.handler)
             known = owners.setdefault(key, {})
@@ -348,12 +363,17 @@ def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int],
                 if i.idx not in known:
                     known[i.idx] = i.root_idx
                     fresh.append(i)
-                elif known[i.idx] != i.root_idx:
+                elif known[i.idx] != i.root_idx and key not in mixed_at:
+                    mixed_at.add(key)
                     mixed[f"channels are mixed at {dep.target.name} (position {i.idx} carries several), so "
                           "masking is not equivalent to removal"] = None
             if fresh:
                 deps.setdefault(key, dep)
-                stack.append((dep.target, dep.handler, fresh))
+                if key in pending:
+                    pending[key].extend(fresh)
+                else:
+                    pending[key] = fresh
+                    stack.append(key)
     items = [_Item(deps[key], list(pos), list(pos.values())) for key, pos in owners.items() if pos]
     return items, list(mixed)
 
@@ -586,14 +606,18 @@ def _form_classes(draft: _Draft) -> None:
 def _flag_overlaps(drafts: Sequence[_Draft]) -> None:
     """Groups must be disjoint: a tensor position claimed by two groups makes both non-prunable."""
     by_name = {d.name: d for d in drafts}
-    owner: dict[tuple[str, int, int], str] = {}
+    owners: dict[tuple[str, int], dict[int, str]] = {}
     for draft in drafts:
         for raw in draft.raws:
+            owner = owners.setdefault((raw.tensor, raw.dim), {})
+            clashes = set()
             for p in {p % raw.local if raw.local else p for ps in raw.by_root.values() for p in ps}:
-                other = owner.setdefault((raw.tensor, raw.dim, p), draft.name)
+                other = owner.setdefault(p, draft.name)
                 if other != draft.name:
-                    draft.problem(f"shares {raw.tensor} dim {raw.dim} with group {other!r}")
-                    by_name[other].problem(f"shares {raw.tensor} dim {raw.dim} with group {draft.name!r}")
+                    clashes.add(other)
+            for other in sorted(clashes):
+                draft.problem(f"shares {raw.tensor} dim {raw.dim} with group {other!r}")
+                by_name[other].problem(f"shares {raw.tensor} dim {raw.dim} with group {draft.name!r}")
 
 
 # ------------------------------------------------------------------------------------------ verification
