@@ -11,10 +11,12 @@ import torch
 
 import chase_timm
 from chase_timm.channels import ChannelState
+from chase_timm.cli import main
 from chase_timm.graph import ChannelGroup
 import zoo_coverage
 from chase_timm.graph import find_channel_groups
 from chase_timm.heads import head_counts, head_spec
+from chase_timm.hub import slim_summary
 from shrink_equivalence import compare, float64
 
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows)
@@ -53,7 +55,7 @@ def test_removing_heads_while_training_equals_masking_them(name):
 
 
 @pytest.mark.parametrize("name", list(SMALL))
-def test_slim_heads_export_reload_and_agree_on_fused_and_eager_attention(name, tmp_path):
+def test_slim_heads_export_reload_and_agree_on_fused_and_eager_attention(name, tmp_path, capsys):
     row = zoo_coverage.check_model(name, prune_skip=False, channel_sparsity=0.6, keep_models=True)
     assert row["rel_diff"] <= 1e-4, row["rel_diff"]  # float32 export == masked training model
     chase, slim = row["chase"], row["slim"].eval()
@@ -69,6 +71,10 @@ def test_slim_heads_export_reload_and_agree_on_fused_and_eager_attention(name, t
     chase_timm.save_pretrained(slim, tmp_path / "slim")
     loaded = timm.create_model(f"local-dir:{tmp_path / 'slim'}", pretrained=True).eval()
     assert head_counts(loaded) == slim_heads
+    assert slim_summary(str(tmp_path / "slim"))["heads"] == {b: (base_heads[b], slim_heads[b]) for b in removed}
+    assert main(["info", str(tmp_path / "slim")]) == 0
+    block = next(iter(removed))
+    assert f"{block} {base_heads[block]} -> {slim_heads[block]}" in capsys.readouterr().out
     with torch.no_grad():
         expected = slim(x)
         torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
