@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch.nn as nn
 from timm.layers import Attention, AttentionRope
-from timm.models import beit, cait, eva, levit, swin_transformer
+from timm.models import beit, cait, eva, levit, swin_transformer, swin_transformer_v2
 
 __all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "refresh_heads", "head_counts"]
 
@@ -28,6 +28,7 @@ _RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.
 _LEFT_WHOLE = {
     eva.EvaAttention: _INPUT_WIDTH,
     beit.Attention: _INPUT_WIDTH,
+    swin_transformer_v2.WindowAttention: _INPUT_WIDTH,
     cait.ClassAttn: _INPUT_WIDTH,
     cait.TalkingHeadAttn: "mixes heads before and after the softmax (proj_l, proj_w), so a head is not separable",
 }
@@ -81,7 +82,9 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         module.num_heads = _heads(name, attn_dim, module.head_dim)
         module.attn_dim = attn_dim
         if kind is AttentionRope:
-            module.num_kv_heads, module.kv_dim = module.num_heads, attn_dim
+            module.kv_dim = attn_dim if module.qkv is not None else module.k_proj.out_features
+            module.num_kv_heads = _heads(name, module.kv_dim, module.head_dim)
+            module.num_kv_groups = module.num_heads // module.num_kv_heads
         q_rows = module.qkv.out_features // 3 if module.qkv is not None else module.q_proj.out_features
         _check(name, "q/k/v rows", q_rows, attn_dim)
     elif kind is swin_transformer.WindowAttention:
@@ -131,8 +134,10 @@ def _timm_attention(module: nn.Module) -> HeadSpec:
     per_head = _blocks(heads, hd)
     if module.qkv is not None:
         slices = _linear_slices("qkv", module.qkv, _cat(*(_blocks(heads, hd, i * heads * hd) for i in range(3))))
-    else:
-        slices = [s for p in ("q_proj", "k_proj", "v_proj") for s in _linear_slices(p, getattr(module, p), per_head)]
+    else:  # grouped-query attention: query head h reads k/v head h // num_kv_groups
+        kv = tuple(per_head[h // getattr(module, "num_kv_groups", 1)] for h in range(heads))
+        slices = [s for p, index in (("q_proj", per_head), ("k_proj", kv), ("v_proj", kv))
+                  for s in _linear_slices(p, getattr(module, p), index)]
     slices += _linear_slices("gate", module.gate, per_head)
     slices.append(HeadSlice("proj.weight", 1, "consumer", per_head))
     reason = ""
