@@ -10,7 +10,7 @@ import timm
 import torch
 
 import chase_timm
-from chase_timm.channels import ChannelState
+from chase_timm.channels import ChannelState, select_channels
 from chase_timm.cli import main
 from chase_timm.graph import ChannelGroup
 import zoo_coverage
@@ -108,3 +108,16 @@ def test_a_group_of_heads_counts_its_channels_in_the_budget():
     assert ChannelGroup.from_dict(old).unit == 1
     state = ChannelState(zoo_coverage.build("vit_tiny_patch16_224"), list(groups.values()), 0.4, 0.5)
     assert state.total == 12 * 3 * 64 + 12 * 768  # heads in head_dim channels, MLP hidden channels one each
+
+
+def test_the_budget_counts_a_removed_head_as_its_channels_and_rounds_only_single_channels():
+    scores = {"attn": torch.tensor([0.1, 0.5, 0.6], dtype=torch.float64),
+              "fc1": torch.linspace(0.2, 0.4, 100, dtype=torch.float64)}
+    alive = {n: torch.ones(len(s), dtype=torch.bool) for n, s in scores.items()}
+    floors = {"attn": 1, "fc1": 1}
+    # 64 channels due: the lowest-scored head alone pays them (without units it would count as one channel)
+    removed = select_channels(scores, alive, floors, 64, torch.Generator().manual_seed(0), units={"attn": 64})
+    assert removed["attn"].tolist() == [0] and "fc1" not in removed
+    removed = select_channels(scores, alive, floors, 70, torch.Generator().manual_seed(0), round_to=4,
+                              units={"attn": 64})
+    assert removed["attn"].tolist() == [0] and len(removed["fc1"]) == 4  # 6 picked, rounded to keep 96
