@@ -18,7 +18,7 @@ import random
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -29,6 +29,7 @@ from torch_pruning import ops
 from ._timm import classifier_modules, deepcopy_model, default_example_input
 from .adapters.autograd import new_forward_hooks_removed, result_shape, saved_dim, saved_input_shape
 from .adapters.torch_pruning import flatten_stride, root_dependency, root_positions, tolerant_index_mapping
+from .heads import HeadSpec, head_spec
 from .slim import slice_in_place
 
 __all__ = ["ChannelSlice", "ChannelGroup", "find_channel_groups", "tensor_removals", "reindex_groups"]
@@ -74,6 +75,7 @@ class ChannelGroup:
     residual: bool
     prunable: bool
     reason: str
+    unit: int = 1  # channels one class stands for in the channel budget: 1, or head_dim for an attention head
 
     def producers(self) -> tuple[ChannelSlice, ...]:
         """Slices with role ``producer`` (output rows of Conv/Linear weights; for UMM scoring)."""
@@ -82,12 +84,12 @@ class ChannelGroup:
     def to_dict(self) -> dict:
         """Plain JSON-safe data."""
         return {"name": self.name, "width": self.width, "slices": [s.to_dict() for s in self.slices],
-                "residual": self.residual, "prunable": self.prunable, "reason": self.reason}
+                "residual": self.residual, "prunable": self.prunable, "reason": self.reason, "unit": self.unit}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "ChannelGroup":
         return cls(str(d["name"]), int(d["width"]), tuple(ChannelSlice.from_dict(s) for s in d["slices"]),
-                   bool(d["residual"]), bool(d["prunable"]), str(d["reason"]))
+                   bool(d["residual"]), bool(d["prunable"]), str(d["reason"]), int(d.get("unit", 1)))
 
 
 def find_channel_groups(
@@ -155,7 +157,7 @@ def reindex_groups(groups: Sequence[ChannelGroup], removed: Mapping[str, Sequenc
                                      "group's removal cuts")
                 index.append(tuple(p - bisect.bisect_left(cut, p) for p in s.index[c]))
             slices.append(ChannelSlice(s.tensor, s.dim, tuple(index), s.role))
-        out.append(ChannelGroup(group.name, len(keep), tuple(slices), group.residual, group.prunable, group.reason))
+        out.append(replace(group, width=len(keep), slices=tuple(slices)))
     return out
 
 
@@ -229,6 +231,7 @@ class _Draft:
     problems: list[tuple[int, str]] = field(default_factory=list)  # (rank, reason); lowest rank is reported
     classes: list[list[int]] = field(default_factory=list)
     covers: dict[nn.Module, set[int]] = field(default_factory=dict)  # Conv/Linear output channels taken
+    unit: int = 1                   # channels one class counts for in the budget (an attention head: head_dim)
 
     def problem(self, reason: str, rank: int = 5) -> None:
         """Record why the group can't be pruned; ``rank`` orders reasons (0 = most fundamental)."""
@@ -239,7 +242,7 @@ class _Draft:
         """The group with its prunable verdict (before numerical verification)."""
         slices = tuple(ChannelSlice(r.tensor, r.dim, _class_index(r, self.classes), r.role) for r in self.raws)
         reason = min(self.problems)[1] if self.problems else (RESIDUAL_REASON if self.residual and not prune_skip else "")
-        return ChannelGroup(self.name, len(self.classes), slices, self.residual, not reason, reason)
+        return ChannelGroup(self.name, len(self.classes), slices, self.residual, not reason, reason, self.unit)
 
 
 def _class_index(raw: _Raw, classes: list[list[int]]) -> tuple[tuple[int, ...], ...]:
@@ -262,14 +265,18 @@ def _discover(graph: tp.DependencyGraph, model: nn.Module, deadline: float, unma
                    set(map(id, classifier_modules(model))), unmapped)
     covered: dict[nn.Module, set[int]] = {}
     drafts = []
+    for name, module in model.named_modules():  # attention heads first: their q/k/v outputs are taken
+        spec = head_spec(module)
+        if spec is not None:
+            drafts.append(_head_draft(ctx, name, module, spec, covered))
     for name, module in model.named_modules():
         if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or id(module) in ctx.heads:
             continue
         todo = [i for i in range(_out_channels(module)) if i not in covered.get(module, ())]
+        if not todo:
+            continue
         if module not in graph.module2node:
             drafts.append(_unreached(name, todo, "not used in the traced forward pass"))
-            continue
-        if not todo:
             continue
         if time.monotonic() > deadline:
             drafts.append(_unreached(name, todo, TIMEOUT_REASON))
@@ -280,6 +287,27 @@ def _discover(graph: tp.DependencyGraph, model: nn.Module, deadline: float, unma
             covered.setdefault(layer, set()).update(channels)
         covered.setdefault(module, set()).update(todo)
     return drafts
+
+
+def _head_draft(ctx: _Context, name: str, module: nn.Module, spec: HeadSpec,
+                covered: dict[nn.Module, set[int]]) -> _Draft:
+    """One channel per attention head (:mod:`chase_timm.heads`); its producers' rows are marked covered."""
+    heads = list(range(spec.heads))
+    draft = _Draft(name, heads, classes=[[h] for h in heads], unit=spec.head_dim)
+    for piece in spec.slices:
+        owner_name, _, attr = piece.tensor.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        by_root = {h: list(positions) for h, positions in enumerate(piece.index)}
+        _add_tensors(ctx, draft, owner, (attr,), piece.role, by_root, dim=piece.dim)
+        if piece.role == "producer" and isinstance(owner, (nn.modules.conv._ConvNd, nn.Linear)):
+            covered.setdefault(owner, set()).update(p for positions in piece.index for p in positions)
+            if owner not in ctx.graph.module2node and not spec.reason:
+                draft.problem("not used in the traced forward pass", 0)
+    if spec.reason:
+        draft.problem(spec.reason, 0)
+    elif spec.heads == 1:
+        draft.problem("a single attention head (removing it would delete the attention)", 6)
+    return draft
 
 
 def _unreached(name: str, channels: list[int], reason: str) -> _Draft:
@@ -677,7 +705,7 @@ def _draw(shape: tuple, gen: torch.Generator) -> torch.Tensor:
 
 
 def _with_reason(group: ChannelGroup, reason: str) -> ChannelGroup:
-    return ChannelGroup(group.name, group.width, group.slices, group.residual, False, reason)
+    return replace(group, prunable=False, reason=reason)
 
 
 def _bisect(model: nn.Module, batch: list[ChannelGroup], subsets: dict, inputs: tuple,

@@ -34,6 +34,7 @@ from ._timm import classifier_modules, deepcopy_model, model_input_size, unwrap_
 from .adapters.autograd import has_non_persistent_buffers
 from .adapters.timm import record_model_args, recorded_model_args
 from .config import ChaseConfig
+from .heads import head_counts
 from .metrics import count_flops
 from .slim import apply_width_plan, width_plan
 
@@ -465,7 +466,8 @@ def _upload(folder: Path, repo_id: str, token, private, revision, commit_message
 
 
 def slim_summary(source: str) -> dict:
-    """What ``chase-timm info`` prints: base, per-stage widths, parameters, dense FLOPs, pruned tensors.
+    """What ``chase-timm info`` prints: base, per-stage widths, parameters, dense FLOPs, pruned tensors, attention
+    heads per block (``heads``: {module: (before, after)} for blocks that lost heads).
 
     Built on ``meta`` (no weights are read): ``source`` is ``hf-hub:ORG/NAME``, ``local-dir:PATH`` or a path.
     """
@@ -479,6 +481,7 @@ def slim_summary(source: str) -> dict:
     spec, base = _slim_spec(slim)
     input_size = model_input_size(slim)
     plan = spec["width_plan"]["tensors"]
+    after = head_counts(slim)
     blocks: dict[str, int] = {}
     for tensor in plan:
         block = ".".join(tensor.split(".")[:2])
@@ -486,4 +489,5 @@ def slim_summary(source: str) -> dict:
     return {"source": source, "base_architecture": spec["base_architecture"], "class": type(slim).__name__,
             "input_size": input_size, "stages": _stage_widths(base, slim),
             "metrics": _complete_metrics(slim, base, input_size, None),
-            "pruned_tensors": len(plan), "total_tensors": len(slim.state_dict()), "pruned_by_block": blocks}
+            "pruned_tensors": len(plan), "total_tensors": len(slim.state_dict()), "pruned_by_block": blocks,
+            "heads": {block: (n, after[block]) for block, n in head_counts(base).items() if after.get(block, n) != n}}
