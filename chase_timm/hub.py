@@ -192,6 +192,8 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *,
             for tensor in export.state_dict(keep_vars=True).values():  # what the reloaded model computes with);
                 tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)  # the user's model is kept
         export.pretrained_cfg = cfg
+        if _shares_memory(export.state_dict()):  # e.g. CoaT registers one conv under several names; safetensors
+            export.state_dict = functools.partial(_unshared_state_dict, export)  # refuses that, timm reloads both
         record_model_args(export, spec.pop("base_args"))
         save_for_hf(export, str(staging), model_args={"chase": spec}, safe_serialization=True,
                     data_config={k: cfg[k] for k in _DATA_KEYS if k in cfg},
@@ -208,6 +210,24 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *,
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def _shares_memory(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether two state_dict entries share storage (one module or tensor registered under several names)."""
+    storages = [t.untyped_storage().data_ptr() for t in state.values() if t.numel()]
+    return len(storages) != len(set(storages))
+
+
+def _unshared_state_dict(model: nn.Module, *args: Any, **kwargs: Any) -> dict:
+    """``model``'s state_dict with every entry after the first on a shared storage cloned (what safetensors needs;
+    loading writes the same values into the one shared tensor under each name)."""
+    state, seen = type(model).state_dict(model, *args, **kwargs), set()
+    for name, tensor in state.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen and tensor.numel():
+            state[name] = tensor.clone()
+        seen.add(ptr)
+    return state
 
 
 def _row_major(tensor: torch.Tensor) -> bool:
