@@ -74,14 +74,17 @@ def umm_scores(groups: Sequence[ChannelGroup], tensors: Mapping[str, torch.Tenso
 
 def select_channels(scores: Mapping[str, torch.Tensor], alive: Mapping[str, torch.Tensor],
                     floors: Mapping[str, int], n_remove: int, generator: torch.Generator,
-                    round_to: int = 1) -> Dict[str, torch.Tensor]:
+                    round_to: int = 1, units: Optional[Mapping[str, int]] = None) -> Dict[str, torch.Tensor]:
     """Choose ``n_remove`` alive channels with the globally lowest score, never below a group's floor.
 
     Water-filling: channels are visited from the lowest score up (exact ties in random order from the shared
     generator) and skipped once their group sits at its floor, so a saturated group's share flows to the
-    others. With ``round_to > 1`` each group then keeps a multiple of ``round_to`` channels (rounding up,
-    i.e. restoring its highest-scored picks, so floors always hold). Returns removed indices per group.
+    others. ``units``: channels one entry of a group stands for (an attention head: ``head_dim``; default 1);
+    the last pick may overshoot ``n_remove`` by less than its unit. With ``round_to > 1`` each unit-1 group then
+    keeps a multiple of ``round_to`` channels (rounding up, i.e. restoring its highest-scored picks, so floors
+    always hold). Returns removed indices per group.
     """
+    units = units or {}
     names = [n for n in scores if bool(alive[n].any())]
     if n_remove <= 0 or not names:
         return {}
@@ -106,9 +109,9 @@ def select_channels(scores: Mapping[str, torch.Tensor], alive: Mapping[str, torc
         if room[gi] > 0:
             chosen[gi].append(ci)
             room[gi] -= 1
-            taken += 1
+            taken += units.get(names[gi], 1)
     if round_to > 1:
-        for gi, picks in chosen.items():
+        for gi, picks in ((gi, p) for gi, p in chosen.items() if units.get(names[gi], 1) == 1):
             kept = int(alive[names[gi]].sum()) - len(picks)
             excess = (-kept) % round_to  # channels to give back so the kept count is a multiple
             if excess:
@@ -154,7 +157,8 @@ class ChannelState:
     - ``groups``: every coupled channel group of the model as it is now (physically shrunk groups re-indexed);
       ``prunable``: those Chase may thin (removable, with a Conv/Linear producer to score);
     - ``alive``: ``{group: bool flags}`` in the current numbering; ``floors``: the fewest channels a group keeps;
-      ``total``: prunable channels of the original model;
+      ``units``: channels one entry of a group counts for (``head_dim`` for an attention head's group, else 1);
+      ``total``: prunable channels of the original model (``width * unit`` summed: the S_c budget's unit);
     - ``allowed``: channel mask F (bool) of every sparse weight touched by a removed channel still in the model;
       ``channel_masks``: F of the other tensors so touched (norm weights, biases, ...), in their dtype.
     """
@@ -164,9 +168,10 @@ class ChannelState:
         self.groups = groups
         self.prunable = [g for g in groups if g.prunable and g.producers()]
         self.alive = {g.name: torch.ones(g.width, dtype=torch.bool) for g in self.prunable}
-        self.floors = {g.name: group_floor(g.width, channel_sparsity, min_channel_ratio, round_to)
+        self.units = {g.name: g.unit for g in self.prunable}
+        self.floors = {g.name: group_floor(g.width, channel_sparsity, min_channel_ratio, round_to if g.unit == 1 else 1)
                        for g in self.prunable}
-        self.total = sum(g.width for g in self.prunable)
+        self.total = sum(g.width * g.unit for g in self.prunable)
         self.allowed: Dict[str, torch.Tensor] = {}
         self.channel_masks: Dict[str, torch.Tensor] = {}
         # physical shrinking: original channel number of every channel still in the model, original widths,
@@ -177,8 +182,8 @@ class ChannelState:
         self._base: Optional[nn.Module] = None
 
     def alive_count(self) -> int:
-        """Prunable channels still alive."""
-        return sum(int(a.sum()) for a in self.alive.values())
+        """Prunable channels still alive (an attention head counts its ``head_dim`` channels)."""
+        return sum(int(a.sum()) * self.units[n] for n, a in self.alive.items())
 
     def scores(self, tensors: Mapping[str, torch.Tensor], fanin: str) -> Dict[str, torch.Tensor]:
         """UMM of every prunable group's channels (see :func:`umm_scores`)."""
@@ -192,7 +197,8 @@ class ChannelState:
         n_remove = math.ceil(self.alive_count() - self.total * (1.0 - sparsity) - 1e-9)
         if n_remove <= 0:
             return False
-        removed = select_channels(self.scores(tensors, fanin), self.alive, self.floors, n_remove, generator, round_to)
+        removed = select_channels(self.scores(tensors, fanin), self.alive, self.floors, n_remove, generator, round_to,
+                                  self.units)
         for name, idx in removed.items():
             self.alive[name][idx] = False
         return True
@@ -252,7 +258,7 @@ class ChannelState:
         rows = []
         for group in self.groups:
             row = {"group": group.name, "width_before": self._base_width[group.name], "width_after": group.width,
-                   "residual": group.residual, "prunable": group.name in self.alive, "reason": group.reason}
+                   "unit": group.unit, "residual": group.residual, "prunable": group.name in self.alive, "reason": group.reason}
             if group.name in self.alive:
                 alive = self.alive[group.name]
                 kept = scores[group.name][alive]

@@ -18,7 +18,7 @@ import random
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -30,7 +30,8 @@ from . import norms
 from ._timm import classifier_modules, deepcopy_model, default_example_input
 from .adapters.autograd import (new_forward_hooks_removed, result_shape, saved_dim, saved_input_shape,
                                 saved_permutation)
-from .adapters.torch_pruning import flatten_stride, root_dependency, root_positions
+from .adapters.torch_pruning import flatten_stride, root_dependency, root_positions, tolerant_index_mapping
+from .heads import HeadSpec, head_spec
 from .slim import slice_in_place
 
 __all__ = ["ChannelSlice", "ChannelGroup", "find_channel_groups", "tensor_removals", "reindex_groups"]
@@ -42,6 +43,7 @@ TIMEOUT_REASON = "discovery time limit reached"
 TOKEN_REASON = "its channels are the token axis of a token-mixing MLP (removing one would remove a token)"
 _TOLERANCE = 1e-4  # max |masked - sliced| relative to the output scale
 _MAX_EXPANSION = 256  # positions per channel a flatten->Linear may produce (a 16x16 map; 7x7 at 224 px)
+_MAX_POSITIONS = 1024  # positions per channel one group's walk may visit (ViT-S with prune_skip: 180)
 _LAYERS = (ops.OPTYPE.CONV, ops.OPTYPE.DEPTHWISE_CONV, ops.OPTYPE.LINEAR)
 _LINEAR_PARTS = ("MmBackward", "AddmmBackward", "ViewBackward", "UnsafeViewBackward", "ReshapeAlias")
 _SCALE_SHIFT_OPS = ("Mul", "Add", "Sub", "Div", "Expand", "View", "Reshape", "UnsafeView", "Unsqueeze",
@@ -77,6 +79,7 @@ class ChannelGroup:
     residual: bool
     prunable: bool
     reason: str
+    unit: int = 1  # channels one class stands for in the channel budget: 1, or head_dim for an attention head
 
     def producers(self) -> tuple[ChannelSlice, ...]:
         """Slices with role ``producer`` (output rows of Conv/Linear weights; for UMM scoring)."""
@@ -85,12 +88,12 @@ class ChannelGroup:
     def to_dict(self) -> dict:
         """Plain JSON-safe data."""
         return {"name": self.name, "width": self.width, "slices": [s.to_dict() for s in self.slices],
-                "residual": self.residual, "prunable": self.prunable, "reason": self.reason}
+                "residual": self.residual, "prunable": self.prunable, "reason": self.reason, "unit": self.unit}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "ChannelGroup":
         return cls(str(d["name"]), int(d["width"]), tuple(ChannelSlice.from_dict(s) for s in d["slices"]),
-                   bool(d["residual"]), bool(d["prunable"]), str(d["reason"]))
+                   bool(d["residual"]), bool(d["prunable"]), str(d["reason"]), int(d.get("unit", 1)))
 
 
 def find_channel_groups(
@@ -104,14 +107,14 @@ def find_channel_groups(
     deadline = time.monotonic() + timeout
     inputs = _as_inputs(model, example_inputs)
     try:
-        with _tracing(model):
+        with _tracing(model), tolerant_index_mapping() as unmapped:
             graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=inputs, forward_fn=lambda m, args: m(*args), verbose=False)
     except Exception as err:  # never break the caller's training: report, don't raise
         return _placeholders(model, f"dependency graph could not be built: {type(err).__name__}: {str(err).strip()}")
     if time.monotonic() > deadline:
         return _placeholders(model, TIMEOUT_REASON)
-    drafts = _discover(graph, model, deadline)
+    drafts = _discover(graph, model, deadline, unmapped)
     _flag_overlaps(drafts)
     groups = [d.decide(prune_skip) for d in drafts]
     return _verified(model, groups, inputs, deadline)
@@ -158,7 +161,7 @@ def reindex_groups(groups: Sequence[ChannelGroup], removed: Mapping[str, Sequenc
                                      "group's removal cuts")
                 index.append(tuple(p - bisect.bisect_left(cut, p) for p in s.index[c]))
             slices.append(ChannelSlice(s.tensor, s.dim, tuple(index), s.role))
-        out.append(ChannelGroup(group.name, len(keep), tuple(slices), group.residual, group.prunable, group.reason))
+        out.append(replace(group, width=len(keep), slices=tuple(slices)))
     return out
 
 
@@ -232,6 +235,7 @@ class _Draft:
     problems: list[tuple[int, str]] = field(default_factory=list)  # (rank, reason); lowest rank is reported
     classes: list[list[int]] = field(default_factory=list)
     covers: dict[nn.Module, set[int]] = field(default_factory=dict)  # Conv/Linear output channels taken
+    unit: int = 1                   # channels one class counts for in the budget (an attention head: head_dim)
 
     def problem(self, reason: str, rank: int = 5) -> None:
         """Record why the group can't be pruned; ``rank`` orders reasons (0 = most fundamental)."""
@@ -242,7 +246,7 @@ class _Draft:
         """The group with its prunable verdict (before numerical verification)."""
         slices = tuple(ChannelSlice(r.tensor, r.dim, _class_index(r, self.classes), r.role) for r in self.raws)
         reason = min(self.problems)[1] if self.problems else (RESIDUAL_REASON if self.residual and not prune_skip else "")
-        return ChannelGroup(self.name, len(self.classes), slices, self.residual, not reason, reason)
+        return ChannelGroup(self.name, len(self.classes), slices, self.residual, not reason, reason, self.unit)
 
 
 def _class_index(raw: _Raw, classes: list[list[int]]) -> tuple[tuple[int, ...], ...]:
@@ -256,22 +260,27 @@ class _Context:
     names: dict[int, str]
     module_names: dict[nn.Module, str]
     heads: set[int]
+    unmapped: set        # nodes whose index mapping torch-pruning could not derive
 
 
-def _discover(graph: tp.DependencyGraph, model: nn.Module, deadline: float) -> list[_Draft]:
+def _discover(graph: tp.DependencyGraph, model: nn.Module, deadline: float, unmapped: set) -> list[_Draft]:
     """One draft group per Conv/Linear root whose output channels no earlier group covered."""
     ctx = _Context(graph, _tensor_names(model), {m: n for n, m in model.named_modules()},
-                   set(map(id, classifier_modules(model))))
+                   set(map(id, classifier_modules(model))), unmapped)
     covered: dict[nn.Module, set[int]] = {}
     drafts = []
+    for name, module in model.named_modules():  # attention heads first: their q/k/v outputs are taken
+        spec = head_spec(module)
+        if spec is not None:
+            drafts.append(_head_draft(ctx, name, module, spec, covered))
     for name, module in model.named_modules():
         if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or id(module) in ctx.heads:
             continue
         todo = [i for i in range(_out_channels(module)) if i not in covered.get(module, ())]
+        if not todo:
+            continue
         if module not in graph.module2node:
             drafts.append(_unreached(name, todo, "not used in the traced forward pass"))
-            continue
-        if not todo:
             continue
         if time.monotonic() > deadline:
             drafts.append(_unreached(name, todo, TIMEOUT_REASON))
@@ -284,6 +293,27 @@ def _discover(graph: tp.DependencyGraph, model: nn.Module, deadline: float) -> l
     return drafts
 
 
+def _head_draft(ctx: _Context, name: str, module: nn.Module, spec: HeadSpec,
+                covered: dict[nn.Module, set[int]]) -> _Draft:
+    """One channel per attention head (:mod:`chase_timm.heads`); its producers' rows are marked covered."""
+    heads = list(range(spec.heads))
+    draft = _Draft(name, heads, classes=[[h] for h in heads], unit=spec.head_dim)
+    for piece in spec.slices:
+        owner_name, _, attr = piece.tensor.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        by_root = {h: list(positions) for h, positions in enumerate(piece.index)}
+        _add_tensors(ctx, draft, owner, (attr,), piece.role, by_root, dim=piece.dim)
+        if piece.role == "producer" and isinstance(owner, (nn.modules.conv._ConvNd, nn.Linear)):
+            covered.setdefault(owner, set()).update(p for positions in piece.index for p in positions)
+            if owner not in ctx.graph.module2node and not spec.reason:
+                draft.problem("not used in the traced forward pass", 0)
+    if spec.reason:
+        draft.problem(spec.reason, 0)
+    elif spec.heads == 1:
+        draft.problem("a single attention head (removing it would delete the attention)", 6)
+    return draft
+
+
 def _unreached(name: str, channels: list[int], reason: str) -> _Draft:
     """A root whose group was not built: one class per output channel, not prunable."""
     return _Draft(name, channels, problems=[(0, reason)], classes=[[i] for i in channels])
@@ -292,7 +322,7 @@ def _unreached(name: str, channels: list[int], reason: str) -> _Draft:
 def _draft(ctx: _Context, name: str, module: nn.Module, todo: list[int], deadline: float) -> _Draft:
     """Collect the group rooted at ``module``'s output channels ``todo`` and translate every item."""
     try:
-        group, mixed = _coupled(ctx.graph, module, todo, deadline)
+        group, mixed = _coupled(ctx.graph, module, todo, deadline, ctx.unmapped)
     except TimeoutError:
         return _unreached(name, todo, TIMEOUT_REASON)
     except Exception as err:
@@ -319,31 +349,44 @@ class _Item:
 
 
 def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int],
-             deadline: float) -> tuple[list[_Item], list[str]]:
+             deadline: float, unmapped: set) -> tuple[list[_Item], list[str]]:
     """Everything coupled to ``module``'s output ``channels`` by torch-pruning's dependency rules and index
     mappings. Each (node, function, position) is visited once, by its first root channel; a position reached
     again from another channel means the op mixes channels and is reported (second return value) instead of
-    walked, which keeps ECA/ReXNet-style graphs linear instead of quadratic."""
+    walked, which keeps ECA/ReXNet-style graphs linear instead of quadratic. Positions arriving at a node that
+    is already queued join its queued batch, and a walk that visits more than ``_MAX_POSITIONS`` per channel
+    (chained reshapes, e.g. EfficientViT-MSRA's cascaded attention) stops as not prunable."""
     root = graph.module2node[module]
     fn = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
     if root.type == ops.OPTYPE.DEPTHWISE_CONV:
         fn = tp.prune_depthwise_conv_out_channels
-    start = root_positions(channels)
     deps = {(root, fn): root_dependency(root, fn)}
     owners = {(root, fn): {i: i for i in channels}}  # position -> root channel, per (node, function)
     mixed: dict[str, None] = {}
-    stack = [(root, fn, start)]
+    mixed_at: set = set()
+    pending = {(root, fn): root_positions(channels)}  # positions not walked yet; arrivals merge while queued
+    stack = [(root, fn)]
+    budget = _MAX_POSITIONS * len(channels)
     while stack:
         if time.monotonic() > deadline:
             raise TimeoutError
-        node, fn, idxs = stack.pop()
+        node, fn = stack.pop()
+        idxs = pending.pop((node, fn))
         for dep in node.dependencies:
             if not dep.is_triggered_by(fn):
                 continue
+            if dep.target in unmapped:
+                mixed[f"torch-pruning cannot map channel indices at {dep.target.name}, so the group is not "
+                      "prunable"] = None
+                continue
             mapped = _mapped(dep, idxs, _MAX_EXPANSION * len(channels))
-            if mapped is None:
+            budget -= len(mapped or ())
+            if mapped is None or budget < 0:
                 mixed[f"torch-pruning's index mapping explodes at {dep.target.name} (repeated flatten/reshape), "
                       "so the group is not prunable"] = None
+                if budget < 0:
+                    stack.clear()  # what was reached so far still marks the layers as covered
+                    break
                 continue
             key = (dep.target, dep.handler)
             known = owners.setdefault(key, {})
@@ -352,12 +395,17 @@ def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int],
                 if i.idx not in known:
                     known[i.idx] = i.root_idx
                     fresh.append(i)
-                elif known[i.idx] != i.root_idx:
+                elif known[i.idx] != i.root_idx and key not in mixed_at:
+                    mixed_at.add(key)
                     mixed[f"channels are mixed at {dep.target.name} (position {i.idx} carries several), so "
                           "masking is not equivalent to removal"] = None
             if fresh:
                 deps.setdefault(key, dep)
-                stack.append((dep.target, dep.handler, fresh))
+                if key in pending:
+                    pending[key].extend(fresh)
+                else:
+                    pending[key] = fresh
+                    stack.append(key)
     items = [_Item(deps[key], list(pos), list(pos.values())) for key, pos in owners.items() if pos]
     return items, list(mixed)
 
@@ -646,14 +694,18 @@ def _form_classes(draft: _Draft) -> None:
 def _flag_overlaps(drafts: Sequence[_Draft]) -> None:
     """Groups must be disjoint: a tensor position claimed by two groups makes both non-prunable."""
     by_name = {d.name: d for d in drafts}
-    owner: dict[tuple[str, int, int], str] = {}
+    owners: dict[tuple[str, int], dict[int, str]] = {}
     for draft in drafts:
         for raw in draft.raws:
+            owner = owners.setdefault((raw.tensor, raw.dim), {})
+            clashes = set()
             for p in {p % raw.local if raw.local else p for ps in raw.by_root.values() for p in ps}:
-                other = owner.setdefault((raw.tensor, raw.dim, p), draft.name)
+                other = owner.setdefault(p, draft.name)
                 if other != draft.name:
-                    draft.problem(f"shares {raw.tensor} dim {raw.dim} with group {other!r}")
-                    by_name[other].problem(f"shares {raw.tensor} dim {raw.dim} with group {draft.name!r}")
+                    clashes.add(other)
+            for other in sorted(clashes):
+                draft.problem(f"shares {raw.tensor} dim {raw.dim} with group {other!r}")
+                by_name[other].problem(f"shares {raw.tensor} dim {raw.dim} with group {draft.name!r}")
 
 
 # ------------------------------------------------------------------------------------------ verification
@@ -713,7 +765,7 @@ def _draw(shape: tuple, gen: torch.Generator) -> torch.Tensor:
 
 
 def _with_reason(group: ChannelGroup, reason: str) -> ChannelGroup:
-    return ChannelGroup(group.name, group.width, group.slices, group.residual, False, reason)
+    return replace(group, prunable=False, reason=reason)
 
 
 def _bisect(model: nn.Module, batch: list[ChannelGroup], subsets: dict, inputs: tuple,

@@ -34,6 +34,7 @@ from ._timm import classifier_modules, deepcopy_model, model_input_size, unwrap_
 from .adapters.autograd import has_non_persistent_buffers
 from .adapters.timm import record_model_args, recorded_model_args
 from .config import ChaseConfig
+from .heads import head_counts
 from .metrics import count_flops
 from .slim import apply_width_plan, width_plan
 
@@ -191,6 +192,8 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *,
             for tensor in export.state_dict(keep_vars=True).values():  # what the reloaded model computes with);
                 tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)  # the user's model is kept
         export.pretrained_cfg = cfg
+        if _shares_memory(export.state_dict()):  # e.g. CoaT registers one conv under several names; safetensors
+            export.state_dict = functools.partial(_unshared_state_dict, export)  # refuses that, timm reloads both
         record_model_args(export, spec.pop("base_args"))
         save_for_hf(export, str(staging), model_args={"chase": spec}, safe_serialization=True,
                     data_config={k: cfg[k] for k in _DATA_KEYS if k in cfg},
@@ -207,6 +210,24 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *,
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def _shares_memory(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether two state_dict entries share storage (one module or tensor registered under several names)."""
+    storages = [t.untyped_storage().data_ptr() for t in state.values() if t.numel()]
+    return len(storages) != len(set(storages))
+
+
+def _unshared_state_dict(model: nn.Module, *args: Any, **kwargs: Any) -> dict:
+    """``model``'s state_dict with every entry after the first on a shared storage cloned (what safetensors needs;
+    loading writes the same values into the one shared tensor under each name)."""
+    state, seen = type(model).state_dict(model, *args, **kwargs), set()
+    for name, tensor in state.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen and tensor.numel():
+            state[name] = tensor.clone()
+        seen.add(ptr)
+    return state
 
 
 def _row_major(tensor: torch.Tensor) -> bool:
@@ -465,7 +486,8 @@ def _upload(folder: Path, repo_id: str, token, private, revision, commit_message
 
 
 def slim_summary(source: str) -> dict:
-    """What ``chase-timm info`` prints: base, per-stage widths, parameters, dense FLOPs, pruned tensors.
+    """What ``chase-timm info`` prints: base, per-stage widths, parameters, dense FLOPs, pruned tensors, attention
+    heads per block (``heads``: {module: (before, after)} for blocks that lost heads).
 
     Built on ``meta`` (no weights are read): ``source`` is ``hf-hub:ORG/NAME``, ``local-dir:PATH`` or a path.
     """
@@ -479,6 +501,7 @@ def slim_summary(source: str) -> dict:
     spec, base = _slim_spec(slim)
     input_size = model_input_size(slim)
     plan = spec["width_plan"]["tensors"]
+    after = head_counts(slim)
     blocks: dict[str, int] = {}
     for tensor in plan:
         block = ".".join(tensor.split(".")[:2])
@@ -486,4 +509,5 @@ def slim_summary(source: str) -> dict:
     return {"source": source, "base_architecture": spec["base_architecture"], "class": type(slim).__name__,
             "input_size": input_size, "stages": _stage_widths(base, slim),
             "metrics": _complete_metrics(slim, base, input_size, None),
-            "pruned_tensors": len(plan), "total_tensors": len(slim.state_dict()), "pruned_by_block": blocks}
+            "pruned_tensors": len(plan), "total_tensors": len(slim.state_dict()), "pruned_by_block": blocks,
+            "heads": {block: (n, after[block]) for block, n in head_counts(base).items() if after.get(block, n) != n}}

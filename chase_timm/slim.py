@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 
 from ._timm import classifier_tensor_names, deepcopy_model, default_example_input, named_tensors
+from .adapters.autograd import non_persistent_buffer_names
+from .heads import has_heads, refresh_heads
 from .norms import follow_masks
 
 __all__ = ["slim_copy", "slice_in_place", "meta_clone", "sliced", "width_plan", "apply_width_plan", "recalibrate_batchnorm"]
@@ -59,15 +61,20 @@ def width_plan(model: nn.Module, base: nn.Module) -> dict:
 
     A plan entry lists the new size of every changed dim and ``None`` for dims left as they are (so
     overrides such as ``num_classes`` or ``in_chans`` of the model it is replayed on still apply; a
-    classifier's class dim is always ``None``). ``base`` records what the plan was made for: a digest of
-    the base's tensor names and the base shape of every planned tensor, which ``apply_width_plan`` checks.
+    classifier's class dim is always ``None``; a non-persistent buffer that grew is a cache the model rebuilds
+    for its input size and is left out). ``base`` records what the plan was made for: a digest of the base's
+    tensor names and the base shape of every planned tensor, which ``apply_width_plan`` checks.
     """
     base_shapes = {name: list(t.shape) for name, t in named_tensors(base)}
     classifier = classifier_tensor_names(model)
+    caches = non_persistent_buffer_names(model)
     tensors, planned_base = {}, {}
     for name, tensor in named_tensors(model):
         if name not in base_shapes:
             raise ValueError(f"tensor {name!r} does not exist in the base model; is it the same architecture?")
+        grown = any(size > base for size, base in zip(tensor.shape, base_shapes[name]))
+        if name in caches and (grown or tensor.dim() != len(base_shapes[name])):
+            continue  # a cache the model rebuilds for its input size (ConViT's rel_indices), not a width
         if tensor.dim() != len(base_shapes[name]):
             raise ValueError(f"tensor {name!r} is {tensor.dim()}-d here but {len(base_shapes[name])}-d in the base")
         shape = [None if size == base else size for size, base in zip(tensor.shape, base_shapes[name])]
@@ -219,6 +226,10 @@ def _resize(model: nn.Module, new: Mapping[str, torch.Tensor], slots, refresh: b
             touched.append(module)
     for module in dict.fromkeys(touched):
         _fix_module(module, _module_name(model, module))
+    resized = set(touched)
+    for name, module in model.named_modules():  # attention modules re-derive num_heads etc. from their tensors
+        if has_heads(module) and resized.intersection(module.modules()):
+            refresh_heads(module, name)
     if before is not None:
         _refresh_timm_attrs(model, before, _measure(model, strict=True))
 

@@ -67,16 +67,22 @@ def test_discovery_leaves_model_untouched():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
-def test_vit_mlp_hidden_units_are_prunable_attention_is_not():
+def test_vit_mlp_hidden_units_and_attention_heads_are_prunable():
     groups = find_channel_groups(_timm("vit_tiny_patch16_224", img_size=32), torch.randn(1, 3, 32, 32))
-    prunable = [g for g in groups if g.prunable]
-    assert sorted(g.name for g in prunable) == sorted(f"blocks.{i}.mlp.fc1" for i in range(12))
-    assert all(g.width == 768 for g in prunable)
-    fc1 = prunable[0]
+    prunable = {g.name: g for g in groups if g.prunable}
+    assert sorted(prunable) == sorted([f"blocks.{i}.mlp.fc1" for i in range(12)] + [f"blocks.{i}.attn" for i in range(12)])
+    fc1 = prunable["blocks.0.mlp.fc1"]
+    assert fc1.width == 768
     assert {(s.tensor.split(".", 3)[-1], s.dim, s.role) for s in fc1.slices} == {
         ("fc1.weight", 0, "producer"), ("fc1.bias", 0, "bias"), ("fc2.weight", 1, "consumer")}
-    qkv = [g for g in groups if g.name.endswith("attn.qkv")]
-    assert len(qkv) == 12 and all(not g.prunable and "attention heads" in g.reason for g in qkv)
+    heads = prunable["blocks.0.attn"]  # one channel per head: its q, k, v rows and proj columns (chase_timm.heads)
+    assert (heads.width, heads.unit) == (3, 64)
+    assert {(s.tensor, s.dim, s.role) for s in heads.slices} == {
+        ("blocks.0.attn.qkv.weight", 0, "producer"), ("blocks.0.attn.qkv.bias", 0, "bias"),
+        ("blocks.0.attn.proj.weight", 1, "consumer")}
+    qkv = heads.slices[0].index[1]  # head 1: q rows 64..127, k rows 256..319, v rows 448..511
+    assert qkv == tuple(range(64, 128)) + tuple(range(256, 320)) + tuple(range(448, 512))
+    assert not any(g.name.endswith("attn.qkv") for g in groups)  # the head groups own the q/k/v rows
     stream = next(g for g in groups if g.name == "patch_embed.proj")
     assert stream.residual and "prune_skip" in stream.reason  # its LayerNorms are no reason (tests/test_norms.py)
 

@@ -305,6 +305,15 @@ def test_a_model_that_keeps_no_img_size_attribute_is_saved_at_the_size_timm_buil
     assert tuple(json.loads((folder / "config.json").read_text())["pretrained_cfg"]["input_size"]) == (3, 64, 64)
 
 
+def test_a_model_that_shares_a_module_under_two_names_saves_and_reloads_tied(tmp_path):
+    # CoaT registers one conv as cpe1 and as serial_blocks1.*.cpe; safetensors refuses storage shared by two keys
+    model = timm.create_model("coat_tiny", img_size=32, num_classes=5).eval()
+    folder = chase_timm.save_pretrained(model, tmp_path / "coat", data_config={"input_size": (3, 32, 32)})
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), model(x)) and loaded.serial_blocks1[0].cpe is loaded.cpe1
+
+
 def test_save_refuses_a_model_that_is_not_a_slim_timm_model(tmp_path):
     features = timm.create_model("resnet18", features_only=True)
     with pytest.raises(ValueError, match="not a wrapper or a features_only model"):

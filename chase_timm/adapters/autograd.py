@@ -17,7 +17,7 @@ import torch.nn as nn
 from . import require
 
 __all__ = ["check_version", "saved_input_shape", "result_shape", "saved_dim", "saved_permutation", "new_forward_hooks_removed",
-           "has_non_persistent_buffers", "forward_hooks", "remove_forward_hooks"]
+           "has_non_persistent_buffers", "non_persistent_buffer_names", "forward_hooks", "remove_forward_hooks"]
 
 
 def check_version(found: str = torch.__version__) -> None:
@@ -70,6 +70,12 @@ def new_forward_hooks_removed(modules: Iterable[nn.Module]) -> Iterator[None]:
                 del m._forward_hooks[key]
 
 
+def non_persistent_buffer_names(model: nn.Module) -> set[str]:
+    """Qualified names of the buffers registered with ``persistent=False`` (not in the state_dict)."""
+    return {f"{prefix}.{name}" if prefix else name
+            for prefix, m in model.named_modules() for name in m._non_persistent_buffers_set}
+
+
 def forward_hooks(module: nn.Module, kind: type) -> list:
     """The forward hooks of ``module`` that are instances of ``kind`` (hook objects survive deep copies)."""
     return [h for h in module._forward_hooks.values() if isinstance(h, kind)]
@@ -83,4 +89,4 @@ def remove_forward_hooks(module: nn.Module, kind: type) -> None:
 
 def has_non_persistent_buffers(model: nn.Module) -> bool:
     """Whether any submodule holds a buffer registered with ``persistent=False`` (not in its state_dict)."""
-    return any(m._non_persistent_buffers_set for m in model.modules())
+    return bool(non_persistent_buffer_names(model))

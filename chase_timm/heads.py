@@ -1,0 +1,221 @@
+"""Attention heads as channel groups: which tensor positions belong to each head of timm's attention modules.
+
+A head is removed whole: its q, k and v rows (with biases and per-row norms), the output projection's columns,
+per-head tables (Swin's relative position bias column, LeViT's attention-bias row) and gate rows. Zeroing a
+head's v rows (and v bias) makes its attention output exactly zero whatever q and k (and q_norm / k_norm) do, and
+its projection columns are zero too, so the masked model computes what the model without the head computes, on
+the fused ``scaled_dot_product_attention`` path and the eager path alike: ``head_dim`` does not change, so
+neither does the scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``).
+
+Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), and
+:func:`refresh_heads` re-derives a resized module's attributes (``num_heads``, ``attn_dim``, ...) from its tensor
+shapes; :mod:`chase_timm.graph` turns the spec into a channel group with one channel per head and
+:mod:`chase_timm.slim` calls the refresh on every resize.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.nn as nn
+from timm.layers import Attention, AttentionRope
+from timm.models import beit, cait, eva, levit, swin_transformer, swin_transformer_v2
+
+__all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "refresh_heads", "head_counts"]
+
+_INPUT_WIDTH = "reshapes the heads' output back to the input width (reshape(B, N, C)), so removing a head breaks it"
+_RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention, levit.AttentionDownsample)
+_LEFT_WHOLE = {
+    eva.EvaAttention: _INPUT_WIDTH,
+    beit.Attention: _INPUT_WIDTH,
+    swin_transformer_v2.WindowAttention: _INPUT_WIDTH,
+    cait.ClassAttn: _INPUT_WIDTH,
+    cait.TalkingHeadAttn: "mixes heads before and after the softmax (proj_l, proj_w), so a head is not separable",
+}
+
+
+@dataclass(frozen=True)
+class HeadSlice:
+    """Positions of one tensor (named relative to the attention module) that belong to each head."""
+
+    tensor: str
+    dim: int
+    role: str  # producer (scored by UMM), bias, norm, consumer or free, as in chase_timm.graph
+    index: tuple[tuple[int, ...], ...]  # head h -> positions along ``dim``
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """An attention module's heads: how many, channels per head (the budget's unit) and their slices."""
+
+    heads: int
+    head_dim: int
+    slices: tuple[HeadSlice, ...]
+    reason: str = ""  # non-empty: the heads must stay, and why
+
+
+def head_spec(module: nn.Module) -> Optional[HeadSpec]:
+    """The heads of a known timm attention module (``reason`` set when they must stay), else ``None``."""
+    kind = type(module)
+    if kind in (Attention, AttentionRope):
+        return _timm_attention(module)
+    if kind is swin_transformer.WindowAttention:
+        return _swin(module)
+    if kind in (levit.Attention, levit.AttentionDownsample):
+        return _levit(module)
+    if kind in _LEFT_WHOLE:
+        return _left_whole(module, _LEFT_WHOLE[kind])
+    return None
+
+
+def has_heads(module: nn.Module) -> bool:
+    """Whether ``module`` is an attention module whose heads can be removed (and :func:`refresh_heads` re-derives)."""
+    return type(module) in _RESIZABLE
+
+
+def refresh_heads(module: nn.Module, name: str = "attention") -> None:
+    """Re-derive a (resized) attention module's head attributes from its tensor shapes; ValueError if they
+    disagree. ``head_dim`` and ``scale`` never change (whole heads only); other modules are left alone."""
+    kind = type(module)
+    if kind in (Attention, AttentionRope):
+        attn_dim = module.proj.in_features
+        module.num_heads = _heads(name, attn_dim, module.head_dim)
+        module.attn_dim = attn_dim
+        if kind is AttentionRope:
+            module.kv_dim = attn_dim if module.qkv is not None else module.k_proj.out_features
+            module.num_kv_heads = _heads(name, module.kv_dim, module.head_dim)
+            module.num_kv_groups = module.num_heads // module.num_kv_heads
+        q_rows = module.qkv.out_features // 3 if module.qkv is not None else module.q_proj.out_features
+        _check(name, "q/k/v rows", q_rows, attn_dim)
+    elif kind is swin_transformer.WindowAttention:
+        module.num_heads = module.relative_position_bias_table.shape[1]
+        _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
+    elif kind in (levit.Attention, levit.AttentionDownsample):
+        heads = module.attention_biases.shape[0]
+        module.num_heads = heads
+        module.key_attn_dim, module.val_attn_dim = module.key_dim * heads, module.val_dim * heads
+        module.attention_bias_cache = {}  # eval-mode cache of the old (num_heads, N, N) biases
+        qkv = module.qkv if kind is levit.Attention else module.kv
+        per_head = module.val_dim + module.key_dim * (2 if kind is levit.Attention else 1)
+        _check(name, "qkv rows", _rows(qkv.linear), heads * per_head)
+        _check(name, "proj columns", _columns(module.proj.ln.linear), module.val_attn_dim)
+
+
+def head_counts(model: nn.Module) -> dict[str, int]:
+    """``num_heads`` of every attention module :func:`head_spec` knows, by module name (e.g. heads left per block)."""
+    return {name: int(m.num_heads) for name, m in model.named_modules() if head_spec(m) is not None}
+
+
+# ------------------------------------------------------------------------------------------------- specs
+
+def _blocks(heads: int, size: int, offset: int = 0, stride: int = 0) -> tuple[tuple[int, ...], ...]:
+    """Head h -> ``size`` consecutive positions from ``offset + h * (stride or size)``."""
+    step = stride or size
+    return tuple(tuple(range(offset + h * step, offset + h * step + size)) for h in range(heads))
+
+
+def _cat(*parts: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+    return tuple(sum(per_head, ()) for per_head in zip(*parts))
+
+
+def _linear_slices(prefix: str, layer: Optional[nn.Module], index: tuple, role: str = "producer") -> list[HeadSlice]:
+    """Weight rows (+ bias) of a Linear/1x1 conv producing the heads' positions ``index``."""
+    if layer is None:
+        return []
+    out = [HeadSlice(f"{prefix}.weight", 0, role, index)]
+    if getattr(layer, "bias", None) is not None:
+        out.append(HeadSlice(f"{prefix}.bias", 0, "bias", index))
+    return out
+
+
+def _timm_attention(module: nn.Module) -> HeadSpec:
+    """timm.layers Attention / AttentionRope: fused qkv (q | k | v blocks) or separate q/k/v projections."""
+    heads, hd = module.num_heads, module.head_dim
+    per_head = _blocks(heads, hd)
+    if module.qkv is not None:
+        slices = _linear_slices("qkv", module.qkv, _cat(*(_blocks(heads, hd, i * heads * hd) for i in range(3))))
+    else:  # grouped-query attention: query head h reads k/v head h // num_kv_groups
+        kv = tuple(per_head[h // getattr(module, "num_kv_groups", 1)] for h in range(heads))
+        slices = [s for p, index in (("q_proj", per_head), ("k_proj", kv), ("v_proj", kv))
+                  for s in _linear_slices(p, getattr(module, p), index)]
+    slices += _linear_slices("gate", module.gate, per_head)
+    slices.append(HeadSlice("proj.weight", 1, "consumer", per_head))
+    reason = ""
+    if getattr(module, "num_kv_groups", 1) > 1:
+        reason = "grouped-query attention: a k/v head serves several query heads"
+    elif not isinstance(module.norm, nn.Identity):
+        reason = (f"scale_norm ({type(module.norm).__name__}) normalises across all heads, so a zeroed head "
+                  "changes the others")
+    return HeadSpec(heads, hd, tuple(slices), reason)
+
+
+def _swin(module: nn.Module) -> HeadSpec:
+    """Swin WindowAttention: fused qkv, one relative-position-bias column per head (its reshapes use -1)."""
+    heads = module.num_heads
+    hd = module.proj.in_features // heads
+    slices = _linear_slices("qkv", module.qkv, _cat(*(_blocks(heads, hd, i * heads * hd) for i in range(3))))
+    slices += [HeadSlice("proj.weight", 1, "consumer", _blocks(heads, hd)),
+               HeadSlice("relative_position_bias_table", 1, "free", _blocks(heads, 1))]
+    return HeadSpec(heads, hd, tuple(slices))
+
+
+def _levit(module: nn.Module) -> HeadSpec:
+    """LeViT Attention / AttentionDownsample: q, k, v interleaved per head in one LinearNorm/ConvNorm (with its
+    BatchNorm), one attention-bias row per head; the projection's input passes an activation with act(0) = 0."""
+    heads, kd, vd = module.num_heads, module.key_dim, module.val_dim
+    if type(module) is levit.Attention:
+        qkv = _blocks(heads, 2 * kd + vd)
+        slices = _norm_linear("qkv", qkv)
+    else:
+        slices = _norm_linear("kv", _blocks(heads, kd + vd)) + _norm_linear("q.ln", _blocks(heads, kd))
+    slices += [HeadSlice("proj.ln.linear.weight", 1, "consumer", _blocks(heads, vd)),
+               HeadSlice("attention_biases", 0, "free", _blocks(heads, 1))]
+    reason = "" if _acts_keep_zero(module.proj.act) else (
+        f"the projection's {type(module.proj.act).__name__} does not map 0 to 0")
+    return HeadSpec(heads, vd, tuple(slices), reason)
+
+
+def _norm_linear(prefix: str, index: tuple) -> list[HeadSlice]:
+    """LeViT's LinearNorm / ConvNorm: bias-free weight rows plus the BatchNorm's per-channel tensors."""
+    return [HeadSlice(f"{prefix}.linear.weight", 0, "producer", index),
+            *(HeadSlice(f"{prefix}.bn.{t}", 0, "norm", index) for t in ("weight", "bias", "running_mean", "running_var"))]
+
+
+def _acts_keep_zero(act: nn.Module) -> bool:
+    return isinstance(act, (nn.Hardswish, nn.SiLU, nn.GELU, nn.ReLU, nn.Identity))
+
+
+def _left_whole(module: nn.Module, reason: str) -> HeadSpec:
+    """A module whose heads stay: its q/k/v producer rows, so its group is reported with this reason."""
+    heads = module.num_heads
+    qkv = getattr(module, "qkv", None)
+    if isinstance(qkv, nn.Linear):
+        hd = qkv.out_features // 3 // heads
+        slices = [HeadSlice("qkv.weight", 0, "producer", _cat(*(_blocks(heads, hd, i * heads * hd) for i in range(3))))]
+    else:
+        layers = [(p, getattr(module, p, None)) for p in ("q_proj", "k_proj", "v_proj", "q", "k", "v")]
+        layers = [(p, m) for p, m in layers if isinstance(m, nn.Linear)]
+        hd = layers[0][1].out_features // heads
+        slices = [HeadSlice(f"{p}.weight", 0, "producer", _blocks(heads, hd)) for p, _ in layers]
+    return HeadSpec(heads, hd, tuple(slices), f"{type(module).__name__} {reason}")
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+def _rows(layer: nn.Module) -> int:
+    return layer.weight.shape[0]
+
+
+def _columns(layer: nn.Module) -> int:
+    return layer.weight.shape[1]
+
+
+def _heads(name: str, width: int, head_dim: int) -> int:
+    if head_dim <= 0 or width % head_dim:
+        raise ValueError(f"{name}: attention width {width} is not a whole number of {head_dim}-wide heads")
+    return width // head_dim
+
+
+def _check(name: str, what: str, actual: int, expected: int) -> None:
+    if actual != expected:
+        raise ValueError(f"{name}: {what} ({actual}) do not match the heads left ({expected}); heads are removed whole")

@@ -1,0 +1,123 @@
+"""Attention heads as channel groups: whole heads are removed exactly, on the fused and the eager attention path.
+
+For ViT, Swin and LeViT: a float64 shrinking run equals its masking twin (``recipes/shrink_equivalence.py`` at
+``TOLERANCE = 1e-9``) with heads actually removed; the float32 export matches the masked model (<= 1e-4 relative);
+``save_pretrained`` -> ``local-dir:`` reloads the same outputs with the same ``num_heads`` per block; and the slim
+model's fused (SDPA) and eager attention paths agree.
+"""
+import pytest
+import timm
+import torch
+
+import chase_timm
+from chase_timm.channels import ChannelState, select_channels
+from chase_timm.cli import main
+from chase_timm.graph import ChannelGroup
+import zoo_coverage
+from chase_timm.graph import find_channel_groups
+from chase_timm.heads import head_counts, head_spec
+from chase_timm.hub import slim_summary
+from shrink_equivalence import compare, float64
+
+# small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows)
+SMALL = {
+    "vit_tiny_patch16_224": {},
+    "swin_tiny_patch4_window7_224": {"img_size": 32, "window_size": 4, "embed_dim": 32, "depths": (2, 2),
+                                     "num_heads": (2, 4)},
+    "levit_128s": {"img_size": 32},
+}
+
+
+@pytest.fixture(autouse=True)
+def _small_models(monkeypatch):
+    """The harnesses build models through zoo_coverage.build, which reads its SMALLER overrides per name."""
+    for name, kwargs in SMALL.items():
+        if kwargs:
+            monkeypatch.setitem(zoo_coverage.SMALLER, name, kwargs)
+
+
+def _heads_removed(removed: dict) -> dict:
+    """Removed channels of head groups (named after their attention module)."""
+    return {name: heads for name, heads in removed.items() if name.endswith((".attn", ".attn_downsample"))}
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", pytest.param("swin_tiny_patch4_window7_224"),
+                                  pytest.param("levit_128s", marks=pytest.mark.slow)])
+def test_removing_heads_while_training_equals_masking_them(name):
+    with float64():
+        result = compare(name, "adamw", channel_sparsity=0.6)
+    assert result.refused is None and result.error is None, (result.refused, result.error)
+    assert _heads_removed(result.removed), "no attention head was removed"
+    assert result.removed == result.twin_removed and result.masks_equal
+    assert result.worst()[1] <= 1e-9, (result.worst(), result.diffs)
+    slim = result.run[2].export()
+    assert all(n >= 1 for n in head_counts(slim).values())  # at least one head stays in every block
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_slim_heads_export_reload_and_agree_on_fused_and_eager_attention(name, tmp_path, capsys):
+    row = zoo_coverage.check_model(name, prune_skip=False, channel_sparsity=0.6, keep_models=True)
+    assert row["rel_diff"] <= 1e-4, row["rel_diff"]  # float32 export == masked training model
+    chase, slim = row["chase"], row["slim"].eval()
+    removed = _heads_removed(chase.removed_channels())
+    assert removed, "no attention head was removed"
+    base_heads, slim_heads = head_counts(chase.module), head_counts(slim)
+    for block, heads in removed.items():
+        assert slim_heads[block] == base_heads[block] - len(heads) >= 1
+    rows = {r["group"]: r for r in chase.report()}
+    assert {b: rows[b]["width_after"] for b in slim_heads} == slim_heads  # report rows count heads per block
+
+    x = torch.randn(2, 3, 32, 32)
+    chase_timm.save_pretrained(slim, tmp_path / "slim")
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'slim'}", pretrained=True).eval()
+    assert head_counts(loaded) == slim_heads
+    assert slim_summary(str(tmp_path / "slim"))["heads"] == {b: (base_heads[b], slim_heads[b]) for b in removed}
+    assert main(["info", str(tmp_path / "slim")]) == 0
+    block = next(iter(removed))
+    assert f"{block} {base_heads[block]} -> {slim_heads[block]}" in capsys.readouterr().out
+    with torch.no_grad():
+        expected = slim(x)
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+        outputs = []
+        for fused in (True, False):
+            for module in slim.modules():
+                if head_spec(module) is not None and hasattr(module, "fused_attn"):
+                    module.fused_attn = fused
+            outputs.append(slim(x))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_heads_that_cannot_be_removed_exactly_are_left_whole_with_a_reason():
+    torch.manual_seed(0)
+    eva = timm.create_model("eva02_tiny_patch14_224", img_size=28, num_classes=10)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10, scale_attn_norm=True)
+    for model, size, reason in [(eva, 28, "reshapes the heads' output back to the input width"),
+                                (vit, 32, "scale_norm (LayerNorm) normalises across all heads")]:
+        groups = {g.name: g for g in find_channel_groups(model, torch.randn(1, 3, size, size))}
+        heads = groups["blocks.0.attn"]
+        assert heads.width == 3 and not heads.prunable and reason in heads.reason, heads.reason
+        assert "blocks.0.attn.qkv" not in groups  # the head group owns the q/k/v rows
+
+
+def test_a_group_of_heads_counts_its_channels_in_the_budget():
+    groups = {g.name: g for g in find_channel_groups(zoo_coverage.build("vit_tiny_patch16_224"))}
+    heads = groups["blocks.0.attn"]
+    assert (heads.width, heads.unit) == (3, 64)
+    assert ChannelGroup.from_dict({**heads.to_dict(), "unit": 64}) == heads
+    old = {k: v for k, v in heads.to_dict().items() if k != "unit"}  # a state saved before units existed
+    assert ChannelGroup.from_dict(old).unit == 1
+    state = ChannelState(zoo_coverage.build("vit_tiny_patch16_224"), list(groups.values()), 0.4, 0.5)
+    assert state.total == 12 * 3 * 64 + 12 * 768  # heads in head_dim channels, MLP hidden channels one each
+
+
+def test_the_budget_counts_a_removed_head_as_its_channels_and_rounds_only_single_channels():
+    scores = {"attn": torch.tensor([0.1, 0.5, 0.6], dtype=torch.float64),
+              "fc1": torch.linspace(0.2, 0.4, 100, dtype=torch.float64)}
+    alive = {n: torch.ones(len(s), dtype=torch.bool) for n, s in scores.items()}
+    floors = {"attn": 1, "fc1": 1}
+    # 64 channels due: the lowest-scored head alone pays them (without units it would count as one channel)
+    removed = select_channels(scores, alive, floors, 64, torch.Generator().manual_seed(0), units={"attn": 64})
+    assert removed["attn"].tolist() == [0] and "fc1" not in removed
+    removed = select_channels(scores, alive, floors, 70, torch.Generator().manual_seed(0), round_to=4,
+                              units={"attn": 64})
+    assert removed["attn"].tolist() == [0] and len(removed["fc1"]) == 4  # 6 picked, rounded to keep 96
