@@ -1,0 +1,100 @@
+"""Gated and split MLPs, channel splits and re-parameterisable blocks shrink exactly (docs/blocks.md).
+
+GluMlp (EVA-02's packed SwiGLU: a hidden channel and its gate partner ``c + H`` go together), Res2Net's
+``torch.split(x, width)`` (every piece loses the same places and ``width`` follows) and MobileOne's multi-branch
+blocks (one index set for every branch, identity BatchNorm included; ``reparameterize_model`` still fuses the slim
+model). Each: the float64 shrink-vs-mask twin run (``recipes/shrink_equivalence.py``, 1e-9 relative), the float32
+export check (1e-4 relative) and a ``save_pretrained`` -> ``local-dir:`` round trip.
+"""
+import pytest
+import timm.utils
+import torch
+
+from chase_timm.graph import tensor_removals
+from helpers import check_model
+from prunability_table import roundtrip
+from shrink_equivalence import compare, float64
+
+GLU = "eva02_tiny_patch14_224"  # smallest timm model with a GluMlp (5.5M parameters)
+
+
+def _twin(name: str, **overrides):
+    """The twin run, asserted exact; returns (result, {tensor: {dim: removed positions}} in the original numbering)."""
+    with float64():
+        result = compare(name, "sgd", **overrides)
+    assert result.refused is None and result.error is None, (result.refused, result.error)
+    assert result.removed and result.removed == result.twin_removed and result.masks_equal
+    assert result.worst()[1] <= 1e-9, (result.worst(), result.diffs)
+    return result, tensor_removals(result.twin_run[2].channels.groups, result.removed)
+
+
+def _export_and_reload(name: str, prune_skip: bool) -> dict:
+    """check_model's float32 export check, plus the save_pretrained -> local-dir: round trip of the slim model."""
+    row = check_model(name, prune_skip, keep_models=True)
+    assert row["removed"] > 0 and row["flops_ratio"] < 1.0
+    assert row["rel_diff"] <= 1e-4, row["rel_diff"]
+    assert roundtrip(row["slim"], 32) == 0.0
+    return row
+
+
+def test_glu_mlp_removes_a_channel_with_its_gate_partner_exactly():
+    result, cut = _twin(GLU, channel_sparsity=0.3)
+    hidden = result.twin_run[0].blocks[0].mlp.fc2.in_features  # H: fc1 has 2H rows, value then gate
+    pairs = {name: dims[0] for name, dims in cut.items() if name.endswith("mlp.fc1.weight")}
+    assert pairs, f"no GluMlp hidden channel was removed: {sorted(cut)}"
+    for name, rows in pairs.items():
+        value, gate = {r for r in rows if r < hidden}, {r - hidden for r in rows if r >= hidden}
+        assert value == gate, name  # channel c went with its partner c + H
+    slim = result.run[0]
+    assert all(b.mlp.fc1.out_features == 2 * b.mlp.fc2.in_features for b in slim.blocks)
+
+
+@pytest.mark.slow
+def test_glu_mlp_exports_and_reloads():
+    _export_and_reload(GLU, False)
+
+
+@pytest.mark.slow
+def test_res2net_split_pieces_lose_the_same_channels_and_width_follows():
+    result, cut = _twin("res2net50_14w_8s", prune_skip=True, channel_sparsity=0.3)
+    slim = result.run[0]
+    narrowed = [b for layer in (slim.layer1, slim.layer2, slim.layer3, slim.layer4) for b in layer
+                if b.conv1.out_channels < b.scale * 14 * 2 ** [slim.layer1, slim.layer2, slim.layer3,
+                                                                 slim.layer4].index(layer)]
+    assert narrowed, "no Res2Net split (conv1 -> torch.split) channel was removed"
+    for block in narrowed:
+        assert block.conv1.out_channels == block.scale * block.width == block.scale * block.convs[0].in_channels
+    for name, dims in cut.items():
+        if name.endswith("conv1.weight") and name.startswith("layer"):
+            width = result.twin_run[0].get_submodule(name[:-len(".conv1.weight")]).width
+            rows = dims.get(0, [])
+            assert len({r % width for r in rows}) * (len(rows) // max(1, len({r % width for r in rows}))) == len(rows)
+
+
+@pytest.mark.slow
+def test_res2net_exports_and_reloads():
+    row = _export_and_reload("res2net50_14w_8s", True)
+    assert row["groups"] > 33  # the split blocks' conv1 groups join the 33 that were prunable before
+
+
+@pytest.mark.slow
+def test_mobileone_exports_reloads_and_the_slim_model_reparameterizes():
+    """float32 export, round trip, and timm's reparameterize_model on the slim training-form model."""
+    row = _export_and_reload("mobileone_s0", True)
+    slim = row["slim"].eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = slim(x)
+        fused = timm.utils.reparameterize_model(slim)
+        output = fused(x)
+    assert not any(hasattr(m, "conv_kxk") for m in fused.modules())  # really fused
+    assert float((output - reference).abs().max() / reference.abs().max()) <= 1e-5
+
+
+@pytest.mark.slow
+def test_mobileone_branches_share_one_index_set():
+    """Twin run over the first two channel events (later ones diverge by BatchNorm rounding on the 1x1 last maps at
+    32 px, as docs/shrinking.md notes for batch-2 ResNet-18): every kxk branch loses the same rows."""
+    _, cut = _twin("mobileone_s0", prune_skip=True, steps=4)
+    rows = {n: dims[0] for n, dims in cut.items() if ".conv_kxk." in n and n.endswith("conv.weight")}
+    assert len(rows) >= 4 and len({tuple(r) for r in rows.values()}) == 1, rows.keys()
