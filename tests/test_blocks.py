@@ -10,8 +10,9 @@ import pytest
 import timm.utils
 import torch
 
-from chase_timm.graph import tensor_removals
-from helpers import check_model
+from chase_timm.graph import find_channel_groups, tensor_removals
+from chase_timm.slim import slim_copy
+from helpers import check_model, tiny_model
 from prunability_table import roundtrip
 from shrink_equivalence import compare, float64
 
@@ -75,6 +76,23 @@ def test_res2net_split_pieces_lose_the_same_channels_and_width_follows():
 def test_res2net_exports_and_reloads():
     row = _export_and_reload("res2net50_14w_8s", True)
     assert row["groups"] > 33  # the split blocks' conv1 groups join the 33 that were prunable before
+
+
+def test_a_mobileone_with_narrower_depthwise_blocks_still_reparameterizes():
+    """Half of a stage stream (depthwise and pointwise blocks, identity BatchNorms) cut: the blocks' ``groups``
+    follows the depthwise conv, so reparameterize_model builds the right identity kernel and fused conv."""
+    model = tiny_model("mobileone_s0").eval()
+    groups = find_channel_groups(model, torch.randn(1, 3, 32, 32), prune_skip=True)
+    group = next(g for g in groups if g.name == "stages.1.1.conv_kxk.0.conv")
+    assert group.prunable, group.reason
+    slim = slim_copy(model, tensor_removals(groups, {group.name: list(range(0, group.width, 2))})).eval()
+    block = slim.stages[1][2]  # depthwise, with an identity branch
+    assert block.conv_kxk[0].conv.groups == block.groups == group.width // 2
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = slim(x)
+        output = timm.utils.reparameterize_model(slim)(x)
+    assert float((output - reference).abs().max() / reference.abs().max()) <= 1e-5
 
 
 @pytest.mark.slow
