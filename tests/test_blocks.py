@@ -6,6 +6,8 @@ blocks (one index set for every branch, identity BatchNorm included; ``reparamet
 model). Each: the float64 shrink-vs-mask twin run (``recipes/shrink_equivalence.py``, 1e-9 relative), the float32
 export check (1e-4 relative) and a ``save_pretrained`` -> ``local-dir:`` round trip.
 """
+import collections
+
 import pytest
 import timm.utils
 import torch
@@ -58,18 +60,17 @@ def test_glu_mlp_exports_and_reloads():
 @pytest.mark.slow
 def test_res2net_split_pieces_lose_the_same_channels_and_width_follows():
     result, cut = _twin("res2net50_14w_8s", prune_skip=True, channel_sparsity=0.3)
-    slim = result.run[0]
-    narrowed = [b for layer in (slim.layer1, slim.layer2, slim.layer3, slim.layer4) for b in layer
-                if b.conv1.out_channels < b.scale * 14 * 2 ** [slim.layer1, slim.layer2, slim.layer3,
-                                                                 slim.layer4].index(layer)]
-    assert narrowed, "no Res2Net split (conv1 -> torch.split) channel was removed"
-    for block in narrowed:
-        assert block.conv1.out_channels == block.scale * block.width == block.scale * block.convs[0].in_channels
-    for name, dims in cut.items():
-        if name.endswith("conv1.weight") and name.startswith("layer"):
-            width = result.twin_run[0].get_submodule(name[:-len(".conv1.weight")]).width
-            rows = dims.get(0, [])
-            assert len({r % width for r in rows}) * (len(rows) // max(1, len({r % width for r in rows}))) == len(rows)
+    dense, slim = result.twin_run[0], result.run[0]
+    split = {name[:-len(".conv1.weight")]: dims[0] for name, dims in cut.items()
+             if name.startswith("layer") and name.endswith(".conv1.weight")}
+    assert split, "no Res2Net split (conv1 -> torch.split) channel was removed"
+    for block_name, rows in split.items():
+        width, scale = dense.get_submodule(block_name).width, dense.get_submodule(block_name).scale
+        per_piece = collections.Counter(r // width for r in rows)
+        assert len(per_piece) == scale and len(set(per_piece.values())) == 1, (block_name, per_piece)
+        block = slim.get_submodule(block_name)
+        assert block.width == width - len(rows) // scale == block.convs[0].in_channels
+        assert block.conv1.out_channels == scale * block.width
 
 
 @pytest.mark.slow
