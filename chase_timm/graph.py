@@ -329,10 +329,10 @@ def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int],
     mappings. Each (node, function, position) is visited once, by its first root channel. A position reached
     again from another channel is not walked again, which keeps ECA/ReXNet-style graphs linear instead of
     quadratic: at a channel-wise op (the product of a gate and its value, an activation, a BatchNorm, a split:
-    ``_channel_wise``) the two root channels become one
-    removable class (third return value: tied pairs), as are the channels at the same place of every piece of
-    an equal-piece channel split (Res2Net's ``torch.split(x, width)``, GLU's ``chunk(2)``); anywhere else (a
-    layer, a reshape, a matmul) the op mixes channels and is reported (second return value)."""
+    ``_channel_wise``) the two root channels become one removable class (third return value: tied pairs), as
+    are the channels at the same place of every piece of an equal-piece channel split (Res2Net's
+    ``torch.split(x, width)``, GLU's ``chunk(2)``); anywhere else (a layer, a reshape, a matmul) the op mixes
+    channels and is reported (second return value)."""
     root = graph.module2node[module]
     fn = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
     if root.type == ops.OPTYPE.DEPTHWISE_CONV:
@@ -390,10 +390,10 @@ def _channel_split(node: Any) -> Optional[tuple[int, tuple[int, ...], tuple[int,
 
 
 def _map_channel_splits(graph: tp.DependencyGraph) -> None:
-    """Index mappings for every channel split and concat from the sizes autograd saved. torch-pruning maps only dim-1 splits
-    (not (B, N, C) token tensors split on C: GLU's ``chunk(2, -1)``, gMLP's gate), and for ``torch.split(x, size)``
-    it infers the piece sizes by walking the graph, which goes wrong where a piece is added to another branch
-    (Res2Net's ``sp + spx[i]``)."""
+    """Index mappings for every channel split and concat from the sizes autograd saved. torch-pruning maps only
+    dim-1 splits (not (B, N, C) token tensors split on C: GLU's ``chunk(2, -1)``, gMLP's gate), and infers piece
+    sizes by walking the graph, which goes wrong where a piece is added to another branch (Res2Net's
+    ``sp + spx[i]``) and can explode positions until the time limit (FocalNet)."""
     for node in list(graph.module2node.values()):
         layout = _channel_split(node) if node.type == ops.OPTYPE.SPLIT else None
         if layout:

@@ -256,7 +256,6 @@ def _fix_module(module: nn.Module, name: str) -> None:
         module.num_embeddings, module.embedding_dim = module.weight.shape
 
 
-_SPLIT_WIDTH = ("width", "in_channels")  # Res2Net/EdgeNeXt: torch.split(x, self.width) = its first branch conv's input
 _REPARAM_SIZES = {"in_chs": "in_channels", "out_chs": "out_channels", "groups": "groups", "dim": "in_channels"}
 
 
@@ -270,7 +269,7 @@ def _block_size_links(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module,
         convs = getattr(block, "convs", None)
         if isinstance(getattr(block, "width", None), int) and isinstance(convs, nn.ModuleList) and len(convs) and \
                 isinstance(convs[0], nn.modules.conv._ConvNd) and convs[0].in_channels == block.width:
-            links.append((block, *_SPLIT_WIDTH[:1], convs[0], _SPLIT_WIDTH[1]))
+            links.append((block, "width", convs[0], "in_channels"))  # torch.split(x, self.width): Res2Net, EdgeNeXt
         if not callable(getattr(block, "reparameterize", None)):
             continue
         sizes = {a: c for a, c in _REPARAM_SIZES.items() if isinstance(getattr(block, a, None), int)}

@@ -16,8 +16,8 @@ import torch.nn as nn
 
 from . import require
 
-__all__ = ["check_version", "saved_input_shape", "result_shape", "input_shapes", "saved_dim", "new_forward_hooks_removed",
-           "has_non_persistent_buffers"]
+__all__ = ["check_version", "saved_input_shape", "result_shape", "input_shapes", "saved_dim",
+           "new_forward_hooks_removed", "has_non_persistent_buffers"]
 
 
 def check_version(found: str = torch.__version__) -> None:

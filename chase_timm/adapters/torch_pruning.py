@@ -3,9 +3,9 @@
 ``graph`` walks ``DependencyGraph`` dependencies itself (one channel group per producer, in linear time) instead
 of calling ``get_pruning_group``, so it starts a walk the way Torch-Pruning does internally: a self-dependency
 of the root and ``_HybridIndex`` positions that remember their root channel; and it reads the stride of a
-flatten index mapping to bound how many positions a flatten->Linear expands to. It also reads what a split saved for backward and gives splits along a dim other than
-1 (the channel dim of (B, N, C) token tensors) the index mappings Torch-Pruning installs for dim-1 splits only, and
-splits and concatenations mappings from the sizes autograd recorded (Torch-Pruning infers them by walking the graph).
+flatten index mapping to bound how many positions a flatten->Linear expands to. It also reads the piece sizes a
+split saved for backward and installs split and concat index mappings from the sizes autograd recorded: Torch-Pruning
+maps dim-1 splits only (not the channel dim of (B, N, C) token tensors) and infers piece sizes by walking the graph.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch_pruning as tp
 
 from . import require
 
-__all__ = ["check_version", "root_dependency", "root_positions", "flatten_stride", "split_layout", "map_split", "map_concat"]
+__all__ = ["check_version", "root_dependency", "root_positions", "flatten_stride", "split_layout", "map_split",
+           "map_concat"]
 
 
 def check_version(found: str = getattr(tp, "__version__", None) or version("torch-pruning")) -> None:
