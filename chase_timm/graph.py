@@ -28,9 +28,10 @@ from torch_pruning import ops
 
 from . import norms
 from ._timm import classifier_modules, deepcopy_model, default_example_input
-from .adapters.autograd import (new_forward_hooks_removed, result_shape, saved_dim, saved_input_shape,
+from .adapters.autograd import (input_shapes, new_forward_hooks_removed, result_shape, saved_dim, saved_input_shape,
                                 saved_permutation)
-from .adapters.torch_pruning import flatten_stride, root_dependency, root_positions, tolerant_index_mapping
+from .adapters.torch_pruning import (flatten_stride, map_concat, map_split, root_dependency, root_positions,
+                                     split_layout, tolerant_index_mapping)
 from .heads import HeadSpec, head_spec
 from .slim import slice_in_place
 
@@ -46,6 +47,12 @@ _MAX_EXPANSION = 256  # positions per channel a flatten->Linear may produce (a 1
 _MAX_POSITIONS = 1024  # positions per channel one group's walk may visit (ViT-S with prune_skip: 180)
 _LAYERS = (ops.OPTYPE.CONV, ops.OPTYPE.DEPTHWISE_CONV, ops.OPTYPE.LINEAR)
 _LINEAR_PARTS = ("MmBackward", "AddmmBackward", "ViewBackward", "UnsafeViewBackward", "ReshapeAlias")
+# ops where two root channels meeting at one position are tied, not mixed: position-wise arithmetic and activations
+# (torch-pruning types every unknown op as elementwise, matmuls and attention included), norms of one channel, splits
+_CHANNEL_WISE = (ops.OPTYPE.BN, ops.OPTYPE.IN, ops.OPTYPE.SPLIT)
+_CHANNEL_WISE_FNS = ("Mul", "Add", "Sub", "Div", "Neg", "Relu", "Gelu", "Silu", "Sigmoid", "Tanh", "Hardswish",
+                     "Hardsigmoid", "Hardtanh", "Elu", "LeakyRelu", "Mish", "Softplus", "Clamp", "Abs", "Pow", "Exp",
+                     "Sqrt", "Rsqrt", "Clone", "NativeDropout", "ToCopy")
 _SCALE_SHIFT_OPS = ("Mul", "Add", "Sub", "Div", "Expand", "View", "Reshape", "UnsafeView", "Unsqueeze",
                     "Squeeze", "Cat")
 
@@ -114,6 +121,7 @@ def find_channel_groups(
         return _placeholders(model, f"dependency graph could not be built: {type(err).__name__}: {str(err).strip()}")
     if time.monotonic() > deadline:
         return _placeholders(model, TIMEOUT_REASON)
+    _map_channel_splits(graph)
     drafts = _discover(graph, model, deadline, unmapped)
     _flag_overlaps(drafts)
     groups = [d.decide(prune_skip) for d in drafts]
@@ -236,6 +244,7 @@ class _Draft:
     classes: list[list[int]] = field(default_factory=list)
     covers: dict[nn.Module, set[int]] = field(default_factory=dict)  # Conv/Linear output channels taken
     unit: int = 1                   # channels one class counts for in the budget (an attention head: head_dim)
+    ties: list[tuple[int, int]] = field(default_factory=list)  # root channels that must be removed together
 
     def problem(self, reason: str, rank: int = 5) -> None:
         """Record why the group can't be pruned; ``rank`` orders reasons (0 = most fundamental)."""
@@ -322,12 +331,12 @@ def _unreached(name: str, channels: list[int], reason: str) -> _Draft:
 def _draft(ctx: _Context, name: str, module: nn.Module, todo: list[int], deadline: float) -> _Draft:
     """Collect the group rooted at ``module``'s output channels ``todo`` and translate every item."""
     try:
-        group, mixed = _coupled(ctx.graph, module, todo, deadline, ctx.unmapped)
+        group, mixed, ties = _coupled(ctx.graph, module, todo, deadline, ctx.unmapped)
     except TimeoutError:
         return _unreached(name, todo, TIMEOUT_REASON)
     except Exception as err:
         return _unreached(name, todo, f"torch-pruning failed: {type(err).__name__}: {str(err).strip()}")
-    draft = _Draft(name, todo)
+    draft = _Draft(name, todo, ties=ties)
     for reason in mixed[:1]:
         draft.problem(reason, 4)
     for item in group:
@@ -349,13 +358,17 @@ class _Item:
 
 
 def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int],
-             deadline: float, unmapped: set) -> tuple[list[_Item], list[str]]:
+             deadline: float, unmapped: set) -> tuple[list[_Item], list[str], list[tuple[int, int]]]:
     """Everything coupled to ``module``'s output ``channels`` by torch-pruning's dependency rules and index
-    mappings. Each (node, function, position) is visited once, by its first root channel; a position reached
-    again from another channel means the op mixes channels and is reported (second return value) instead of
-    walked, which keeps ECA/ReXNet-style graphs linear instead of quadratic. Positions arriving at a node that
-    is already queued join its queued batch, and a walk that visits more than ``_MAX_POSITIONS`` per channel
-    (chained reshapes, e.g. EfficientViT-MSRA's cascaded attention) stops as not prunable."""
+    mappings. Each (node, function, position) is visited once, by its first root channel. A position reached
+    again from another channel is not walked again, which keeps ECA/ReXNet-style graphs linear instead of
+    quadratic: at a channel-wise op (the product of a gate and its value, an activation, a BatchNorm, a split:
+    ``_channel_wise``) the two root channels become one removable class (third return value: tied pairs), as
+    are the channels at the same place of every piece of an equal-piece channel split (Res2Net's
+    ``torch.split(x, width)``, GLU's ``chunk(2)``); anywhere else (a layer, a reshape, a matmul) the op mixes
+    channels and is reported (second return value). Positions arriving at a node that is already queued join
+    its queued batch, and a walk that visits more than ``_MAX_POSITIONS`` per channel (chained reshapes, e.g.
+    EfficientViT-MSRA's cascaded attention) stops as not prunable."""
     root = graph.module2node[module]
     fn = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
     if root.type == ops.OPTYPE.DEPTHWISE_CONV:
@@ -364,6 +377,7 @@ def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int],
     owners = {(root, fn): {i: i for i in channels}}  # position -> root channel, per (node, function)
     mixed: dict[str, None] = {}
     mixed_at: set = set()
+    ties: list[tuple[int, int]] = []
     pending = {(root, fn): root_positions(channels)}  # positions not walked yet; arrivals merge while queued
     stack = [(root, fn)]
     budget = _MAX_POSITIONS * len(channels)
@@ -395,6 +409,8 @@ def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int],
                 if i.idx not in known:
                     known[i.idx] = i.root_idx
                     fresh.append(i)
+                elif known[i.idx] != i.root_idx and _channel_wise(dep.target):
+                    ties.append((known[i.idx], i.root_idx))
                 elif known[i.idx] != i.root_idx and key not in mixed_at:
                     mixed_at.add(key)
                     mixed[f"channels are mixed at {dep.target.name} (position {i.idx} carries several), so "
@@ -407,7 +423,65 @@ def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int],
                     pending[key] = fresh
                     stack.append(key)
     items = [_Item(deps[key], list(pos), list(pos.values())) for key, pos in owners.items() if pos]
-    return items, list(mixed)
+    for (node, _), positions in owners.items():
+        if node.type == ops.OPTYPE.SPLIT and positions:
+            _split_ties(node, positions, ties, mixed)
+    return items, list(mixed), ties
+
+
+def _channel_wise(node: Any) -> bool:
+    """Whether ``node`` computes each position from the same position of its inputs (see ``_CHANNEL_WISE_FNS``)."""
+    name = node.grad_fn.name() if hasattr(node.grad_fn, "name") else ""
+    return node.type in _CHANNEL_WISE or (node.type == ops.OPTYPE.ELEMENTWISE and name.startswith(_CHANNEL_WISE_FNS))
+
+
+def _channel_split(node: Any) -> Optional[tuple[int, tuple[int, ...], tuple[int, ...]]]:
+    """(dim, piece sizes, input shape) of a split node along the channel dim; ``None`` for other splits."""
+    layout = split_layout(node.grad_fn)
+    return layout if layout and layout[0] == _channel_dim(len(layout[2])) else None
+
+
+def _map_channel_splits(graph: tp.DependencyGraph) -> None:
+    """Index mappings for every channel split and concat from the sizes autograd saved. torch-pruning maps only
+    dim-1 splits (not (B, N, C) token tensors split on C: GLU's ``chunk(2, -1)``, gMLP's gate), and infers piece
+    sizes by walking the graph, which goes wrong where a piece is added to another branch (Res2Net's
+    ``sp + spx[i]``) and can explode positions until the time limit (FocalNet)."""
+    for node in list(graph.module2node.values()):
+        layout = _channel_split(node) if node.type == ops.OPTYPE.SPLIT else None
+        if layout:
+            map_split(node, layout[1])
+        if node.type == ops.OPTYPE.CONCAT:
+            _map_channel_concat(node)
+
+
+def _map_channel_concat(node: Any) -> None:
+    """Concat mappings from the input sizes autograd recorded, for concats along the channel dim (torch-pruning
+    infers them by walking the graph, which fails behind a remapped split: Res2Net's ``torch.cat(spo, 1)``)."""
+    shapes = input_shapes(node.grad_fn)
+    dim = saved_dim(node.grad_fn)
+    if not shapes or any(not s or len(s) != len(shapes[0]) for s in shapes):
+        return
+    dim = (dim - (1 << 64) if dim >= 1 << 63 else dim) % len(shapes[0])
+    if dim == _channel_dim(len(shapes[0])):
+        map_concat(node, [s[dim] for s in shapes])
+
+
+def _split_ties(node: Any, positions: Mapping[int, int], ties: list, mixed: dict) -> None:
+    """A channel split into equal pieces (``torch.split(x, width)``, ``chunk``) stays one only if every piece loses
+    the same places: tie the root channels at the same place of every piece (the module's split size follows
+    the new width). Unequal pieces or a split only partly in the group can't be kept equal."""
+    layout = _channel_split(node)
+    if layout is None:
+        return
+    _, sizes, shape = layout
+    size = sizes[0]
+    if len(set(sizes)) > 1 or set(positions) != set(range(shape[layout[0]])):
+        what = f"into unequal pieces {list(sizes)}" if len(set(sizes)) > 1 else "partly outside the group"
+        mixed[f"splits channels {what} at {node.name}, which must all lose the same channels"] = None
+        return
+    first: dict[int, int] = {}
+    for p, root in positions.items():
+        ties.append((first.setdefault(p % size, root), root))
 
 
 def _mapped(dep: Any, idxs: list, limit: int) -> Optional[list]:
@@ -599,10 +673,22 @@ def _shape_op(draft: _Draft, node: Any, dep: Any) -> None:
         return
     if kind == ops.OPTYPE.SLICE and before and saved_dim(fn) % len(before) != _channel_dim(len(before)):
         return
+    if kind == ops.OPTYPE.SPLIT and _split_keeps_channels(node):
+        return
     what = {ops.OPTYPE.RESHAPE: "reshape", ops.OPTYPE.SPLIT: "split", ops.OPTYPE.UNBIND: "unbind",
             ops.OPTYPE.SLICE: "channel slice", ops.OPTYPE.EXPAND: "expand"}.get(kind, str(kind))
     shapes = f" {list(before)} -> {list(after)}" if before and after else ""
     draft.problem(f"touches a {what} ({name}{shapes}) that regroups channels, e.g. into attention heads", 3)
+
+
+def _split_keeps_channels(node: Any) -> bool:
+    """A channel split whose pieces are consumed channel-wise (ties in ``_split_ties`` keep the pieces equal), or a
+    split along a dim torch-pruning maps nothing on (neither dim 1 nor the last)."""
+    layout = split_layout(node.grad_fn)
+    if layout is None:
+        return False
+    dim, _, shape = layout
+    return _channel_split(node) is not None or dim not in (1, len(shape) - 1)
 
 
 def _channel_dim(ndim: int) -> int:
@@ -662,7 +748,8 @@ def _walk(start: Any, members: set) -> tuple[bool, bool]:
 
 
 def _form_classes(draft: _Draft) -> None:
-    """Validate positions, then tie root channels a grouped conv forces together (balanced removal)."""
+    """Validate positions, then tie root channels a grouped conv (balanced removal), an elementwise join of two
+    channels or an equal-piece split forces together."""
     parent = {r: r for r in draft.requested}
 
     def find(r: int) -> int:
@@ -685,6 +772,8 @@ def _form_classes(draft: _Draft) -> None:
             for p, root in owners.items():
                 other = tie.setdefault(p % raw.balance, root)
                 parent[find(root)] = find(other)
+    for a, b in draft.ties:
+        parent[find(a)] = find(b)
     classes: dict[int, list[int]] = {}
     for r in draft.requested:
         classes.setdefault(find(r), []).append(r)

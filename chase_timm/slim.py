@@ -213,6 +213,7 @@ def _planned_shape(name: str, old: torch.Tensor, shape: Any) -> list[int]:
 def _resize(model: nn.Module, new: Mapping[str, torch.Tensor], slots, refresh: bool) -> None:
     """Swap in the new tensors, re-derive module attributes, then re-measure timm's model-level widths."""
     before = _measure(model) if refresh and _has_timm_widths(model) else None
+    links = _block_size_links(model)
     touched = []
     for name, tensor in new.items():
         for module, attr in slots[name]:
@@ -230,6 +231,8 @@ def _resize(model: nn.Module, new: Mapping[str, torch.Tensor], slots, refresh: b
     for name, module in model.named_modules():  # attention modules re-derive num_heads etc. from their tensors
         if has_heads(module) and resized.intersection(module.modules()):
             refresh_heads(module, name)
+    for block, attr, conv, conv_attr in links:
+        setattr(block, attr, getattr(conv, conv_attr))
     if before is not None:
         _refresh_timm_attrs(model, before, _measure(model, strict=True))
 
@@ -267,6 +270,29 @@ def _fix_module(module: nn.Module, name: str) -> None:
         module.num_parameters = module.weight.numel()
     elif isinstance(module, nn.Embedding):
         module.num_embeddings, module.embedding_dim = module.weight.shape
+
+
+_REPARAM_SIZES = {"in_chs": "in_channels", "out_chs": "out_channels", "groups": "groups", "dim": "in_channels"}
+
+
+def _block_size_links(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module, str]]:
+    """Block attributes that repeat a conv's size, as (block, attribute, conv, conv attribute), read before a resize
+    so the attributes can follow the conv after it: a split block's piece ``width`` (``self.convs[0]``'s input) and
+    the sizes a re-parameterisable block (one with ``reparameterize``) builds its fused conv and identity kernel
+    from (``in_chs``, ``out_chs``, ``groups``, ``dim``): the first conv inside it whose sizes all equal them."""
+    links = []
+    for block in model.modules():
+        convs = getattr(block, "convs", None)
+        if isinstance(getattr(block, "width", None), int) and isinstance(convs, nn.ModuleList) and len(convs) and \
+                isinstance(convs[0], nn.modules.conv._ConvNd) and convs[0].in_channels == block.width:
+            links.append((block, "width", convs[0], "in_channels"))  # torch.split(x, self.width): Res2Net, EdgeNeXt
+        if not callable(getattr(block, "reparameterize", None)):
+            continue
+        sizes = {a: c for a, c in _REPARAM_SIZES.items() if isinstance(getattr(block, a, None), int)}
+        conv = next((m for m in block.modules() if isinstance(m, nn.modules.conv._ConvNd) and sizes and
+                     all(getattr(m, c) == getattr(block, a) for a, c in sizes.items())), None)
+        links += [(block, a, conv, c) for a, c in sizes.items()] if conv is not None else []
+    return links
 
 
 def _fix_conv(conv: nn.modules.conv._ConvNd, name: str) -> None:

@@ -23,7 +23,7 @@ from chase_timm.metrics import count_flops
 COVERAGE_LIST = ["resnet18", "resnet50", "seresnext26d_32x4d", "regnetx_002", "densenet121", "vgg11_bn", "mobilenetv2_050",
        "mobilenetv3_small_050", "efficientnet_b0", "ghostnet_050", "convnext_atto", "vit_tiny_patch16_224",
        "mixer_s16_224", "repvgg_a0", "dla34", "hrnet_w18_small", "inception_v3"]
-FIXED_SIZE = ("vit", "mixer")  # models whose input size is fixed at construction
+FIXED_SIZE = ("vit", "mixer", "gmixer", "gmlp", "eva02")  # models whose input size is fixed at construction
 SMALLER = {"vgg11_bn": {"mlp_ratio": 0.0625}}  # a 256-wide pre-logits MLP instead of 4096 (100M parameters)
 
 

@@ -16,8 +16,9 @@ import torch.nn as nn
 
 from . import require
 
-__all__ = ["check_version", "saved_input_shape", "result_shape", "saved_dim", "saved_permutation", "new_forward_hooks_removed",
-           "has_non_persistent_buffers", "non_persistent_buffer_names", "forward_hooks", "remove_forward_hooks"]
+__all__ = ["check_version", "saved_input_shape", "result_shape", "input_shapes", "saved_dim", "saved_permutation",
+           "new_forward_hooks_removed", "has_non_persistent_buffers", "non_persistent_buffer_names", "forward_hooks",
+           "remove_forward_hooks"]
 
 
 def check_version(found: str = torch.__version__) -> None:
@@ -37,6 +38,16 @@ def result_shape(fn: Any) -> tuple:
     """The shape of the tensor ``fn``'s forward produced (the gradient it receives); ``()`` when unknown."""
     metadata = getattr(fn, "_input_metadata", None)
     return tuple(metadata[0].shape) if metadata else ()
+
+
+def input_shapes(fn: Any) -> list[tuple]:
+    """The shapes of the tensors ``fn``'s forward took, read from the nodes that made them (``()`` where unknown,
+    e.g. a leaf); ``torch.cat`` saves no input sizes."""
+    shapes = []
+    for source, nr in fn.next_functions:
+        metadata = getattr(source, "_input_metadata", None)
+        shapes.append(tuple(metadata[nr].shape) if metadata and nr < len(metadata) else ())
+    return shapes
 
 
 def saved_dim(fn: Any) -> int:

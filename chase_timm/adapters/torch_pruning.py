@@ -6,7 +6,9 @@ of the root and ``_HybridIndex`` positions that remember their root channel; and
 flatten index mapping to bound how many positions a flatten->Linear expands to. ``build_dependency`` derives
 the index mappings of all concat/split/reshape/... nodes in one pass that raises on the first node it cannot
 map (a concat of input slices, a reshape to zero channels); ``tolerant_index_mapping`` lets the rest of the
-graph be built and names the nodes left unmapped.
+graph be built and names the nodes left unmapped. It also reads the piece sizes a
+split saved for backward and installs split and concat index mappings from the sizes autograd recorded: Torch-Pruning
+maps dim-1 splits only (not the channel dim of (B, N, C) token tensors) and infers piece sizes by walking the graph.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from torch_pruning import ops
 
 from . import require
 
-__all__ = ["check_version", "root_dependency", "root_positions", "flatten_stride", "tolerant_index_mapping"]
+__all__ = ["check_version", "root_dependency", "root_positions", "flatten_stride", "tolerant_index_mapping",
+           "split_layout", "map_split", "map_concat"]
 
 
 def check_version(found: str = getattr(tp, "__version__", None) or version("torch-pruning")) -> None:
@@ -76,3 +79,71 @@ def tolerant_index_mapping() -> Iterator[set]:
         yield unmapped
     finally:
         module.update_index_mapping = original
+def split_layout(fn: Any) -> Optional[tuple[int, tuple[int, ...], tuple[int, ...]]]:
+    """(dim, piece sizes, input shape) of a ``SplitBackward0``/``SplitWithSizesBackward0`` node; ``None`` if unknown.
+
+    ``chunk`` saves one split size and ``dim=-1`` as an unsigned 64-bit value (18446744073709551615)."""
+    shape = tuple(getattr(fn, "_saved_self_sym_sizes", None) or ())
+    dim = getattr(fn, "_saved_dim", None)
+    if not shape or dim is None:
+        return None
+    dim = (dim - (1 << 64) if dim >= 1 << 63 else dim) % len(shape)
+    sizes = getattr(fn, "_saved_split_sizes", None)
+    if sizes is None:
+        size = getattr(fn, "_saved_split_size", None)
+        if not size:
+            return None
+        sizes = [min(size, shape[dim] - start) for start in range(0, shape[dim], size)]
+    return dim, tuple(int(s) for s in sizes), tuple(int(s) for s in shape)
+
+
+def _install(dep: Any, slot: int, mapping: Any, kind: type) -> None:
+    """Put a reverse mapping in ``slot`` and drop Torch-Pruning's own one of that kind from the other slot. A walk
+    applies slot 0, then slot 1, so between a concat and a split that feeds it (Res2Net's last piece) the forward
+    direction must split then offset into the concat (split 0, concat 1) and the reverse one undo the concat offset
+    before the split's (concat 0, split 1); Torch-Pruning puts split mappings in slot 0 and concat ones in slot 1
+    both ways."""
+    dep.index_mapping[slot] = mapping
+    if isinstance(dep.index_mapping[1 - slot], kind):
+        dep.index_mapping[1 - slot] = None
+
+
+def map_split(node: Any, sizes: Sequence[int]) -> None:
+    """Install split index mappings on ``node`` (a Torch-Pruning split node) for pieces of ``sizes``, as Torch-Pruning's
+    ``update_split_index_mapping`` does for dim-1 splits; each output's piece comes from its autograd ``output_nr``.
+    Forward mappings go in slot 0, reverse ones in slot 1 (see ``_install``)."""
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    node.module.split_sizes, node.module.offsets = list(sizes), offsets
+    for rank, out in enumerate(node.outputs):
+        piece = next((nr for fn, nr in getattr(out.grad_fn, "next_functions", ()) if fn is node.grad_fn), rank)
+        mapping = tp.dependency.index_mapping._SplitIndexMapping
+        for dep in node.dependencies:
+            if dep.target is out:
+                dep.index_mapping[0] = mapping(offset=offsets[piece:piece + 2], reverse=False)
+        for dep in out.dependencies:
+            if dep.target is node:
+                _install(dep, 1, mapping(offset=offsets[piece:piece + 2], reverse=True), mapping)
+
+
+def map_concat(node: Any, sizes: Sequence[int]) -> None:
+    """Install concat index mappings on ``node`` (a Torch-Pruning concat node) whose autograd inputs have ``sizes``
+    along the concat dim, in the order of ``node.grad_fn.next_functions``; a Torch-Pruning input node is matched to
+    its place by its autograd node. Forward mappings go in slot 1, reverse ones in slot 0 (see ``_install``)."""
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    node.module.concat_sizes, node.module.offsets = list(sizes), offsets
+    places = [fn for fn, _ in node.grad_fn.next_functions]
+    mapping = tp.dependency.index_mapping._ConcatIndexMapping
+    for source in node.inputs:
+        if sum(fn is source.grad_fn for fn in places) != 1:
+            continue  # the same tensor concatenated twice, or not found: Torch-Pruning's own mapping stays
+        piece = next(i for i, fn in enumerate(places) if fn is source.grad_fn)
+        for dep in node.dependencies:
+            if dep.target is source:
+                _install(dep, 0, mapping(offset=offsets[piece:piece + 2], reverse=True), mapping)
+        for dep in source.dependencies:
+            if dep.target is node:
+                dep.index_mapping[1] = mapping(offset=offsets[piece:piece + 2], reverse=False)
