@@ -30,8 +30,8 @@ from . import norms
 from ._timm import classifier_modules, deepcopy_model, default_example_input
 from .adapters.autograd import (input_shapes, new_forward_hooks_removed, result_shape, saved_dim, saved_input_shape,
                                 saved_permutation)
-from .adapters.torch_pruning import (flatten_stride, map_concat, map_split, root_dependency, root_positions,
-                                     split_layout, tolerant_index_mapping)
+from .adapters.torch_pruning import (flatten_stride, is_interleave, map_concat, map_interleave, map_split,
+                                     root_dependency, root_positions, split_layout, tolerant_index_mapping)
 from .heads import HeadSpec, head_spec
 from .slim import slice_in_place
 
@@ -452,6 +452,38 @@ def _map_channel_splits(graph: tp.DependencyGraph) -> None:
             map_split(node, layout[1])
         if node.type == ops.OPTYPE.CONCAT:
             _map_channel_concat(node)
+        if node.type == ops.OPTYPE.RESHAPE:
+            _map_channels_last_flatten(node)
+
+
+def _map_channels_last_flatten(node: Any) -> None:
+    """A channels-last map flattened into its channel dim, (..., 2, 2, C) -> (..., 4C) (Swin's patch merging):
+    channel c lands at c, C + c, 2C + c, 3C + c, not in torch-pruning's channel-first block."""
+    before, after = saved_input_shape(node.grad_fn), result_shape(node.grad_fn)
+    if not before or not after or len(after) < 2 or len(before) <= len(after) or not _channels_last(node):
+        return
+    channels, lead = before[-1], len(after) - 1
+    k = _prod(before[lead:-1])
+    if k > 1 and tuple(before[:lead]) == tuple(after[:lead]) and after[-1] == k * channels:
+        map_interleave(node, channels, k)
+
+
+def _channels_last(node: Any, limit: int = 64) -> bool:
+    """Whether the tensor ``node`` reshapes comes from channels-last layers: the nearest layers upstream are
+    Linear layers or LayerNorms over the last dim (token and NHWC maps), none a convolution or BatchNorm."""
+    stack, seen, found = list(node.inputs), set(), False
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.type in (ops.OPTYPE.CONV, ops.OPTYPE.DEPTHWISE_CONV, ops.OPTYPE.BN):
+            return False
+        if n.type in (ops.OPTYPE.LINEAR, ops.OPTYPE.LN):
+            found = True
+        else:
+            stack.extend(n.inputs)
+    return found
 
 
 def _map_channel_concat(node: Any) -> None:
@@ -666,7 +698,8 @@ def _shape_op(draft: _Draft, node: Any, dep: Any) -> None:
     name = fn.name() if hasattr(fn, "name") else type(fn).__name__
     before, after = saved_input_shape(fn), result_shape(fn)
     kind = node.type
-    if kind == ops.OPTYPE.RESHAPE and (_keeps_channels(before, after) or _flatten(before, after, dep)):
+    if kind == ops.OPTYPE.RESHAPE and (_keeps_channels(before, after) or _flatten(before, after, dep)
+                                       or is_interleave(dep) or _keeps_last(before, after, node)):
         return
     if kind == ops.OPTYPE.EXPAND and before and len(before) == len(after) and \
             before[_channel_dim(len(before))] == after[_channel_dim(len(after))]:
@@ -704,6 +737,11 @@ def _keeps_channels(before: tuple, after: tuple) -> bool:
         return True
     lead = _channel_dim(len(before)) + 1
     return len(after) >= lead and tuple(before[:lead]) == tuple(after[:lead])
+
+
+def _keeps_last(before: tuple, after: tuple, node: Any) -> bool:
+    """A channels-last map regrouped in front of its channel dim: (B, H, W, C) -> windows of (B', N, C)."""
+    return bool(before) and bool(after) and before[-1] == after[-1] and _channels_last(node)
 
 
 def _flatten(before: tuple, after: tuple, dep: Any) -> bool:

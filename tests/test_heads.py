@@ -87,6 +87,26 @@ def test_slim_heads_export_reload_and_agree_on_fused_and_eager_attention(name, t
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
+def test_swin_stages_shrink_with_prune_skip_exactly(tmp_path):
+    # the stage streams pass window partitions ((B, H, W, C) regrouped in front of C) and patch merging
+    # ((..., 2, 2, C) -> 4C: channel c at c, C+c, 2C+c, 3C+c), channels-last reshapes that used to refuse them
+    name = "swin_tiny_patch4_window7_224"
+    streams = ("patch_embed.proj", "layers.1.downsample.reduction")
+    with float64():
+        result = compare(name, "adamw", channel_sparsity=0.75, prune_skip=True)
+    assert result.refused is None and result.error is None, (result.refused, result.error)
+    assert set(streams) <= {g for g, c in result.removed.items() if c}, result.removed
+    assert result.removed == result.twin_removed and result.worst()[1] <= 1e-9, (result.worst(), result.diffs)
+    row = zoo_coverage.check_model(name, prune_skip=True, channel_sparsity=0.75, keep_models=True)
+    assert row["rel_diff"] <= 1e-4 and set(streams) <= {g for g, c in row["chase"].removed_channels().items() if c}
+    slim = row["slim"].eval()
+    chase_timm.save_pretrained(slim, tmp_path / "slim")
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'slim'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), slim(x), rtol=0, atol=0)
+
+
 def test_heads_that_cannot_be_removed_exactly_are_left_whole_with_a_reason():
     torch.manual_seed(0)
     eva = timm.create_model("eva02_tiny_patch14_224", img_size=28, num_classes=10)

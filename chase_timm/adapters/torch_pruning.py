@@ -22,7 +22,7 @@ from torch_pruning import ops
 from . import require
 
 __all__ = ["check_version", "root_dependency", "root_positions", "flatten_stride", "tolerant_index_mapping",
-           "split_layout", "map_split", "map_concat"]
+           "split_layout", "map_split", "map_concat", "map_interleave", "is_interleave"]
 
 
 def check_version(found: str = getattr(tp, "__version__", None) or version("torch-pruning")) -> None:
@@ -147,3 +147,35 @@ def map_concat(node: Any, sizes: Sequence[int]) -> None:
         for dep in source.dependencies:
             if dep.target is node:
                 dep.index_mapping[1] = mapping(offset=offsets[piece:piece + 2], reverse=False)
+
+
+class _InterleaveIndexMapping:
+    """Channel c of a channels-last map flattened with ``k`` positions in front of it, ``(..., k, C) -> (..., k*C)``
+    (Swin's patch merging), sits at positions c, C + c, ..., (k-1)*C + c; the reverse takes a position modulo C."""
+
+    def __init__(self, channels: int, k: int, reverse: bool) -> None:
+        self.channels, self.k, self.reverse = channels, k, reverse
+
+    def __call__(self, idxs: list) -> list:
+        hybrid = tp._helpers._HybridIndex
+        if self.reverse:
+            return list({hybrid(idx=i.idx % self.channels, root_idx=i.root_idx) for i in idxs})
+        return [hybrid(idx=i.idx + j * self.channels, root_idx=i.root_idx) for i in idxs for j in range(self.k)]
+
+
+def map_interleave(node: Any, channels: int, k: int) -> None:
+    """Install interleaved flatten mappings on a reshape ``node`` whose input is a channels-last map of ``channels``
+    channels and whose output merges ``k`` positions into the channel dim (where torch-pruning's flatten mapping
+    assumes channel-first blocks of ``k``)."""
+    for source in node.inputs:
+        for dep in node.dependencies:
+            if dep.target is source:
+                dep.index_mapping[0] = _InterleaveIndexMapping(channels, k, reverse=True)
+        for dep in source.dependencies:
+            if dep.target is node:
+                dep.index_mapping[0] = _InterleaveIndexMapping(channels, k, reverse=False)
+
+
+def is_interleave(dep: Any) -> bool:
+    """Whether ``dep`` carries a mapping installed by :func:`map_interleave`."""
+    return any(isinstance(m, _InterleaveIndexMapping) for m in dep.index_mapping)
