@@ -121,7 +121,7 @@ def find_channel_groups(
         return _placeholders(model, f"dependency graph could not be built: {type(err).__name__}: {str(err).strip()}")
     if time.monotonic() > deadline:
         return _placeholders(model, TIMEOUT_REASON)
-    _map_channel_splits(graph)
+    _map_channel_splits(graph, unmapped)
     drafts = _discover(graph, model, deadline, unmapped)
     _flag_overlaps(drafts)
     groups = [d.decide(prune_skip) for d in drafts]
@@ -441,17 +441,19 @@ def _channel_split(node: Any) -> Optional[tuple[int, tuple[int, ...], tuple[int,
     return layout if layout and layout[0] == _channel_dim(len(layout[2])) else None
 
 
-def _map_channel_splits(graph: tp.DependencyGraph) -> None:
+def _map_channel_splits(graph: tp.DependencyGraph, unmapped: set) -> None:
     """Index mappings for every channel split and concat from the sizes autograd saved. torch-pruning maps only
     dim-1 splits (not (B, N, C) token tensors split on C: GLU's ``chunk(2, -1)``, gMLP's gate), and infers piece
     sizes by walking the graph, which goes wrong where a piece is added to another branch (Res2Net's
-    ``sp + spx[i]``) and can explode positions until the time limit (FocalNet)."""
+    ``sp + spx[i]``) and can explode positions until the time limit (FocalNet). A node mapped here leaves
+    ``unmapped`` (the nodes torch-pruning failed on)."""
     for node in list(graph.module2node.values()):
         layout = _channel_split(node) if node.type == ops.OPTYPE.SPLIT else None
         if layout:
             map_split(node, layout[1])
-        if node.type == ops.OPTYPE.CONCAT:
-            _map_channel_concat(node)
+            unmapped.discard(node)
+        if node.type == ops.OPTYPE.CONCAT and _map_channel_concat(node):
+            unmapped.discard(node)
         if node.type == ops.OPTYPE.RESHAPE:
             _map_channels_last_flatten(node)
 
@@ -486,16 +488,16 @@ def _channels_last(node: Any, limit: int = 64) -> bool:
     return found
 
 
-def _map_channel_concat(node: Any) -> None:
+def _map_channel_concat(node: Any) -> bool:
     """Concat mappings from the input sizes autograd recorded, for concats along the channel dim (torch-pruning
-    infers them by walking the graph, which fails behind a remapped split: Res2Net's ``torch.cat(spo, 1)``)."""
+    infers them by walking the graph, which fails behind a remapped split: Res2Net's ``torch.cat(spo, 1)``). True
+    when every input got its mapping."""
     shapes = input_shapes(node.grad_fn)
     dim = saved_dim(node.grad_fn)
     if not shapes or any(not s or len(s) != len(shapes[0]) for s in shapes):
-        return
+        return False
     dim = (dim - (1 << 64) if dim >= 1 << 63 else dim) % len(shapes[0])
-    if dim == _channel_dim(len(shapes[0])):
-        map_concat(node, [s[dim] for s in shapes])
+    return dim == _channel_dim(len(shapes[0])) and map_concat(node, [s[dim] for s in shapes])
 
 
 def _split_ties(node: Any, positions: Mapping[int, int], ties: list, mixed: dict) -> None:

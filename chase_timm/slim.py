@@ -277,7 +277,8 @@ _REPARAM_SIZES = {"in_chs": "in_channels", "out_chs": "out_channels", "groups": 
 
 def _block_size_links(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module, str]]:
     """Block attributes that repeat a conv's size, as (block, attribute, conv, conv attribute), read before a resize
-    so the attributes can follow the conv after it: a split block's piece ``width`` (``self.convs[0]``'s input) and
+    so the attributes can follow the conv after it: a split block's piece ``width`` (``self.convs[0]``'s input), a
+    CSP stage's ``expand_chs`` (its ``conv_exp`` output, split in halves) and
     the sizes a re-parameterisable block (one with ``reparameterize``) builds its fused conv and identity kernel
     from (``in_chs``, ``out_chs``, ``groups``, ``dim``): the first conv inside it whose sizes all equal them."""
     links = []
@@ -286,6 +287,11 @@ def _block_size_links(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module,
         if isinstance(getattr(block, "width", None), int) and isinstance(convs, nn.ModuleList) and len(convs) and \
                 isinstance(convs[0], nn.modules.conv._ConvNd) and convs[0].in_channels == block.width:
             links.append((block, "width", convs[0], "in_channels"))  # torch.split(x, self.width): Res2Net, EdgeNeXt
+        expand = getattr(block, "conv_exp", None)
+        if isinstance(getattr(block, "expand_chs", None), int) and isinstance(expand, nn.Module):
+            conv = next((m for m in expand.modules() if isinstance(m, nn.modules.conv._ConvNd)
+                         and m.out_channels == block.expand_chs), None)  # x.split(self.expand_chs // 2): CSP stages
+            links += [(block, "expand_chs", conv, "out_channels")] if conv is not None else []
         if not callable(getattr(block, "reparameterize", None)):
             continue
         sizes = {a: c for a, c in _REPARAM_SIZES.items() if isinstance(getattr(block, a, None), int)}

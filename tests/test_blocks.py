@@ -9,6 +9,7 @@ export check (1e-4 relative) and a ``save_pretrained`` -> ``local-dir:`` round t
 import collections
 
 import pytest
+import timm
 import timm.utils
 import torch
 
@@ -117,3 +118,15 @@ def test_mobileone_branches_share_one_index_set():
     _, cut = _twin("mobileone_s0", prune_skip=True, steps=4)
     rows = {n: dims[0] for n, dims in cut.items() if ".conv_kxk." in n and n.endswith("conv.weight")}
     assert len(rows) >= 4 and len({tuple(r) for r in rows.values()}) == 1, rows.keys()
+
+
+def test_csp_stage_split_halves_shrink_with_prune_skip():
+    # CrossStage splits conv_exp's output in halves with x.split(self.expand_chs // 2): both halves lose the same
+    # channels (tied) and expand_chs follows conv_exp; before, the sliced model did not run and the groups stayed
+    groups = find_channel_groups(timm.create_model("cs3darknet_focus_s"), torch.randn(1, 3, 32, 32), prune_skip=True)
+    assert all(g.prunable for g in groups), [(g.name, g.reason) for g in groups if not g.prunable]
+    row = _export_and_reload("cs3darknet_focus_s", True)
+    stages = [s for s in row["slim"].stages if hasattr(s, "expand_chs")]
+    assert stages and all(s.expand_chs == s.conv_exp.conv.out_channels for s in stages)
+    assert any(s.expand_chs < row["chase"].module.stages[i].expand_chs for i, s in enumerate(row["slim"].stages)
+               if hasattr(s, "expand_chs"))

@@ -127,18 +127,21 @@ def map_split(node: Any, sizes: Sequence[int]) -> None:
                 _install(dep, 1, mapping(offset=offsets[piece:piece + 2], reverse=True), mapping)
 
 
-def map_concat(node: Any, sizes: Sequence[int]) -> None:
+def map_concat(node: Any, sizes: Sequence[int]) -> bool:
     """Install concat index mappings on ``node`` (a Torch-Pruning concat node) whose autograd inputs have ``sizes``
     along the concat dim, in the order of ``node.grad_fn.next_functions``; a Torch-Pruning input node is matched to
-    its place by its autograd node. Forward mappings go in slot 1, reverse ones in slot 0 (see ``_install``)."""
+    its place by its autograd node. Forward mappings go in slot 1, reverse ones in slot 0 (see ``_install``).
+    True when every input got its mapping."""
     offsets = [0]
     for size in sizes:
         offsets.append(offsets[-1] + size)
     node.module.concat_sizes, node.module.offsets = list(sizes), offsets
     places = [fn for fn, _ in node.grad_fn.next_functions]
     mapping = tp.dependency.index_mapping._ConcatIndexMapping
+    complete = True
     for source in node.inputs:
         if sum(fn is source.grad_fn for fn in places) != 1:
+            complete = False
             continue  # the same tensor concatenated twice, or not found: Torch-Pruning's own mapping stays
         piece = next(i for i, fn in enumerate(places) if fn is source.grad_fn)
         for dep in node.dependencies:
@@ -147,6 +150,7 @@ def map_concat(node: Any, sizes: Sequence[int]) -> None:
         for dep in source.dependencies:
             if dep.target is node:
                 dep.index_mapping[1] = mapping(offset=offsets[piece:piece + 2], reverse=False)
+    return complete
 
 
 class _InterleaveIndexMapping:
