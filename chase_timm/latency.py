@@ -6,7 +6,7 @@ device and at the batch size and memory layout the user runs, how long each prun
 (forward, or forward + backward for training) at a few candidate widths around the proposed ones, with
 ``torch.utils.benchmark``; only the unique layer shapes are timed, and the results are cached in a JSON file
 keyed by device, model, batch size, input size, layout and pass. :func:`fast_widths` then moves every group to
-the nearby candidate that runs fastest for its size (least time above the group's linear time-vs-width trend,
+the nearby candidate that runs fastest for its size (least time beyond what its width accounts for,
 :func:`excess_costs`; never below its floor, never above what it still has) while the total number of removed
 channels stays within ``[budget, budget + slack]`` (an exact multiple-choice knapsack over the width changes). :class:`LatencyRounding` ties both to :class:`~chase_timm.channels.ChannelState`: it runs at the
 final channel event when ``ChaseConfig(width_rounding="latency")``.
@@ -61,14 +61,11 @@ def candidate_widths(width: int, low: int, high: int, alignments: Sequence[int] 
 
 
 def excess_costs(costs: Mapping[int, float], proposed: int) -> Dict[int, float]:
-    """A group's ``costs`` ({width: seconds}) less their least-squares linear trend in the width, anchored at
-    ``proposed``: what a width costs beyond what its size explains (a dip = a width the kernels run fast), so
-    that :func:`fast_widths` prefers such widths rather than merely smaller ones."""
-    widths = list(costs)
-    if len(widths) < 2:
-        return dict(costs)
-    mean_w, mean_t = sum(widths) / len(widths), sum(costs.values()) / len(widths)
-    slope = (sum((w - mean_w) * (costs[w] - mean_t) for w in widths) / sum((w - mean_w) ** 2 for w in widths))
+    """A group's ``costs`` ({width: seconds}) less the time its width accounts for, ``s·(width - proposed)``, with
+    ``s`` the least-squares seconds per channel of a line through the origin (time proportional to width, as
+    FLOPs say): what a width costs beyond its size. A dip below that line is a width the kernels run fast;
+    :func:`fast_widths` on these costs prefers such widths rather than merely smaller ones."""
+    slope = sum(w * t for w, t in costs.items()) / max(sum(w * w for w in costs), 1)
     return {w: t - slope * (w - proposed) for w, t in costs.items()}
 
 
