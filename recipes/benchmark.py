@@ -150,8 +150,7 @@ def speed_metrics(name: str, results: List[dict], machine: dict) -> dict:
     size and layout) and the machine they were measured on."""
     rows = [{k: r[k] for k in ("batch_size", "layout", "speedup", "img_per_s", "efficiency")}
             for r in results if r["model"] == name]
-    return {"measured_speed": rows, "throughput_device": f"{machine['device']} ({machine['cpu']}, "
-                                                          f"{machine['threads']} threads)"}
+    return {"measured_speed": rows, "throughput_device": f"{machine['device']}: {machine['device_name']}"}
 
 
 def save_slims(models: Dict[str, nn.Module], saved: Dict[str, nn.Module], results: List[dict], report: dict,
@@ -201,7 +200,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                   + ", ".join(f"{r['speedup']:.2f}" for r in results[-len(timings):]), flush=True)
 
     report = {"command": " ".join(["python", "recipes/benchmark.py", *(sys.argv[1:] if argv is None else argv)]),
-              "machine": {"device": str(device), "cpu": platform.processor() or platform.machine(),
+              "machine": {"device": str(device), "device_name": chase_timm.latency.device_name(device),
+                          "cpu": platform.processor() or platform.machine(),
                           "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__},
               "settings": {"input_size": list(size), "compile": args.compile, "fold_bn": args.fold_bn,
                            "repeats": args.repeats,
