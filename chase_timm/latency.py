@@ -34,8 +34,6 @@ __all__ = ["LatencyTable", "LatencyRounding", "candidate_widths", "excess_costs"
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 ALIGNMENTS = (8, 16, 32)  # widths kernels block channels by; candidates are the nearest multiples either side
-# a layer shape: kind, in, out, kernel, stride, padding, dilation, groups, bias, spatial input size
-Shape = Tuple
 
 
 def device_name(device: Union[str, torch.device]) -> str:
