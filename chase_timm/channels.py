@@ -8,7 +8,7 @@ below its floor floor(C·(1-S_c)·beta).
 from __future__ import annotations
 
 import math
-from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,7 @@ from ._timm import named_tensors
 from .graph import ChannelGroup, reindex_groups
 from .slim import meta_clone, width_plan
 
-__all__ = ["group_floor", "umm_scores", "select_channels", "tensor_keep_masks", "ChannelState"]
+__all__ = ["group_floor", "umm_scores", "select_channels", "resize_removals", "tensor_keep_masks", "ChannelState"]
 
 
 def group_floor(width: int, channel_sparsity: float, min_channel_ratio: float, round_to: int = 1) -> int:
@@ -119,6 +119,22 @@ def select_channels(scores: Mapping[str, torch.Tensor], alive: Mapping[str, torc
     return {names[gi]: torch.tensor(sorted(p), dtype=torch.long) for gi, p in chosen.items() if p}
 
 
+def resize_removals(scores: Mapping[str, torch.Tensor], alive: Mapping[str, torch.Tensor],
+                    removed: Mapping[str, torch.Tensor], widths: Mapping[str, int]) -> Dict[str, torch.Tensor]:
+    """``removed`` (indices per group) changed so that each group in ``widths`` keeps exactly that many alive
+    channels, removing its lowest-scored ones (UMM order, as the global selection would); other groups as given."""
+    out = {n: r for n, r in removed.items() if n not in widths}
+    for name, width in widths.items():
+        idx = alive[name].nonzero().flatten()
+        n = len(idx) - width
+        if name in removed and len(removed[name]) == n:
+            out[name] = removed[name]
+        elif n > 0:
+            order = torch.sort(scores[name][idx], stable=True).indices
+            out[name] = idx[order[:n]].sort().values
+    return out
+
+
 def tensor_keep_masks(groups: Sequence[ChannelGroup], alive: Mapping[str, torch.Tensor],
                       tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Elementwise 0/1 masks (in each tensor's dtype) for every tensor touched by a removed channel.
@@ -172,6 +188,8 @@ class ChannelState:
         self.floors = {g.name: group_floor(g.width, channel_sparsity, min_channel_ratio, round_to if g.unit == 1 else 1)
                        for g in self.prunable}
         self.total = sum(g.width * g.unit for g in self.prunable)
+        self.channel_sparsity = channel_sparsity
+        self.width_policy: Optional[Callable[..., Dict[str, int]]] = None
         self.allowed: Dict[str, torch.Tensor] = {}
         self.channel_masks: Dict[str, torch.Tensor] = {}
         # physical shrinking: original channel number of every channel still in the model, original widths,
@@ -197,8 +215,13 @@ class ChannelState:
         n_remove = math.ceil(self.alive_count() - self.total * (1.0 - sparsity) - 1e-9)
         if n_remove <= 0:
             return False
-        removed = select_channels(self.scores(tensors, fanin), self.alive, self.floors, n_remove, generator, round_to,
-                                  self.units)
+        scores = self.scores(tensors, fanin)
+        removed = select_channels(scores, self.alive, self.floors, n_remove, generator, round_to, self.units)
+        if self.width_policy is not None and sparsity >= self.channel_sparsity:
+            high = {n: int(a.sum()) for n, a in self.alive.items()}
+            proposed = {n: high[n] - len(removed.get(n, ())) for n in high}
+            widths = self.width_policy(self.prunable, proposed, high, self.floors, self.units)
+            removed = resize_removals(scores, self.alive, removed, widths)
         for name, idx in removed.items():
             self.alive[name][idx] = False
         return True

@@ -22,6 +22,7 @@ from .budget import MaskBudget
 from .channels import ChannelState
 from .config import ChaseConfig
 from .graph import find_channel_groups, tensor_removals
+from .latency import LatencyRounding, LatencyTable
 from .norms import follow_masks, remove_hooks
 from .optim_state import check_shrink_exact, states_like
 from ._timm import deepcopy_model, named_tensors, unwrap_model
@@ -102,6 +103,10 @@ class Chase:
                                       timeout=config.discovery_timeout) if config.channel_sparsity > 0 else [])
         self._channels = ChannelState(self._module, groups, config.channel_sparsity, config.min_channel_ratio,
                                       config.channel_round_to)
+        if config.width_rounding == "latency" and groups:
+            self._channels.width_policy = LatencyRounding(self._module, LatencyTable(
+                self._module, config.latency_batch_size, config.latency_img_size, config.latency_layout,
+                backward=config.latency_backward, cache=config.latency_cache))
         self._copies: List[nn.Module] = []
         if config.shrink != "off" and config.channel_sparsity > 0:  # only then is there anything to shrink
             check_shrinkable(model, None, {}, {})

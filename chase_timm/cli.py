@@ -29,6 +29,8 @@ def _info(args: argparse.Namespace) -> None:
           f"({m['slim_dense_flops'] / m['base_dense_flops']:.2f}x)")
     print(f"pruned: {s['pruned_tensors']} of {s['total_tensors']} tensors changed shape, in "
           + ", ".join(f"{block} ({n})" for block, n in s["pruned_by_block"].items()))
+    for label, value in s["speed"]:
+        print(f"{label}: {value}")
     if s["heads"]:
         print("attention heads: " + ", ".join(f"{block} {n} -> {k}" for block, (n, k) in s["heads"].items()))
 

@@ -19,6 +19,8 @@ _SCOPES = ("global", "layerwise")
 _FANIN_MODES = ("original", "alive")
 _SHRINK_MODES = ("off", "events", "end")
 _MASK_INITS = ("random", "magnitude")
+_WIDTH_ROUNDINGS = ("none", "latency")
+_LATENCY_LAYOUTS = ("channels_last", "nchw")
 RAMP_FRACTION = 0.75  # default ramp length with mask_init="magnitude", as a fraction of total_steps (measured)
 CHANNEL_START_IN_RAMP = 2 / 3  # default channel start, as a fraction of the ramp: the budget is within (1-d)/27 of d
 
@@ -55,6 +57,15 @@ class ChaseConfig:
         channel_offset: Channel events fire when (t + offset) % Delta T == 0 (default Delta T_p / 2).
         channel_end_step: T_c, channel sparsity reaches S_c here (default 0.8·total_steps).
         channel_round_to: Keep a multiple of this many channels per group (hardware-friendly widths).
+        width_rounding: ``"none"`` (the paper: widths by UMM alone, the default) or ``"latency"``: at the event
+            that reaches S_c, every group moves to the fastest nearby width (multiples of 8/16/32 either side)
+            by layer latencies measured on the model's device (``chase_timm.latency``), floors kept and the
+            total removed channels within S_c's count plus 0.5 % of the prunable channels.
+        latency_batch_size / latency_img_size / latency_layout / latency_backward: the setting the latencies
+            are measured in: batch size (32), square input size (default: the model's pretrained_cfg size),
+            memory layout (``"channels_last"`` or ``"nchw"``), forward only (False) or forward + backward.
+        latency_cache: JSON file the measured latencies are cached in (keyed by device, model, batch size,
+            input size, layout and pass); None measures afresh every run.
         prune_skip: Also prune residual-stream groups as one unit (the paper's faster "prune skip").
         umm_fanin: UMM denominator: ``"original"`` fan-in (paper) or ``"alive"`` fan-in.
         seed: Seed of the generator behind initial masks and tie-breaking (same on every rank).
@@ -91,6 +102,12 @@ class ChaseConfig:
     channel_offset: Optional[int] = None
     channel_end_step: Optional[int] = None
     channel_round_to: int = 1
+    width_rounding: str = "none"
+    latency_batch_size: int = 32
+    latency_img_size: Optional[int] = None
+    latency_layout: str = "channels_last"
+    latency_backward: bool = False
+    latency_cache: Optional[str] = None
     prune_skip: bool = False
     umm_fanin: str = "original"
     seed: int = 0
@@ -124,9 +141,16 @@ class ChaseConfig:
         _check_range("channel_sparsity", self.channel_sparsity, 0.0, 1.0, high_open=True)
         _check_range("min_channel_ratio", self.min_channel_ratio, 0.0, 1.0, low_open=True)
         _check_int("channel_round_to", self.channel_round_to, low=1)
+        _check_choice("width_rounding", self.width_rounding, _WIDTH_ROUNDINGS)
+        _check_choice("latency_layout", self.latency_layout, _LATENCY_LAYOUTS)
+        _check_int("latency_batch_size", self.latency_batch_size, low=1)
+        if self.latency_img_size is not None:
+            _check_int("latency_img_size", self.latency_img_size, low=1)
+        if self.latency_cache is not None and not isinstance(self.latency_cache, str):
+            raise ValueError(f"ChaseConfig.latency_cache must be a file path (str) or None, got {self.latency_cache!r}.")
         _check_int("seed", self.seed, low=0)
         _check_range("discovery_timeout", self.discovery_timeout, 0.0, math.inf, low_open=True)
-        for flag in ("phase_b", "prune_skip"):
+        for flag in ("phase_b", "prune_skip", "latency_backward"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"ChaseConfig.{flag} must be true or false, got {getattr(self, flag)!r}.")
         if not all(isinstance(p, str) and p for p in self.exclude):

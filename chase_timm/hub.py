@@ -24,7 +24,7 @@ import timm
 import torch
 import torch.nn as nn
 import yaml
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, hf_hub_download
 from safetensors import SafetensorError
 from timm.data import resolve_data_config
 from timm.layers import get_spatial_dim
@@ -34,11 +34,12 @@ from ._timm import classifier_modules, deepcopy_model, model_input_size, unwrap_
 from .adapters.autograd import has_non_persistent_buffers
 from .adapters.timm import record_model_args, recorded_model_args
 from .config import ChaseConfig
+from .fold import fold_pairs, folded_pairs
 from .heads import head_counts
 from .metrics import count_flops
 from .slim import apply_width_plan, width_plan
 
-__all__ = ["save_pretrained", "push_to_hub", "create_model", "read_config", "render_card", "slim_summary",
+__all__ = ["save_pretrained", "push_to_hub", "create_model", "read_config", "render_card", "slim_summary", "speed_rows",
            "ARCHITECTURE", "FORMAT_VERSION", "MODEL_FILES"]
 
 ARCHITECTURE = "chase_slim"
@@ -67,13 +68,14 @@ def chase_slim(pretrained: bool = False, chase: Optional[Mapping] = None, **kwar
     """timm entrypoint of a saved Chase slim model; ``chase`` (from config.json's model_args) names the base
     architecture and its width plan, the other kwargs are the base's build kwargs (caller's kwargs win)."""
     base, plan = _parse_spec(chase)
+    folded = chase.get("folded_bn", [])
     pretrained_cfg = dict(kwargs.pop("pretrained_cfg", None) or {})
     where = pretrained_cfg.get("hf_hub_id") or pretrained_cfg.get("file") or "the chase folder"
     if pretrained:
         _require_safetensors(pretrained_cfg)
     feature_cfg = _feature_cfg(base, kwargs) if kwargs.get("features_only") else None
     try:
-        return build_model_with_cfg(functools.partial(_build, base, plan, pretrained), ARCHITECTURE, pretrained,
+        return build_model_with_cfg(functools.partial(_build, base, plan, pretrained, folded), ARCHITECTURE, pretrained,
                                     pretrained_cfg=pretrained_cfg, feature_cfg=feature_cfg, **kwargs)
     except SafetensorError as err:
         raise ValueError(f"{where}: {WEIGHTS} is unreadable ({err}); it is truncated or corrupt: download it "
@@ -112,6 +114,11 @@ def _parse_spec(chase: Optional[Mapping]) -> tuple[str, Mapping]:
     if not isinstance(plan, Mapping) or not isinstance(plan.get("tensors"), Mapping):
         raise ValueError(f"{CONFIG}: model_args.chase.width_plan must be a mapping with a 'tensors' mapping; "
                          f"re-save the model with chase_timm.save_pretrained")
+    folded = chase.get("folded_bn", [])
+    if not isinstance(folded, list) or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(n, str) for n in p)
+                                               for p in folded):
+        raise ValueError(f"{CONFIG}: model_args.chase.folded_bn must be a list of [conv, batchnorm] module names; "
+                         f"re-save the model with chase_timm.save_pretrained")
     return base, plan
 
 
@@ -140,13 +147,17 @@ def _feature_cfg(base: str, kwargs: Mapping) -> dict:
     return {"feature_cls": "getter", "out_indices": 3 if levels > 6 else tuple(range(levels))}
 
 
-def _build(base: str, plan: Mapping, pretrained: bool, device: Any = None, dtype: Any = None, **kwargs) -> nn.Module:
+def _build(base: str, plan: Mapping, pretrained: bool, folded: list, device: Any = None, dtype: Any = None,
+           **kwargs) -> nn.Module:
     """The slim model: with weights to come, shapes on ``meta`` then uninitialised storage (no wasted
-    allocation); without, timm's own random initialisation of the base cut to the slim widths."""
+    allocation); without, timm's own random initialisation of the base cut to the slim widths. ``folded``:
+    the (conv, bn) pairs a folded model was saved with (:func:`chase_timm.fold_batchnorm`), folded first."""
     if pretrained:
         with torch.device("meta"):
             model = timm.create_model(base, pretrained=False, **kwargs)
         if not has_non_persistent_buffers(model):  # weights restore everything else
+            if folded:
+                fold_pairs(model, folded)
             apply_width_plan(model, plan)
             model.to_empty(device=device or "cpu")
             if dtype is not None:
@@ -157,6 +168,8 @@ def _build(base: str, plan: Mapping, pretrained: bool, device: Any = None, dtype
                         module.reset_parameters()
             return model
     model = timm.create_model(base, pretrained=False, device=device, dtype=dtype, **kwargs)
+    if folded:
+        fold_pairs(model, folded)
     return apply_width_plan(model, plan, keep_values=True)
 
 
@@ -199,6 +212,7 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *,
                     data_config={k: cfg[k] for k in _DATA_KEYS if k in cfg},
                     model_config={"label_names": label_names} if label_names else None)
         _drop_num_classes_arg(staging / CONFIG)
+        _record_speed(staging / CONFIG, full_metrics)
         card = render_card(model, base, staging, chase_config=chase_config, metrics=full_metrics, dataset=dataset,
                            recipe=recipe, license=cfg["license"], repo_id=repo_id or f"YOUR-ORG/{directory.name}",
                            base_model=base_model, started_from=started_from)
@@ -248,6 +262,16 @@ def _drop_num_classes_arg(path: Path) -> None:
     path.write_text(json.dumps(config, indent=2))
 
 
+def _record_speed(path: Path, metrics: Mapping) -> None:
+    """Measured speedups (``measured_speed``, ``throughput_device``) go into config.json's ``chase_speed`` too, so
+    ``chase-timm info`` reports them without the card."""
+    if metrics.get("measured_speed"):
+        config = json.loads(path.read_text())
+        config["chase_speed"] = {"measured_speed": list(metrics["measured_speed"]),
+                                 "throughput_device": metrics.get("throughput_device")}
+        path.write_text(json.dumps(config, indent=2))
+
+
 def _check_target(directory: Path, overwrite: bool) -> None:
     """Refuse a file, or a folder holding anything, unless ``overwrite`` (which keeps unrelated files)."""
     if directory.exists() and not directory.is_dir():
@@ -276,6 +300,9 @@ def _slim_spec(model: nn.Module) -> tuple[dict, nn.Module]:
     args = get_model_args(probe)
     with torch.device("meta"):
         base = timm.create_model(arch, pretrained=False, **args)
+    folded = folded_pairs(model)
+    if folded:  # a folded model's plan is relative to the base folded the same way (the loader folds, then cuts)
+        fold_pairs(base, folded)
     if type(base) is not type(model):
         raise ValueError(f"the model is a {type(model).__name__} but {arch!r} builds a {type(base).__name__}: pass "
                          f"the model Chase.export() returned, not a wrapper or a features_only model")
@@ -285,7 +312,7 @@ def _slim_spec(model: nn.Module) -> tuple[dict, nn.Module]:
         raise ValueError(f"the model does not fit its base architecture {arch!r} ({err}); pass the model "
                          f"Chase.export() returned") from err
     return {"format_version": FORMAT_VERSION, "base_architecture": arch, "width_plan": plan,
-            "base_args": args}, base
+            **({"folded_bn": folded} if folded else {}), "base_args": args}, base
 
 
 def _pretrained_cfg(model: nn.Module, base: nn.Module, data_config: Optional[Mapping],
@@ -423,11 +450,21 @@ def _card_metrics(metrics: Mapping) -> list[tuple[str, str]]:
                 rows.append((label, fmt.format(metrics[key])))
             except (TypeError, ValueError):  # e.g. a device name where a number was expected
                 rows.append((label, str(metrics[key])))
+    rows += speed_rows(metrics)
     if metrics.get("base_params") and metrics.get("slim_params"):
         rows.append(("parameters, slim / base", f"{metrics['slim_params'] / metrics['base_params']:.2f}x"))
     if metrics.get("base_dense_flops") and metrics.get("slim_dense_flops"):
         rows.append(("dense FLOPs, slim / base", f"{metrics['slim_dense_flops'] / metrics['base_dense_flops']:.2f}x"))
     return rows
+
+
+def speed_rows(metrics: Mapping) -> list[tuple[str, str]]:
+    """(label, value) rows of the measured speedups in ``metrics["measured_speed"]`` (``recipes/benchmark.py
+    --save-dir`` writes them: batch size, layout, speedup over the base, img/s), on ``throughput_device``."""
+    where = f" on {metrics['throughput_device']}" if metrics.get("throughput_device") else ""
+    return [(f"measured speedup over base, batch {r['batch_size']}, {r['layout']}{where}",
+             f"{r['speedup']:.2f}x ({r['img_per_s']:.1f} img/s)") for r in metrics.get("measured_speed") or []
+            if isinstance(r, Mapping) and {"batch_size", "layout", "speedup", "img_per_s"} <= set(r)]
 
 
 # ------------------------------------------------------------------------------------------ the Hub
@@ -487,13 +524,17 @@ def _upload(folder: Path, repo_id: str, token, private, revision, commit_message
 
 def slim_summary(source: str) -> dict:
     """What ``chase-timm info`` prints: base, per-stage widths, parameters, dense FLOPs, pruned tensors, attention
-    heads per block (``heads``: {module: (before, after)} for blocks that lost heads).
+    heads per block (``heads``: {module: (before, after)} for blocks that lost heads), measured speedups
+    (``speed``: (label, value) rows, when saved with them, :func:`speed_rows`).
 
     Built on ``meta`` (no weights are read): ``source`` is ``hf-hub:ORG/NAME``, ``local-dir:PATH`` or a path.
     """
     name = source if source.startswith(("hf-hub:", "local-dir:")) else f"local-dir:{source}"
     if name.startswith("local-dir:"):
-        read_config(name[len("local-dir:"):])
+        config = read_config(name[len("local-dir:"):])
+    else:
+        repo, _, revision = name[len("hf-hub:"):].partition("@")
+        config = json.loads(Path(hf_hub_download(repo, CONFIG, revision=revision or None)).read_text())
     slim = timm.create_model(name, pretrained=False, device="meta")
     chase = recorded_model_args(slim).get("chase")
     if not isinstance(chase, Mapping):
@@ -508,6 +549,6 @@ def slim_summary(source: str) -> dict:
         blocks[block] = blocks.get(block, 0) + 1
     return {"source": source, "base_architecture": spec["base_architecture"], "class": type(slim).__name__,
             "input_size": input_size, "stages": _stage_widths(base, slim),
-            "metrics": _complete_metrics(slim, base, input_size, None),
+            "metrics": _complete_metrics(slim, base, input_size, None), "speed": speed_rows(config.get("chase_speed", {})),
             "pruned_tensors": len(plan), "total_tensors": len(slim.state_dict()), "pruned_by_block": blocks,
             "heads": {block: (n, after[block]) for block, n in head_counts(base).items() if after.get(block, n) != n}}

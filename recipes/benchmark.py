@@ -31,7 +31,6 @@ import timm
 import torch
 import torch.nn as nn
 import yaml
-from torch.fx.experimental.optimization import fuse
 
 import chase_timm
 from chase_timm.metrics import flop_counts, interleaved_timings, resolve_input_size
@@ -56,7 +55,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="torch.compile every model, dense and slim alike (backend default: inductor)")
     p.add_argument("--fold-bn", action="store_true",
-                   help="fold BatchNorm into the preceding convs (torch.fx), dense and slim alike")
+                   help="fold BatchNorm into the preceding convs (chase_timm.fold_batchnorm), dense and slim alike")
+    p.add_argument("--save-dir", metavar="DIR",
+                   help="save every slim model (folded with --fold-bn) with save_pretrained into DIR/<name>, its "
+                        "measured speedups in the metrics (model card, `chase-timm info`)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds per setting")
@@ -116,10 +118,9 @@ def prepare(model: nn.Module, device: torch.device, layout: str, backend: Option
     model = model.eval()
     if fold_bn:
         try:
-            model = fuse(model)
-        except Exception as e:  # torch.fx cannot trace every model (data-dependent control flow)
-            raise SystemExit(f"--fold-bn: torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {e}); "
-                             "run without --fold-bn.")
+            model = chase_timm.fold_batchnorm(model)
+        except ValueError as e:  # torch.fx cannot trace every model, or there is nothing to fold
+            raise SystemExit(f"--fold-bn: {e}; run without --fold-bn.")
     model = model.to(device=device, memory_format=LAYOUTS[layout])
     return torch.compile(model, backend=backend) if backend else model
 
@@ -144,6 +145,24 @@ def format_table(facts: Dict[str, dict], results: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def speed_metrics(name: str, results: List[dict], machine: dict) -> dict:
+    """``save_pretrained`` metrics of one slim model: its measured speedups over the dense model (one row per batch
+    size and layout) and the machine they were measured on."""
+    rows = [{k: r[k] for k in ("batch_size", "layout", "speedup", "img_per_s", "efficiency")}
+            for r in results if r["model"] == name]
+    return {"measured_speed": rows, "throughput_device": f"{machine['device']}: {machine['device_name']}"}
+
+
+def save_slims(models: Dict[str, nn.Module], saved: Dict[str, nn.Module], results: List[dict], report: dict,
+               directory: str) -> None:
+    """``save_pretrained`` every slim model of the run into ``directory/<name>`` with its measured speed."""
+    for name in list(models)[1:]:
+        folder = Path(directory) / "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+        chase_timm.save_pretrained(saved[name], folder, metrics=speed_metrics(name, results, report["machine"]),
+                                   overwrite=True)
+        print(f"saved {name} to {folder}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     if args.threads:
@@ -161,10 +180,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     facts = {name: model_facts(model, size) for name, model in models.items()}
     dense_name = next(iter(models))
 
-    results = []
+    results, prepared_models = [], {}
     for layout in args.layouts:
         prepared = {name: prepare(model, device, layout, args.compile, args.fold_bn)
                     for name, model in models.items()}
+        prepared_models = prepared
         for batch_size in args.batch_sizes:
             x = torch.randn(batch_size, *size, device=device).contiguous(memory_format=LAYOUTS[layout])
             timings = interleaved_timings(prepared, x, args.repeats, args.warmup, args.block_seconds)
@@ -180,13 +200,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                   + ", ".join(f"{r['speedup']:.2f}" for r in results[-len(timings):]), flush=True)
 
     report = {"command": " ".join(["python", "recipes/benchmark.py", *(sys.argv[1:] if argv is None else argv)]),
-              "machine": {"device": str(device), "cpu": platform.processor() or platform.machine(),
+              "machine": {"device": str(device), "device_name": chase_timm.latency.device_name(device),
+                          "cpu": platform.processor() or platform.machine(),
                           "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__},
               "settings": {"input_size": list(size), "compile": args.compile, "fold_bn": args.fold_bn,
                            "repeats": args.repeats,
                            "build_size": args.build_size, "build_steps": args.build_steps},
               "models": facts, "results": results}
     print("\n" + format_table(facts, results))
+    if args.save_dir:
+        save_slims(models, prepared_models if args.fold_bn and not args.compile else models, results, report, args.save_dir)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))
