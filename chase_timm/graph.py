@@ -813,7 +813,8 @@ def _form_classes(draft: _Draft) -> None:
                 other = tie.setdefault(p % raw.balance, root)
                 parent[find(root)] = find(other)
     for a, b in draft.ties:
-        parent[find(a)] = find(b)
+        if a is not None and b is not None:  # a lost root mapping is reported by _translate
+            parent[find(a)] = find(b)
     classes: dict[int, list[int]] = {}
     for r in draft.requested:
         classes.setdefault(find(r), []).append(r)
