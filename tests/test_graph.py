@@ -173,3 +173,10 @@ def test_channel_mixing_ops_are_reported_and_discovery_stays_fast():
     stream = next(g for g in groups if g.name == "layer1.0.conv3")
     assert not stream.prunable and "mixed" in stream.reason
     assert next(g for g in groups if g.name == "layer1.0.conv1").prunable
+
+
+def test_a_lost_root_mapping_behind_a_channel_wise_op_leaves_the_group_whole_not_a_crash():
+    # NesT: torch-pruning loses a position's root channel on the way to an elementwise op where two channels meet;
+    # discovery used to raise KeyError(None) while tying them
+    groups = find_channel_groups(timm.create_model("nest_tiny", img_size=32), torch.randn(1, 3, 32, 32))
+    assert any(g.prunable for g in groups) and not all(g.prunable for g in groups)
