@@ -190,6 +190,7 @@ class ChannelState:
         self.total = sum(g.width * g.unit for g in self.prunable)
         self.channel_sparsity = channel_sparsity
         self.width_policy: Optional[Callable[..., Dict[str, int]]] = None
+        self.widths_rounded = False  # the policy runs once, at the first event that reaches S_c
         self.allowed: Dict[str, torch.Tensor] = {}
         self.channel_masks: Dict[str, torch.Tensor] = {}
         # physical shrinking: original channel number of every channel still in the model, original widths,
@@ -213,15 +214,18 @@ class ChannelState:
         """Mark the globally lowest-UMM channels removed until channel sparsity reaches ``sparsity`` (floors
         permitting); False when none were due."""
         n_remove = math.ceil(self.alive_count() - self.total * (1.0 - sparsity) - 1e-9)
-        if n_remove <= 0:
+        final = self.width_policy is not None and sparsity >= self.channel_sparsity and not self.widths_rounded
+        if n_remove <= 0 and not final:  # the last event often has nothing left to remove: round widths anyway
             return False
         scores = self.scores(tensors, fanin)
-        removed = select_channels(scores, self.alive, self.floors, n_remove, generator, round_to, self.units)
-        if self.width_policy is not None and sparsity >= self.channel_sparsity:
+        removed = (select_channels(scores, self.alive, self.floors, n_remove, generator, round_to, self.units)
+                   if n_remove > 0 else {})
+        if final:
             high = {n: int(a.sum()) for n, a in self.alive.items()}
             proposed = {n: high[n] - len(removed.get(n, ())) for n in high}
             widths = self.width_policy(self.prunable, proposed, high, self.floors, self.units)
             removed = resize_removals(scores, self.alive, removed, widths)
+            self.widths_rounded = True
         for name, idx in removed.items():
             self.alive[name][idx] = False
         return True

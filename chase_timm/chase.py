@@ -23,7 +23,7 @@ from .channels import ChannelState
 from .config import ChaseConfig
 from .graph import find_channel_groups, tensor_removals
 from .latency import LatencyRounding, LatencyTable
-from .norms import follow_masks, remove_hooks
+from .norms import attach as attach_norms, follow_masks, remove_hooks
 from .optim_state import check_shrink_exact, states_like
 from ._timm import deepcopy_model, named_tensors, unwrap_model
 from .shrink import check_shrinkable, rebuild_ddp, slice_optimizer_state
@@ -103,6 +103,7 @@ class Chase:
                                       timeout=config.discovery_timeout) if config.channel_sparsity > 0 else [])
         self._channels = ChannelState(self._module, groups, config.channel_sparsity, config.min_channel_ratio,
                                       config.channel_round_to)
+        attach_norms(self._module, {s.tensor for g in self._channels.prunable for s in g.slices})
         if config.width_rounding == "latency" and groups:
             self._channels.width_policy = LatencyRounding(self._module, LatencyTable(
                 self._module, config.latency_batch_size, config.latency_img_size, config.latency_layout,

@@ -466,7 +466,7 @@ def _map_channels_last_flatten(node: Any) -> None:
         return
     channels, lead = before[-1], len(after) - 1
     k = _prod(before[lead:-1])
-    if k > 1 and tuple(before[:lead]) == tuple(after[:lead]) and after[-1] == k * channels:
+    if k > 1 and channels > 1 and tuple(before[:lead]) == tuple(after[:lead]) and after[-1] == k * channels:
         map_interleave(node, channels, k)
 
 
@@ -481,6 +481,8 @@ def _channels_last(node: Any, limit: int = 64) -> bool:
         seen.add(n)
         if n.type in (ops.OPTYPE.CONV, ops.OPTYPE.DEPTHWISE_CONV, ops.OPTYPE.BN):
             return False
+        if n.type == ops.OPTYPE.LN and "2d" in type(n.module).__name__.lower():
+            return False  # timm's LayerNorm2d / RmsNorm2d normalise NCHW maps over dim 1
         if n.type in (ops.OPTYPE.LINEAR, ops.OPTYPE.LN):
             found = True
         else:

@@ -18,7 +18,7 @@ model is a plain timm model). A hook with every channel alive returns ``None`` (
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Collection, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -109,6 +109,15 @@ class AliveChannels:
 
 def _hook(module: nn.Module) -> Optional[AliveChannels]:
     return next(iter(forward_hooks(module, AliveChannels)), None)
+
+
+def attach(model: nn.Module, weights: Collection[str]) -> None:
+    """An inactive :class:`AliveChannels` hook on every covered norm whose ``weight`` is in ``weights`` (the
+    tensors of prunable channel groups), installed before training: ``torch.compile`` does not see forward hooks
+    added after its first call, but does follow the mask of a hook that was already there."""
+    for name, module in model.named_modules():
+        if covers(module) and (f"{name}.weight" if name else "weight") in weights and _hook(module) is None:
+            module.register_forward_hook(AliveChannels())
 
 
 @torch.no_grad()

@@ -84,6 +84,7 @@ def test_width_rounding_latency_keeps_floors_and_the_channel_budget(tmp_path):
     chase = synthetic_run("resnet10t", config, 10, 32, 0)[2]
     state = chase.channels
     assert json.loads(cache.read_text())  # calibrated on this device, cached
+    assert state.widths_rounded  # the policy ran at the event that reached S_c (with nothing left to remove there)
     removed = state.total - state.alive_count()
     slack = max(1, -(-state.total * 5 // 1000))
     assert round(state.total * 0.5) <= removed <= round(state.total * 0.5) + slack

@@ -144,3 +144,22 @@ def test_a_resumed_run_computes_over_the_alive_channels_again():
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), model.eval()(x))
         assert not torch.allclose(remove_hooks(fresh)(x), model(x), rtol=1e-4)  # without them it would differ
+
+
+def test_a_model_compiled_before_the_first_channel_event_follows_the_alive_channel_norms():
+    # torch.compile does not see forward hooks added after its first call: the hooks are attached at Chase()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = ChaseConfig(total_steps=4, update_interval=2, channel_interval=1, channel_offset=0,
+                         channel_end_step=2, channel_sparsity=0.5, min_channel_ratio=0.5)
+    chase = Chase(model, config, optimizer=optimizer, example_inputs=torch.randn(2, 8))
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(4, 8)
+    for _ in range(3):
+        compiled(x).square().mean().backward()
+        optimizer.step(), chase.step(), optimizer.zero_grad()
+    assert chase.removed_channels()
+    out = compiled(x).detach()  # same grad mode as training: no recompile that would pick up a late hook
+    torch.testing.assert_close(out, model(x).detach(), rtol=0, atol=0)
+    torch.testing.assert_close(out, chase.export()(x).detach(), rtol=1e-5, atol=1e-6)
