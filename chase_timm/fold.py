@@ -76,10 +76,10 @@ def fold_pairs(model: nn.Module, pairs: Sequence[Sequence[str]]) -> nn.Module:
         parent = modules[parent_name] if parent_name else model
         rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
         setattr(parent, attr, nn.Sequential(*rest) if rest else nn.Identity())
+    first = not folded_pairs(model)
     setattr(model, FOLDED_ATTR, [list(p) for p in folded_pairs(model) + [list(p) for p in pairs]])
-    if not getattr(model, "_chase_refuses_training", False):
+    if first:  # one refusal hook, however often the model is folded
         model.register_forward_pre_hook(_refuse_training)
-        model._chase_refuses_training = True
     return model
 
 
