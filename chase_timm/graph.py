@@ -498,7 +498,7 @@ def _map_channel_concat(node: Any) -> bool:
     dim = saved_dim(node.grad_fn)
     if not shapes or any(not s or len(s) != len(shapes[0]) for s in shapes):
         return False
-    dim = (dim - (1 << 64) if dim >= 1 << 63 else dim) % len(shapes[0])
+    dim %= len(shapes[0])
     return dim == _channel_dim(len(shapes[0])) and map_concat(node, [s[dim] for s in shapes])
 
 

@@ -51,8 +51,10 @@ def input_shapes(fn: Any) -> list[tuple]:
 
 
 def saved_dim(fn: Any) -> int:
-    """The dim a slice backward node saved."""
-    return fn._saved_dim
+    """The dim a backward node (slice, split, cat) saved, signed: autograd stores a negative dim such as
+    ``chunk(2, -1)``'s as an unsigned 64-bit value (18446744073709551615)."""
+    dim = int(fn._saved_dim)
+    return dim - (1 << 64) if dim >= 1 << 63 else dim
 
 
 def saved_permutation(fn: Any) -> Optional[tuple]:

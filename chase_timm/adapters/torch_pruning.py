@@ -20,6 +20,7 @@ import torch_pruning as tp
 from torch_pruning import ops
 
 from . import require
+from .autograd import saved_dim
 
 __all__ = ["check_version", "root_dependency", "root_positions", "flatten_stride", "tolerant_index_mapping",
            "split_layout", "map_split", "map_concat", "map_interleave", "is_interleave"]
@@ -82,12 +83,11 @@ def tolerant_index_mapping() -> Iterator[set]:
 def split_layout(fn: Any) -> Optional[tuple[int, tuple[int, ...], tuple[int, ...]]]:
     """(dim, piece sizes, input shape) of a ``SplitBackward0``/``SplitWithSizesBackward0`` node; ``None`` if unknown.
 
-    ``chunk`` saves one split size and ``dim=-1`` as an unsigned 64-bit value (18446744073709551615)."""
+    ``chunk`` saves one split size (its dim signed by :func:`~chase_timm.adapters.autograd.saved_dim`)."""
     shape = tuple(getattr(fn, "_saved_self_sym_sizes", None) or ())
-    dim = getattr(fn, "_saved_dim", None)
-    if not shape or dim is None:
+    if not shape or getattr(fn, "_saved_dim", None) is None:
         return None
-    dim = (dim - (1 << 64) if dim >= 1 << 63 else dim) % len(shape)
+    dim = saved_dim(fn) % len(shape)
     sizes = getattr(fn, "_saved_split_sizes", None)
     if sizes is None:
         size = getattr(fn, "_saved_split_size", None)
