@@ -3,7 +3,8 @@
 
 Structure (which slices are coupled) comes from :mod:`chase_timm.graph`; this module only decides *which*
 channels go, following the paper: the globally lowest Unmasked Mean Magnitude first, never taking a group
-below its floor floor(C·(1-S_c)·beta).
+below its floor floor(C·(1-S_c)·beta). Attention heads and residual streams are ranked in pools of their own
+(``ChaseConfig.channel_budget``), each reaching S_c.
 """
 from __future__ import annotations
 
@@ -180,8 +181,9 @@ class ChannelState:
     """
 
     def __init__(self, module: nn.Module, groups: List[ChannelGroup], channel_sparsity: float,
-                 min_channel_ratio: float, round_to: int = 1) -> None:
+                 min_channel_ratio: float, round_to: int = 1, budget: str = "per_kind") -> None:
         self.groups = groups
+        self.budget = budget
         self.prunable = [g for g in groups if g.prunable and g.producers()]
         self.alive = {g.name: torch.ones(g.width, dtype=torch.bool) for g in self.prunable}
         self.units = {g.name: g.unit for g in self.prunable}
@@ -200,6 +202,23 @@ class ChannelState:
         self._base_shapes = {n: tuple(t.shape) for n, t in named_tensors(module)}
         self._base: Optional[nn.Module] = None
 
+    def budget_pools(self) -> Dict[str, List[str]]:
+        """Prunable groups by the pool whose channels are ranked against each other and that reaches S_c on its own.
+
+        ``"per_kind"``: internal channels, attention heads and residual streams are separate pools. Their UMMs are
+        not comparable: a head's score averages 3·head_dim rows, so it sits at the mean of single rows and never
+        ranks below the sparsest MLP channels; a stream's producers read from the internal channels, so their
+        UMM (original fan-in) falls as those die, and one pool drives the stream to its floor (DeiT-S 0.07 of
+        the dense FLOPs at S_c = 0.4). ``"pooled"``: one global ranking (the same for CNNs without prune_skip).
+        """
+        if self.budget == "pooled":
+            return {"all": list(self.alive)}
+        pools: Dict[str, List[str]] = {}
+        for group in self.prunable:
+            kind = "heads" if group.unit > 1 else "streams" if group.residual else "channels"
+            pools.setdefault(kind, []).append(group.name)
+        return pools
+
     def alive_count(self) -> int:
         """Prunable channels still alive (an attention head counts its ``head_dim`` channels)."""
         return sum(int(a.sum()) * self.units[n] for n, a in self.alive.items())
@@ -211,15 +230,20 @@ class ChannelState:
 
     def remove_lowest(self, tensors: Mapping[str, torch.Tensor], sparsity: float, fanin: str,
                       generator: torch.Generator, round_to: int = 1) -> bool:
-        """Mark the globally lowest-UMM channels removed until channel sparsity reaches ``sparsity`` (floors
-        permitting); False when none were due."""
-        n_remove = math.ceil(self.alive_count() - self.total * (1.0 - sparsity) - 1e-9)
+        """Mark the lowest-UMM channels of each budget pool (:meth:`budget_pools`) removed until the pool's channel
+        sparsity reaches ``sparsity`` (floors permitting); False when none were due."""
+        due = {kind: math.ceil(sum(int(self.alive[n].sum()) * self.units[n] for n in names)
+                               - sum(self._base_width[n] * self.units[n] for n in names) * (1.0 - sparsity) - 1e-9)
+               for kind, names in self.budget_pools().items()}
         final = self.width_policy is not None and sparsity >= self.channel_sparsity and not self.widths_rounded
-        if n_remove <= 0 and not final:  # the last event often has nothing left to remove: round widths anyway
+        if max(due.values(), default=0) <= 0 and not final:  # the last event often has nothing left: round anyway
             return False
         scores = self.scores(tensors, fanin)
-        removed = (select_channels(scores, self.alive, self.floors, n_remove, generator, round_to, self.units)
-                   if n_remove > 0 else {})
+        removed: Dict[str, torch.Tensor] = {}
+        for kind, names in self.budget_pools().items():
+            if due[kind] > 0:
+                removed.update(select_channels({n: scores[n] for n in names}, self.alive, self.floors, due[kind],
+                                               generator, round_to, self.units))
         if final:
             high = {n: int(a.sum()) for n, a in self.alive.items()}
             proposed = {n: high[n] - len(removed.get(n, ())) for n in high}

@@ -102,7 +102,7 @@ class Chase:
         groups = (find_channel_groups(self._module, example_inputs, prune_skip=config.prune_skip,
                                       timeout=config.discovery_timeout) if config.channel_sparsity > 0 else [])
         self._channels = ChannelState(self._module, groups, config.channel_sparsity, config.min_channel_ratio,
-                                      config.channel_round_to)
+                                      config.channel_round_to, config.channel_budget)
         attach_norms(self._module, {s.tensor for g in self._channels.prunable for s in g.slices})
         if config.width_rounding == "latency" and groups:
             self._channels.width_policy = LatencyRounding(self._module, LatencyTable(

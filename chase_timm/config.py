@@ -20,6 +20,7 @@ _FANIN_MODES = ("original", "alive")
 _SHRINK_MODES = ("off", "events", "end")
 _MASK_INITS = ("random", "magnitude")
 _WIDTH_ROUNDINGS = ("none", "latency")
+_CHANNEL_BUDGETS = ("per_kind", "pooled")
 _LATENCY_LAYOUTS = ("channels_last", "nchw")
 RAMP_FRACTION = 0.75  # default ramp length with mask_init="magnitude", as a fraction of total_steps (measured)
 CHANNEL_START_IN_RAMP = 2 / 3  # default channel start, as a fraction of the ramp: the budget is within (1-d)/27 of d
@@ -57,6 +58,10 @@ class ChaseConfig:
         channel_offset: Channel events fire when (t + offset) % Delta T == 0 (default Delta T_p / 2).
         channel_end_step: T_c, channel sparsity reaches S_c here (default 0.8·total_steps).
         channel_round_to: Keep a multiple of this many channels per group (hardware-friendly widths).
+        channel_budget: ``"per_kind"`` (default): internal channels, attention heads (``head_dim`` channels each)
+            and, with ``prune_skip``, residual streams each lose S_c of their channels, ranked by UMM within the
+            kind, because UMMs of different kinds are not comparable (``ChannelState.budget_pools``); ``"pooled"``:
+            one global UMM ranking over all of them. The two are the same for a CNN without ``prune_skip``.
         width_rounding: ``"none"`` (the paper: widths by UMM alone, the default) or ``"latency"``: at the event
             that reaches S_c, every group moves to the fastest nearby width (multiples of 8/16/32 either side)
             by layer latencies measured on the model's device (``chase_timm.latency``), floors kept and the
@@ -102,6 +107,7 @@ class ChaseConfig:
     channel_offset: Optional[int] = None
     channel_end_step: Optional[int] = None
     channel_round_to: int = 1
+    channel_budget: str = "per_kind"
     width_rounding: str = "none"
     latency_batch_size: int = 32
     latency_img_size: Optional[int] = None
@@ -142,6 +148,7 @@ class ChaseConfig:
         _check_range("min_channel_ratio", self.min_channel_ratio, 0.0, 1.0, low_open=True)
         _check_int("channel_round_to", self.channel_round_to, low=1)
         _check_choice("width_rounding", self.width_rounding, _WIDTH_ROUNDINGS)
+        _check_choice("channel_budget", self.channel_budget, _CHANNEL_BUDGETS)
         _check_choice("latency_layout", self.latency_layout, _LATENCY_LAYOUTS)
         _check_int("latency_batch_size", self.latency_batch_size, low=1)
         if self.latency_img_size is not None:

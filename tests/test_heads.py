@@ -10,6 +10,7 @@ import timm
 import torch
 
 import chase_timm
+from chase_timm._timm import named_tensors
 from chase_timm.channels import ChannelState, select_channels
 from chase_timm.cli import main
 from chase_timm.graph import ChannelGroup
@@ -141,3 +142,19 @@ def test_the_budget_counts_a_removed_head_as_its_channels_and_rounds_only_single
     removed = select_channels(scores, alive, floors, 70, torch.Generator().manual_seed(0), round_to=4,
                               units={"attn": 64})
     assert removed["attn"].tolist() == [0] and len(removed["fc1"]) == 4  # 6 picked, rounded to keep 96
+
+
+@pytest.mark.parametrize("budget", ["per_kind", "pooled"])
+def test_heads_mlp_channels_and_the_stream_each_reach_s_c_under_the_per_kind_budget(budget):
+    model = zoo_coverage.build("vit_tiny_patch16_224")
+    groups = find_channel_groups(model, prune_skip=True)
+    state = ChannelState(model, groups, 0.4, 0.2, budget=budget)
+    tensors = dict(named_tensors(model))
+    assert state.remove_lowest(tensors, 0.4, "original", torch.Generator().manual_seed(0))
+    pools = state.budget_pools()
+    assert set(pools) == ({"heads", "streams", "channels"} if budget == "per_kind" else {"all"})
+    for kind, names in pools.items():
+        total = sum(state._base_width[n] * state.units[n] for n in names)
+        removed = sum(int((~state.alive[n]).sum()) * state.units[n] for n in names)
+        # each pool pays S_c of its own channels (a head may overshoot by less than its 64 channels)
+        assert 0.4 * total <= removed < 0.4 * total + max(state.units[n] for n in names), (kind, removed, total)
