@@ -270,6 +270,7 @@ class _Context:
     module_names: dict[nn.Module, str]
     heads: set[int]
     unmapped: set        # nodes whose index mapping torch-pruning could not derive
+    tied_inputs: dict[nn.Module, str] = field(default_factory=dict)  # layer -> why its input channels stay (heads)
 
 
 def _discover(graph: tp.DependencyGraph, model: nn.Module, deadline: float, unmapped: set) -> list[_Draft]:
@@ -314,6 +315,8 @@ def _head_draft(ctx: _Context, name: str, module: nn.Module, spec: HeadSpec,
         _add_tensors(ctx, draft, owner, (attr,), piece.role, by_root, dim=piece.dim)
         if piece.role == "producer" and isinstance(owner, (nn.modules.conv._ConvNd, nn.Linear)):
             covered.setdefault(owner, set()).update(p for positions in piece.index for p in positions)
+            if spec.stream:
+                ctx.tied_inputs[owner] = spec.stream
             if owner not in ctx.graph.module2node and not spec.reason:
                 draft.problem("not used in the traced forward pass", 0)
     if spec.reason:
@@ -586,6 +589,8 @@ def _layer_slices(ctx: _Context, draft: _Draft, layer: nn.Module, handler: Any, 
         draft.covers.setdefault(layer, set()).update(p for ps in by_root.values() for p in ps)
         if id(layer) in ctx.heads:
             draft.problem("classifier output", 0)
+    elif layer in ctx.tied_inputs:
+        draft.problem(ctx.tied_inputs[layer], 1)
     if isinstance(layer, nn.Linear):
         if is_out:
             _add_tensors(ctx, draft, layer, ("weight",), "producer", by_root)
