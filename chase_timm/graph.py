@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import logging
 import random
+import re
 import time
 import warnings
 from contextlib import contextmanager
@@ -50,11 +51,15 @@ _LINEAR_PARTS = ("MmBackward", "AddmmBackward", "ViewBackward", "UnsafeViewBackw
 # ops where two root channels meeting at one position are tied, not mixed: position-wise arithmetic and activations
 # (torch-pruning types every unknown op as elementwise, matmuls and attention included), norms of one channel, splits
 _CHANNEL_WISE = (ops.OPTYPE.BN, ops.OPTYPE.IN, ops.OPTYPE.SPLIT)
-_CHANNEL_WISE_FNS = ("Mul", "Add", "Sub", "Div", "Neg", "Relu", "Gelu", "Silu", "Sigmoid", "Tanh", "Hardswish",
-                     "Hardsigmoid", "Hardtanh", "Elu", "LeakyRelu", "Mish", "Softplus", "Clamp", "Abs", "Pow", "Exp",
-                     "Sqrt", "Rsqrt", "Clone", "NativeDropout", "ToCopy")
-_SCALE_SHIFT_OPS = ("Mul", "Add", "Sub", "Div", "Expand", "View", "Reshape", "UnsafeView", "Unsqueeze",
-                    "Squeeze", "Cat")
+# Op names are matched exactly (autograd's name without "Backward<n>", ``_op``): a prefix "Add" would also match
+# "Addmm", a matmul (F.linear / torch.addmm) that mixes channels.
+_CHANNEL_WISE_FNS = frozenset({
+    "Mul", "Add", "Sub", "Div", "Addcmul", "Addcdiv", "Neg", "Relu", "Gelu", "Silu", "Sigmoid", "Tanh", "Hardswish",
+    "Hardsigmoid", "Hardtanh", "Elu", "LeakyRelu", "Mish", "Softplus", "Clamp", "ClampMin", "ClampMax", "Abs", "Pow",
+    "Exp", "Exp2", "Expm1", "Sqrt", "Rsqrt", "Clone", "NativeDropout", "ToCopy"})
+# what a bare parameter may feed to be a free slice: scale, shift (GRN's addcmul(bias, weight, x)), views, concat
+_SCALE_SHIFT_OPS = frozenset({"Mul", "Add", "Sub", "Div", "Addcmul", "Expand", "View", "ReshapeAlias", "UnsafeView",
+                              "Unsqueeze", "Squeeze", "Cat"})
 
 
 @dataclass(frozen=True)
@@ -434,8 +439,13 @@ def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int],
 
 def _channel_wise(node: Any) -> bool:
     """Whether ``node`` computes each position from the same position of its inputs (see ``_CHANNEL_WISE_FNS``)."""
-    name = node.grad_fn.name() if hasattr(node.grad_fn, "name") else ""
-    return node.type in _CHANNEL_WISE or (node.type == ops.OPTYPE.ELEMENTWISE and name.startswith(_CHANNEL_WISE_FNS))
+    return node.type in _CHANNEL_WISE or (node.type == ops.OPTYPE.ELEMENTWISE
+                                          and _op(_fn_name(node)) in _CHANNEL_WISE_FNS)
+
+
+def _op(fn_name: str) -> str:
+    """An autograd node's op for exact matching: ``AddBackward0`` -> ``Add`` (``AddmmBackward0`` -> ``Addmm``)."""
+    return re.sub(r"Backward\d*$", "", fn_name)
 
 
 def _channel_split(node: Any) -> Optional[tuple[int, tuple[int, ...], tuple[int, ...]]]:
@@ -635,7 +645,7 @@ def _parameter_slice(ctx: _Context, draft: _Draft, node: Any, by_root: dict) -> 
     param = node.module
     name = ctx.names.get(id(param), "an unnamed parameter")
     uses = [n.grad_fn.name() for n in node.outputs if hasattr(n.grad_fn, "name")]
-    odd = [u for u in uses if not u.startswith(_SCALE_SHIFT_OPS)]
+    odd = [u for u in uses if _op(u) not in _SCALE_SHIFT_OPS]
     if odd or id(param) not in ctx.names:
         draft.problem(f"parameter {name} feeds {odd[0] if odd else 'an unknown op'}, "
                       "which torch-pruning cannot slice exactly", 2)
