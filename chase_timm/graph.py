@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import logging
 import random
+import re
 import time
 import warnings
 from contextlib import contextmanager
@@ -50,11 +51,15 @@ _LINEAR_PARTS = ("MmBackward", "AddmmBackward", "ViewBackward", "UnsafeViewBackw
 # ops where two root channels meeting at one position are tied, not mixed: position-wise arithmetic and activations
 # (torch-pruning types every unknown op as elementwise, matmuls and attention included), norms of one channel, splits
 _CHANNEL_WISE = (ops.OPTYPE.BN, ops.OPTYPE.IN, ops.OPTYPE.SPLIT)
-_CHANNEL_WISE_FNS = ("Mul", "Add", "Sub", "Div", "Neg", "Relu", "Gelu", "Silu", "Sigmoid", "Tanh", "Hardswish",
-                     "Hardsigmoid", "Hardtanh", "Elu", "LeakyRelu", "Mish", "Softplus", "Clamp", "Abs", "Pow", "Exp",
-                     "Sqrt", "Rsqrt", "Clone", "NativeDropout", "ToCopy")
-_SCALE_SHIFT_OPS = ("Mul", "Add", "Sub", "Div", "Expand", "View", "Reshape", "UnsafeView", "Unsqueeze",
-                    "Squeeze", "Cat")
+# Op names are matched exactly (autograd's name without "Backward<n>", ``_op``): a prefix "Add" would also match
+# "Addmm", a matmul (F.linear / torch.addmm) that mixes channels.
+_CHANNEL_WISE_FNS = frozenset({
+    "Mul", "Add", "Sub", "Div", "Addcmul", "Addcdiv", "Neg", "Relu", "Gelu", "Silu", "Sigmoid", "Tanh", "Hardswish",
+    "Hardsigmoid", "Hardtanh", "Elu", "LeakyRelu", "Mish", "Softplus", "Clamp", "ClampMin", "ClampMax", "Abs", "Pow",
+    "Exp", "Exp2", "Expm1", "Sqrt", "Rsqrt", "Clone", "NativeDropout", "ToCopy"})
+# what a bare parameter may feed to be a free slice: scale, shift (GRN's addcmul(bias, weight, x)), views, concat
+_SCALE_SHIFT_OPS = frozenset({"Mul", "Add", "Sub", "Div", "Addcmul", "Expand", "View", "ReshapeAlias", "UnsafeView",
+                              "Unsqueeze", "Squeeze", "Cat"})
 
 
 @dataclass(frozen=True)
@@ -270,6 +275,7 @@ class _Context:
     module_names: dict[nn.Module, str]
     heads: set[int]
     unmapped: set        # nodes whose index mapping torch-pruning could not derive
+    tied_inputs: dict[nn.Module, str] = field(default_factory=dict)  # layer -> why its input channels stay (heads)
 
 
 def _discover(graph: tp.DependencyGraph, model: nn.Module, deadline: float, unmapped: set) -> list[_Draft]:
@@ -314,6 +320,8 @@ def _head_draft(ctx: _Context, name: str, module: nn.Module, spec: HeadSpec,
         _add_tensors(ctx, draft, owner, (attr,), piece.role, by_root, dim=piece.dim)
         if piece.role == "producer" and isinstance(owner, (nn.modules.conv._ConvNd, nn.Linear)):
             covered.setdefault(owner, set()).update(p for positions in piece.index for p in positions)
+            if spec.stream:
+                ctx.tied_inputs[owner] = spec.stream
             if owner not in ctx.graph.module2node and not spec.reason:
                 draft.problem("not used in the traced forward pass", 0)
     if spec.reason:
@@ -431,8 +439,13 @@ def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int],
 
 def _channel_wise(node: Any) -> bool:
     """Whether ``node`` computes each position from the same position of its inputs (see ``_CHANNEL_WISE_FNS``)."""
-    name = node.grad_fn.name() if hasattr(node.grad_fn, "name") else ""
-    return node.type in _CHANNEL_WISE or (node.type == ops.OPTYPE.ELEMENTWISE and name.startswith(_CHANNEL_WISE_FNS))
+    return node.type in _CHANNEL_WISE or (node.type == ops.OPTYPE.ELEMENTWISE
+                                          and _op(_fn_name(node)) in _CHANNEL_WISE_FNS)
+
+
+def _op(fn_name: str) -> str:
+    """An autograd node's op for exact matching: ``AddBackward0`` -> ``Add`` (``AddmmBackward0`` -> ``Addmm``)."""
+    return re.sub(r"Backward\d*$", "", fn_name)
 
 
 def _channel_split(node: Any) -> Optional[tuple[int, tuple[int, ...], tuple[int, ...]]]:
@@ -586,6 +599,8 @@ def _layer_slices(ctx: _Context, draft: _Draft, layer: nn.Module, handler: Any, 
         draft.covers.setdefault(layer, set()).update(p for ps in by_root.values() for p in ps)
         if id(layer) in ctx.heads:
             draft.problem("classifier output", 0)
+    elif layer in ctx.tied_inputs:
+        draft.problem(ctx.tied_inputs[layer], 1)
     if isinstance(layer, nn.Linear):
         if is_out:
             _add_tensors(ctx, draft, layer, ("weight",), "producer", by_root)
@@ -630,7 +645,7 @@ def _parameter_slice(ctx: _Context, draft: _Draft, node: Any, by_root: dict) -> 
     param = node.module
     name = ctx.names.get(id(param), "an unnamed parameter")
     uses = [n.grad_fn.name() for n in node.outputs if hasattr(n.grad_fn, "name")]
-    odd = [u for u in uses if not u.startswith(_SCALE_SHIFT_OPS)]
+    odd = [u for u in uses if _op(u) not in _SCALE_SHIFT_OPS]
     if odd or id(param) not in ctx.names:
         draft.problem(f"parameter {name} feeds {odd[0] if odd else 'an unknown op'}, "
                       "which torch-pruning cannot slice exactly", 2)

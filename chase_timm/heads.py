@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch.nn as nn
 from timm.layers import Attention, AttentionRope
-from timm.models import beit, cait, eva, levit, swin_transformer, swin_transformer_v2
+from timm.models import beit, cait, edgenext, eva, levit, swin_transformer, swin_transformer_v2
 
 __all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "refresh_heads", "head_counts"]
 
@@ -31,6 +31,13 @@ _LEFT_WHOLE = {
     swin_transformer_v2.WindowAttention: _INPUT_WIDTH,
     cait.ClassAttn: _INPUT_WIDTH,
     cait.TalkingHeadAttn: "mixes heads before and after the softmax (proj_l, proj_w), so a head is not separable",
+    edgenext.CrossCovarianceAttn: "attends across channels (a softmax over each head's channels) and " + _INPUT_WIDTH,
+}
+# modules whose input width is their attention width: the stream feeding them stays whole, and why
+_INPUT_TIED = {
+    edgenext.CrossCovarianceAttn: "its channels feed EdgeNeXt's CrossCovarianceAttn, which takes its attention width "
+                                  "from the input width (reshape(B, N, C)) and softmaxes over each head's channels, "
+                                  "so the stream can't lose a channel without the attention losing one",
 }
 
 
@@ -52,6 +59,7 @@ class HeadSpec:
     head_dim: int
     slices: tuple[HeadSlice, ...]
     reason: str = ""  # non-empty: the heads must stay, and why
+    stream: str = ""  # non-empty: the channels the q/k/v producers read (the input stream) must stay too, and why
 
 
 def head_spec(module: nn.Module) -> Optional[HeadSpec]:
@@ -197,7 +205,7 @@ def _left_whole(module: nn.Module, reason: str) -> HeadSpec:
         layers = [(p, m) for p, m in layers if isinstance(m, nn.Linear)]
         hd = layers[0][1].out_features // heads
         slices = [HeadSlice(f"{p}.weight", 0, "producer", _blocks(heads, hd)) for p, _ in layers]
-    return HeadSpec(heads, hd, tuple(slices), f"{type(module).__name__} {reason}")
+    return HeadSpec(heads, hd, tuple(slices), f"{type(module).__name__} {reason}", _INPUT_TIED.get(type(module), ""))
 
 
 # ------------------------------------------------------------------------------------------------ checks

@@ -15,6 +15,7 @@ import torch
 
 from chase_timm.graph import find_channel_groups, tensor_removals
 from chase_timm.slim import slim_copy
+import zoo_coverage
 from helpers import check_model, tiny_model
 from prunability_table import roundtrip
 from shrink_equivalence import compare, float64
@@ -130,3 +131,41 @@ def test_csp_stage_split_halves_shrink_with_prune_skip():
     assert stages and all(s.expand_chs == s.conv_exp.conv.out_channels for s in stages)
     assert any(s.expand_chs < row["chase"].module.stages[i].expand_chs for i, s in enumerate(row["slim"].stages)
                if hasattr(s, "expand_chs"))
+
+
+EDGENEXT = "edgenext_xx_small"
+# one block per stage: stage 0's ConvBlock and a SplitTransposeBlock (split convs, XCA, MLP) in stages 1-3 (88
+# channels chunked 30/30/28 in stage 2); layer scale 1 instead of 1e-6, else the blocks' outputs vanish under the
+# shortcut in float32 and the export check could not fail
+EDGENEXT_SMALL = {"depths": (1, 1, 1, 1), "ls_init_value": 1.0}
+
+
+@pytest.fixture
+def small_edgenext(monkeypatch):
+    """The harnesses build models through zoo_coverage.build, which reads its SMALLER overrides per name."""
+    monkeypatch.setitem(zoo_coverage.SMALLER, EDGENEXT, EDGENEXT_SMALL)
+
+
+@pytest.mark.parametrize("prune_skip", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_edgenext_mlp_widths_and_the_stage0_stream_shrink_exactly(small_edgenext, prune_skip):
+    result, _ = _twin(EDGENEXT, prune_skip=prune_skip, channel_sparsity=0.3)
+    dense, slim = result.twin_run[0], result.run[0]
+    mlps = {n for n in result.removed if n.endswith(".mlp.fc1")}
+    assert {f"stages.{i}.blocks.0.mlp.fc1" for i in (1, 2, 3)} <= mlps, mlps  # the SplitTransposeBlocks' MLPs
+    assert ("stem.0" in result.removed) == prune_skip  # stage 0's stream: ConvBlocks only, LayerNorm-coupled
+    assert slim.stem[0].out_channels == slim.stages[0].blocks[0].norm.normalized_shape[0] \
+        == dense.stem[0].out_channels - len(result.removed.get("stem.0", ()))
+    groups = {g.name: g for g in result.run[2].channels.groups}
+    for stage in (1, 2, 3):  # the streams feeding an XCA and the XCA heads stay whole, with the reason
+        stream, heads = groups[f"stages.{stage}.downsample.1"], groups[f"stages.{stage}.blocks.0.xca"]
+        assert not stream.prunable and "CrossCovarianceAttn" in stream.reason and "reshape(B, N, C)" in stream.reason
+        assert not heads.prunable and "softmax over each head's channels" in heads.reason, heads.reason
+        assert slim.stages[stage].downsample[1].out_channels == dense.stages[stage].downsample[1].out_channels
+        assert slim.stages[stage].blocks[0].xca.qkv.out_features == dense.stages[stage].blocks[0].xca.qkv.out_features
+
+
+@pytest.mark.parametrize("prune_skip", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_edgenext_exports_and_reloads(small_edgenext, prune_skip):
+    row = _export_and_reload(EDGENEXT, prune_skip)
+    removed = row["chase"].removed_channels()
+    assert {n for n in removed if n.endswith(".mlp.fc1")} and ("stem.0" in removed) == prune_skip, removed.keys()

@@ -180,3 +180,42 @@ def test_a_lost_root_mapping_behind_a_channel_wise_op_leaves_the_group_whole_not
     # discovery used to raise KeyError(None) while tying them
     groups = find_channel_groups(timm.create_model("nest_tiny", img_size=32), torch.randn(1, 3, 32, 32))
     assert any(g.prunable for g in groups) and not all(g.prunable for g in groups)
+
+
+class _AddmmGate(nn.Module):
+    """Two halves of one layer's output meet in torch.addmm(a, b, w): a matmul over b's channels, not a gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 8)
+        self.register_buffer("w", torch.randn(4, 4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        a, b = self.fc(x).chunk(2, -1)
+        return self.head(torch.addmm(a * 2, b.relu(), self.w))
+
+
+class _BareMatmul(nn.Module):
+    """A layer's channels multiplied by a bare parameter in torch.addmm (F.linear's op): not a scale or shift."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 6)
+        self.weight = nn.Parameter(torch.randn(6, 6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.head(torch.addmm(h, h, self.weight))
+
+
+@pytest.mark.parametrize("module, reason", [(_AddmmGate, "channels are mixed at"),
+                                            (_BareMatmul, "parameter weight feeds")])
+def test_a_matmul_is_not_taken_for_a_channel_wise_add(module, reason):
+    """AddmmBackward0 mixes channels. Op names once matched by prefix, so "Add" took it for a channel-wise add: the
+    halves were tied as at a gate, the parameter passed as a scale, and only the numerical check refused the
+    groups (it needs the sliced model to fail). The structural rules now refuse them, naming the op."""
+    torch.manual_seed(0)
+    group = next(g for g in find_channel_groups(module(), torch.randn(2, 5)) if g.name == "fc")
+    assert not group.prunable and group.reason.startswith(reason) and "AddmmBackward0" in group.reason, group.reason
