@@ -653,8 +653,10 @@ def _other_axis(dep: Any, width: int) -> bool:
     a permute as if it were elementwise and would map them onto the Linear's features. Examples: MLP-Mixer's and
     ResMLP's token MLP ((B, N, C) -> (B, C, N)), gMLP's spatial gating projection over the tokens of half of the
     hidden channels. The axes are told apart by size: the Linear's axis of the permuted tensor must differ from
-    ``width`` and another non-batch axis must match it (a square token x channel map stays coupled)."""
-    if not isinstance(dep.target.module, nn.Linear):
+    ``width`` and another non-batch axis must match it (a square token x channel map stays coupled); and the Linear
+    must work on that axis, not on a flatten of the permuted tensor (ConvNeXt's head on a 1x1 map)."""
+    layer = dep.target.module
+    if not isinstance(layer, nn.Linear):
         return False
     up = dep.handler == tp.prune_linear_in_channels
     for near in (dep.target.inputs if up else dep.target.outputs):
@@ -663,7 +665,9 @@ def _other_axis(dep: Any, width: int) -> bool:
         if order:
             shape = result_shape(fn)  # the permuted tensor: the Linear's input, or its output permuted back
             features = len(order) - 1 if up else order.index(len(order) - 1)  # where the Linear's own axis lies
-            return shape[features] != width and width in [s for i, s in enumerate(shape) if i not in (0, features)]
+            own = layer.in_features if up else layer.out_features
+            others = [s for i, s in enumerate(shape) if i not in (0, features)]
+            return shape[features] == own != width and width in others
     return False
 
 

@@ -159,4 +159,12 @@ def test_gmlp_spatial_gating_removes_a_channel_with_its_gate_half_exactly():
 def test_gmlp_exports_and_reloads():
     """float32 export of a gMLP with narrower spatial gating units, and its save_pretrained -> local-dir: reload."""
     row = _export_and_reload(GMLP, False)
-    assert min(fc2 for *_, fc2 in _gmlp_widths(row["slim"])) < row["chase"].module.blocks[0].mlp_channels.fc2.in_features
+    hidden = row["chase"].module.blocks[0].mlp_channels.fc2.in_features
+    assert min(fc2 for *_, fc2 in _gmlp_widths(row["slim"])) < hidden
+
+
+def test_a_linear_on_a_flattened_permuted_map_still_consumes_its_channels():
+    # ConvNeXt's RMS head permutes a 1x1 map (B, C, 1, 1), flattens it and feeds head.fc: the permuted tensor's last
+    # axis has size 1, but fc reads all C channels, so the permuted-view rule must not pass the stage-3 stream by
+    groups = find_channel_groups(timm.create_model("convnext_zepto_rms"), torch.randn(1, 3, 32, 32), prune_skip=True)
+    assert all(g.prunable for g in groups), [(g.name, g.reason) for g in groups if not g.prunable]
