@@ -556,7 +556,7 @@ def _translate(ctx: _Context, draft: _Draft, item: _Item) -> None:
             return
         by_root.setdefault(root, []).append(pos)
     kind, module = node.type, node.module
-    if (0, TOKEN_REASON) in draft.problems or (kind in _LAYERS and _token_axis(draft, item.dep)):
+    if (0, TOKEN_REASON) in draft.problems or (kind in _LAYERS and _other_axis(item.dep, len(set(item.idxs)))):
         return
     if kind == ops.OPTYPE.ELEMENTWISE and _onto_tokens(draft, item.dep):
         draft.problem(TOKEN_REASON, 0)  # what torch-pruning couples beyond is the token axis, not channels
@@ -661,19 +661,28 @@ def _is_add(node: Any) -> bool:
     return name.startswith(("AddBackward", "SubBackward")) and len(sources) >= 2
 
 
-def _token_axis(draft: _Draft, dep: Any) -> bool:
-    """A Linear right behind a (B, N, C) <-> (B, C, N) transpose (MLP-Mixer's / ResMLP's token MLP) works on the
-    token axis: the group's C channels are a batch axis to it, so removing one takes none of its weights (the
-    numerical check confirms). torch-pruning would map the channels onto its token features."""
-    if not isinstance(dep.target.module, nn.Linear):
+def _other_axis(dep: Any, width: int) -> bool:
+    """Whether a Linear applied to a permuted view reads (or writes) an axis other than the one that carries the
+    walk's ``width`` channels there. Then the channels are a batch axis to it: removing one takes none of its
+    weights, and the walk passes it through (the numerical check confirms). torch-pruning follows channels through
+    a permute as if it were elementwise and would map them onto the Linear's features. Examples: MLP-Mixer's and
+    ResMLP's token MLP ((B, N, C) -> (B, C, N)), gMLP's spatial gating projection over the tokens of half of the
+    hidden channels. The axes are told apart by size: the Linear's axis of the permuted tensor must differ from
+    ``width`` and another non-batch axis must match it (a square token x channel map stays coupled); and the Linear
+    must work on that axis, not on a flatten of the permuted tensor (ConvNeXt's head on a 1x1 map)."""
+    layer = dep.target.module
+    if not isinstance(layer, nn.Linear):
         return False
     up = dep.handler == tp.prune_linear_in_channels
     for near in (dep.target.inputs if up else dep.target.outputs):
         fn = getattr(_past_views(near, up), "grad_fn", None)
-        if fn is not None and saved_permutation(fn) == (0, 2, 1):
-            out = result_shape(fn)  # the Linear's input, or (B, N, C) after its output was transposed back
-            side = out if up else (out[0], out[2], out[1])
-            return side[1] == len(draft.requested) != side[2]
+        order = saved_permutation(fn) if fn is not None else None
+        if order:
+            shape = result_shape(fn)  # the permuted tensor: the Linear's input, or its output permuted back
+            features = len(order) - 1 if up else order.index(len(order) - 1)  # where the Linear's own axis lies
+            own = layer.in_features if up else layer.out_features
+            others = [s for i, s in enumerate(shape) if i not in (0, features)]
+            return shape[features] == own != width and width in others
     return False
 
 

@@ -169,3 +169,41 @@ def test_edgenext_exports_and_reloads(small_edgenext, prune_skip):
     row = _export_and_reload(EDGENEXT, prune_skip)
     removed = row["chase"].removed_channels()
     assert {n for n in removed if n.endswith(".mlp.fc1")} and ("stem.0" in removed) == prune_skip, removed.keys()
+
+
+GMLP = "gmlp_ti16_224"  # at 32 px: 4 tokens, so each spatial gating unit's token-mixing proj is a Linear(4, 4)
+
+
+def _gmlp_widths(model) -> list:
+    """Per block: (fc1 rows, SGU norm width, token proj in/out, fc2 columns)."""
+    return [(m.fc1.out_features, m.gate.norm.normalized_shape, m.gate.proj.in_features, m.gate.proj.out_features,
+             m.fc2.in_features) for m in (b.mlp_channels for b in model.blocks)]
+
+
+def test_gmlp_spatial_gating_removes_a_channel_with_its_gate_half_exactly():
+    """Hidden channel j of u (fc1 row j) goes with j of v (row j + H), the SGU norm's j and fc2's column j; the
+    token-mixing proj (applied to v transposed) passes the channels through and keeps all of its weights."""
+    result, cut = _twin(GMLP, channel_sparsity=0.3, steps=4)
+    hidden = result.twin_run[0].blocks[0].mlp_channels.fc2.in_features  # H: fc1 has 2H rows, u then v
+    rows = {name: dims[0] for name, dims in cut.items() if name.endswith("mlp_channels.fc1.weight")}
+    assert rows, f"no gMLP hidden channel was removed: {sorted(cut)}"
+    for name, removed in rows.items():
+        assert {r for r in removed if r < hidden} == {r - hidden for r in removed if r >= hidden}, name
+    assert not [name for name in cut if ".gate.proj." in name]
+    widths = _gmlp_widths(result.run[0])
+    assert all(fc1 == 2 * fc2 and norm == (fc2,) and proj == [4, 4] for fc1, norm, *proj, fc2 in widths), widths
+    assert min(fc2 for *_, fc2 in widths) < hidden
+
+
+def test_gmlp_exports_and_reloads():
+    """float32 export of a gMLP with narrower spatial gating units, and its save_pretrained -> local-dir: reload."""
+    row = _export_and_reload(GMLP, False)
+    hidden = row["chase"].module.blocks[0].mlp_channels.fc2.in_features
+    assert min(fc2 for *_, fc2 in _gmlp_widths(row["slim"])) < hidden
+
+
+def test_a_linear_on_a_flattened_permuted_map_still_consumes_its_channels():
+    # ConvNeXt's RMS head permutes a 1x1 map (B, C, 1, 1), flattens it and feeds head.fc: the permuted tensor's last
+    # axis has size 1, but fc reads all C channels, so the permuted-view rule must not pass the stage-3 stream by
+    groups = find_channel_groups(timm.create_model("convnext_zepto_rms"), torch.randn(1, 3, 32, 32), prune_skip=True)
+    assert all(g.prunable for g in groups), [(g.name, g.reason) for g in groups if not g.prunable]
