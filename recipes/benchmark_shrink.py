@@ -198,7 +198,7 @@ def compare(name: str, pair: Dict[str, tuple], layout: str, args: argparse.Names
             times[key].append((benchmark.timer() - start) / args.steps)
     profiled = profile_steps(runs, x, y, args.profile) if args.profile else None
     step = {k: statistics.median(v) for k, v in times.items()}
-    quartiles = {k: statistics.quantiles(v, n=4) for k, v in times.items()}
+    quartiles = {k: statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3 for k, v in times.items()}
     spread = {k: (q[2] - q[0]) / step[k] for k, q in quartiles.items()}  # interquartile range / median
     reference = "dense" if "dense" in runs else "masked"
     flops_ratio = flops["shrunk"] / flops[reference]
