@@ -64,7 +64,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds per setting")
     p.add_argument("--warmup", type=int, default=2, help="untimed forward passes per model and setting")
     p.add_argument("--block-seconds", type=float, default=0.5, help="approximate length of one timed block")
-    p.add_argument("--build-size", type=int, default=32, help="input size of the synthetic --chase schedule run")
+    p.add_argument("--build-size", type=int, help="input size of the synthetic --chase schedule run (default: 32 px, "
+                   "or the model's own size where its patch embedding fixes it, as for ViTs)")
     p.add_argument("--build-steps", type=int, default=8, help="optimizer steps of the synthetic --chase run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="outputs/benchmark.json", help="where to write the results")
@@ -90,7 +91,7 @@ def parse_chase_spec(spec: str) -> Dict[str, object]:
     return overrides
 
 
-def build_slim(model_name: str, num_classes: int, overrides: Dict[str, object], size: int, steps: int,
+def build_slim(model_name: str, num_classes: int, overrides: Dict[str, object], size: Optional[int], steps: int,
                seed: int) -> nn.Module:
     """A slim model with the widths a Chase config produces: masks, the channel schedule over ``steps``
     synthetic SGD steps at ``size`` px (a channel event every step, ``synthetic_run``), then ``export()``."""

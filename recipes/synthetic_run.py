@@ -7,7 +7,7 @@ depend on resolution). ``synthetic_config`` is such a schedule: a channel event 
 """
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import timm
 import torch
@@ -29,13 +29,19 @@ def synthetic_config(steps: int = 4, **overrides: Any) -> ChaseConfig:
     return ChaseConfig(**{**schedule, **overrides})
 
 
-def synthetic_run(model_name: str, config: ChaseConfig, num_classes: int = 1000, size: int = 32,
-                  seed: int = 0) -> Tuple[nn.Module, torch.optim.Optimizer, Chase]:
+def synthetic_run(model_name: str, config: ChaseConfig, num_classes: int = 1000, size: Optional[int] = 32,
+                  seed: int = 0, make_optimizer: Optional[Callable[[nn.Module], torch.optim.Optimizer]] = None,
+                  ) -> Tuple[nn.Module, torch.optim.Optimizer, Chase]:
     """The model, its SGD optimizer and Chase after all ``config.total_steps`` steps on random ``size``-px batches
-    (masked, not shrunk unless ``config.shrink`` says so); the same widths for the same arguments."""
+    (masked, not shrunk unless ``config.shrink`` says so); the same widths for the same arguments. ``size=None``:
+    32 px, or the model's own input size where its patch embedding fixes it (ViTs, MLP-Mixers). The optimizer is
+    ``make_optimizer(model)`` (default: SGD, lr 0.01, momentum 0.9)."""
     torch.manual_seed(seed)
     model = timm.create_model(model_name, num_classes=num_classes)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    if size is None:
+        fixed = any(getattr(m, "strict_img_size", False) for m in model.modules())
+        size = timm.data.resolve_data_config({}, model=model)["input_size"][-1] if fixed else 32
+    optimizer = (make_optimizer or plain_sgd)(model)
     chase = Chase(model, config, optimizer=optimizer, example_inputs=torch.randn(1, 3, size, size))
     generator = torch.Generator().manual_seed(seed)
     for _ in range(config.total_steps):
@@ -44,10 +50,17 @@ def synthetic_run(model_name: str, config: ChaseConfig, num_classes: int = 1000,
     return model, optimizer, chase
 
 
-def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, chase: Chase, x: torch.Tensor,
+def plain_sgd(model: nn.Module) -> torch.optim.Optimizer:
+    """The benchmarks' default optimizer: SGD, lr 0.01, momentum 0.9."""
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, chase: Optional[Chase], x: torch.Tensor,
                   y: torch.Tensor) -> None:
-    """One full Chase training step: forward, cross-entropy backward, ``optimizer.step()``, ``chase.step()``."""
+    """One full training step: forward, cross-entropy backward, ``optimizer.step()``, ``chase.step()`` (none
+    without Chase: a plain step)."""
     F.cross_entropy(model(x), y).backward()
     optimizer.step()
-    chase.step()
+    if chase is not None:
+        chase.step()
     optimizer.zero_grad()

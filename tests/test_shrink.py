@@ -348,6 +348,12 @@ def test_benchmark_script_times_a_trained_runs_final_widths(tiny_run, tmp_path):
     assert rows[0]["flops_ratio"] == pytest.approx(final["slim_dense_flops"] / final["base_dense_flops"], rel=1e-6)
     with pytest.raises(SystemExit, match="one --models name"):
         benchmark_shrink.main(["--models", "resnet18", "resnet34", "--slim", str(tiny_run[0])])
+    last = max((tiny_run[0] / "checkpoints").glob("epoch_*"), key=lambda p: int(p.name.split("_")[1]))
+    rows = benchmark_shrink.main(["--models", "resnet18", "--checkpoint", str(last), "--plain", "--opt", "adamw",
+                                  "--img-size", "16", "--batch-size", "2", "--repeats", "1", "--steps", "1",
+                                  "--layouts", "nchw", "--json", str(tmp_path / "c.json")])
+    assert set(rows[0]["step_s"]) == {"dense", "shrunk", "slim"} and rows[0]["reference"] == "dense"
+    assert rows[0]["flops_ratio"] == pytest.approx(final["slim_dense_flops"] / final["base_dense_flops"], rel=1e-6)
 
 
 def test_benchmark_script_times_masked_and_shrunk_training_steps(tmp_path):
