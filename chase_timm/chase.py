@@ -21,7 +21,8 @@ import torch.nn as nn
 from .budget import MaskBudget
 from .channels import ChannelState
 from .config import ChaseConfig
-from .graph import find_channel_groups, tensor_removals
+from .cost import FlopCosts
+from .graph import _as_inputs, find_channel_groups, tensor_removals
 from .latency import LatencyRounding, LatencyTable
 from .norms import attach as attach_norms, follow_masks, remove_hooks
 from .optim_state import check_shrink_exact, states_like
@@ -104,6 +105,8 @@ class Chase:
         self._channels = ChannelState(self._module, groups, config.channel_sparsity, config.min_channel_ratio,
                                       config.channel_round_to, config.channel_budget)
         attach_norms(self._module, {s.tensor for g in self._channels.prunable for s in g.slices})
+        if config.channel_cost == "flops" and groups:
+            self._channels.channel_cost = FlopCosts(self._module, _as_inputs(self._module, example_inputs))
         if config.width_rounding == "latency" and groups:
             self._channels.width_policy = LatencyRounding(self._module, LatencyTable(
                 self._module, config.latency_batch_size, config.latency_img_size, config.latency_layout,
