@@ -55,14 +55,16 @@ def module_flops(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Tuple[int,
 class FlopCosts:
     """The cost model of ``ChaseConfig(channel_cost="flops")``: called with the prunable groups and their alive
     flags, returns the FLOPs (of one forward of ``inputs``) that removing one more channel of each group saves, an
-    attention head counting whole. ``inputs``: example inputs (only their shapes are used: a meta copy runs)."""
+    attention head counting whole. ``inputs``: example inputs (a meta copy runs on their shapes; a model that
+    does not run on meta, e.g. one reading tensor values, is counted on itself with them). Counts once here."""
 
     def __init__(self, model: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
         self.model = model
-        self.inputs = tuple(torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x for x in inputs)
+        self.inputs = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs)
         self._shapes: Optional[Dict[str, Tuple[int, ...]]] = None
         self._layer_flops: Dict[str, int] = {}  # Conv/Linear weight name -> its layer's FLOPs
         self._own_flops: Dict[str, int] = {}  # module name -> FLOPs it computes outside its child modules
+        self._count()
 
     def _count(self) -> None:
         """Count FLOPs per module on a meta copy of the model as it is now (again only after a shape change)."""
@@ -70,7 +72,12 @@ class FlopCosts:
         if shapes == self._shapes:
             return
         clone = meta_clone(self.model)
-        _, per_module = module_flops(clone, self.inputs)
+        try:
+            _, per_module = module_flops(clone, tuple(torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor)
+                                                      else x for x in self.inputs))
+        except Exception:  # noqa: BLE001 — data-dependent forwards fail on meta; the real model counts the same
+            clone = self.model
+            _, per_module = module_flops(clone, self.inputs)
         self._layer_flops = {n: per_module.get(n.rpartition(".")[0], 0) for n in conv_linear_weights(clone)}
         self._own_flops = {name: per_module.get(name, 0) - sum(per_module.get(f"{name}.{c}" if name else c, 0)
                                                                 for c, _ in module.named_children())
