@@ -21,7 +21,7 @@ _SHRINK_MODES = ("off", "events", "end")
 _MASK_INITS = ("random", "magnitude")
 _WIDTH_ROUNDINGS = ("none", "latency")
 _CHANNEL_BUDGETS = ("per_kind", "pooled")
-_CHANNEL_COSTS = ("none", "flops")
+_CHANNEL_COSTS = ("none", "flops", "latency")
 _LATENCY_LAYOUTS = ("channels_last", "nchw")
 RAMP_FRACTION = 0.75  # default ramp length with mask_init="magnitude", as a fraction of total_steps (measured)
 CHANNEL_START_IN_RAMP = 2 / 3  # default channel start, as a fraction of the ramp: the budget is within (1-d)/27 of d
@@ -66,14 +66,16 @@ class ChaseConfig:
         channel_cost: ``"none"`` (the paper, the default): channels ranked by UMM alone; ``"flops"``: ranked by UMM
             divided by the FLOPs one channel of its group saves (``chase_timm.cost.FlopCosts``, recounted at every
             channel event), i.e. the least magnitude lost per FLOP saved, the channel count S_c unchanged: the
-            same S_c removes more FLOPs (Swin-T, ResNet-50), at some accuracy cost at equal FLOPs (docs/speed.md).
+            same S_c removes more FLOPs (Swin-T, ResNet-50), at some accuracy cost at equal FLOPs (docs/speed.md);
+            ``"latency"``: the same with the seconds a channel saves, measured on the model's device in the
+            ``latency_*`` setting (``chase_timm.latency.LatencyCosts``; new widths are timed at every event).
         width_rounding: ``"none"`` (the paper: widths by UMM alone, the default) or ``"latency"``: at the event
             that reaches S_c, every group moves to the fastest nearby width (multiples of 8/16/32 either side)
             by layer latencies measured on the model's device (``chase_timm.latency``), floors kept and the
             total removed channels within S_c's count plus 0.5 % of the prunable channels.
-        latency_batch_size / latency_img_size / latency_layout / latency_backward: the setting the latencies
-            are measured in: batch size (32), square input size (default: the model's pretrained_cfg size),
-            memory layout (``"channels_last"`` or ``"nchw"``), forward only (False) or forward + backward.
+        latency_batch_size / latency_img_size / latency_layout / latency_backward: the setting the latencies of
+            ``width_rounding`` / ``channel_cost="latency"`` are measured in: batch size (32), square input size
+            (default: the model's pretrained_cfg size), memory layout (``"channels_last"`` or ``"nchw"``), forward only (False) or forward + backward.
         latency_cache: JSON file the measured latencies are cached in (keyed by device, model, batch size,
             input size, layout and pass); None measures afresh every run.
         prune_skip: Also prune residual-stream groups as one unit (the paper's faster "prune skip").

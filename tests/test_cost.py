@@ -56,5 +56,17 @@ def test_flops_cost_removes_more_flops_at_the_same_channel_budget():
 
 
 def test_unknown_channel_cost_names_the_choices():
-    with pytest.raises(ValueError, match=r"channel_cost must be one of \['none', 'flops'\], got 'latency2'"):
+    with pytest.raises(ValueError, match=r"channel_cost must be one of \['none', 'flops', 'latency'\], got 'latency2'"):
         ChaseConfig(total_steps=10, channel_cost="latency2")
+
+
+def test_latency_cost_keeps_the_channel_budget_and_times_every_group_on_this_device(tmp_path):
+    cache = tmp_path / "latency.json"
+    config = synthetic_config(3, channel_cost="latency", latency_batch_size=1, latency_img_size=32,
+                              latency_cache=str(cache))
+    model, _, chase = synthetic_run("resnet10t", config, num_classes=10)
+    _, _, pure = synthetic_run("resnet10t", synthetic_config(3), num_classes=10)
+    assert chase.channels.alive_count() == pure.channels.alive_count()
+    seconds = chase.channels.channel_cost(chase.channels.prunable, chase.channels.alive)
+    assert set(seconds) == set(chase.channels.alive) and all(s > 0 for s in seconds.values()), seconds
+    assert cache.is_file()  # measured here, cached for the next run
