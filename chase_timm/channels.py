@@ -4,7 +4,8 @@
 Structure (which slices are coupled) comes from :mod:`chase_timm.graph`; this module only decides *which*
 channels go, following the paper: the globally lowest Unmasked Mean Magnitude first, never taking a group
 below its floor floor(C·(1-S_c)·beta). Attention heads and residual streams are ranked in pools of their own
-(``ChaseConfig.channel_budget``), each reaching S_c.
+(``ChaseConfig.channel_budget``), each reaching S_c. With ``ChaseConfig.channel_cost`` the ranking is UMM per
+FLOP (or second) a channel saves (:func:`per_cost`; the costs come from :mod:`chase_timm.cost` / ``latency``).
 """
 from __future__ import annotations
 
