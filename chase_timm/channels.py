@@ -4,7 +4,8 @@
 Structure (which slices are coupled) comes from :mod:`chase_timm.graph`; this module only decides *which*
 channels go, following the paper: the globally lowest Unmasked Mean Magnitude first, never taking a group
 below its floor floor(C·(1-S_c)·beta). Attention heads and residual streams are ranked in pools of their own
-(``ChaseConfig.channel_budget``), each reaching S_c.
+(``ChaseConfig.channel_budget``), each reaching S_c. With ``ChaseConfig.channel_cost`` the ranking is UMM per
+FLOP (or second) a channel saves (:func:`per_cost`; the costs come from :mod:`chase_timm.cost` / ``latency``).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from ._timm import named_tensors
 from .graph import ChannelGroup, reindex_groups
 from .slim import meta_clone, width_plan
 
-__all__ = ["group_floor", "umm_scores", "select_channels", "resize_removals", "tensor_keep_masks", "ChannelState"]
+__all__ = ["group_floor", "umm_scores", "per_cost", "select_channels", "resize_removals", "alive_positions",
+           "tensor_keep_masks", "ChannelState"]
 
 
 def group_floor(width: int, channel_sparsity: float, min_channel_ratio: float, round_to: int = 1) -> int:
@@ -71,6 +73,21 @@ def umm_scores(groups: Sequence[ChannelGroup], tensors: Mapping[str, torch.Tenso
             fan += _per_channel_sum(row_fan, piece.index).cpu()
         scores[group.name] = l1 / fan.clamp_min(1.0)
     return scores
+
+
+def per_cost(scores: Mapping[str, torch.Tensor], costs: Mapping[str, float],
+             units: Optional[Mapping[str, int]] = None) -> Dict[str, torch.Tensor]:
+    """Scores per unit of cost: each group's UMMs divided by what one of its budget channels saves (``costs``: per
+    entry, so an attention head's cost is shared by its ``units`` channels), relative to the mean over the groups.
+    The lowest is the least magnitude lost per cost saved; the order inside a group is UMM's. A group saving
+    nothing ranks last (its channels go only when no other is left)."""
+    units = units or {}
+    per_channel = {n: costs[n] / units.get(n, 1) for n in scores}
+    mean = sum(per_channel.values()) / max(1, len(per_channel))
+    if mean <= 0:
+        return dict(scores)
+    return {n: s / (per_channel[n] / mean) if per_channel[n] > 0 else torch.full_like(s, math.inf)
+            for n, s in scores.items()}
 
 
 def select_channels(scores: Mapping[str, torch.Tensor], alive: Mapping[str, torch.Tensor],
@@ -136,26 +153,34 @@ def resize_removals(scores: Mapping[str, torch.Tensor], alive: Mapping[str, torc
     return out
 
 
-def tensor_keep_masks(groups: Sequence[ChannelGroup], alive: Mapping[str, torch.Tensor],
-                      tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Elementwise 0/1 masks (in each tensor's dtype) for every tensor touched by a removed channel.
-
-    A position is kept unless some removed channel's slice covers it; this is the channel mask F that is
-    AND-ed into the unstructured masks and multiplied into norm/bias/free parameters.
-    """
+def alive_positions(groups: Sequence[ChannelGroup], alive: Mapping[str, torch.Tensor],
+                    shapes: Mapping[str, Sequence[int]]) -> Dict[str, Dict[int, torch.Tensor]]:
+    """``{tensor: {dim: bool vector}}``: the positions along each sliced dim of the tensors in ``shapes`` that no
+    removed channel (``alive`` False) of ``groups`` covers; only (tensor, dim) pairs some removed channel touches."""
     per_dim: Dict[str, Dict[int, torch.Tensor]] = {}
     for group in groups:
         removed = (~alive[group.name]).nonzero().flatten().tolist()
         if not removed:
             continue
         for piece in group.slices:
-            if piece.tensor not in tensors:
-                continue  # buffers (running stats) need no masking: their channel's affine output is zero
-            size = tensors[piece.tensor].shape[piece.dim]
+            if piece.tensor not in shapes:
+                continue
+            size = shapes[piece.tensor][piece.dim]
             vec = per_dim.setdefault(piece.tensor, {}).setdefault(piece.dim, torch.ones(size, dtype=torch.bool))
             vec[[pos for j in removed for pos in piece.index[j]]] = False
+    return per_dim
+
+
+def tensor_keep_masks(groups: Sequence[ChannelGroup], alive: Mapping[str, torch.Tensor],
+                      tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Elementwise 0/1 masks (in each tensor's dtype) for every tensor touched by a removed channel.
+
+    A position is kept unless some removed channel's slice covers it; this is the channel mask F that is
+    AND-ed into the unstructured masks and multiplied into norm/bias/free parameters. Buffers (running stats)
+    need no masking: their channel's affine output is zero.
+    """
     masks = {}
-    for name, dims in per_dim.items():
+    for name, dims in alive_positions(groups, alive, {n: t.shape for n, t in tensors.items()}).items():
         tensor = tensors[name]
         keep = torch.ones(tensor.shape, dtype=torch.bool)
         for dim, vec in dims.items():
@@ -192,6 +217,8 @@ class ChannelState:
         self.total = sum(g.width * g.unit for g in self.prunable)
         self.channel_sparsity = channel_sparsity
         self.width_policy: Optional[Callable[..., Dict[str, int]]] = None
+        # (prunable groups, alive flags) -> what one channel of each saves; None ranks by UMM alone (the paper)
+        self.channel_cost: Optional[Callable[[Sequence[ChannelGroup], Mapping[str, torch.Tensor]], Dict[str, float]]] = None
         self.widths_rounded = False  # the policy runs once, at the first event that reaches S_c
         self.allowed: Dict[str, torch.Tensor] = {}
         self.channel_masks: Dict[str, torch.Tensor] = {}
@@ -231,7 +258,8 @@ class ChannelState:
     def remove_lowest(self, tensors: Mapping[str, torch.Tensor], sparsity: float, fanin: str,
                       generator: torch.Generator, round_to: int = 1) -> bool:
         """Mark the lowest-UMM channels of each budget pool (:meth:`budget_pools`) removed until the pool's channel
-        sparsity reaches ``sparsity`` (floors permitting); False when none were due."""
+        sparsity reaches ``sparsity`` (floors permitting); with a ``channel_cost`` the lowest UMM per cost saved
+        (:func:`per_cost`). False when none were due."""
         due = {kind: math.ceil(sum(int(self.alive[n].sum()) * self.units[n] for n in names)
                                - sum(self._base_width[n] * self.units[n] for n in names) * (1.0 - sparsity) - 1e-9)
                for kind, names in self.budget_pools().items()}
@@ -239,6 +267,8 @@ class ChannelState:
         if max(due.values(), default=0) <= 0 and not final:  # the last event often has nothing left: round anyway
             return False
         scores = self.scores(tensors, fanin)
+        if self.channel_cost is not None:  # UMM per cost saved (ChaseConfig.channel_cost)
+            scores = per_cost(scores, self.channel_cost(self.prunable, self.alive), self.units)
         removed: Dict[str, torch.Tensor] = {}
         for kind, names in self.budget_pools().items():
             if due[kind] > 0:

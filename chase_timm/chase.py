@@ -21,8 +21,9 @@ import torch.nn as nn
 from .budget import MaskBudget
 from .channels import ChannelState
 from .config import ChaseConfig
-from .graph import find_channel_groups, tensor_removals
-from .latency import LatencyRounding, LatencyTable
+from .cost import FlopCosts
+from .graph import _as_inputs, find_channel_groups, tensor_removals
+from .latency import LatencyCosts, LatencyRounding, LatencyTable
 from .norms import attach as attach_norms, follow_masks, remove_hooks
 from .optim_state import check_shrink_exact, states_like
 from ._timm import deepcopy_model, named_tensors, unwrap_model
@@ -104,10 +105,15 @@ class Chase:
         self._channels = ChannelState(self._module, groups, config.channel_sparsity, config.min_channel_ratio,
                                       config.channel_round_to, config.channel_budget)
         attach_norms(self._module, {s.tensor for g in self._channels.prunable for s in g.slices})
+        table = (LatencyTable(self._module, config.latency_batch_size, config.latency_img_size, config.latency_layout,
+                              backward=config.latency_backward, cache=config.latency_cache)
+                 if groups and "latency" in (config.channel_cost, config.width_rounding) else None)
+        if config.channel_cost == "flops" and groups:
+            self._channels.channel_cost = FlopCosts(self._module, _as_inputs(self._module, example_inputs))
+        elif config.channel_cost == "latency" and groups:
+            self._channels.channel_cost = LatencyCosts(self._module, table)
         if config.width_rounding == "latency" and groups:
-            self._channels.width_policy = LatencyRounding(self._module, LatencyTable(
-                self._module, config.latency_batch_size, config.latency_img_size, config.latency_layout,
-                backward=config.latency_backward, cache=config.latency_cache))
+            self._channels.width_policy = LatencyRounding(self._module, table)
         self._copies: List[nn.Module] = []
         if config.shrink != "off" and config.channel_sparsity > 0:  # only then is there anything to shrink
             check_shrinkable(model, None, {}, {})

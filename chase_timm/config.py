@@ -21,6 +21,7 @@ _SHRINK_MODES = ("off", "events", "end")
 _MASK_INITS = ("random", "magnitude")
 _WIDTH_ROUNDINGS = ("none", "latency")
 _CHANNEL_BUDGETS = ("per_kind", "pooled")
+_CHANNEL_COSTS = ("none", "flops", "latency")
 _LATENCY_LAYOUTS = ("channels_last", "nchw")
 RAMP_FRACTION = 0.75  # default ramp length with mask_init="magnitude", as a fraction of total_steps (measured)
 CHANNEL_START_IN_RAMP = 2 / 3  # default channel start, as a fraction of the ramp: the budget is within (1-d)/27 of d
@@ -62,13 +63,19 @@ class ChaseConfig:
             and, with ``prune_skip``, residual streams each lose S_c of their channels, ranked by UMM within the
             kind, because UMMs of different kinds are not comparable (``ChannelState.budget_pools``); ``"pooled"``:
             one global UMM ranking over all of them. The two are the same for a CNN without ``prune_skip``.
+        channel_cost: ``"none"`` (the paper, the default): channels ranked by UMM alone; ``"flops"``: ranked by UMM
+            divided by the FLOPs one channel of its group saves (``chase_timm.cost.FlopCosts``, recounted at every
+            channel event), i.e. the least magnitude lost per FLOP saved, the channel count S_c unchanged: the
+            same S_c removes more FLOPs (Swin-T, ResNet-50), at some accuracy cost at equal FLOPs (docs/speed.md);
+            ``"latency"``: the same with the seconds a channel saves, measured on the model's device in the
+            ``latency_*`` setting (``chase_timm.latency.LatencyCosts``; new widths are timed at every event).
         width_rounding: ``"none"`` (the paper: widths by UMM alone, the default) or ``"latency"``: at the event
             that reaches S_c, every group moves to the fastest nearby width (multiples of 8/16/32 either side)
             by layer latencies measured on the model's device (``chase_timm.latency``), floors kept and the
             total removed channels within S_c's count plus 0.5 % of the prunable channels.
-        latency_batch_size / latency_img_size / latency_layout / latency_backward: the setting the latencies
-            are measured in: batch size (32), square input size (default: the model's pretrained_cfg size),
-            memory layout (``"channels_last"`` or ``"nchw"``), forward only (False) or forward + backward.
+        latency_batch_size / latency_img_size / latency_layout / latency_backward: the setting the latencies of
+            ``width_rounding`` / ``channel_cost="latency"`` are measured in: batch size (32), square input size
+            (default: the model's pretrained_cfg size), memory layout (``"channels_last"`` or ``"nchw"``), forward only (False) or forward + backward.
         latency_cache: JSON file the measured latencies are cached in (keyed by device, model, batch size,
             input size, layout and pass); None measures afresh every run.
         prune_skip: Also prune residual-stream groups as one unit (the paper's faster "prune skip").
@@ -108,6 +115,7 @@ class ChaseConfig:
     channel_end_step: Optional[int] = None
     channel_round_to: int = 1
     channel_budget: str = "per_kind"
+    channel_cost: str = "none"
     width_rounding: str = "none"
     latency_batch_size: int = 32
     latency_img_size: Optional[int] = None
@@ -149,6 +157,7 @@ class ChaseConfig:
         _check_int("channel_round_to", self.channel_round_to, low=1)
         _check_choice("width_rounding", self.width_rounding, _WIDTH_ROUNDINGS)
         _check_choice("channel_budget", self.channel_budget, _CHANNEL_BUDGETS)
+        _check_choice("channel_cost", self.channel_cost, _CHANNEL_COSTS)
         _check_choice("latency_layout", self.latency_layout, _LATENCY_LAYOUTS)
         _check_int("latency_batch_size", self.latency_batch_size, low=1)
         if self.latency_img_size is not None:

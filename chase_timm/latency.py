@@ -30,7 +30,8 @@ from ._timm import model_input_size
 from .graph import ChannelGroup
 from .slim import meta_clone
 
-__all__ = ["LatencyTable", "LatencyRounding", "candidate_widths", "excess_costs", "fast_widths", "device_name", "LAYOUTS"]
+__all__ = ["LatencyTable", "LatencyRounding", "LatencyCosts", "candidate_widths", "excess_costs", "seconds_per_channel",
+           "fast_widths", "device_name", "LAYOUTS"]
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 ALIGNMENTS = (8, 16, 32)  # widths kernels block channels by; candidates are the nearest multiples either side
@@ -63,8 +64,13 @@ def excess_costs(costs: Mapping[int, float], proposed: int) -> Dict[int, float]:
     ``s`` the least-squares seconds per channel of a line through the origin (time proportional to width, as
     FLOPs say): what a width costs beyond its size. A dip below that line is a width the kernels run fast;
     :func:`fast_widths` on these costs prefers such widths rather than merely smaller ones."""
-    slope = sum(w * t for w, t in costs.items()) / max(sum(w * w for w in costs), 1)
+    slope = seconds_per_channel(costs)
     return {w: t - slope * (w - proposed) for w, t in costs.items()}
+
+
+def seconds_per_channel(costs: Mapping[int, float]) -> float:
+    """The least-squares slope of ``costs`` ({width: seconds}) on a line through the origin: seconds per channel."""
+    return sum(w * t for w, t in costs.items()) / max(sum(w * w for w in costs), 1)
 
 
 def fast_widths(costs: Mapping[str, Mapping[int, float]], proposed: Mapping[str, int], slack: int,
@@ -230,6 +236,29 @@ class LatencyRounding:
             dist.broadcast_object_list(box, src=0)
             widths = box[0]
         return widths
+
+
+class LatencyCosts:
+    """The cost model of ``ChaseConfig(channel_cost="latency")``: the seconds one channel (one head) of each group
+    saves on the measured device: the slope (:func:`seconds_per_channel`) of its layers' time over its alive width
+    and the nearest multiples of 8/16/32 below it down to half of it, the other groups at their alive widths
+    (:meth:`LatencyTable.group_costs`; new widths are timed at each event). Attention matmuls are not timed (only
+    Conv/Linear layers). In a distributed run rank 0's costs are broadcast, so every rank removes the same."""
+
+    def __init__(self, model: nn.Module, table: LatencyTable) -> None:
+        self.model, self.table = model, table
+
+    def __call__(self, groups: Sequence[ChannelGroup], alive: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+        """Seconds one more removed channel of each of ``groups`` saves (0 for groups touching no timed layer)."""
+        widths = {g.name: int(alive[g.name].sum()) for g in groups}
+        candidates = {n: candidate_widths(w, max(1, w // 2), w) for n, w in widths.items() if w > 0}
+        times = self.table.group_costs(self.model, groups, widths, candidates)
+        costs = {g.name: seconds_per_channel(times[g.name]) if g.name in times else 0.0 for g in groups}
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            box = [costs]
+            dist.broadcast_object_list(box, src=0)
+            costs = box[0]
+        return costs
 
 
 def _input_spatial(model: nn.Module, input_size: Sequence[int]) -> Dict[str, list]:

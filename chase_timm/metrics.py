@@ -18,10 +18,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.utils.benchmark as benchmark
-from torch.utils.flop_counter import FlopCounterMode
 
 from ._timm import default_example_input, unwrap_model
 from .chase import Chase
+from .cost import module_flops
 from .sparsity import conv_linear_weights
 
 __all__ = ["resolve_input_size", "conv_linear_weights", "count_flops", "sparse_flops", "flop_counts", "TrainingFlops",
@@ -51,28 +51,13 @@ def resolve_input_size(model: nn.Module, input_size: InputSize = None) -> Tuple[
 
 
 def _weight_flops(model: nn.Module, input_size: InputSize) -> Tuple[int, Dict[str, int]]:
-    """Total FLOPs of one image and the FLOPs of every Conv/Linear weight (``"<module>.weight"``), one pass.
-
-    Counted with autograd on, whatever the caller's mode: FlopCounterMode's module tracker fails under no_grad on
-    some models (PiT: "Expected gradient function to be set"); the count is the same either way.
-    """
+    """Total FLOPs of one image and the FLOPs of every Conv/Linear weight (``"<module>.weight"``), one pass."""
     model = unwrap_model(model)
     size = resolve_input_size(model, input_size)
-    was_training = model.training
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            example = default_example_input(model, 1).new_empty(1, *size).normal_()
-            with counter:
-                model(example)
-    finally:
-        model.train(was_training)
-    prefix = type(model).__name__ + "."  # FlopCounterMode keys modules as "<RootClass>.<qualified name>"
-    per_module = {key[len(prefix):]: int(sum(ops.values())) for key, ops in counter.get_flop_counts().items()
-                  if key.startswith(prefix)}
-    per_weight = {name: per_module.get(name.rpartition(".")[0], 0) for name in conv_linear_weights(model)}
-    return int(counter.get_total_flops()), per_weight
+    with torch.inference_mode(False):
+        example = default_example_input(model, 1).new_empty(1, *size).normal_()
+    total, per_module = module_flops(model, (example,))
+    return total, {name: per_module.get(name.rpartition(".")[0], 0) for name in conv_linear_weights(model)}
 
 
 def count_flops(model: nn.Module, input_size: InputSize = None) -> int:

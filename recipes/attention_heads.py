@@ -5,6 +5,7 @@ size), exports, and prints one row per model and prune_skip setting: slim/dense 
 ``num_heads`` per attention block before -> after (``chase_timm.heads.head_counts``). The figures in docs/heads.md:
 
     python recipes/attention_heads.py --models deit_small_patch16_224 swin_tiny_patch4_window7_224
+    python recipes/attention_heads.py --channel-cost flops   # rank by UMM per FLOP saved (docs/speed.md)
     python recipes/attention_heads.py --export-check --models crossvit_tiny_240 pit_ti_224   # small inputs, S_c=0.6
 
 ``--export-check`` instead trains a few Chase steps at the small input and build arguments the prunability table
@@ -31,14 +32,16 @@ from zoo_coverage import check_model
 TABLE = Path(__file__).resolve().parent.parent / "docs" / "prunability.csv"
 
 
-def measure(name: str, prune_skip: bool, channel_sparsity: float = 0.4, steps: int = 4) -> Dict:
+def measure(name: str, prune_skip: bool, channel_sparsity: float = 0.4, steps: int = 4,
+            channel_cost: str = "none") -> Dict:
     """Slim/dense FLOPs and heads per attention block of ``name`` after the synthetic schedule at S_c."""
     size = timm.get_pretrained_cfg_value(name, "input_size")[-1]
-    config = synthetic_config(steps, channel_sparsity=channel_sparsity, prune_skip=prune_skip)
+    config = synthetic_config(steps, channel_sparsity=channel_sparsity, prune_skip=prune_skip, channel_cost=channel_cost)
     model, _, chase = synthetic_run(name, config, size=size)
     slim = chase.export()
     before, after = head_counts(model), head_counts(slim)
-    return {"model": name, "prune_skip": prune_skip, "flops_ratio": count_flops(slim) / count_flops(model),
+    return {"model": name, "prune_skip": prune_skip, "channel_cost": channel_cost,
+            "flops_ratio": count_flops(slim) / count_flops(model),
             "channel_sparsity": chase.stats()["channel_sparsity"],
             "heads": {block: f"{before[block]}->{after[block]}" for block in before},
             "heads_ratio": sum(after.values()) / max(1, sum(before.values()))}
@@ -69,6 +72,7 @@ def main(argv: List[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=["deit_small_patch16_224", "swin_tiny_patch4_window7_224"])
     parser.add_argument("--prune-skip", choices=["on", "off", "both"], default="both")
     parser.add_argument("--channel-sparsity", type=float, default=None, help="S_c (default 0.4; 0.6 with --export-check)")
+    parser.add_argument("--channel-cost", default="none", help="ChaseConfig.channel_cost: none (UMM alone) or flops")
     parser.add_argument("--export-check", action="store_true", help="export + reload check at the table's small input")
     args = parser.parse_args(argv)
     if args.export_check:
@@ -78,7 +82,7 @@ def main(argv: List[str] | None = None) -> None:
     skips = {"on": [True], "off": [False], "both": [False, True]}[args.prune_skip]
     for name in args.models:
         for skip in skips:
-            print(json.dumps(measure(name, skip, args.channel_sparsity or 0.4)), flush=True)
+            print(json.dumps(measure(name, skip, args.channel_sparsity or 0.4, channel_cost=args.channel_cost)), flush=True)
 
 
 if __name__ == "__main__":
