@@ -92,13 +92,15 @@ def per_cost(scores: Mapping[str, torch.Tensor], costs: Mapping[str, float],
 
 def select_channels(scores: Mapping[str, torch.Tensor], alive: Mapping[str, torch.Tensor],
                     floors: Mapping[str, int], n_remove: int, generator: torch.Generator,
-                    round_to: int = 1, units: Optional[Mapping[str, int]] = None) -> Dict[str, torch.Tensor]:
+                    round_to: int = 1, units: Optional[Mapping[str, int]] = None,
+                    nearest: bool = False) -> Dict[str, torch.Tensor]:
     """Choose ``n_remove`` alive channels with the globally lowest score, never below a group's floor.
 
     Water-filling: channels are visited from the lowest score up (exact ties in random order from the shared
     generator) and skipped once their group sits at its floor, so a saturated group's share flows to the
     others. ``units``: channels one entry of a group stands for (an attention head: ``head_dim``; default 1);
-    the last pick may overshoot ``n_remove`` by less than its unit. With ``round_to > 1`` each unit-1 group then
+    the last pick may overshoot ``n_remove`` by less than its unit (``nearest``: it is dropped when it overshoots by
+    more than half its unit, so the count lands on the nearest whole unit). With ``round_to > 1`` each unit-1 group then
     keeps a multiple of ``round_to`` channels (rounding up, i.e. restoring its highest-scored picks, so floors
     always hold). Returns removed indices per group.
     """
@@ -120,7 +122,7 @@ def select_channels(scores: Mapping[str, torch.Tensor], alive: Mapping[str, torc
 
     room = {gi: int(alive[n].sum()) - floors[n] for gi, n in enumerate(names)}
     chosen: Dict[int, list] = {gi: [] for gi in range(len(names))}
-    taken = 0
+    taken, last = 0, None
     for gi, ci in zip(group_of, index_of):
         if taken >= n_remove:
             break
@@ -128,6 +130,9 @@ def select_channels(scores: Mapping[str, torch.Tensor], alive: Mapping[str, torc
             chosen[gi].append(ci)
             room[gi] -= 1
             taken += units.get(names[gi], 1)
+            last = gi
+    if nearest and last is not None and 2 * (taken - n_remove) > units.get(names[last], 1):
+        chosen[last].pop()
     if round_to > 1:
         for gi, picks in ((gi, p) for gi, p in chosen.items() if units.get(names[gi], 1) == 1):
             kept = int(alive[names[gi]].sum()) - len(picks)
@@ -246,6 +251,15 @@ class ChannelState:
             pools.setdefault(kind, []).append(group.name)
         return pools
 
+    def _due(self, names: Sequence[str], sparsity: float) -> int:
+        """Channels (in units) ``names`` must lose now for their channel sparsity to reach ``sparsity``."""
+        alive = sum(int(self.alive[n].sum()) * self.units[n] for n in names)
+        return math.ceil(alive - sum(self._base_width[n] * self.units[n] for n in names) * (1.0 - sparsity) - 1e-9)
+
+    def _units_of(self, removed: Mapping[str, torch.Tensor], names: Sequence[str]) -> int:
+        """Channels (in units) ``removed`` takes from ``names``."""
+        return sum(len(removed[n]) * self.units[n] for n in names if n in removed)
+
     def alive_count(self) -> int:
         """Prunable channels still alive (an attention head counts its ``head_dim`` channels)."""
         return sum(int(a.sum()) * self.units[n] for n, a in self.alive.items())
@@ -259,10 +273,12 @@ class ChannelState:
                       generator: torch.Generator, round_to: int = 1) -> bool:
         """Mark the lowest-UMM channels of each budget pool (:meth:`budget_pools`) removed until the pool's channel
         sparsity reaches ``sparsity`` (floors permitting); with a ``channel_cost`` the lowest UMM per cost saved
-        (:func:`per_cost`). False when none were due."""
-        due = {kind: math.ceil(sum(int(self.alive[n].sum()) * self.units[n] for n in names)
-                               - sum(self._base_width[n] * self.units[n] for n in names) * (1.0 - sparsity) - 1e-9)
-               for kind, names in self.budget_pools().items()}
+        (:func:`per_cost`). Heads are taken to the nearest whole head; the internal-channel pool takes up what the
+        other pools' rounding and floors leave, so the total stays exactly S_c's. False when none were due."""
+        pools = self.budget_pools()
+        due = {kind: self._due(names, sparsity) for kind, names in pools.items()}
+        if "channels" in due:
+            due["channels"] = self._due(list(self.alive), sparsity) - sum(due[k] for k in due if k != "channels")
         final = self.width_policy is not None and sparsity >= self.channel_sparsity and not self.widths_rounded
         if max(due.values(), default=0) <= 0 and not final:  # the last event often has nothing left: round anyway
             return False
@@ -270,14 +286,22 @@ class ChannelState:
         if self.channel_cost is not None:  # UMM per cost saved (ChaseConfig.channel_cost)
             scores = per_cost(scores, self.channel_cost(self.prunable, self.alive), self.units)
         removed: Dict[str, torch.Tensor] = {}
-        for kind, names in self.budget_pools().items():
+        for kind in sorted(pools, key=lambda k: k == "channels"):  # the channel pool last: it absorbs the rest
+            names = pools[kind]
+            if kind == "channels":
+                due[kind] += sum(due[k] - self._units_of(removed, pools[k]) for k in pools if k != "channels")
             if due[kind] > 0:
                 removed.update(select_channels({n: scores[n] for n in names}, self.alive, self.floors, due[kind],
-                                               generator, round_to, self.units))
-        if final:
+                                               generator, round_to, self.units, nearest=kind == "heads"))
+        if final:  # each pool rounded on its own, so no pool pays for another's fast widths
             high = {n: int(a.sum()) for n, a in self.alive.items()}
             proposed = {n: high[n] - len(removed.get(n, ())) for n in high}
-            widths = self.width_policy(self.prunable, proposed, high, self.floors, self.units)
+            widths: Dict[str, int] = {}
+            for names in pools.values():
+                members = set(names)
+                widths.update(self.width_policy([g for g in self.prunable if g.name in members],
+                                                {n: proposed[n] for n in names}, {n: high[n] for n in names},
+                                                self.floors, self.units))
             removed = resize_removals(scores, self.alive, removed, widths)
             self.widths_rounded = True
         for name, idx in removed.items():

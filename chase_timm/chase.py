@@ -433,12 +433,13 @@ class Chase:
         first, so load it before the model's and optimizer's own state dicts (a DDP wrapper is rebuilt in place);
         :func:`chase_timm.training.load_checkpoint` keeps that order.
         """
-        saved_config = ChaseConfig.from_dict(state["config"])
-        if saved_config != self.config:
-            diff = {k: (v, getattr(self.config, k)) for k, v in state["config"].items()
+        saved = {"channel_budget": "pooled", **state["config"]}  # states from before channel_budget: one ranking
+        if ChaseConfig.from_dict(saved) != self.config:
+            diff = {k: (v, getattr(self.config, k)) for k, v in saved.items()
                     if getattr(self.config, k) != (tuple(v) if isinstance(v, list) else v)}
-            raise ValueError(f"Chase state was saved with a different config (saved, current): {diff}. "
-                             "Build Chase with ChaseConfig.from_dict(state['config']) to resume.")
+            raise ValueError(f"Chase state was saved with a different config (saved, current): {diff}. Build Chase "
+                             "with ChaseConfig.from_dict(state['config']) to resume (a state without channel_budget "
+                             "was saved with channel_budget='pooled').")
         if set(state["alive"]) != set(self._channels.alive):
             raise ValueError("Chase state's channel groups differ from this model's; load it into the model "
                              "and config it was saved from.")

@@ -189,6 +189,10 @@ def parse_args(argv: Optional[List[str]] = None, description: str = "") -> Tuple
         chase["shrink"] = "off"
     if "shrink" not in chase and args.shrink is None:  # the recipe's default (it owns EMA, DDP and checkpoints),
         chase["shrink"] = checkpoint_run(args.resume)["chase"]["shrink"] if args.resume else "events"  # or the run's
+    if "channel_budget" not in chase:  # recorded, so that a resumed run keeps the ranking it started with
+        chase["channel_budget"] = (checkpoint_run(args.resume)["chase"]["channel_budget"] if args.resume
+                                   else next(f.default for f in dataclasses.fields(chase_timm.ChaseConfig)
+                                           if f.name == "channel_budget"))
     chase.update({k: getattr(args, k) for k in CHASE_FLAGS if getattr(args, k) is not None})
     valid = {f.name for f in dataclasses.fields(chase_timm.ChaseConfig)} - {"total_steps"} | set(EPOCH_KEYS)
     if set(chase) - valid:
@@ -353,7 +357,8 @@ def checkpoint_run(resume: str) -> Dict[str, Any]:
                       if a.default is not None and a.dest not in NOT_SAVED + CHASE_FLAGS + ("help",)}
     saved = {**recorded_since, **saved}
     saved["chase"] = {"shrink": "off", "mask_init": "random",  # masking only and random masks, before the defaults
-                      **(saved.get("chase") or {})}              # became shrinking and magnitude masks from weights
+                      "channel_budget": "pooled",                # became shrinking and magnitude masks from weights,
+                      **(saved.get("chase") or {})}              # and one ranking before heads and streams had pools
     return saved
 
 

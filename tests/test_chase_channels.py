@@ -213,3 +213,12 @@ def test_channel_round_to_keeps_multiples_of_it():
     train(model, optimizer, chase, STEPS)
     widths = [int(a.sum()) for a in chase.channels.alive.values()]
     assert chase.stats()["channel_sparsity"] > 0.3 and all(w % 8 == 0 for w in widths), widths
+
+
+def test_a_state_saved_before_channel_budget_resumes_only_with_one_pooled_ranking():
+    model = tiny_model("resnet18")
+    state = Chase(model, channel_config(prune_skip=True, channel_budget="pooled")).state_dict()
+    del state["config"]["channel_budget"]  # as saved before per-kind pools existed
+    with pytest.raises(ValueError, match="channel_budget='pooled'"):
+        Chase(tiny_model("resnet18"), channel_config(prune_skip=True)).load_state_dict(state)
+    Chase(tiny_model("resnet18"), channel_config(prune_skip=True, channel_budget="pooled")).load_state_dict(state)

@@ -123,12 +123,13 @@ def test_a_checkpoint_from_before_shrinking_was_the_default_resumes_masking_only
     old = tmp_path / "epoch_1"
     old.mkdir()
     saved = yaml.safe_load((tiny_run[0] / "checkpoints" / "epoch_1" / "run_config.yaml").read_text())
-    del saved["channels_last"], saved["chase"]["shrink"]
+    del saved["channels_last"], saved["chase"]["shrink"], saved["chase"]["channel_budget"]
     (old / "run_config.yaml").write_text(yaml.safe_dump(saved))
     args, section = recipe.parse_args([*TINY, "--checkpoint-every", "1", "--resume", str(old)])
-    assert section["shrink"] == "off"
+    assert section["shrink"] == "off" and section["channel_budget"] == "pooled"  # one ranking, as it was then
     recipe.check_resume(args, recipe.run_config(args, section))  # no refusal
-    assert recipe.parse_args([*TINY, "--resume", str(tiny_run[0] / "checkpoints" / "epoch_1")])[1]["shrink"] == "events"
+    new = recipe.parse_args([*TINY, "--resume", str(tiny_run[0] / "checkpoints" / "epoch_1")])[1]
+    assert new["shrink"] == "events" and new["channel_budget"] == "per_kind"
 
 
 @pytest.mark.slow
@@ -136,8 +137,8 @@ def test_resume_from_another_run_is_refused(tiny_run, tmp_path, capsys):
     checkpoint = tiny_run[0] / "checkpoints" / "epoch_1"
     line = refusal([*TINY, "--density", "0.2", "--output", str(tmp_path / "x"), "--resume", str(checkpoint)], capsys)
     assert "is from another run" in line
-    assert ("'chase': ({'shrink': 'events', 'mask_init': 'random'}, {'shrink': 'events', 'density': 0.2, "
-            "'mask_init': 'random'})") in line
+    assert ("'chase': ({'shrink': 'events', 'mask_init': 'random', 'channel_budget': 'per_kind'}, {'shrink': "
+            "'events', 'channel_budget': 'per_kind', 'density': 0.2, 'mask_init': 'random'})") in line
     assert not (tmp_path / "x").exists()
 
 

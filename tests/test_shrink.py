@@ -74,7 +74,8 @@ def _kinds(chase: Chase, groups) -> set:
 @pytest.mark.parametrize("name, opt, overrides, kinds", [
     ("resnet10t", "adamw", {"prune_skip": True}, {"residual"}),
     ("mobilenetv3_small_050", "adamw", {"umm_fanin": "alive"}, {"depthwise", "se"}),
-    ("densenet121", "sgd", {"prune_skip": True}, {"concat"}),
+    # batch 16: at 8, the streams' BatchNorms over 1x1 last maps grow rounding to ~5e-9 (1e-12 at 16)
+    ("densenet121", "sgd", {"prune_skip": True, "batch_size": 16}, {"concat"}),
     ("regnetx_002", "sgd", {}, {"grouped"}),
     ("convnext_atto", "adamw", {"scope": "layerwise"}, {"mlp"}),      # layer scale; ERK on shrunk shapes
     ("vit_tiny_patch16_224", "adamw", {}, {"mlp"}),                   # token MLP hidden widths (fc1 -> fc2)
