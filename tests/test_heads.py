@@ -158,3 +158,13 @@ def test_heads_mlp_channels_and_the_stream_each_reach_s_c_under_the_per_kind_bud
         removed = sum(int((~state.alive[n]).sum()) * state.units[n] for n in names)
         # each pool pays S_c of its own channels (a head may overshoot by less than its 64 channels)
         assert 0.4 * total <= removed < 0.4 * total + max(state.units[n] for n in names), (kind, removed, total)
+
+
+def test_attention_heads_recipe_refuses_an_unknown_channel_cost(capsys):
+    import attention_heads
+
+    for cost in ("none", "flops", "latency"):  # the recipe's choices are ChaseConfig's
+        chase_timm.ChaseConfig(total_steps=1, channel_cost=cost)
+    with pytest.raises(SystemExit):  # argparse, before any model is built
+        attention_heads.main(["--models", "test_vit", "--channel-cost", "flop"])
+    assert "invalid choice: 'flop'" in capsys.readouterr().err
