@@ -72,7 +72,8 @@ def main(argv: List[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=["deit_small_patch16_224", "swin_tiny_patch4_window7_224"])
     parser.add_argument("--prune-skip", choices=["on", "off", "both"], default="both")
     parser.add_argument("--channel-sparsity", type=float, default=None, help="S_c (default 0.4; 0.6 with --export-check)")
-    parser.add_argument("--channel-cost", default="none", help="ChaseConfig.channel_cost: none (UMM alone) or flops")
+    parser.add_argument("--channel-cost", default="none", choices=("none", "flops", "latency"),
+                        help="ChaseConfig.channel_cost: none (UMM alone), flops or latency (UMM per cost saved)")
     parser.add_argument("--export-check", action="store_true", help="export + reload check at the table's small input")
     args = parser.parse_args(argv)
     if args.export_check:

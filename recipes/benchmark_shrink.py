@@ -15,15 +15,17 @@ With ``--slim SOURCE`` the shrunk side has the final widths of a real run instea
 ``save_pretrained`` wrote, ``local-dir:`` or ``hf-hub:``; its base architecture is ``--models NAME``), each side
 with its own Chase at the same density. With ``--checkpoint DIR`` (a recipe checkpoint taken after the last
 shrink, ``<output>/checkpoints/epoch_N``) the shrunk side is that run itself: its Chase state (widths, masks,
-hooks) restored into a fresh model, with no dense-shaped masked side. ``--plain`` adds the dense model and the
-shrunk one trained without Chase (plain steps); the dense one is then what the ratios are taken against, the
-issue's "dense step". ``--opt adamw`` uses the default run's optimizer (timm's AdamW, lr 2e-3, weight decay 0.05).
+hooks) restored into a fresh model built as the run built it (model name, input size and class count from the
+checkpoint), timed at the run's input size unless ``--img-size`` says otherwise, with no dense-shaped masked
+side. ``--plain`` adds the dense model and the shrunk one trained without Chase (plain steps); the dense one is
+then what the ratios are taken against, the issue's "dense step". ``--opt adamw`` uses the default run's
+optimizer (timm's AdamW, lr 2e-3, weight decay 0.05).
 
     OMP_NUM_THREADS=1 python recipes/benchmark_shrink.py                 # resnet50 and efficientnet_b0
     python recipes/benchmark_shrink.py --models resnet50 --img-size 160 --batch-size 32 --repeats 5
     python recipes/benchmark_shrink.py --models resnet50 --slim outputs/resnet50-chase   # the default run's widths
-    python recipes/benchmark_shrink.py --models resnet50 --checkpoint outputs/resnet50-chase/checkpoints/epoch_20 \
-        --img-size 32 --batch-size 64 --opt adamw --plain                 # the default run, as it trains
+    python recipes/benchmark_shrink.py --checkpoint outputs/resnet50-chase/checkpoints/epoch_20 \
+        --batch-size 64 --opt adamw --plain                               # the default run, as it trains
 """
 from __future__ import annotations
 
@@ -33,16 +35,19 @@ import dataclasses
 import json
 import statistics
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch.profiler import ProfilerActivity, profile
 from torch.utils import benchmark
 
 from chase_timm import Chase, ChaseConfig
-from chase_timm.metrics import count_flops
+from chase_timm.metrics import count_flops, resolve_input_size
+from chase_timm.training import create_timm_model
+import train_flags  # recipes/train_flags.py: how recipes/train.py reads a checkpoint's run
 from benchmark import load_slim  # recipes/benchmark.py (this folder), not torch.utils.benchmark
 from synthetic_run import LAYOUTS, plain_sgd, synthetic_config, synthetic_run, training_step
 
@@ -51,8 +56,10 @@ from synthetic_run import LAYOUTS, plain_sgd, synthetic_config, synthetic_run, t
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["resnet50", "efficientnet_b0"])
-    p.add_argument("--img-size", type=int, default=128)
+    p.add_argument("--models", nargs="+", help="timm model names (default: resnet50 efficientnet_b0; with "
+                   "--checkpoint: the run's)")
+    p.add_argument("--img-size", type=int, help="square input size of the timed batches (default: 128; with "
+                   "--checkpoint: the size the run trained at)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--channel-sparsity", type=float, default=0.4, help="S_c (the paper's ImageNet value)")
     p.add_argument("--min-channel-ratio", type=float, default=0.2, help="beta (the paper's ImageNet value)")
@@ -63,7 +70,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "--models name) instead of a synthetic schedule's")
     p.add_argument("--density", type=float, default=0.1, help="d of both sides' Chase with --slim")
     p.add_argument("--checkpoint", metavar="DIR", help="the shrunk side is the run saved in this recipe checkpoint "
-                   "(after its last shrink; base: the one --models name), restored with its Chase state")
+                   "(after its last shrink), rebuilt as the run built it (model, size, classes: its run file) and "
+                   "restored with its Chase state")
     p.add_argument("--opt", choices=("sgd", "adamw"), default="sgd",
                    help="optimizer of every side: SGD with momentum, or the default run's AdamW")
     p.add_argument("--plain", action="store_true", help="also time the dense model and the shrunk one without "
@@ -74,7 +82,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="after timing, profile one step of each side (torch.profiler) and print the N aten ops "
                         "with the most self CPU time, side by side")
     p.add_argument("--json", default="outputs/benchmark_shrink.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.checkpoint and args.slim:
+        p.error("--checkpoint and --slim each name the shrunk side's widths: pass one")
+    return args
 
 
 def training_memory(model, optimizer, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
@@ -129,25 +140,43 @@ def trained_pair(name: str, args: argparse.Namespace) -> Dict[str, tuple]:
     return runs
 
 
-def checkpoint_run(name: str, args: argparse.Namespace) -> Dict[str, tuple]:
-    """The run saved in the recipe checkpoint ``args.checkpoint``: a fresh ``name`` with the optimizer of
-    ``--opt`` and Chase restored from the saved state, which shrinks it to the run's widths and masks (the weights
-    are not loaded: step time does not depend on them)."""
+def checkpoint_build(folder: str) -> Dict[str, Any]:
+    """How recipes/train.py built the model of the run saved in recipe checkpoint ``folder``: its ``model`` name,
+    ``img_size`` (its run file's, None: the model's own size), ``num_classes`` (rows of the saved classifier, which
+    shrinking never changes) and the ``input_size`` (C, H, W) it trained at. Raises SystemExit if ``folder`` is not a
+    recipe checkpoint."""
+    weights = Path(folder) / "model.safetensors"  # accelerate's save_state
+    if not (Path(folder) / train_flags.RUN_FILE).is_file() or not weights.is_file():
+        raise SystemExit(f"--checkpoint {folder} is not a checkpoint of recipes/train.py (expected "
+                         f"<output>/checkpoints/epoch_N holding {train_flags.RUN_FILE} and {weights.name})")
+    run = train_flags.checkpoint_run(folder)
+    img_size = train_flags.model_img_size(run.get("img_size"), run["data"])
+    probe = create_timm_model(run["model"], img_size)
+    heads = probe.pretrained_cfg["classifier"]  # a name, or a tuple of them (distilled DeiT: head, head_dist)
+    with safe_open(str(weights), "pt") as f:
+        num_classes = f.get_slice(f"{heads if isinstance(heads, str) else heads[0]}.weight").get_shape()[0]
+    return {"model": run["model"], "img_size": img_size, "num_classes": num_classes,
+            "input_size": resolve_input_size(probe, img_size)}
+
+
+def checkpoint_run(name: str, build: Dict[str, Any], args: argparse.Namespace) -> Dict[str, tuple]:
+    """The run saved in the recipe checkpoint ``args.checkpoint``: a fresh ``name`` built as the run built it
+    (``build``, from ``checkpoint_build``) with the optimizer of ``--opt`` and Chase restored from the saved state,
+    which shrinks it to the run's widths and masks (the weights are not loaded: step time does not depend on them)."""
     saved = torch.load(Path(args.checkpoint) / "chase_timm_state.pt", weights_only=True)["chase"]
-    probe = timm.create_model(name, pretrained=False)
-    num_classes = saved["masks"][f"{probe.pretrained_cfg['classifier']}.weight"].shape[0]
-    model = timm.create_model(name, num_classes=num_classes)
+    model = create_timm_model(name, build["img_size"], num_classes=build["num_classes"])
     optimizer = make_optimizer(args.opt)(model)
     chase = Chase(model, ChaseConfig.from_dict(saved["config"]), optimizer=optimizer,
-                  example_inputs=torch.randn(1, 3, 32, 32))
+                  example_inputs=torch.randn(1, *build["input_size"]))
     chase.load_state_dict(saved)
     return {"shrunk": (model, optimizer, chase)}
 
 
-def with_plain(name: str, runs: Dict[str, tuple], args: argparse.Namespace) -> Dict[str, tuple]:
-    """``runs`` plus ``"dense"`` (``name`` at its dense widths) and ``"slim"`` (the shrunk model exported), both
-    trained without Chase, each with a new optimizer of ``--opt``."""
-    dense = timm.create_model(name, num_classes=runs["shrunk"][0].num_classes)
+def with_plain(name: str, runs: Dict[str, tuple], args: argparse.Namespace,
+               img_size: Optional[int] = None) -> Dict[str, tuple]:
+    """``runs`` plus ``"dense"`` (``name`` at its dense widths, built for ``img_size``) and ``"slim"`` (the shrunk
+    model exported), both trained without Chase, each with a new optimizer of ``--opt``."""
+    dense = create_timm_model(name, img_size, num_classes=runs["shrunk"][0].num_classes)
     slim = runs["shrunk"][2].export()  # a clean copy: none of Chase's hooks
     return {"dense": (dense, make_optimizer(args.opt)(dense), None), **runs,
             "slim": (slim, make_optimizer(args.opt)(slim), None)}
@@ -216,16 +245,21 @@ def compare(name: str, pair: Dict[str, tuple], layout: str, args: argparse.Names
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     args = parse_args(argv)
     rows = []
-    if (args.slim or args.checkpoint) and len(args.models) != 1:
-        raise SystemExit("--slim / --checkpoint time one trained run: give its base architecture as the one --models "
-                         "name")
+    if args.slim and len(args.models or ()) != 1:
+        raise SystemExit("--slim times one trained run: give its base architecture as the one --models name")
     if args.checkpoint and not args.plain:
         raise SystemExit("--checkpoint has no masked dense-shaped side to compare with: add --plain (dense reference)")
+    build = checkpoint_build(args.checkpoint) if args.checkpoint else {"img_size": None}
+    if args.checkpoint and args.models not in (None, [build["model"]]):
+        raise SystemExit(f"--checkpoint {args.checkpoint} is a run of {build['model']}: drop --models or pass "
+                         f"--models {build['model']}")
+    args.models = [build["model"]] if args.checkpoint else args.models or ["resnet50", "efficientnet_b0"]
+    args.img_size = args.img_size or (build["input_size"][-1] if args.checkpoint else 128)
     for name in args.models:
-        pair = (checkpoint_run(name, args) if args.checkpoint else trained_pair(name, args) if args.slim
+        pair = (checkpoint_run(name, build, args) if args.checkpoint else trained_pair(name, args) if args.slim
                 else synthetic_pair(name, args))
         if args.plain:
-            pair = with_plain(name, pair, args)
+            pair = with_plain(name, pair, args, build["img_size"])
         for layout in args.layouts:
             row = compare(name, pair, layout, args)
             rows.append(row)

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chase_timm import Chase, ChaseConfig
+from chase_timm.metrics import resolve_input_size
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}  # the benchmarks' --layouts
 
@@ -34,13 +35,15 @@ def synthetic_run(model_name: str, config: ChaseConfig, num_classes: int = 1000,
                   ) -> Tuple[nn.Module, torch.optim.Optimizer, Chase]:
     """The model, its SGD optimizer and Chase after all ``config.total_steps`` steps on random ``size``-px batches
     (masked, not shrunk unless ``config.shrink`` says so); the same widths for the same arguments. ``size=None``:
-    32 px, or the model's own input size where its patch embedding fixes it (ViTs, MLP-Mixers). The optimizer is
+    32 px, or the model's own input size where timm marks it fixed (``pretrained_cfg["fixed_input_size"]``: ViTs,
+    MLP-Mixers, LeViT, PiT, MaxViT, ...) or its patch embedding enforces it. The optimizer is
     ``make_optimizer(model)`` (default: SGD, lr 0.01, momentum 0.9)."""
     torch.manual_seed(seed)
     model = timm.create_model(model_name, num_classes=num_classes)
     if size is None:
-        fixed = any(getattr(m, "strict_img_size", False) for m in model.modules())
-        size = timm.data.resolve_data_config({}, model=model)["input_size"][-1] if fixed else 32
+        fixed = model.pretrained_cfg.get("fixed_input_size") or any(getattr(m, "strict_img_size", False)
+                                                                     for m in model.modules())
+        size = resolve_input_size(model)[-1] if fixed else 32
     optimizer = (make_optimizer or plain_sgd)(model)
     chase = Chase(model, config, optimizer=optimizer, example_inputs=torch.randn(1, 3, size, size))
     generator = torch.Generator().manual_seed(seed)

@@ -45,8 +45,8 @@ from chase_timm.training import (ExportMismatchError, check_export, check_slim_a
                                  count_params, create_timm_model, distillation_task, evaluate, load_checkpoint,
                                  load_initial_weights, mask_digest, plot_training, reinitialised_classifier,
                                  size_summary, speed_summary, summary_table, tracker_config, weight_digest)
-from train_flags import (DENSE_TEACHER, RUN_FILE, card_start, check_output, check_resume, fail, parse_args,
-                         run_config, start_line)
+from train_flags import (DENSE_TEACHER, RUN_FILE, card_start, check_output, check_resume, fail, model_img_size,
+                         parse_args, run_config, start_line)
 
 STATE_FILE = "chase_timm_state.pt"  # Chase, loop state, training FLOPs, EMA: loaded with weights_only=True
 
@@ -120,7 +120,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         fail(f"bad Chase setting: {e}")
 
     digits = args.data == "digits"
-    img_size = args.img_size or (32 if digits else None)  # None: the model's pretrained_cfg size
+    img_size = model_img_size(args.img_size, args.data)  # None: the model's pretrained_cfg size
     try:
         model = create_timm_model(args.model, img_size, pretrained=args.pretrained, num_classes=num_classes,
                                   drop_rate=args.drop, drop_path_rate=args.drop_path)  # None: the model's own

@@ -362,6 +362,12 @@ def checkpoint_run(resume: str) -> Dict[str, Any]:
     return saved
 
 
+def model_img_size(img_size: Optional[int], data: str) -> Optional[int]:
+    """The size a run builds its model at (``create_timm_model``): ``--img-size``, else 32 for digits, else None
+    (the model's pretrained_cfg size)."""
+    return img_size or (32 if data == "digits" else None)
+
+
 def run_config(args: argparse.Namespace, chase_section: Dict[str, Any]) -> Dict[str, Any]:
     """What defines this run: the arguments (minus where it is written) and the `chase:` section; a valid --config."""
     run = {k: v for k, v in vars(args).items() if k not in NOT_SAVED + CHASE_FLAGS and v is not None}

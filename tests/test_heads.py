@@ -201,3 +201,13 @@ def test_latency_rounding_moves_channels_only_within_a_budget_pool():
         kept = sum(int(state.alive[n].sum()) for n in names)
         assert before[kind] - kept == sum(len(state.alive[n]) - int(state.alive[n].sum()) for n in names)
     assert state.widths_rounded
+
+
+def test_attention_heads_recipe_refuses_an_unknown_channel_cost(capsys):
+    import attention_heads
+
+    for cost in ("none", "flops", "latency"):  # the recipe's choices are ChaseConfig's
+        chase_timm.ChaseConfig(total_steps=1, channel_cost=cost)
+    with pytest.raises(SystemExit):  # argparse, before any model is built
+        attention_heads.main(["--models", "test_vit", "--channel-cost", "flop"])
+    assert "invalid choice: 'flop'" in capsys.readouterr().err

@@ -262,14 +262,25 @@ def test_timm_hfds_spec_reads_a_local_dataset(tmp_path):
 
 def test_a_vit_is_built_for_the_digits_size_and_reloads_at_it(tmp_path):
     """ViTs fix their patch grid at construction: the recipe builds them for --img-size (32 px on digits), and
-    the saved slim model rebuilds at that size."""
+    the saved slim model rebuilds at that size; recipes/benchmark_shrink.py --checkpoint rebuilds the run as it was
+    built (size, class count of a dense classifier) and times it at that size."""
+    import benchmark_shrink
+
     out = tmp_path / "vit"
+    (tmp_path / "dense_head.yaml").write_text("chase:\n  exclude: [head]\n")  # no mask names the class count
     printed = train_in_process(["--model", "vit_tiny_patch16_224", "--batch-size", "32", "--epochs", "1",
-                                "--max-steps", "2", "--recal-batches", "1", "--output", str(out)])
+                                "--max-steps", "2", "--recal-batches", "1", "--checkpoint-every", "1",
+                                "--config", str(tmp_path / "dense_head.yaml"), "--output", str(out)])
     assert "input (3, 32, 32)" in printed
     slim = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
-    assert sum(p.numel() for p in slim.parameters()) == metrics(out)["final"]["slim_params"]
+    final = metrics(out)["final"]
+    assert sum(p.numel() for p in slim.parameters()) == final["slim_params"]
     assert slim(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    rows = benchmark_shrink.main(["--checkpoint", str(out / "checkpoints" / "epoch_1"), "--plain", "--batch-size",
+                                  "2", "--repeats", "1", "--steps", "1", "--layouts", "nchw",
+                                  "--json", str(tmp_path / "b.json")])
+    assert rows[0]["model"] == "vit_tiny_patch16_224" and rows[0]["img_size"] == 32
+    assert rows[0]["flops_ratio"] == pytest.approx(final["slim_dense_flops"] / final["base_dense_flops"], rel=1e-6)
 
 
 def test_streamed_rows_per_rank_never_exceed_the_smallest_shard_share(tmp_path):

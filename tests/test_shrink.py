@@ -338,7 +338,7 @@ def test_two_process_recipe_run_shrinks_in_step_on_both_ranks_and_learns_like_on
     assert abs(final["slim_top1"] - single["final"]["slim_top1"]) < 5.0
 
 
-def test_benchmark_script_times_a_trained_runs_final_widths(tiny_run, tmp_path):
+def test_benchmark_script_times_a_trained_runs_final_widths(tiny_run, tmp_path, capsys):
     import benchmark_shrink
 
     rows = benchmark_shrink.main(["--models", "resnet18", "--slim", str(tiny_run[0]), "--img-size", "16",
@@ -349,6 +349,9 @@ def test_benchmark_script_times_a_trained_runs_final_widths(tiny_run, tmp_path):
     assert rows[0]["flops_ratio"] == pytest.approx(final["slim_dense_flops"] / final["base_dense_flops"], rel=1e-6)
     with pytest.raises(SystemExit, match="one --models name"):
         benchmark_shrink.main(["--models", "resnet18", "resnet34", "--slim", str(tiny_run[0])])
+    with pytest.raises(SystemExit):  # argparse: both name the shrunk side
+        benchmark_shrink.main(["--checkpoint", str(tiny_run[0]), "--slim", str(tiny_run[0])])
+    assert "--checkpoint and --slim" in capsys.readouterr().err
     last = max((tiny_run[0] / "checkpoints").glob("epoch_*"), key=lambda p: int(p.name.split("_")[1]))
     rows = benchmark_shrink.main(["--models", "resnet18", "--checkpoint", str(last), "--plain", "--opt", "adamw",
                                   "--img-size", "16", "--batch-size", "2", "--repeats", "1", "--steps", "1",
