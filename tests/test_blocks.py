@@ -18,6 +18,7 @@ from chase_timm.slim import slim_copy
 from helpers import check_model, tiny_model
 from prunability_table import roundtrip
 from shrink_equivalence import compare, float64
+import zoo_coverage
 
 GLU = "eva02_tiny_patch14_224"  # smallest timm model with a GluMlp (5.5M parameters)
 
@@ -59,12 +60,16 @@ def test_glu_mlp_exports_and_reloads():
 
 
 @pytest.mark.slow
-def test_res2net_split_pieces_lose_the_same_channels_and_width_follows():
-    result, cut = _twin("res2net50_14w_8s", prune_skip=True, channel_sparsity=0.3)
+def test_res2net_split_pieces_lose_the_same_channels_and_width_follows(monkeypatch):
+    # one block per stage but three in layer4, where both kinds of split block lose channels (asserted below)
+    monkeypatch.setitem(zoo_coverage.SMALLER, "res2net50_14w_8s", {"layers": (1, 1, 1, 3)})
+    result, cut = _twin("res2net50_14w_8s", prune_skip=True, channel_sparsity=0.5)
     dense, slim = result.twin_run[0], result.run[0]
     split = {name[:-len(".conv1.weight")]: dims[0] for name, dims in cut.items()
              if name.startswith("layer") and name.endswith(".conv1.weight")}
     assert split, "no Res2Net split (conv1 -> torch.split) channel was removed"
+    # a stage's first block (pooled last piece) and one adding the pieces up
+    assert {dense.get_submodule(b).is_first for b in split} == {True, False}, sorted(split)
     for block_name, rows in split.items():
         width, scale = dense.get_submodule(block_name).width, dense.get_submodule(block_name).scale
         per_piece = collections.Counter(r // width for r in rows)
