@@ -19,6 +19,7 @@ from chase_timm.shrink import rebuild_ddp
 from chase_timm.slim import apply_width_plan
 from helpers import batch, tiny_model
 from recipe_helpers import TINY, folder_top1, free_port, fresh_accelerate, launch, metrics
+import zoo_coverage
 from shrink_equivalence import (BATCH, SCHEDULE, STEPS, TOLERANCE, build, compare, float64, loss_step,
                                 optimizer_state)
 
@@ -81,7 +82,9 @@ def _kinds(chase: Chase, groups) -> set:
     # EfficientNet family; batch 16: at 8, BatchNorm over its 1x1 last maps grows rounding ~10x per step
     ("tinynet_e", "sgd", {"prune_skip": True, "batch_size": 16}, {"residual", "depthwise"}),
 ])
-def test_shrinking_run_equals_its_masking_twin(name, opt, overrides, kinds):
+def test_shrinking_run_equals_its_masking_twin(name, opt, overrides, kinds, monkeypatch):
+    if name == "vit_tiny_patch16_224":  # two blocks: the token MLPs are all there, at a fifth of the parameters
+        monkeypatch.setitem(zoo_coverage.SMALLER, name, {"depth": 2})
     with float64():
         result = compare(name, opt, **overrides)
     _assert_exact(result)
