@@ -116,7 +116,8 @@ TWINS = [
 
 # fewer parameters for the float64 twins (optimizer, EMA and mask work scale with them): the norms, the streams
 # and the token parameters are all still there
-TWIN_SMALLER = {"vit_tiny_patch16_224": {"depth": 2}, "mixer_s16_224": {"mlp_ratio": (0.5, 0.5)}}
+TWIN_SMALLER = {"vit_tiny_patch16_224": {"depth": 2}, "mixer_s16_224": {"mlp_ratio": (0.5, 0.5)},
+                "convnextv2_atto": {"depths": (1, 1, 1, 1)}}
 
 
 @pytest.mark.parametrize("name, prune_skip, kinds", TWINS)
