@@ -15,10 +15,10 @@ import torch
 
 from chase_timm.graph import find_channel_groups, tensor_removals
 from chase_timm.slim import slim_copy
+import zoo_coverage
 from helpers import check_model, tiny_model
 from prunability_table import roundtrip
 from shrink_equivalence import compare, float64
-import zoo_coverage
 
 GLU = "eva02_tiny_patch14_224"  # smallest timm model with a GluMlp (5.5M parameters)
 
