@@ -35,3 +35,10 @@ def tiny_run(tmp_path_factory):
             assert proc.returncode == 0, proc.stderr[-3000:]
             printed.write_text(proc.stdout)
     return out, printed.read_text()
+
+
+def pytest_collection_modifyitems(items):
+    """Slow-marked tests first, otherwise collection order (a stable sort): under ``-n 2`` the workers take tests
+    from the front, so the long ones start early and the run ends on short ones instead of one worker finishing a
+    long test (the zoo run, last in collection order) while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

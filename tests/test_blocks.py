@@ -60,12 +60,16 @@ def test_glu_mlp_exports_and_reloads():
 
 
 @pytest.mark.slow
-def test_res2net_split_pieces_lose_the_same_channels_and_width_follows():
-    result, cut = _twin("res2net50_14w_8s", prune_skip=True, channel_sparsity=0.3)
+def test_res2net_split_pieces_lose_the_same_channels_and_width_follows(monkeypatch):
+    # one block per stage but three in layer4, where both kinds of split block lose channels (asserted below)
+    monkeypatch.setitem(zoo_coverage.SMALLER, "res2net50_14w_8s", {"layers": (1, 1, 1, 3)})
+    result, cut = _twin("res2net50_14w_8s", prune_skip=True, channel_sparsity=0.5)
     dense, slim = result.twin_run[0], result.run[0]
     split = {name[:-len(".conv1.weight")]: dims[0] for name, dims in cut.items()
              if name.startswith("layer") and name.endswith(".conv1.weight")}
     assert split, "no Res2Net split (conv1 -> torch.split) channel was removed"
+    # a stage's first block (pooled last piece) and one adding the pieces up
+    assert {dense.get_submodule(b).is_first for b in split} == {True, False}, sorted(split)
     for block_name, rows in split.items():
         width, scale = dense.get_submodule(block_name).width, dense.get_submodule(block_name).scale
         per_piece = collections.Counter(r // width for r in rows)
@@ -114,9 +118,10 @@ def test_mobileone_exports_reloads_and_the_slim_model_reparameterizes():
 
 @pytest.mark.slow
 def test_mobileone_branches_share_one_index_set():
-    """Twin run over the first two channel events (later ones diverge by BatchNorm rounding on the 1x1 last maps at
-    32 px, as docs/shrinking.md notes for batch-2 ResNet-18): every kxk branch loses the same rows."""
-    _, cut = _twin("mobileone_s0", prune_skip=True, steps=4)
+    """Twin run over the first channel event (later ones diverge by BatchNorm rounding on the 1x1 last maps at
+    32 px, as docs/shrinking.md notes for batch-2 ResNet-18; the second cuts the same block): every kxk branch loses
+    the same rows."""
+    _, cut = _twin("mobileone_s0", prune_skip=True, steps=2)
     rows = {n: dims[0] for n, dims in cut.items() if ".conv_kxk." in n and n.endswith("conv.weight")}
     assert len(rows) >= 4 and len({tuple(r) for r in rows.values()}) == 1, rows.keys()
 
