@@ -180,7 +180,7 @@ def test_heads_are_taken_to_the_nearest_whole_head():
 
 def test_latency_rounding_moves_channels_only_within_a_budget_pool():
     model = zoo_coverage.build("vit_tiny_patch16_224")
-    state = ChannelState(model, find_channel_groups(model, prune_skip=True), 0.4, 0.2)
+    groups = find_channel_groups(model, prune_skip=True)
     calls = []
 
     def shift_to_first(groups, proposed, high, floors, units):  # a policy that moves 8 channels between groups
@@ -192,15 +192,15 @@ def test_latency_rounding_moves_channels_only_within_a_budget_pool():
             widths[names[-1]] = proposed[names[-1]] - (widths[names[0]] - proposed[names[0]])
         return widths
 
-    state.width_policy = shift_to_first
-    before = {kind: sum(len(state.alive[n]) for n in names) for kind, names in state.budget_pools().items()}
-    state.remove_lowest(dict(named_tensors(model)), 0.4, "original", torch.Generator().manual_seed(0))
-    pools = state.budget_pools()
-    assert sorted(map(sorted, calls)) == sorted(map(sorted, pools.values()))  # one call per pool, its own groups
-    for kind, names in pools.items():  # each pool still pays exactly its own share
-        kept = sum(int(state.alive[n].sum()) for n in names)
-        assert before[kind] - kept == sum(len(state.alive[n]) - int(state.alive[n].sum()) for n in names)
-    assert state.widths_rounded
+    removed = {}
+    for policy in (None, shift_to_first):
+        state = ChannelState(model, groups, 0.4, 0.2)
+        state.width_policy = policy
+        state.remove_lowest(dict(named_tensors(model)), 0.4, "original", torch.Generator().manual_seed(0))
+        removed[policy] = {kind: sum(int((~state.alive[n]).sum()) for n in names)
+                           for kind, names in state.budget_pools().items()}
+    assert sorted(map(sorted, calls)) == sorted(map(sorted, state.budget_pools().values()))  # a call per pool
+    assert removed[shift_to_first] == removed[None]  # the policy moved channels, but no pool paid for another
 
 
 def test_attention_heads_recipe_refuses_an_unknown_channel_cost(capsys):
