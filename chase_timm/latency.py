@@ -77,9 +77,8 @@ def seconds_per_channel(costs: Mapping[int, float]) -> float:
 
 def slope_widths(width: int) -> list[int]:
     """The widths :class:`LatencyCosts` times for a group of ``width`` alive channels: ``width``, about 3/4 and
-    1/2 of it, and the multiples of 8/16/32 next to ``width`` in between (a range wide enough for a slope)."""
-    low = max(1, width // 2)
-    return sorted({width, max(low, width * 3 // 4), low, *candidate_widths(width, low, width)})
+    1/2 of it: a range wide enough for a slope, in three shapes per layer to time at each event."""
+    return sorted({width, max(1, width * 3 // 4), max(1, width // 2)})
 
 
 def marginal_seconds(costs: Mapping[int, float]) -> float:
@@ -276,8 +275,8 @@ class LatencyRounding:
 class LatencyCosts:
     """The cost model of ``ChaseConfig(channel_cost="latency")``: the seconds one channel (one head) of each group
     saves on the measured device: the least-squares slope with intercept (:func:`marginal_seconds`; a layer's
-    fixed per-call time is not saved) of its layers' time over its alive width, about 3/4 and 1/2 of it and the
-    multiples of 8/16/32 next to it in between (:func:`slope_widths`), the other groups at their alive widths
+    fixed per-call time is not saved) of its layers' time over its alive width and about 3/4 and 1/2 of it
+    (:func:`slope_widths`), the other groups at their alive widths
     (:meth:`LatencyTable.group_costs`; new widths are timed at each event). Attention matmuls are not timed (only
     Conv/Linear layers). In a distributed run only rank 0 measures and its costs are broadcast, so every rank
     removes the same."""
