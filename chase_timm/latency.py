@@ -121,8 +121,8 @@ class LatencyTable:
     """Measured seconds of single Conv/Linear layers on one device, batch size, input size, layout and pass.
 
     ``key`` names the setting; ``seconds`` maps a layer shape (JSON text) to its median time. ``cache``: a JSON
-    file holding tables of any number of settings (one entry per key), read on creation and written after
-    every :meth:`measure` that timed something new.
+    file holding tables of any number of settings (one entry per key), read on creation (an unreadable file counts
+    as empty, with a warning) and replaced atomically after every :meth:`measure` that timed something new.
     """
 
     def __init__(self, model: nn.Module, batch_size: int = 32, img_size: Optional[int] = None,
