@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ._timm import named_tensors
 from .channels import alive_positions
 from .graph import ChannelGroup
+from .norms import remove_hooks
 from .slim import meta_clone
 from .sparsity import conv_linear_weights
 
@@ -33,19 +34,20 @@ __all__ = ["module_flops", "FlopCosts"]
 
 def module_flops(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Tuple[int, Dict[str, int]]:
     """Total FLOPs of ``model(*inputs)`` and the FLOPs of every module that ran (children included), by module
-    name ("" is the model), from one forward under ``FlopCounterMode`` in eval mode.
+    name ("" is the model), from one forward under ``FlopCounterMode`` in eval mode (every module's own training flag restored).
 
     Counted with autograd on, whatever the caller's mode: FlopCounterMode's module tracker fails under no_grad on
     some models (PiT: "Expected gradient function to be set"); the count is the same either way.
     """
-    was_training = model.training
+    flags = {m: m.training for m in model.modules()}  # a submodule the user keeps in eval stays so
     model.eval()
     counter = FlopCounterMode(display=False)
     try:
         with torch.inference_mode(False), torch.enable_grad(), counter:
             model(*inputs)
     finally:
-        model.train(was_training)
+        for module, flag in flags.items():
+            module.training = flag
     prefix = type(model).__name__ + "."  # FlopCounterMode keys modules as "<RootClass>.<qualified name>"
     per_module = {key[len(prefix):]: int(sum(ops.values())) for key, ops in counter.get_flop_counts().items()
                   if key.startswith(prefix)}
@@ -55,8 +57,9 @@ def module_flops(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Tuple[int,
 class FlopCosts:
     """The cost model of ``ChaseConfig(channel_cost="flops")``: called with the prunable groups and their alive
     flags, returns the FLOPs (of one forward of ``inputs``) that removing one more channel of each group saves, an
-    attention head counting whole. ``inputs``: example inputs (a meta copy runs on their shapes; a model that
-    does not run on meta, e.g. one reading tensor values, is counted on itself with them). Counts once here."""
+    attention head counting whole. ``inputs``: example inputs (a meta copy, without Chase's norm hooks, runs on
+    their shapes; a model that does not run on meta, e.g. one reading tensor values, is counted on itself with
+    them, moved to its device). Counts once here."""
 
     def __init__(self, model: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
         self.model = model
@@ -71,13 +74,15 @@ class FlopCosts:
         shapes = {n: tuple(t.shape) for n, t in named_tensors(self.model)}
         if shapes == self._shapes:
             return
-        clone = meta_clone(self.model)
+        clone = remove_hooks(meta_clone(self.model))  # norm hooks hold real-device masks; FLOPs are the slice's
         try:
             _, per_module = module_flops(clone, tuple(torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor)
                                                       else x for x in self.inputs))
         except Exception:  # noqa: BLE001 — data-dependent forwards fail on meta; the real model counts the same
             clone = self.model
-            _, per_module = module_flops(clone, self.inputs)
+            device = next((t.device for _, t in named_tensors(clone)), None)
+            _, per_module = module_flops(clone, tuple(x.to(device) if isinstance(x, torch.Tensor) and device else x
+                                                      for x in self.inputs))
         self._layer_flops = {n: per_module.get(n.rpartition(".")[0], 0) for n in conv_linear_weights(clone)}
         self._own_flops = {name: per_module.get(name, 0) - sum(per_module.get(f"{name}.{c}" if name else c, 0)
                                                                 for c, _ in module.named_children())

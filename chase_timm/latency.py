@@ -18,8 +18,10 @@ import math
 import os
 import platform
 import random
+import tempfile
+import warnings
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 import torch.distributed as dist
@@ -31,7 +33,7 @@ from .graph import ChannelGroup
 from .slim import meta_clone
 
 __all__ = ["LatencyTable", "LatencyRounding", "LatencyCosts", "candidate_widths", "excess_costs", "seconds_per_channel",
-           "fast_widths", "device_name", "LAYOUTS"]
+           "slope_widths", "marginal_seconds", "fast_widths", "device_name", "LAYOUTS"]
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 ALIGNMENTS = (8, 16, 32)  # widths kernels block channels by; candidates are the nearest multiples either side
@@ -73,6 +75,24 @@ def seconds_per_channel(costs: Mapping[int, float]) -> float:
     return sum(w * t for w, t in costs.items()) / max(sum(w * w for w in costs), 1)
 
 
+def slope_widths(width: int) -> list[int]:
+    """The widths :class:`LatencyCosts` times for a group of ``width`` alive channels: ``width``, about 3/4 and
+    1/2 of it: a range wide enough for a slope, in three shapes per layer to time at each event."""
+    return sorted({width, max(1, width * 3 // 4), max(1, width // 2)})
+
+
+def marginal_seconds(costs: Mapping[int, float]) -> float:
+    """Seconds one channel saves: the least-squares slope of ``costs`` ({width: seconds}) on a line with an
+    intercept (a layer's fixed per-call time is not saved by removing channels), at least 0; with one width
+    only, the slope through the origin (:func:`seconds_per_channel`)."""
+    if len(costs) < 2:
+        return seconds_per_channel(costs)
+    mean_w, mean_t = sum(costs) / len(costs), sum(costs.values()) / len(costs)
+    slope = (sum((w - mean_w) * (t - mean_t) for w, t in costs.items())
+             / sum((w - mean_w) ** 2 for w in costs))
+    return max(slope, 0.0)
+
+
 def fast_widths(costs: Mapping[str, Mapping[int, float]], proposed: Mapping[str, int], slack: int,
                 units: Optional[Mapping[str, int]] = None) -> Dict[str, int]:
     """One width per group from its ``costs`` ({width: cost}), minimising the summed cost while the total
@@ -101,8 +121,8 @@ class LatencyTable:
     """Measured seconds of single Conv/Linear layers on one device, batch size, input size, layout and pass.
 
     ``key`` names the setting; ``seconds`` maps a layer shape (JSON text) to its median time. ``cache``: a JSON
-    file holding tables of any number of settings (one entry per key), read on creation and written after
-    every :meth:`measure` that timed something new.
+    file holding tables of any number of settings (one entry per key), read on creation (an unreadable file counts
+    as empty, with a warning) and replaced atomically after every :meth:`measure` that timed something new.
     """
 
     def __init__(self, model: nn.Module, batch_size: int = 32, img_size: Optional[int] = None,
@@ -122,13 +142,7 @@ class LatencyTable:
         self.key = (f"{device_name(self.device)}|{arch}|batch {batch_size}|{'x'.join(map(str, self.input_size))}|"
                     f"{layout}|{'forward+backward' if backward else 'forward'}|torch {torch.__version__}")
         self.cache = Path(cache) if cache is not None else None
-        self.seconds: Dict[str, float] = {}
-        if self.cache is not None and self.cache.is_file():
-            try:
-                self.seconds = dict(json.loads(self.cache.read_text()).get(self.key, {}))
-            except (json.JSONDecodeError, AttributeError) as err:
-                raise ValueError(f"latency cache {self.cache} is not a JSON object of tables ({err}); delete it "
-                                 "to re-calibrate") from err
+        self.seconds: Dict[str, float] = dict(self._tables().get(self.key, {}))
         self._spatial = _input_spatial(model, self.input_size)
 
     def layers(self, model: nn.Module) -> Dict[str, nn.Module]:
@@ -164,10 +178,32 @@ class LatencyTable:
                 times[s].append(timer.blocked_autorange(min_run_time=self.min_run_time).median)
         self.seconds.update({s: sorted(t)[len(t) // 2] for s, t in times.items()})
         if self.cache is not None:
-            tables = json.loads(self.cache.read_text()) if self.cache.is_file() else {}
+            tables = self._tables()
             tables[self.key] = self.seconds
             self.cache.parent.mkdir(parents=True, exist_ok=True)
-            self.cache.write_text(json.dumps(tables, indent=1))
+            # atomic: a temporary file in the same directory renamed over the cache, so a reader (another job on
+            # the same cache) sees the old or the new file, never a partial one
+            with tempfile.NamedTemporaryFile("w", dir=self.cache.parent, prefix=f".{self.cache.name}.",
+                                             suffix=".tmp", delete=False) as tmp:
+                tmp.write(json.dumps(tables, indent=1))
+            os.replace(tmp.name, self.cache)
+
+    def _tables(self) -> dict:
+        """The cache file's tables ({key: {shape: seconds}}); empty, with a warning, if it is not such JSON (a
+        partial or foreign file: it is re-calibrated and overwritten)."""
+        if self.cache is None or not self.cache.is_file():
+            return {}
+        try:
+            tables = json.loads(self.cache.read_text())
+            problem = "" if isinstance(tables, dict) and all(isinstance(t, dict) for t in tables.values()) else (
+                f"a JSON {type(tables).__name__} of other values")
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            problem = str(err)
+        if not problem:
+            return tables
+        warnings.warn(f"latency cache {self.cache} is not a JSON object of tables ({problem}); ignoring it and "
+                      "re-calibrating (it will be overwritten)")
+        return {}
 
     def group_costs(self, model: nn.Module, groups: Sequence[ChannelGroup], proposed: Mapping[str, int],
                     candidates: Mapping[str, Sequence[int]]) -> Dict[str, Dict[int, float]]:
@@ -216,7 +252,8 @@ class LatencyRounding:
     """The width policy of ``ChaseConfig(width_rounding="latency")``: at the final channel event, each group's
     UMM width moves to the nearby candidate (:func:`candidate_widths`) with the least latency beyond its size's
     trend (:func:`excess_costs`) by the model's measured layer latencies (:class:`LatencyTable`), the total removed channels kept within ``[budget, budget + slack]``
-    (:func:`fast_widths`). In a distributed run rank 0's widths are broadcast, so every rank removes the same."""
+    (:func:`fast_widths`). In a distributed run only rank 0 measures and its widths are broadcast, so every rank
+    removes the same."""
 
     def __init__(self, model: nn.Module, table: LatencyTable, slack: Optional[int] = None) -> None:
         self.model, self.table, self.slack = model, table, slack
@@ -224,41 +261,50 @@ class LatencyRounding:
     def __call__(self, groups: Sequence[ChannelGroup], proposed: Mapping[str, int], high: Mapping[str, int],
                  floors: Mapping[str, int], units: Mapping[str, int]) -> Dict[str, int]:
         """New widths of ``groups`` (``proposed``: UMM's; ``high``: the most each may keep; ``floors``)."""
-        rounded = [g for g in groups if units.get(g.name, 1) == 1]  # attention heads keep UMM's count
-        candidates = {g.name: candidate_widths(proposed[g.name], floors[g.name], high[g.name]) for g in rounded}
-        costs = self.table.group_costs(self.model, groups, proposed, candidates)
-        costs = {name: excess_costs(c, proposed[name]) for name, c in costs.items()}
-        total = sum(g.width * units.get(g.name, 1) for g in groups)
-        slack = self.slack if self.slack is not None else max(1, math.ceil(0.005 * total))
-        widths = fast_widths(costs, proposed, slack, units)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            box = [widths]
-            dist.broadcast_object_list(box, src=0)
-            widths = box[0]
-        return widths
+        def widths() -> Dict[str, int]:
+            rounded = [g for g in groups if units.get(g.name, 1) == 1]  # attention heads keep UMM's count
+            candidates = {g.name: candidate_widths(proposed[g.name], floors[g.name], high[g.name]) for g in rounded}
+            costs = self.table.group_costs(self.model, groups, proposed, candidates)
+            costs = {name: excess_costs(c, proposed[name]) for name, c in costs.items()}
+            total = sum(g.width * units.get(g.name, 1) for g in groups)
+            slack = self.slack if self.slack is not None else max(1, math.ceil(0.005 * total))
+            return fast_widths(costs, proposed, slack, units)
+        return _on_rank0(widths)
 
 
 class LatencyCosts:
     """The cost model of ``ChaseConfig(channel_cost="latency")``: the seconds one channel (one head) of each group
-    saves on the measured device: the slope (:func:`seconds_per_channel`) of its layers' time over its alive width
-    and the nearest multiples of 8/16/32 below it down to half of it, the other groups at their alive widths
+    saves on the measured device: the least-squares slope with intercept (:func:`marginal_seconds`; a layer's
+    fixed per-call time is not saved) of its layers' time over its alive width and about 3/4 and 1/2 of it
+    (:func:`slope_widths`), the other groups at their alive widths
     (:meth:`LatencyTable.group_costs`; new widths are timed at each event). Attention matmuls are not timed (only
-    Conv/Linear layers). In a distributed run rank 0's costs are broadcast, so every rank removes the same."""
+    Conv/Linear layers). In a distributed run only rank 0 measures and its costs are broadcast, so every rank
+    removes the same."""
 
     def __init__(self, model: nn.Module, table: LatencyTable) -> None:
         self.model, self.table = model, table
 
     def __call__(self, groups: Sequence[ChannelGroup], alive: Mapping[str, torch.Tensor]) -> Dict[str, float]:
         """Seconds one more removed channel of each of ``groups`` saves (0 for groups touching no timed layer)."""
-        widths = {g.name: int(alive[g.name].sum()) for g in groups}
-        candidates = {n: candidate_widths(w, max(1, w // 2), w) for n, w in widths.items() if w > 0}
-        times = self.table.group_costs(self.model, groups, widths, candidates)
-        costs = {g.name: seconds_per_channel(times[g.name]) if g.name in times else 0.0 for g in groups}
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            box = [costs]
-            dist.broadcast_object_list(box, src=0)
-            costs = box[0]
-        return costs
+        def costs() -> Dict[str, float]:
+            widths = {g.name: int(alive[g.name].sum()) for g in groups}
+            candidates = {n: slope_widths(w) for n, w in widths.items() if w > 0}
+            times = self.table.group_costs(self.model, groups, widths, candidates)
+            return {g.name: marginal_seconds(times[g.name]) if g.name in times else 0.0 for g in groups}
+        return _on_rank0(costs)
+
+
+_T = TypeVar("_T")
+
+
+def _on_rank0(compute: Callable[[], _T]) -> _T:
+    """``compute()`` here; in a distributed run on rank 0 only (one rank measures, and writes the cache), its
+    result broadcast to every rank."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return compute()
+    box = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _input_spatial(model: nn.Module, input_size: Sequence[int]) -> Dict[str, list]:

@@ -12,6 +12,7 @@ from chase_timm import ChaseConfig
 from chase_timm.cost import FlopCosts, module_flops
 from chase_timm.graph import find_channel_groups, tensor_removals
 from chase_timm.metrics import count_flops
+from chase_timm.norms import follow_masks
 from chase_timm.slim import meta_clone, slim_copy
 from synthetic_run import synthetic_config, synthetic_run
 
@@ -43,6 +44,20 @@ def test_flops_one_channel_saves_match_a_finite_difference(name, kwargs, prune_s
         assert costs[g.name] == pytest.approx(before - after, rel=1e-9), g.name
         kinds.add("head" if g.unit > 1 else "stream" if g.residual else "channel")
     assert kinds == ({"channel"} if not prune_skip else {"head", "stream", "channel"})
+
+
+def test_flops_are_counted_on_meta_with_norm_hooks_active_and_training_flags_kept():
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, depth=1).train()
+    mask = torch.ones(model.embed_dim)
+    mask[:3] = 0
+    follow_masks(model, {"norm.weight": mask})  # Chase's hook on the final LayerNorm, holding a CPU mask
+    ran_on = []
+    model.register_forward_pre_hook(lambda module, args: ran_on.append(args[0].device.type))
+    FlopCosts(model, (torch.randn(1, 3, 32, 32),))
+    assert ran_on == ["meta"]  # the shape-only copy, not the training model
+    model.patch_embed.eval()  # a submodule the user keeps in eval
+    module_flops(model, (torch.randn(1, 3, 32, 32),))
+    assert model.training and model.blocks.training and not model.patch_embed.training
 
 
 def test_flops_cost_removes_more_flops_at_the_same_channel_budget():

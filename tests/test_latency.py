@@ -7,11 +7,14 @@ import json
 import pytest
 import timm
 import torch
+from accelerate import Accelerator, debug_launcher
 
 import chase_timm
 from chase_timm.channels import group_floor, resize_removals
 from chase_timm.cli import main as cli_main
-from chase_timm.latency import LatencyTable, candidate_widths, excess_costs, fast_widths
+from chase_timm.graph import find_channel_groups
+from chase_timm.latency import LatencyCosts, LatencyTable, candidate_widths, excess_costs, fast_widths
+from recipe_helpers import fresh_accelerate
 from synthetic_run import synthetic_config, synthetic_run
 
 
@@ -74,6 +77,58 @@ def test_latency_table_caches_per_device_model_batch_and_layout(tmp_path):
         assert fresh.key != table.key and fresh.seconds == {}
     with pytest.raises(ValueError, match="layout"):
         LatencyTable(model, layout="nhwc")
+
+
+def test_a_corrupt_cache_is_recalibrated_and_rewritten_atomically(tmp_path):
+    model = timm.create_model("resnet10t", num_classes=10)
+    cache = tmp_path / "latency.json"
+    cache.write_text('{"cpu|resnet10t": {"[\\"conv\\", 3')  # cut short, as by a crash mid-write
+    inode = cache.stat().st_ino
+    with pytest.warns(UserWarning, match="not a JSON object of tables"):
+        table = LatencyTable(model, batch_size=1, img_size=32, cache=cache, min_run_time=1e-4, rounds=1)
+        assert table.seconds == {}
+        conv = table.layers(model)["layer1.0.conv1.weight"]
+        table.measure([table.shape("layer1.0.conv1.weight", conv, conv.in_channels, 8)])
+    assert list(json.loads(cache.read_text())) == [table.key]
+    # a new file renamed over the old one (a reader sees either whole), nothing left behind
+    assert cache.stat().st_ino != inode and [p.name for p in tmp_path.iterdir()] == ["latency.json"]
+
+
+def test_latency_cost_is_the_time_one_channel_saves_not_the_time_per_channel():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=10)
+    groups = [g for g in find_channel_groups(model, torch.randn(1, 3, 32, 32)) if g.prunable][:4]
+    widths = {g.name: g.width for g in groups}
+    alive = {g.name: torch.ones(g.width, dtype=torch.bool) for g in groups}
+    table = LatencyTable(model, batch_size=1, img_size=32, min_run_time=1e-4, rounds=1)
+    LatencyCosts(model, table)(groups, alive)  # times what it needs on this device
+    for shape in table.seconds:  # known times: 50 us per call (not saved by a removed channel) + 1 ns per weight
+        spec = json.loads(shape)
+        table.seconds[shape] = 50e-6 + 1e-9 * spec[1] * spec[2]
+    costs = LatencyCosts(model, table)(groups, alive)
+    timed = len(table.seconds)
+    ends = table.group_costs(model, groups, widths, {n: [w // 2, w] for n, w in widths.items()})
+    assert len(table.seconds) == timed  # widths down to half were timed already
+    for name, w in widths.items():
+        t = ends[name]
+        assert costs[name] == pytest.approx((t[w] - t[w // 2]) / (w - w // 2), rel=1e-6), name
+
+
+def _costs_on_two_ranks(model, groups, cache) -> None:
+    accelerator = Accelerator(cpu=True)
+    table = LatencyTable(model, batch_size=1, img_size=32, cache=cache, min_run_time=1e-4, rounds=1)
+    costs = LatencyCosts(model, table)(groups, {g.name: torch.ones(g.width, dtype=torch.bool) for g in groups})
+    assert set(costs) == {g.name for g in groups}
+    # only rank 0 measured (and wrote the cache); rank 1 received its costs
+    assert bool(table.seconds) == accelerator.is_main_process, (accelerator.process_index, len(table.seconds))
+
+
+def test_latency_costs_are_measured_on_rank_0_only(tmp_path):
+    model = timm.create_model("resnet10t", num_classes=10)
+    groups = [g for g in find_channel_groups(model, torch.randn(1, 3, 32, 32)) if g.prunable][:2]
+    with fresh_accelerate():
+        debug_launcher(_costs_on_two_ranks, args=(model, groups, tmp_path / "latency.json"), num_processes=2)
+    assert json.loads((tmp_path / "latency.json").read_text())
 
 
 def test_width_rounding_latency_keeps_floors_and_the_channel_budget(tmp_path):
