@@ -22,7 +22,7 @@ from .budget import MaskBudget
 from .channels import ChannelState
 from .config import ChaseConfig
 from .cost import FlopCosts
-from .graph import _as_inputs, find_channel_groups, tensor_removals
+from .graph import as_inputs, find_channel_groups, tensor_removals
 from .latency import LatencyCosts, LatencyRounding, LatencyTable
 from .norms import attach as attach_norms, follow_masks, remove_hooks
 from .optim_state import check_shrink_exact, states_like
@@ -109,7 +109,7 @@ class Chase:
                               backward=config.latency_backward, cache=config.latency_cache)
                  if groups and "latency" in (config.channel_cost, config.width_rounding) else None)
         if config.channel_cost == "flops" and groups:
-            self._channels.channel_cost = FlopCosts(self._module, _as_inputs(self._module, example_inputs))
+            self._channels.channel_cost = FlopCosts(self._module, as_inputs(self._module, example_inputs))
         elif config.channel_cost == "latency" and groups:
             self._channels.channel_cost = LatencyCosts(self._module, table)
         if config.width_rounding == "latency" and groups:

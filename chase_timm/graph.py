@@ -117,7 +117,7 @@ def find_channel_groups(
 ) -> list[ChannelGroup]:
     """All coupled channel groups of the (unwrapped) model, prunable or not, with reasons."""
     deadline = time.monotonic() + timeout
-    inputs = _as_inputs(model, example_inputs)
+    inputs = as_inputs(model, example_inputs)
     try:
         with _tracing(model), tolerant_index_mapping() as unmapped:
             graph = tp.DependencyGraph().build_dependency(
@@ -180,7 +180,7 @@ def reindex_groups(groups: Sequence[ChannelGroup], removed: Mapping[str, Sequenc
 
 # ------------------------------------------------------------------------------------------------ tracing
 
-def _as_inputs(model: nn.Module, example_inputs: Any) -> tuple:
+def as_inputs(model: nn.Module, example_inputs: Any) -> tuple:
     """Positional example inputs; tensors get requires_grad so tracing works even with frozen weights."""
     if example_inputs is None:
         example_inputs = default_example_input(model)
