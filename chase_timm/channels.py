@@ -78,16 +78,14 @@ def umm_scores(groups: Sequence[ChannelGroup], tensors: Mapping[str, torch.Tenso
 def per_cost(scores: Mapping[str, torch.Tensor], costs: Mapping[str, float],
              units: Optional[Mapping[str, int]] = None) -> Dict[str, torch.Tensor]:
     """Scores per unit of cost: each group's UMMs divided by what one of its budget channels saves (``costs``: per
-    entry, so an attention head's cost is shared by its ``units`` channels), relative to the mean over the groups.
-    The lowest is the least magnitude lost per cost saved; the order inside a group is UMM's. A group saving
-    nothing ranks last (its channels go only when no other is left)."""
+    entry, so an attention head's cost is shared by its ``units`` channels). The lowest is the least magnitude lost
+    per cost saved; the order inside a group is UMM's. A group saving nothing ranks last (its channels go only when
+    no other is left); when no group saves anything, UMM alone."""
     units = units or {}
     per_channel = {n: costs[n] / units.get(n, 1) for n in scores}
-    mean = sum(per_channel.values()) / max(1, len(per_channel))
-    if mean <= 0:
+    if not any(c > 0 for c in per_channel.values()):
         return dict(scores)
-    return {n: s / (per_channel[n] / mean) if per_channel[n] > 0 else torch.full_like(s, math.inf)
-            for n, s in scores.items()}
+    return {n: s / per_channel[n] if per_channel[n] > 0 else torch.full_like(s, math.inf) for n, s in scores.items()}
 
 
 def select_channels(scores: Mapping[str, torch.Tensor], alive: Mapping[str, torch.Tensor],

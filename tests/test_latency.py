@@ -115,6 +115,7 @@ def test_latency_cost_is_the_time_one_channel_saves_not_the_time_per_channel():
 
 
 def _costs_on_two_ranks(model, groups, cache) -> None:
+    torch.set_num_threads(1)  # a forked rank must not enter the OpenMP pool the parent's timings started (it can hang)
     accelerator = Accelerator(cpu=True)
     table = LatencyTable(model, batch_size=1, img_size=32, cache=cache, min_run_time=1e-4, rounds=1)
     costs = LatencyCosts(model, table)(groups, {g.name: torch.ones(g.width, dtype=torch.bool) for g in groups})
