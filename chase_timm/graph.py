@@ -33,7 +33,7 @@ from .adapters.autograd import (input_shapes, new_forward_hooks_removed, result_
                                 saved_permutation)
 from .adapters.torch_pruning import (flatten_stride, is_interleave, map_concat, map_interleave, map_split,
                                      root_dependency, root_positions, split_layout, tolerant_index_mapping)
-from .heads import HeadSpec, head_spec
+from .heads import HeadSpec, head_spec, qkv_as_modules
 from .slim import slice_in_place
 
 __all__ = ["ChannelSlice", "ChannelGroup", "find_channel_groups", "tensor_removals", "reindex_groups"]
@@ -119,7 +119,7 @@ def find_channel_groups(
     deadline = time.monotonic() + timeout
     inputs = as_inputs(model, example_inputs)
     try:
-        with _tracing(model), tolerant_index_mapping() as unmapped:
+        with _tracing(model), qkv_as_modules(model), tolerant_index_mapping() as unmapped:
             graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=inputs, forward_fn=lambda m, args: m(*args), verbose=False)
     except Exception as err:  # never break the caller's training: report, don't raise
@@ -285,7 +285,7 @@ def _discover(graph: tp.DependencyGraph, model: nn.Module, deadline: float, unma
     covered: dict[nn.Module, set[int]] = {}
     drafts = []
     for name, module in model.named_modules():  # attention heads first: their q/k/v outputs are taken
-        spec = head_spec(module)
+        spec = head_spec(module, model)
         if spec is not None:
             drafts.append(_head_draft(ctx, name, module, spec, covered))
     for name, module in model.named_modules():
@@ -318,8 +318,9 @@ def _head_draft(ctx: _Context, name: str, module: nn.Module, spec: HeadSpec,
         owner = module.get_submodule(owner_name)
         by_root = {h: list(positions) for h, positions in enumerate(piece.index)}
         _add_tensors(ctx, draft, owner, (attr,), piece.role, by_root, dim=piece.dim)
-        if piece.role == "producer" and isinstance(owner, (nn.modules.conv._ConvNd, nn.Linear)):
+        if piece.dim == 0 and isinstance(owner, (nn.modules.conv._ConvNd, nn.Linear)):  # e.g. Swin V2's cpb_mlp
             covered.setdefault(owner, set()).update(p for positions in piece.index for p in positions)
+        if piece.role == "producer" and isinstance(owner, (nn.modules.conv._ConvNd, nn.Linear)):
             if spec.stream:
                 ctx.tied_inputs[owner] = spec.stream
             if owner not in ctx.graph.module2node and not spec.reason:

@@ -7,6 +7,10 @@ its projection columns are zero too, so the masked model computes what the model
 the fused ``scaled_dot_product_attention`` path and the eager path alike: ``head_dim`` does not change, so
 neither does the scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``).
 
+EVA, BEiT, Swin V2, CaiT's class attention and EdgeNeXt's cross-covariance attention reshape their heads' output
+to the input width in timm's forward; a resized one switches to its slim subclass
+(:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left).
+
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), and
 :func:`refresh_heads` re-derives a resized module's attributes (``num_heads``, ``attn_dim``, ...) from its tensor
 shapes; :mod:`chase_timm.graph` turns the spec into a channel group with one channel per head and
@@ -14,24 +18,27 @@ shapes; :mod:`chase_timm.graph` turns the spec into a channel group with one cha
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch.nn as nn
 from timm.layers import Attention, AttentionRope
 from timm.models import beit, cait, edgenext, eva, levit, swin_transformer, swin_transformer_v2
 
-__all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "refresh_heads", "head_counts"]
+from .adapters.attention import REFUSED, timm_class, use_slim_forward
 
-_INPUT_WIDTH = "reshapes the heads' output back to the input width (reshape(B, N, C)), so removing a head breaks it"
-_RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention, levit.AttentionDownsample)
+__all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "refresh_heads", "head_counts", "qkv_as_modules"]
+
+# classes whose forward reshapes the heads' output to the input width: resizable through their slim subclass
+# (chase_timm.adapters.attention), left whole when this timm's forward did not match the subclass's edits
+_SLIM_FORWARD = (eva.EvaAttention, beit.Attention, swin_transformer_v2.WindowAttention, cait.ClassAttn,
+                 edgenext.CrossCovarianceAttn)
+_RESIZABLE = tuple(k for k in (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention,
+                               levit.AttentionDownsample, *_SLIM_FORWARD) if k not in REFUSED)
 _LEFT_WHOLE = {
-    eva.EvaAttention: _INPUT_WIDTH,
-    beit.Attention: _INPUT_WIDTH,
-    swin_transformer_v2.WindowAttention: _INPUT_WIDTH,
-    cait.ClassAttn: _INPUT_WIDTH,
     cait.TalkingHeadAttn: "mixes heads before and after the softmax (proj_l, proj_w), so a head is not separable",
-    edgenext.CrossCovarianceAttn: "attends across channels (a softmax over each head's channels) and " + _INPUT_WIDTH,
+    **REFUSED,
 }
 # modules whose input width is their attention width: the stream feeding them stays whole, and why
 _INPUT_TIED = {
@@ -39,6 +46,8 @@ _INPUT_TIED = {
                                   "from the input width (reshape(B, N, C)) and softmaxes over each head's channels, "
                                   "so the stream can't lose a channel without the attention losing one",
 }
+_SHARED_BIAS = ("shares BEiT's model-level relative position bias (use_shared_rel_pos_bias): one table of "
+                "(num_heads, N, N) is added in every block, so one block can't lose a head")
 
 
 @dataclass(frozen=True)
@@ -62,33 +71,46 @@ class HeadSpec:
     stream: str = ""  # non-empty: the channels the q/k/v producers read (the input stream) must stay too, and why
 
 
-def head_spec(module: nn.Module) -> Optional[HeadSpec]:
-    """The heads of a known timm attention module (``reason`` set when they must stay), else ``None``."""
-    kind = type(module)
-    if kind in (Attention, AttentionRope):
+def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[HeadSpec]:
+    """The heads of a known timm attention module (``reason`` set when they must stay), else ``None``.
+    ``model``: the model holding it, for what only the model knows (BEiT's shared relative position bias)."""
+    kind = timm_class(type(module))
+    if kind in _LEFT_WHOLE:
+        return _left_whole(module, _LEFT_WHOLE[kind])
+    if kind in (Attention, AttentionRope, eva.EvaAttention):
         return _timm_attention(module)
-    if kind is swin_transformer.WindowAttention:
+    if kind in (swin_transformer.WindowAttention, swin_transformer_v2.WindowAttention):
         return _swin(module)
     if kind in (levit.Attention, levit.AttentionDownsample):
         return _levit(module)
-    if kind in _LEFT_WHOLE:
-        return _left_whole(module, _LEFT_WHOLE[kind])
+    if kind is beit.Attention:
+        shared = model is not None and any(isinstance(m, beit.RelativePositionBias) for m in model.modules())
+        return _fused(module, module.qkv.out_features // 3 // module.num_heads, _SHARED_BIAS if shared else "")
+    if kind is cait.ClassAttn:
+        return _class_attention(module)
+    if kind is edgenext.CrossCovarianceAttn:
+        return _fused(module, module.proj.in_features // module.num_heads)
     return None
 
 
 def has_heads(module: nn.Module) -> bool:
     """Whether ``module`` is an attention module whose heads can be removed (and :func:`refresh_heads` re-derives)."""
-    return type(module) in _RESIZABLE
+    return timm_class(type(module)) in _RESIZABLE
 
 
 def refresh_heads(module: nn.Module, name: str = "attention") -> None:
     """Re-derive a (resized) attention module's head attributes from its tensor shapes; ValueError if they
-    disagree. ``head_dim`` and ``scale`` never change (whole heads only); other modules are left alone."""
-    kind = type(module)
-    if kind in (Attention, AttentionRope):
+    disagree. ``head_dim`` and ``scale`` never change (whole heads only); other modules are left alone. A module
+    whose timm forward reshapes to the input width switches to its slim subclass (same tensors), whose output
+    width follows the heads left."""
+    kind = timm_class(type(module))
+    if kind not in _RESIZABLE:
+        return
+    if kind in (Attention, AttentionRope, eva.EvaAttention):
         attn_dim = module.proj.in_features
         module.num_heads = _heads(name, attn_dim, module.head_dim)
-        module.attn_dim = attn_dim
+        if kind is not eva.EvaAttention:
+            module.attn_dim = attn_dim
         if kind is AttentionRope:
             module.kv_dim = attn_dim if module.qkv is not None else module.k_proj.out_features
             module.num_kv_heads = _heads(name, module.kv_dim, module.head_dim)
@@ -97,6 +119,18 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         _check(name, "q/k/v rows", q_rows, attn_dim)
     elif kind is swin_transformer.WindowAttention:
         module.num_heads = module.relative_position_bias_table.shape[1]
+        _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
+    elif kind is swin_transformer_v2.WindowAttention:
+        module.num_heads, module.dim = module.logit_scale.shape[0], module.qkv.in_features
+        _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
+        _check(name, "relative position bias rows", _rows(module.cpb_mlp[-1]), module.num_heads)
+    elif kind in (beit.Attention, cait.ClassAttn):  # head_dim is only kept as the scale, head_dim ** -0.5
+        module.num_heads = _heads(name, module.proj.in_features, round(module.scale ** -2))
+        q_rows = module.qkv.out_features // 3 if kind is beit.Attention else module.q.out_features
+        _check(name, "q/k/v rows", q_rows, module.proj.in_features)
+    elif kind is edgenext.CrossCovarianceAttn:
+        module.num_heads = module.temperature.shape[0]
+        _heads(name, module.proj.in_features, module.proj.in_features // module.num_heads)
         _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
     elif kind in (levit.Attention, levit.AttentionDownsample):
         heads = module.attention_biases.shape[0]
@@ -107,11 +141,29 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         per_head = module.val_dim + module.key_dim * (2 if kind is levit.Attention else 1)
         _check(name, "qkv rows", _rows(qkv.linear), heads * per_head)
         _check(name, "proj columns", _columns(module.proj.ln.linear), module.val_attn_dim)
+    use_slim_forward(module)
 
 
 def head_counts(model: nn.Module) -> dict[str, int]:
     """``num_heads`` of every attention module :func:`head_spec` knows, by module name (e.g. heads left per block)."""
     return {name: int(m.num_heads) for name, m in model.named_modules() if head_spec(m) is not None}
+
+
+@contextmanager
+def qkv_as_modules(model: nn.Module) -> Iterator[None]:
+    """While a trace runs: attention modules that compute their fused qkv as ``F.linear(x, qkv.weight,
+    cat(q_bias, k_bias, v_bias))`` (EVA, BEiT, Swin V2) take timm's own ``qkv_bias_separate`` path instead,
+    ``self.qkv(x) + cat(...)``, the same sum, so torch-pruning sees the qkv Linear (it reads a bare ``F.linear``
+    weight as an elementwise op and would carry the input channels onto the heads' outputs)."""
+    fused = [m for m in model.modules() if getattr(m, "qkv_bias_separate", None) is False
+             and getattr(m, "q_bias", None) is not None and isinstance(getattr(m, "qkv", None), nn.Linear)]
+    for module in fused:
+        module.qkv_bias_separate = True
+    try:
+        yield
+    finally:
+        for module in fused:
+            module.qkv_bias_separate = False
 
 
 # ------------------------------------------------------------------------------------------------- specs
@@ -136,12 +188,24 @@ def _linear_slices(prefix: str, layer: Optional[nn.Module], index: tuple, role: 
     return out
 
 
+def _qkv_rows(heads: int, hd: int) -> tuple[tuple[int, ...], ...]:
+    """A fused qkv's rows of each head: q, k and v blocks of ``heads * hd`` rows."""
+    return _cat(*(_blocks(heads, hd, i * heads * hd) for i in range(3)))
+
+
+def _qkv_biases(module: nn.Module, heads: int, hd: int) -> list[HeadSlice]:
+    """Separate q/k/v biases of a bias-free fused qkv (``q_bias``, ``v_bias`` and the zero buffer ``k_bias``)."""
+    return [HeadSlice(f"{p}_bias", 0, "bias", _blocks(heads, hd)) for p in "qkv"
+            if getattr(module, f"{p}_bias", None) is not None]
+
+
 def _timm_attention(module: nn.Module) -> HeadSpec:
-    """timm.layers Attention / AttentionRope: fused qkv (q | k | v blocks) or separate q/k/v projections."""
+    """timm.layers Attention / AttentionRope and EVA's EvaAttention: fused qkv (q | k | v blocks, EVA's biases
+    apart) or separate q/k/v projections."""
     heads, hd = module.num_heads, module.head_dim
     per_head = _blocks(heads, hd)
     if module.qkv is not None:
-        slices = _linear_slices("qkv", module.qkv, _cat(*(_blocks(heads, hd, i * heads * hd) for i in range(3))))
+        slices = _linear_slices("qkv", module.qkv, _qkv_rows(heads, hd)) + _qkv_biases(module, heads, hd)
     else:  # grouped-query attention: query head h reads k/v head h // num_kv_groups
         kv = tuple(per_head[h // getattr(module, "num_kv_groups", 1)] for h in range(heads))
         slices = [s for p, index in (("q_proj", per_head), ("k_proj", kv), ("v_proj", kv))
@@ -157,14 +221,36 @@ def _timm_attention(module: nn.Module) -> HeadSpec:
     return HeadSpec(heads, hd, tuple(slices), reason)
 
 
-def _swin(module: nn.Module) -> HeadSpec:
-    """Swin WindowAttention: fused qkv, one relative-position-bias column per head (its reshapes use -1)."""
+def _fused(module: nn.Module, hd: int, reason: str = "") -> HeadSpec:
+    """A fused qkv (with its bias or separate q/k/v biases) and a projection, plus per-head tables: Swin's
+    relative position bias column (V1) or logit scale and bias-MLP output row (V2), BEiT's relative position bias
+    column, EdgeNeXt's temperature."""
     heads = module.num_heads
-    hd = module.proj.in_features // heads
-    slices = _linear_slices("qkv", module.qkv, _cat(*(_blocks(heads, hd, i * heads * hd) for i in range(3))))
-    slices += [HeadSlice("proj.weight", 1, "consumer", _blocks(heads, hd)),
-               HeadSlice("relative_position_bias_table", 1, "free", _blocks(heads, 1))]
-    return HeadSpec(heads, hd, tuple(slices))
+    slices = _linear_slices("qkv", module.qkv, _qkv_rows(heads, hd)) + _qkv_biases(module, heads, hd)
+    slices.append(HeadSlice("proj.weight", 1, "consumer", _blocks(heads, hd)))
+    one = _blocks(heads, 1)
+    if getattr(module, "relative_position_bias_table", None) is not None:
+        slices.append(HeadSlice("relative_position_bias_table", 1, "free", one))
+    if isinstance(module, swin_transformer_v2.WindowAttention):
+        slices += [HeadSlice("logit_scale", 0, "free", one),
+                   HeadSlice(f"cpb_mlp.{len(module.cpb_mlp) - 1}.weight", 0, "free", one)]
+    if isinstance(module, edgenext.CrossCovarianceAttn):
+        slices.append(HeadSlice("temperature", 0, "free", one))
+    return HeadSpec(heads, hd, tuple(slices), reason)
+
+
+def _swin(module: nn.Module) -> HeadSpec:
+    """Swin V1/V2 WindowAttention: fused qkv, per-head bias tables (its reshapes use -1 in V1)."""
+    return _fused(module, module.proj.in_features // module.num_heads)
+
+
+def _class_attention(module: nn.Module) -> HeadSpec:
+    """CaiT's ClassAttn: separate q (class token only), k and v projections."""
+    heads = module.num_heads
+    per_head = _blocks(heads, module.q.out_features // heads)
+    slices = [s for p in ("q", "k", "v") for s in _linear_slices(p, getattr(module, p), per_head)]
+    slices.append(HeadSlice("proj.weight", 1, "consumer", per_head))
+    return HeadSpec(heads, len(per_head[0]), tuple(slices))
 
 
 def _levit(module: nn.Module) -> HeadSpec:
@@ -199,13 +285,14 @@ def _left_whole(module: nn.Module, reason: str) -> HeadSpec:
     qkv = getattr(module, "qkv", None)
     if isinstance(qkv, nn.Linear):
         hd = qkv.out_features // 3 // heads
-        slices = [HeadSlice("qkv.weight", 0, "producer", _cat(*(_blocks(heads, hd, i * heads * hd) for i in range(3))))]
+        slices = [HeadSlice("qkv.weight", 0, "producer", _qkv_rows(heads, hd))]
     else:
         layers = [(p, getattr(module, p, None)) for p in ("q_proj", "k_proj", "v_proj", "q", "k", "v")]
         layers = [(p, m) for p, m in layers if isinstance(m, nn.Linear)]
         hd = layers[0][1].out_features // heads
         slices = [HeadSlice(f"{p}.weight", 0, "producer", _blocks(heads, hd)) for p, _ in layers]
-    return HeadSpec(heads, hd, tuple(slices), f"{type(module).__name__} {reason}", _INPUT_TIED.get(type(module), ""))
+    return HeadSpec(heads, hd, tuple(slices), f"{type(module).__name__} {reason}",
+                    _INPUT_TIED.get(timm_class(type(module)), ""))
 
 
 # ------------------------------------------------------------------------------------------------ checks

@@ -6,6 +6,7 @@ For ViT, Swin and LeViT: a float64 shrinking run equals its masking twin (``reci
 model's fused (SDPA) and eager attention paths agree.
 """
 import math
+import pickle
 
 import pytest
 import timm
@@ -13,6 +14,7 @@ import torch
 
 import chase_timm
 from chase_timm._timm import named_tensors
+from chase_timm.adapters.attention import SLIM, slim_subclass, timm_class, use_slim_forward
 from chase_timm.channels import ChannelState, select_channels
 from chase_timm.cli import main
 from chase_timm.graph import ChannelGroup
@@ -21,14 +23,25 @@ from chase_timm.graph import find_channel_groups
 from chase_timm.heads import head_counts, head_spec
 from chase_timm.hub import slim_summary
 from shrink_equivalence import compare, float64
+from timm.models import beit, cait, edgenext, eva, swin_transformer_v2
 
-# small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows)
+# small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
+# layer scales at 1 so no block's output vanishes under the shortcut in float32 (the export check could not fail)
 SMALL = {
     "vit_tiny_patch16_224": {},
     "swin_tiny_patch4_window7_224": {"img_size": 32, "window_size": 4, "embed_dim": 32, "depths": (2, 2),
                                      "num_heads": (2, 4)},
     "levit_128s": {"img_size": 32},
+    "eva02_tiny_patch14_224": {"img_size": 32, "patch_size": 16, "depth": 2, "embed_dim": 96},  # rope, SwiGLU
+    "edgenext_xx_small": {"depths": (1, 1, 1, 1), "ls_init_value": 1.0},  # XCA in stages 1-3
+    "beit_base_patch16_224": {"img_size": 32, "depth": 2, "embed_dim": 96, "num_heads": 3, "init_values": 1.0},
+    "swinv2_tiny_window16_256": {"img_size": 32, "window_size": 4, "embed_dim": 32, "depths": (2, 2),
+                                 "num_heads": (2, 4)},
+    "cait_xxs24_224": {"img_size": 32, "depth": 1, "depth_token_only": 2, "embed_dim": 96, "num_heads": 3,
+                       "init_values": 1.0},  # heads of the class-attention blocks (TalkingHeadAttn stays whole)
 }
+# the same models built another way: name -> (model, extra kwargs)
+VARIANTS = {"eva02_tiny_patch14_224-qkv_split": ("eva02_tiny_patch14_224", {"qkv_fused": False})}
 
 
 @pytest.fixture(autouse=True)
@@ -39,14 +52,24 @@ def _small_models(monkeypatch):
             monkeypatch.setitem(zoo_coverage.SMALLER, name, kwargs)
 
 
+def _model(case: str, monkeypatch) -> str:
+    """The timm name of a test case, with a variant's kwargs added to its SMALLER entry."""
+    name, extra = VARIANTS.get(case, (case, {}))
+    monkeypatch.setitem(zoo_coverage.SMALLER, name, {**SMALL[name], **extra})
+    return name
+
+
 def _heads_removed(removed: dict) -> dict:
     """Removed channels of head groups (named after their attention module)."""
-    return {name: heads for name, heads in removed.items() if name.endswith((".attn", ".attn_downsample"))}
+    return {name: heads for name, heads in removed.items() if name.endswith((".attn", ".attn_downsample", ".xca"))}
 
 
-@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", pytest.param("swin_tiny_patch4_window7_224"),
-                                  pytest.param("levit_128s", marks=pytest.mark.slow)])
-def test_removing_heads_while_training_equals_masking_them(name):
+@pytest.mark.parametrize("case", ["vit_tiny_patch16_224", pytest.param("swin_tiny_patch4_window7_224"),
+                                  pytest.param("levit_128s", marks=pytest.mark.slow), "eva02_tiny_patch14_224",
+                                  "eva02_tiny_patch14_224-qkv_split", "edgenext_xx_small", "beit_base_patch16_224",
+                                  "swinv2_tiny_window16_256", "cait_xxs24_224"])
+def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
+    name = _model(case, monkeypatch)
     with float64():
         result = compare(name, "adamw", channel_sparsity=0.6)
     assert result.refused is None and result.error is None, (result.refused, result.error)
@@ -57,9 +80,10 @@ def test_removing_heads_while_training_equals_masking_them(name):
     assert all(n >= 1 for n in head_counts(slim).values())  # at least one head stays in every block
 
 
-@pytest.mark.parametrize("name", list(SMALL))
-def test_slim_heads_export_reload_and_agree_on_fused_and_eager_attention(name, tmp_path, capsys):
-    row = zoo_coverage.check_model(name, prune_skip=False, channel_sparsity=0.6, keep_models=True)
+@pytest.mark.parametrize("case", [*SMALL, *VARIANTS])
+def test_slim_heads_export_reload_and_agree_on_fused_and_eager_attention(case, tmp_path, capsys, monkeypatch):
+    row = zoo_coverage.check_model(_model(case, monkeypatch), prune_skip=False, channel_sparsity=0.6,
+                                   keep_models=True)
     assert row["rel_diff"] <= 1e-4, row["rel_diff"]  # float32 export == masked training model
     chase, slim = row["chase"], row["slim"].eval()
     removed = _heads_removed(chase.removed_channels())
@@ -110,16 +134,60 @@ def test_swin_stages_shrink_with_prune_skip_exactly(tmp_path):
         torch.testing.assert_close(loaded(x), slim(x), rtol=0, atol=0)
 
 
-def test_heads_that_cannot_be_removed_exactly_are_left_whole_with_a_reason():
-    torch.manual_seed(0)
-    eva = timm.create_model("eva02_tiny_patch14_224", img_size=28, num_classes=10)
-    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10, scale_attn_norm=True)
-    for model, size, reason in [(eva, 28, "reshapes the heads' output back to the input width"),
-                                (vit, 32, "scale_norm (LayerNorm) normalises across all heads")]:
-        groups = {g.name: g for g in find_channel_groups(model, torch.randn(1, 3, size, size))}
-        heads = groups["blocks.0.attn"]
-        assert heads.width == 3 and not heads.prunable and reason in heads.reason, heads.reason
-        assert "blocks.0.attn.qkv" not in groups  # the head group owns the q/k/v rows
+LEFT_WHOLE = [  # (model, build kwargs on top of SMALL, module, reason)
+    ("vit_tiny_patch16_224", {"img_size": 32, "scale_attn_norm": True}, "blocks.0.attn",
+     "scale_norm (LayerNorm) normalises across all heads"),
+    ("eva02_tiny_patch14_224", {"scale_attn_inner": True}, "blocks.0.attn",
+     "scale_norm (LayerNorm) normalises across all heads"),
+    ("eva02_tiny_patch14_224", {"attn_type": "rope", "qkv_fused": False, "num_kv_heads": 1}, "blocks.0.attn",
+     "grouped-query attention: a k/v head serves several query heads"),
+    ("cait_xxs24_224", {}, "blocks.0.attn", "TalkingHeadAttn mixes heads before and after the softmax"),
+    ("beit_base_patch16_224", {"use_rel_pos_bias": False, "use_shared_rel_pos_bias": True}, "blocks.0.attn",
+     "shares BEiT's model-level relative position bias"),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, block, reason", LEFT_WHOLE)
+def test_heads_that_cannot_be_removed_exactly_are_left_whole_with_a_reason(name, kwargs, block, reason):
+    model = zoo_coverage.build(name, **kwargs)
+    groups = {g.name: g for g in find_channel_groups(model, torch.randn(1, 3, 32, 32))}
+    heads = groups[block]
+    assert heads.width == 3 and not heads.prunable and reason in heads.reason, heads.reason
+    assert f"{block}.qkv" not in groups and f"{block}.q_proj" not in groups  # the head group owns the q/k/v rows
+
+
+SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_224": beit.Attention,
+                "swinv2_tiny_window16_256": swin_transformer_v2.WindowAttention, "cait_xxs24_224": cait.ClassAttn,
+                "edgenext_xx_small": edgenext.CrossCovarianceAttn}
+
+
+def test_slim_forwards_are_timm_forwards_and_a_changed_timm_forward_gets_none():
+    # on an unshrunk model the slim subclass computes exactly what timm's class does, on both attention paths
+    for name, kind in SLIM_CLASSES.items():
+        model, x = zoo_coverage.build(name).eval(), torch.randn(2, 3, 32, 32)
+        modules = [m for m in model.modules() if type(m) is kind]
+        assert modules, name
+        with torch.no_grad():
+            expected = {fused: _with_fused(model, fused)(x) for fused in (True, False)}
+            for module in modules:
+                use_slim_forward(module)
+                assert type(module) is SLIM[kind] and isinstance(module, kind)
+            model = pickle.loads(pickle.dumps(model))  # a module-level class: pickles (and deep-copies)
+            for fused in (True, False):
+                torch.testing.assert_close(_with_fused(model, fused)(x), expected[fused], rtol=0, atol=0)
+        assert SLIM[kind].__module__ == "chase_timm.adapters.attention" and timm_class(SLIM[kind]) is kind
+    # each edit must match exactly as often as written, else no subclass (and the class's heads stay whole)
+    reason = slim_subclass(eva.EvaAttention, "Changed", [("reshape(B, N, C)", "reshape(B, N, -1)", 2)])
+    assert reason == ("has no slim forward: EvaAttention.forward holds 'reshape(B, N, C)' 1 times, not 2 "
+                      "(this timm changed it)")
+
+
+def _with_fused(model: torch.nn.Module, fused: bool) -> torch.nn.Module:
+    """``model`` with every attention module on the fused (SDPA) or the eager path."""
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused
+    return model
 
 
 def test_a_group_of_heads_counts_its_channels_in_the_budget():

@@ -1,0 +1,101 @@
+"""timm attention forwards that reshape the heads' output back to the *input* width, made to follow the heads left.
+
+``EvaAttention`` (EVA, EVA-02), BEiT's ``Attention``, Swin V2's ``WindowAttention``, CaiT's ``ClassAttn`` and
+EdgeNeXt's ``CrossCovarianceAttn`` end with ``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape`` (CaiT
+also splits heads with ``C // self.num_heads``), so a module that lost a head (or whose input stream lost a channel)
+no longer runs. Each gets a *slim* subclass whose ``forward`` is timm's own, compiled from timm's source with a
+short edit list (``reshape(B, N, C)`` -> ``reshape(B, N, -1)``, ...): the same computation, with the widths taken
+from the heads left. Every edit must match its expected number of times; when a timm release changed the forward
+and one does not, the class gets no slim subclass and :data:`REFUSED` says why (its heads then stay whole).
+
+Nothing in timm is patched: only a resized instance changes class (``module.__class__ = slim``, done by
+:func:`chase_timm.heads.refresh_heads`), to a subclass, so ``isinstance`` still holds, parameters (and optimizer
+state) are untouched and state_dict keys are unchanged. The subclasses are module-level names here, so deep
+copies, pickling and ``torch.compile`` see ordinary classes.
+"""
+from __future__ import annotations
+
+import inspect
+import linecache
+import textwrap
+from typing import Optional, Sequence
+
+import timm
+import torch.nn as nn
+from timm.models import beit, cait, edgenext, eva, swin_transformer_v2
+
+from . import require
+
+__all__ = ["check_version", "SLIM", "REFUSED", "slim_subclass", "use_slim_forward", "timm_class",
+           "SlimEvaAttention", "SlimBeitAttention", "SlimWindowAttentionV2", "SlimClassAttn",
+           "SlimCrossCovarianceAttn"]
+
+Edit = tuple[str, str, int]  # (timm's text, replacement, how many times it must occur)
+
+SLIM: dict[type, type] = {}  # timm class -> its slim subclass
+REFUSED: dict[type, str] = {}  # timm class -> why it has no slim subclass (timm changed its forward)
+
+
+def check_version(found: str = timm.__version__) -> None:
+    """ImportError (one line) unless ``found`` is a timm version this adapter was written for."""
+    require("timm", found)
+
+
+check_version()
+
+
+def slim_subclass(base: type, name: str, edits: Sequence[Edit]) -> type | str:
+    """A subclass of ``base`` named ``name`` (in this module) whose forward is ``base.forward`` with ``edits``
+    applied, or why there is none: an edit that does not occur exactly its count of times (timm changed the
+    forward), or a forward that is a closure or decorated (its source alone would not rebuild it)."""
+    forward = base.forward
+    source = textwrap.dedent(inspect.getsource(forward))
+    if forward.__code__.co_freevars or source.lstrip().startswith("@"):
+        return f"has no slim forward: {base.__qualname__}.forward is a closure or decorated"
+    for old, new, count in edits:
+        found = source.count(old)
+        if found != count:
+            return (f"has no slim forward: {base.__qualname__}.forward holds {old!r} {found} times, not {count} "
+                    "(this timm changed it)")
+        source = source.replace(old, new)
+    filename = f"<chase_timm slim forward of {base.__module__}.{base.__qualname__}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks show it
+    namespace: dict = {}
+    exec(compile(source, filename, "exec"), forward.__globals__, namespace)  # names resolve as in timm's module
+    slim_forward = namespace["forward"]
+    slim_forward.__qualname__, slim_forward.__module__ = f"{name}.forward", __name__
+    slim_forward.__doc__ = forward.__doc__
+    return type(name, (base,), {"forward": slim_forward, "__module__": __name__, "__qualname__": name,
+                                "__doc__": f"timm's {base.__qualname__} with its output width following its heads."})
+
+
+def _register(base: type, name: str, edits: Sequence[Edit]) -> Optional[type]:
+    """:func:`slim_subclass`, recorded in :data:`SLIM` or (its reason) :data:`REFUSED`."""
+    made = slim_subclass(base, name, edits)
+    if isinstance(made, str):
+        REFUSED[base] = made
+        return None
+    SLIM[base] = made
+    return made
+
+
+_TO_HEADS = ("reshape(B, N, C)", "reshape(B, N, -1)", 1)
+SlimEvaAttention = _register(eva.EvaAttention, "SlimEvaAttention", [_TO_HEADS])
+SlimBeitAttention = _register(beit.Attention, "SlimBeitAttention", [_TO_HEADS])
+SlimWindowAttentionV2 = _register(swin_transformer_v2.WindowAttention, "SlimWindowAttentionV2",
+                                  [("reshape(B_, N, C)", "reshape(B_, N, -1)", 1)])
+SlimClassAttn = _register(cait.ClassAttn, "SlimClassAttn",
+                          [("C // self.num_heads", "-1", 3), ("reshape(B, 1, C)", "reshape(B, 1, -1)", 1)])
+SlimCrossCovarianceAttn = _register(edgenext.CrossCovarianceAttn, "SlimCrossCovarianceAttn", [_TO_HEADS])
+
+
+def timm_class(kind: type) -> type:
+    """The timm class a slim subclass stands for (any other class as it is)."""
+    return next((base for base, slim in SLIM.items() if slim is kind), kind)
+
+
+def use_slim_forward(module: nn.Module) -> None:
+    """Switch ``module`` to its slim subclass (same parameters and buffers), if its class has one."""
+    slim = SLIM.get(type(module))
+    if slim is not None:
+        module.__class__ = slim
