@@ -495,6 +495,9 @@ def _channels_last(node: Any, limit: int = 64) -> bool:
         seen.add(n)
         if n.type in (ops.OPTYPE.CONV, ops.OPTYPE.DEPTHWISE_CONV, ops.OPTYPE.BN):
             return False
+        if _channels_to_last(n):
+            found = True  # an NCHW map made channels-last here (EdgeNeXt's tokens for its XCA)
+            continue
         if n.type == ops.OPTYPE.LN and "2d" in type(n.module).__name__.lower():
             return False  # timm's LayerNorm2d / RmsNorm2d normalise NCHW maps over dim 1
         if n.type in (ops.OPTYPE.LINEAR, ops.OPTYPE.LN):
@@ -502,6 +505,14 @@ def _channels_last(node: Any, limit: int = 64) -> bool:
         else:
             stack.extend(n.inputs)
     return found
+
+
+def _channels_to_last(node: Any) -> bool:
+    """A permute moving a (B, C, N) or (B, C, H, W) map's channel dim last."""
+    fn = getattr(node, "grad_fn", None)
+    order = saved_permutation(fn) if fn is not None else None
+    return order is not None and len(order) >= 3 and order[-1] == 1 and order[0] == 0 and \
+        list(order[1:-1]) == list(range(2, len(order)))
 
 
 def _map_channel_concat(node: Any) -> bool:
