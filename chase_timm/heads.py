@@ -40,7 +40,8 @@ _LEFT_WHOLE = {
     cait.TalkingHeadAttn: "mixes heads before and after the softmax (proj_l, proj_w), so a head is not separable",
     **REFUSED,
 }
-# modules whose input width is their attention width: the stream feeding them stays whole, and why
+# modules whose input width is their attention width when their class has no slim forward: the stream feeding
+# them stays whole too, and why
 _INPUT_TIED = {
     edgenext.CrossCovarianceAttn: "its channels feed EdgeNeXt's CrossCovarianceAttn, which takes its attention width "
                                   "from the input width (reshape(B, N, C)) and softmaxes over each head's channels, "
@@ -130,7 +131,8 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         _check(name, "q/k/v rows", q_rows, module.proj.in_features)
     elif kind is edgenext.CrossCovarianceAttn:
         module.num_heads = module.temperature.shape[0]
-        _heads(name, module.proj.in_features, module.proj.in_features // module.num_heads)
+        _check(name, "proj columns", module.proj.in_features,
+               module.proj.in_features // module.num_heads * module.num_heads)
         _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
     elif kind in (levit.Attention, levit.AttentionDownsample):
         heads = module.attention_biases.shape[0]
