@@ -486,29 +486,35 @@ def _map_channels_last_flatten(node: Any) -> None:
 
 def _channels_last(node: Any, limit: int = 64) -> bool:
     """Whether the tensor ``node`` reshapes comes from channels-last layers: the nearest layers upstream are
-    Linear layers or LayerNorms over the last dim (token and NHWC maps), none a convolution or BatchNorm."""
-    stack, seen, found = list(node.inputs), set(), False
+    Linear layers or LayerNorms over the last dim (token and NHWC maps), or a permute that moved a convolution's
+    channels last; none a convolution or BatchNorm."""
+    return _layout(node, limit) == "last"
+
+
+def _layout(node: Any, limit: int) -> Optional[str]:
+    """``"first"`` if the nearest layers upstream of ``node`` keep channels in dim 1 (a convolution, BatchNorm,
+    LayerNorm2d), ``"last"`` if they keep them in the last dim (Linear, LayerNorm), ``None`` if neither is found."""
+    stack, seen, found = list(node.inputs), set(), None
     while stack and len(seen) < limit:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
         if n.type in (ops.OPTYPE.CONV, ops.OPTYPE.DEPTHWISE_CONV, ops.OPTYPE.BN):
-            return False
-        if _channels_to_last(n):
-            found = True  # an NCHW map made channels-last here (EdgeNeXt's tokens for its XCA)
-            continue
+            return "first"
         if n.type == ops.OPTYPE.LN and "2d" in type(n.module).__name__.lower():
-            return False  # timm's LayerNorm2d / RmsNorm2d normalise NCHW maps over dim 1
-        if n.type in (ops.OPTYPE.LINEAR, ops.OPTYPE.LN):
-            found = True
+            return "first"  # timm's LayerNorm2d / RmsNorm2d normalise NCHW maps over dim 1
+        if _channels_to_last(n) and _layout(n, limit) == "first":
+            found = "last"  # a convolution's NCHW map made channels-last (EdgeNeXt's tokens for its XCA)
+        elif n.type in (ops.OPTYPE.LINEAR, ops.OPTYPE.LN):
+            found = "last"
         else:
             stack.extend(n.inputs)
     return found
 
 
 def _channels_to_last(node: Any) -> bool:
-    """A permute moving a (B, C, N) or (B, C, H, W) map's channel dim last."""
+    """A permute moving dim 1 of a (B, C, N) or (B, C, H, W) tensor last."""
     fn = getattr(node, "grad_fn", None)
     order = saved_permutation(fn) if fn is not None else None
     return order is not None and len(order) >= 3 and order[-1] == 1 and order[0] == 0 and \

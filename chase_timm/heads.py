@@ -26,16 +26,14 @@ import torch.nn as nn
 from timm.layers import Attention, AttentionRope
 from timm.models import beit, cait, edgenext, eva, levit, swin_transformer, swin_transformer_v2
 
-from .adapters.attention import REFUSED, timm_class, use_slim_forward
+from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
 
 __all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "refresh_heads", "head_counts", "qkv_as_modules"]
 
-# classes whose forward reshapes the heads' output to the input width: resizable through their slim subclass
-# (chase_timm.adapters.attention), left whole when this timm's forward did not match the subclass's edits
-_SLIM_FORWARD = (eva.EvaAttention, beit.Attention, swin_transformer_v2.WindowAttention, cait.ClassAttn,
-                 edgenext.CrossCovarianceAttn)
-_RESIZABLE = tuple(k for k in (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention,
-                               levit.AttentionDownsample, *_SLIM_FORWARD) if k not in REFUSED)
+# classes whose forward reshapes the heads' output to the input width are resizable through their slim subclass
+# (chase_timm.adapters.attention, SLIM) and left whole when this timm's forward did not match its edits (REFUSED)
+_RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention, levit.AttentionDownsample,
+              *SLIM)
 _LEFT_WHOLE = {
     cait.TalkingHeadAttn: "mixes heads before and after the softmax (proj_l, proj_w), so a head is not separable",
     **REFUSED,
@@ -95,8 +93,10 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
 
 
 def has_heads(module: nn.Module) -> bool:
-    """Whether ``module`` is an attention module whose heads can be removed (and :func:`refresh_heads` re-derives)."""
-    return timm_class(type(module)) in _RESIZABLE
+    """Whether ``module`` is an attention module :func:`refresh_heads` re-derives after a resize (or refuses: a
+    class this timm gives no slim forward)."""
+    kind = timm_class(type(module))
+    return kind in _RESIZABLE or kind in REFUSED
 
 
 def refresh_heads(module: nn.Module, name: str = "attention") -> None:
@@ -105,6 +105,9 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
     whose timm forward reshapes to the input width switches to its slim subclass (same tensors), whose output
     width follows the heads left."""
     kind = timm_class(type(module))
+    if kind in REFUSED:  # a width plan made where the class had a slim forward, replayed where it has none
+        raise ValueError(f"{name}: {kind.__name__} {REFUSED[kind]}, so it cannot run with the widths it was "
+                         "saved with; load it with the timm release it was saved with")
     if kind not in _RESIZABLE:
         return
     if kind in (Attention, AttentionRope, eva.EvaAttention):

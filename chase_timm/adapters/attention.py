@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import linecache
 import textwrap
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import timm
 import torch.nn as nn
@@ -44,24 +44,30 @@ def check_version(found: str = timm.__version__) -> None:
 check_version()
 
 
-def slim_subclass(base: type, name: str, edits: Sequence[Edit]) -> type | str:
+def slim_subclass(base: type, name: str, edits: Sequence[Edit]) -> Union[type, str]:
     """A subclass of ``base`` named ``name`` (in this module) whose forward is ``base.forward`` with ``edits``
-    applied, or why there is none: an edit that does not occur exactly its count of times (timm changed the
-    forward), or a forward that is a closure or decorated (its source alone would not rebuild it)."""
-    forward = base.forward
-    source = textwrap.dedent(inspect.getsource(forward))
+    applied, or why there is none: its source is unavailable (a timm installed without .py files), an edit does
+    not occur exactly its count of times (timm changed the forward), or the forward is a closure or decorated
+    (its source alone would not rebuild it)."""
+    forward, where = base.forward, f"{base.__module__}.{base.__qualname__}.forward"
+    try:
+        source = textwrap.dedent(inspect.getsource(forward))
+    except (OSError, TypeError) as err:
+        return f"has no slim forward: the source of {where} is unavailable ({err})"
     if forward.__code__.co_freevars or source.lstrip().startswith("@"):
-        return f"has no slim forward: {base.__qualname__}.forward is a closure or decorated"
+        return f"has no slim forward: {where} is a closure or decorated"
     for old, new, count in edits:
         found = source.count(old)
         if found != count:
-            return (f"has no slim forward: {base.__qualname__}.forward holds {old!r} {found} times, not {count} "
-                    "(this timm changed it)")
+            return f"has no slim forward: {where} holds {old!r} {found} times, not {count} (this timm changed it)"
         source = source.replace(old, new)
-    filename = f"<chase_timm slim forward of {base.__module__}.{base.__qualname__}>"
+    filename = f"<chase_timm slim forward of {where}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks show it
     namespace: dict = {}
-    exec(compile(source, filename, "exec"), forward.__globals__, namespace)  # names resolve as in timm's module
+    try:  # names resolve as in timm's module; no __future__ flags inherited from this file
+        exec(compile(source, filename, "exec", dont_inherit=True), forward.__globals__, namespace)
+    except SyntaxError as err:
+        return f"has no slim forward: {where} does not compile on its own ({err})"
     slim_forward = namespace["forward"]
     slim_forward.__qualname__, slim_forward.__module__ = f"{name}.forward", __name__
     slim_forward.__doc__ = forward.__doc__
