@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 
 import torch.nn as nn
 from timm.layers import Attention, AttentionRope
-from timm.models import beit, cait, edgenext, eva, levit, swin_transformer, swin_transformer_v2
+from timm.models import beit, cait, edgenext, eva, levit, swin_transformer, swin_transformer_v2, xcit
 
 from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
 
@@ -34,6 +34,7 @@ __all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "refresh_heads", "
 # (chase_timm.adapters.attention, SLIM) and left whole when this timm's forward did not match its edits (REFUSED)
 _RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention, levit.AttentionDownsample,
               *SLIM)
+_XCA = (edgenext.CrossCovarianceAttn, xcit.XCA)  # cross-covariance attention: one temperature per head
 _LEFT_WHOLE = {
     cait.TalkingHeadAttn: "mixes heads before and after the softmax (proj_l, proj_w), so a head is not separable",
     **REFUSED,
@@ -78,8 +79,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _left_whole(module, _LEFT_WHOLE[kind])
     if kind in (Attention, AttentionRope, eva.EvaAttention):
         return _timm_attention(module)
-    if kind in (swin_transformer.WindowAttention, swin_transformer_v2.WindowAttention):
-        return _swin(module)
+    if kind in (swin_transformer.WindowAttention, swin_transformer_v2.WindowAttention, *_XCA):
+        return _fused(module, module.proj.in_features // module.num_heads)
     if kind in (levit.Attention, levit.AttentionDownsample):
         return _levit(module)
     if kind is beit.Attention:
@@ -87,8 +88,6 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _fused(module, module.qkv.out_features // 3 // module.num_heads, _SHARED_BIAS if shared else "")
     if kind is cait.ClassAttn:
         return _class_attention(module)
-    if kind is edgenext.CrossCovarianceAttn:
-        return _fused(module, module.proj.in_features // module.num_heads)
     return None
 
 
@@ -132,7 +131,7 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         module.num_heads = _heads(name, module.proj.in_features, round(module.scale ** -2))
         q_rows = module.qkv.out_features // 3 if kind is beit.Attention else module.q.out_features
         _check(name, "q/k/v rows", q_rows, module.proj.in_features)
-    elif kind is edgenext.CrossCovarianceAttn:
+    elif kind in _XCA:
         module.num_heads = module.temperature.shape[0]
         _check(name, "proj columns", module.proj.in_features,
                module.proj.in_features // module.num_heads * module.num_heads)
@@ -229,7 +228,7 @@ def _timm_attention(module: nn.Module) -> HeadSpec:
 def _fused(module: nn.Module, hd: int, reason: str = "") -> HeadSpec:
     """A fused qkv (with its bias or separate q/k/v biases) and a projection, plus per-head tables: Swin's
     relative position bias column (V1) or logit scale and bias-MLP output row (V2), BEiT's relative position bias
-    column, EdgeNeXt's temperature."""
+    column, the temperature of EdgeNeXt's and XCiT's cross-covariance attention."""
     heads = module.num_heads
     slices = _linear_slices("qkv", module.qkv, _qkv_rows(heads, hd)) + _qkv_biases(module, heads, hd)
     slices.append(HeadSlice("proj.weight", 1, "consumer", _blocks(heads, hd)))
@@ -239,14 +238,9 @@ def _fused(module: nn.Module, hd: int, reason: str = "") -> HeadSpec:
     if isinstance(module, swin_transformer_v2.WindowAttention):
         slices += [HeadSlice("logit_scale", 0, "free", one),
                    HeadSlice(f"cpb_mlp.{len(module.cpb_mlp) - 1}.weight", 0, "free", one)]
-    if isinstance(module, edgenext.CrossCovarianceAttn):
+    if isinstance(module, _XCA):
         slices.append(HeadSlice("temperature", 0, "free", one))
     return HeadSpec(heads, hd, tuple(slices), reason)
-
-
-def _swin(module: nn.Module) -> HeadSpec:
-    """Swin V1/V2 WindowAttention: fused qkv, per-head bias tables (its reshapes use -1 in V1)."""
-    return _fused(module, module.proj.in_features // module.num_heads)
 
 
 def _class_attention(module: nn.Module) -> HeadSpec:

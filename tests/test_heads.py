@@ -23,7 +23,7 @@ from chase_timm.hub import slim_summary
 from chase_timm.slim import slice_in_place
 import zoo_coverage
 from shrink_equivalence import compare, float64
-from timm.models import beit, cait, edgenext, eva, swin_transformer_v2
+from timm.models import beit, cait, edgenext, eva, swin_transformer_v2, xcit
 
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
 # layer scales at 1 so no block's output vanishes under the shortcut in float32 (the export check could not fail)
@@ -39,6 +39,7 @@ SMALL = {
                                  "num_heads": (2, 4)},
     "cait_xxs24_224": {"img_size": 32, "depth": 1, "depth_token_only": 2, "embed_dim": 96, "num_heads": 3,
                        "init_values": 1.0},  # heads of the class-attention blocks (TalkingHeadAttn stays whole)
+    "xcit_nano_12_p16_224": {"img_size": 32, "depth": 2, "embed_dim": 96, "num_heads": 3, "eta": 1.0},  # XCA
 }
 # the same models built another way: name -> (model, extra kwargs)
 VARIANTS = {"eva02_tiny_patch14_224-qkv_split": ("eva02_tiny_patch14_224", {"qkv_fused": False})}
@@ -67,7 +68,7 @@ def _heads_removed(removed: dict) -> dict:
 @pytest.mark.parametrize("case", ["vit_tiny_patch16_224", pytest.param("swin_tiny_patch4_window7_224"),
                                   pytest.param("levit_128s", marks=pytest.mark.slow), "eva02_tiny_patch14_224",
                                   "eva02_tiny_patch14_224-qkv_split", "edgenext_xx_small", "beit_base_patch16_224",
-                                  "swinv2_tiny_window16_256", "cait_xxs24_224"])
+                                  "swinv2_tiny_window16_256", "cait_xxs24_224", "xcit_nano_12_p16_224"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     with float64():
@@ -84,12 +85,14 @@ def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
                                               ("eva02_tiny_patch14_224", True), ("swinv2_tiny_window16_256", True)])
 def test_slim_heads_export_reload_and_agree_on_fused_and_eager_attention(case, prune_skip, tmp_path, capsys,
                                                                           monkeypatch):
-    row = zoo_coverage.check_model(_model(case, monkeypatch), prune_skip=prune_skip, channel_sparsity=0.6,
-                                   keep_models=True)
+    name = _model(case, monkeypatch)
+    row = zoo_coverage.check_model(name, prune_skip=prune_skip, channel_sparsity=0.6, keep_models=True)
     assert row["rel_diff"] <= 1e-4, row["rel_diff"]  # float32 export == masked training model
     chase, slim = row["chase"], row["slim"].eval()
     removed = _heads_removed(chase.removed_channels())
     assert removed, "no attention head was removed"
+    if name in SLIM_CLASSES:  # the class this case is for lost heads (XCiT also has CaiT's class attention)
+        assert any(isinstance(chase.module.get_submodule(b), SLIM_CLASSES[name]) for b in removed), removed.keys()
     if prune_skip:  # the residual stream from the patch embedding shrinks too
         assert chase.removed_channels().get("patch_embed.proj"), chase.removed_channels().keys()
     base_heads, slim_heads = head_counts(chase.module), head_counts(slim)
@@ -162,7 +165,7 @@ def test_heads_that_cannot_be_removed_exactly_are_left_whole_with_a_reason(name,
 
 SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_224": beit.Attention,
                 "swinv2_tiny_window16_256": swin_transformer_v2.WindowAttention, "cait_xxs24_224": cait.ClassAttn,
-                "edgenext_xx_small": edgenext.CrossCovarianceAttn}
+                "edgenext_xx_small": edgenext.CrossCovarianceAttn, "xcit_nano_12_p16_224": xcit.XCA}
 
 
 def test_slim_forwards_are_timm_forwards_and_a_changed_timm_forward_gets_none():
