@@ -7,7 +7,7 @@ its projection columns are zero too, so the masked model computes what the model
 the fused ``scaled_dot_product_attention`` path and the eager path alike: ``head_dim`` does not change, so
 neither does the scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``).
 
-EVA, BEiT, Swin V2, CaiT's class attention and EdgeNeXt's cross-covariance attention reshape their heads' output
+EVA, BEiT, Swin V2, CaiT's class attention, PVT-v2 and EdgeNeXt's cross-covariance attention reshape their heads' output
 to the input width in timm's forward; a resized one switches to its slim subclass
 (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left).
 
@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 
 import torch.nn as nn
 from timm.layers import Attention, AttentionRope
-from timm.models import beit, cait, edgenext, eva, levit, swin_transformer, swin_transformer_v2, xcit
+from timm.models import beit, cait, edgenext, eva, levit, pvt_v2, swin_transformer, swin_transformer_v2, xcit
 
 from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
 
@@ -88,6 +88,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _fused(module, module.qkv.out_features // 3 // module.num_heads, _SHARED_BIAS if shared else "")
     if kind is cait.ClassAttn:
         return _class_attention(module)
+    if kind is pvt_v2.Attention:
+        return _q_kv(module, module.head_dim)
     return None
 
 
@@ -131,6 +133,10 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         module.num_heads = _heads(name, module.proj.in_features, round(module.scale ** -2))
         q_rows = module.qkv.out_features // 3 if kind is beit.Attention else module.q.out_features
         _check(name, "q/k/v rows", q_rows, module.proj.in_features)
+    elif kind is pvt_v2.Attention:  # dim: the input width (the key/value stream's sr conv reads it)
+        module.num_heads, module.dim = _heads(name, module.proj.in_features, module.head_dim), module.q.in_features
+        _check(name, "q rows", module.q.out_features, module.proj.in_features)
+        _check(name, "kv rows", module.kv.out_features, 2 * module.proj.in_features)
     elif kind in _XCA:
         module.num_heads = module.temperature.shape[0]
         _check(name, "proj columns", module.proj.in_features,
@@ -250,6 +256,17 @@ def _class_attention(module: nn.Module) -> HeadSpec:
     slices = [s for p in ("q", "k", "v") for s in _linear_slices(p, getattr(module, p), per_head)]
     slices.append(HeadSlice("proj.weight", 1, "consumer", per_head))
     return HeadSpec(heads, len(per_head[0]), tuple(slices))
+
+
+def _q_kv(module: nn.Module, hd: int) -> HeadSpec:
+    """PVT-v2's Attention: a q projection and a kv projection (k block, then v block) read from the key/value
+    input (after PVT-v2's spatial reduction conv and norm: the input stream, not heads)."""
+    heads = module.num_heads
+    per_head = _blocks(heads, hd)
+    kv = _cat(per_head, _blocks(heads, hd, heads * hd))
+    slices = _linear_slices("q", module.q, per_head) + _linear_slices("kv", module.kv, kv)
+    slices.append(HeadSlice("proj.weight", 1, "consumer", per_head))
+    return HeadSpec(heads, hd, tuple(slices))
 
 
 def _levit(module: nn.Module) -> HeadSpec:

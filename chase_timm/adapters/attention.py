@@ -1,7 +1,7 @@
 """timm attention forwards that reshape the heads' output back to the *input* width, made to follow the heads left.
 
-``EvaAttention`` (EVA, EVA-02), BEiT's ``Attention``, Swin V2's ``WindowAttention``, CaiT's ``ClassAttn`` and the
-cross-covariance attention of EdgeNeXt and XCiT end with ``x.transpose(1, 2).reshape(B, N, C)`` where
+``EvaAttention`` (EVA, EVA-02), BEiT's ``Attention``, Swin V2's ``WindowAttention``, CaiT's ``ClassAttn``, PVT-v2's
+``Attention`` and the cross-covariance attention of EdgeNeXt and XCiT end with ``x.transpose(1, 2).reshape(B, N, C)`` where
 ``B, N, C = x.shape`` (CaiT and XCiT also split heads with ``C // self.num_heads``), so a module that lost a head (or whose input stream lost a channel)
 no longer runs. Each gets a *slim* subclass whose ``forward`` is timm's own, compiled from timm's source with a
 short edit list (``reshape(B, N, C)`` -> ``reshape(B, N, -1)``, ...): the same computation, with the widths taken
@@ -22,13 +22,13 @@ from typing import Optional, Sequence, Union
 
 import timm
 import torch.nn as nn
-from timm.models import beit, cait, edgenext, eva, swin_transformer_v2, xcit
+from timm.models import beit, cait, edgenext, eva, pvt_v2, swin_transformer_v2, xcit
 
 from . import require
 
 __all__ = ["check_version", "SLIM", "REFUSED", "slim_subclass", "use_slim_forward", "timm_class",
            "SlimEvaAttention", "SlimBeitAttention", "SlimWindowAttentionV2", "SlimClassAttn",
-           "SlimCrossCovarianceAttn", "SlimXCA"]
+           "SlimCrossCovarianceAttn", "SlimXCA", "SlimPvtV2Attention"]
 
 Edit = tuple[str, str, int]  # (timm's text, replacement, how many times it must occur)
 
@@ -94,6 +94,7 @@ SlimClassAttn = _register(cait.ClassAttn, "SlimClassAttn",
                           [("C // self.num_heads", "-1", 3), ("reshape(B, 1, C)", "reshape(B, 1, -1)", 1)])
 SlimCrossCovarianceAttn = _register(edgenext.CrossCovarianceAttn, "SlimCrossCovarianceAttn", [_TO_HEADS])
 SlimXCA = _register(xcit.XCA, "SlimXCA", [("C // self.num_heads", "-1", 1), _TO_HEADS])
+SlimPvtV2Attention = _register(pvt_v2.Attention, "SlimPvtV2Attention", [_TO_HEADS])
 
 
 def timm_class(kind: type) -> type:
