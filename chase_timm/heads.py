@@ -7,8 +7,8 @@ its projection columns are zero too, so the masked model computes what the model
 the fused ``scaled_dot_product_attention`` path and the eager path alike: ``head_dim`` does not change, so
 neither does the scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``).
 
-EVA, BEiT, Swin V2, CaiT's class attention, PVT-v2 and EdgeNeXt's cross-covariance attention reshape their heads' output
-to the input width in timm's forward; a resized one switches to its slim subclass
+EVA, BEiT, Swin V2, CaiT's class attention, PVT-v2, Twins and EdgeNeXt's cross-covariance attention
+reshape their heads' output to the input width in timm's forward; a resized one switches to its slim subclass
 (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left).
 
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), and
@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 
 import torch.nn as nn
 from timm.layers import Attention, AttentionRope
-from timm.models import beit, cait, edgenext, eva, levit, pvt_v2, swin_transformer, swin_transformer_v2, xcit
+from timm.models import beit, cait, edgenext, eva, levit, pvt_v2, swin_transformer, swin_transformer_v2, twins, xcit
 
 from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
 
@@ -35,6 +35,7 @@ __all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "refresh_heads", "
 _RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention, levit.AttentionDownsample,
               *SLIM)
 _XCA = (edgenext.CrossCovarianceAttn, xcit.XCA)  # cross-covariance attention: one temperature per head
+_TWINS = (twins.GlobalSubSampleAttn, twins.LocallyGroupedAttn)
 _LEFT_WHOLE = {
     cait.TalkingHeadAttn: "mixes heads before and after the softmax (proj_l, proj_w), so a head is not separable",
     **REFUSED,
@@ -90,6 +91,10 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _class_attention(module)
     if kind is pvt_v2.Attention:
         return _q_kv(module, module.head_dim)
+    if kind is twins.GlobalSubSampleAttn:
+        return _q_kv(module, module.proj.in_features // module.num_heads)
+    if kind is twins.LocallyGroupedAttn:
+        return _fused(module, module.proj.in_features // module.num_heads)
     return None
 
 
@@ -129,12 +134,16 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         module.num_heads, module.dim = module.logit_scale.shape[0], module.qkv.in_features
         _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
         _check(name, "relative position bias rows", _rows(module.cpb_mlp[-1]), module.num_heads)
-    elif kind in (beit.Attention, cait.ClassAttn):  # head_dim is only kept as the scale, head_dim ** -0.5
+    elif kind in (beit.Attention, cait.ClassAttn, *_TWINS):  # head_dim is only kept as the scale, head_dim ** -0.5
         module.num_heads = _heads(name, module.proj.in_features, round(module.scale ** -2))
-        q_rows = module.qkv.out_features // 3 if kind is beit.Attention else module.q.out_features
+        q_rows = module.qkv.out_features // 3 if hasattr(module, "qkv") else module.q.out_features
         _check(name, "q/k/v rows", q_rows, module.proj.in_features)
-    elif kind is pvt_v2.Attention:  # dim: the input width (the key/value stream's sr conv reads it)
-        module.num_heads, module.dim = _heads(name, module.proj.in_features, module.head_dim), module.q.in_features
+        if kind in _TWINS:  # dim: the input width
+            module.dim = module.proj.out_features
+        if kind is twins.GlobalSubSampleAttn:
+            _check(name, "kv rows", module.kv.out_features, 2 * module.proj.in_features)
+    elif kind is pvt_v2.Attention:  # dim: the input width
+        module.num_heads, module.dim = _heads(name, module.proj.in_features, module.head_dim), module.proj.out_features
         _check(name, "q rows", module.q.out_features, module.proj.in_features)
         _check(name, "kv rows", module.kv.out_features, 2 * module.proj.in_features)
     elif kind in _XCA:
@@ -234,7 +243,7 @@ def _timm_attention(module: nn.Module) -> HeadSpec:
 def _fused(module: nn.Module, hd: int, reason: str = "") -> HeadSpec:
     """A fused qkv (with its bias or separate q/k/v biases) and a projection, plus per-head tables: Swin's
     relative position bias column (V1) or logit scale and bias-MLP output row (V2), BEiT's relative position bias
-    column, the temperature of EdgeNeXt's and XCiT's cross-covariance attention."""
+    column, the temperature of EdgeNeXt's and XCiT's cross-covariance attention (Twins' LocallyGroupedAttn: none)."""
     heads = module.num_heads
     slices = _linear_slices("qkv", module.qkv, _qkv_rows(heads, hd)) + _qkv_biases(module, heads, hd)
     slices.append(HeadSlice("proj.weight", 1, "consumer", _blocks(heads, hd)))
@@ -259,8 +268,9 @@ def _class_attention(module: nn.Module) -> HeadSpec:
 
 
 def _q_kv(module: nn.Module, hd: int) -> HeadSpec:
-    """PVT-v2's Attention: a q projection and a kv projection (k block, then v block) read from the key/value
-    input (after PVT-v2's spatial reduction conv and norm: the input stream, not heads)."""
+    """PVT-v2's Attention and Twins' GlobalSubSampleAttn: a q projection and a kv projection (k block, then v
+    block) that reads the key/value input (after the spatial reduction conv and norm: the input stream, not
+    heads)."""
     heads = module.num_heads
     per_head = _blocks(heads, hd)
     kv = _cat(per_head, _blocks(heads, hd, heads * hd))

@@ -23,7 +23,7 @@ from chase_timm.hub import slim_summary
 from chase_timm.slim import slice_in_place
 import zoo_coverage
 from shrink_equivalence import compare, float64
-from timm.models import beit, cait, edgenext, eva, pvt_v2, swin_transformer_v2, xcit
+from timm.models import beit, cait, edgenext, eva, pvt_v2, swin_transformer_v2, twins, xcit
 
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
 # layer scales at 1 so no block's output vanishes under the shortcut in float32 (the export check could not fail)
@@ -40,8 +40,14 @@ SMALL = {
     "cait_xxs24_224": {"img_size": 32, "depth": 1, "depth_token_only": 2, "embed_dim": 96, "num_heads": 3,
                        "init_values": 1.0},  # heads of the class-attention blocks (TalkingHeadAttn stays whole)
     "xcit_nano_12_p16_224": {"img_size": 32, "depth": 2, "embed_dim": 96, "num_heads": 3, "eta": 1.0},  # XCA
-    "pvt_v2_b0": {"depths": (1, 1, 1, 1), "embed_dims": (32, 64, 96, 128), "num_heads": (1, 2, 3, 4),
-                  "mlp_ratios": (2, 2, 2, 2)},  # spatial reduction (sr conv + norm) on stages 0-2
+    "pvt_v2_b0": {"depths": (1, 1, 1), "embed_dims": (32, 64, 96), "num_heads": (2, 2, 3), "sr_ratios": (4, 2, 1),
+                  "mlp_ratios": (2, 2, 2)},  # spatial reduction (sr conv + norm) on stages 0-1
+    # Twins-SVT: locally grouped (windows of 4 on 8x8 and 4x4 maps) and global sub-sampled attention alternate;
+    # Twins-PCPVT: global sub-sampled attention only (sr on stage 0)
+    "twins_svt_small": {"img_size": 32, "embed_dims": (32, 64), "depths": (2, 2), "num_heads": (2, 4),
+                        "wss": (4, 4), "sr_ratios": (4, 2), "mlp_ratios": (2, 2)},
+    "twins_pcpvt_small": {"img_size": 32, "embed_dims": (32, 64), "depths": (1, 1), "num_heads": (2, 4),
+                          "sr_ratios": (4, 1), "mlp_ratios": (2, 2)},
 }
 # the same models built another way: name -> (model, extra kwargs)
 VARIANTS = {"eva02_tiny_patch14_224-qkv_split": ("eva02_tiny_patch14_224", {"qkv_fused": False})}
@@ -71,7 +77,7 @@ def _heads_removed(removed: dict) -> dict:
                                   pytest.param("levit_128s", marks=pytest.mark.slow), "eva02_tiny_patch14_224",
                                   "eva02_tiny_patch14_224-qkv_split", "edgenext_xx_small", "beit_base_patch16_224",
                                   "swinv2_tiny_window16_256", "cait_xxs24_224", "xcit_nano_12_p16_224",
-                                  "pvt_v2_b0"])
+                                  "pvt_v2_b0", "twins_svt_small"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     with float64():
@@ -169,7 +175,8 @@ def test_heads_that_cannot_be_removed_exactly_are_left_whole_with_a_reason(name,
 SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_224": beit.Attention,
                 "swinv2_tiny_window16_256": swin_transformer_v2.WindowAttention, "cait_xxs24_224": cait.ClassAttn,
                 "edgenext_xx_small": edgenext.CrossCovarianceAttn, "xcit_nano_12_p16_224": xcit.XCA,
-                "pvt_v2_b0": pvt_v2.Attention}
+                "pvt_v2_b0": pvt_v2.Attention, "twins_svt_small": twins.LocallyGroupedAttn,
+                "twins_pcpvt_small": twins.GlobalSubSampleAttn}
 
 
 def test_slim_forwards_are_timm_forwards_and_a_changed_timm_forward_gets_none():

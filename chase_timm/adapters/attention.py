@@ -1,10 +1,11 @@
 """timm attention forwards that reshape the heads' output back to the *input* width, made to follow the heads left.
 
 ``EvaAttention`` (EVA, EVA-02), BEiT's ``Attention``, Swin V2's ``WindowAttention``, CaiT's ``ClassAttn``, PVT-v2's
-``Attention`` and the cross-covariance attention of EdgeNeXt and XCiT end with ``x.transpose(1, 2).reshape(B, N, C)`` where
-``B, N, C = x.shape`` (CaiT and XCiT also split heads with ``C // self.num_heads``), so a module that lost a head (or whose input stream lost a channel)
-no longer runs. Each gets a *slim* subclass whose ``forward`` is timm's own, compiled from timm's source with a
-short edit list (``reshape(B, N, C)`` -> ``reshape(B, N, -1)``, ...): the same computation, with the widths taken
+``Attention``, Twins' ``GlobalSubSampleAttn`` and ``LocallyGroupedAttn`` and the cross-covariance attention of
+EdgeNeXt and XCiT end with ``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape`` (CaiT, XCiT and
+Twins also split heads with ``C // self.num_heads``), so a module that lost a head (or whose input stream lost a
+channel) no longer runs. Each gets a *slim* subclass whose ``forward`` is timm's own, compiled from timm's source
+with a short edit list (``reshape(B, N, C)`` -> ``reshape(B, N, -1)``, ...): the same computation, with the widths taken
 from the heads left. Every edit must match its expected number of times; when a timm release changed the forward
 and one does not, the class gets no slim subclass and :data:`REFUSED` says why (its heads then stay whole).
 
@@ -22,13 +23,14 @@ from typing import Optional, Sequence, Union
 
 import timm
 import torch.nn as nn
-from timm.models import beit, cait, edgenext, eva, pvt_v2, swin_transformer_v2, xcit
+from timm.models import beit, cait, edgenext, eva, pvt_v2, swin_transformer_v2, twins, xcit
 
 from . import require
 
 __all__ = ["check_version", "SLIM", "REFUSED", "slim_subclass", "use_slim_forward", "timm_class",
            "SlimEvaAttention", "SlimBeitAttention", "SlimWindowAttentionV2", "SlimClassAttn",
-           "SlimCrossCovarianceAttn", "SlimXCA", "SlimPvtV2Attention"]
+           "SlimCrossCovarianceAttn", "SlimXCA", "SlimPvtV2Attention",
+           "SlimGlobalSubSampleAttn", "SlimLocallyGroupedAttn"]
 
 Edit = tuple[str, str, int]  # (timm's text, replacement, how many times it must occur)
 
@@ -95,6 +97,12 @@ SlimClassAttn = _register(cait.ClassAttn, "SlimClassAttn",
 SlimCrossCovarianceAttn = _register(edgenext.CrossCovarianceAttn, "SlimCrossCovarianceAttn", [_TO_HEADS])
 SlimXCA = _register(xcit.XCA, "SlimXCA", [("C // self.num_heads", "-1", 1), _TO_HEADS])
 SlimPvtV2Attention = _register(pvt_v2.Attention, "SlimPvtV2Attention", [_TO_HEADS])
+# Twins split heads with C // self.num_heads, C being the input width (the kv split already has a -1)
+SlimGlobalSubSampleAttn = _register(twins.GlobalSubSampleAttn, "SlimGlobalSubSampleAttn",
+                                    [("C // self.num_heads", "self.proj.in_features // self.num_heads", 2), _TO_HEADS])
+SlimLocallyGroupedAttn = _register(twins.LocallyGroupedAttn, "SlimLocallyGroupedAttn",
+                                   [("C // self.num_heads", "-1", 1), ("self.ws, self.ws, C)", "self.ws, self.ws, -1)",
+                                    1), ("_w * self.ws, C)", "_w * self.ws, -1)", 1), _TO_HEADS])
 
 
 def timm_class(kind: type) -> type:
