@@ -7,7 +7,7 @@ its projection columns are zero too, so the masked model computes what the model
 the fused ``scaled_dot_product_attention`` path and the eager path alike: ``head_dim`` does not change, so
 neither does the scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``).
 
-EVA, BEiT, Swin V2, CaiT's class attention, PVT-v2, Twins and EdgeNeXt's cross-covariance attention
+EVA, BEiT, Swin V2, CaiT's class attention, PVT-v2, Twins and the cross-covariance attention of EdgeNeXt and XCiT
 reshape their heads' output to the input width in timm's forward; a resized one switches to its slim subclass
 (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left).
 
