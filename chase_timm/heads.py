@@ -80,21 +80,17 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _left_whole(module, _LEFT_WHOLE[kind])
     if kind in (Attention, AttentionRope, eva.EvaAttention):
         return _timm_attention(module)
-    if kind in (swin_transformer.WindowAttention, swin_transformer_v2.WindowAttention, *_XCA):
-        return _fused(module, module.proj.in_features // module.num_heads)
+    if kind in (swin_transformer.WindowAttention, swin_transformer_v2.WindowAttention, beit.Attention,
+                twins.LocallyGroupedAttn, *_XCA):  # one fused qkv
+        shared = kind is beit.Attention and model is not None and any(
+            isinstance(m, beit.RelativePositionBias) for m in model.modules())
+        return _fused(module, module.proj.in_features // module.num_heads, _SHARED_BIAS if shared else "")
+    if kind in (pvt_v2.Attention, twins.GlobalSubSampleAttn):  # q and kv
+        return _q_kv(module, module.proj.in_features // module.num_heads)
     if kind in (levit.Attention, levit.AttentionDownsample):
         return _levit(module)
-    if kind is beit.Attention:
-        shared = model is not None and any(isinstance(m, beit.RelativePositionBias) for m in model.modules())
-        return _fused(module, module.qkv.out_features // 3 // module.num_heads, _SHARED_BIAS if shared else "")
     if kind is cait.ClassAttn:
         return _class_attention(module)
-    if kind is pvt_v2.Attention:
-        return _q_kv(module, module.head_dim)
-    if kind is twins.GlobalSubSampleAttn:
-        return _q_kv(module, module.proj.in_features // module.num_heads)
-    if kind is twins.LocallyGroupedAttn:
-        return _fused(module, module.proj.in_features // module.num_heads)
     return None
 
 

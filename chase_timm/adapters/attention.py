@@ -105,9 +105,12 @@ SlimLocallyGroupedAttn = _register(twins.LocallyGroupedAttn, "SlimLocallyGrouped
                                     1), ("_w * self.ws, C)", "_w * self.ws, -1)", 1), _TO_HEADS])
 
 
+_BASE = {slim: base for base, slim in SLIM.items()}
+
+
 def timm_class(kind: type) -> type:
     """The timm class a slim subclass stands for (any other class as it is)."""
-    return next((base for base, slim in SLIM.items() if slim is kind), kind)
+    return _BASE.get(kind, kind)
 
 
 def use_slim_forward(module: nn.Module) -> None:
