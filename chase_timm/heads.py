@@ -24,7 +24,8 @@ from typing import Iterator, Optional
 
 import torch.nn as nn
 from timm.layers import Attention, AttentionRope
-from timm.models import beit, cait, edgenext, eva, levit, pvt_v2, swin_transformer, swin_transformer_v2, twins, xcit
+from timm.models import (beit, cait, davit, edgenext, eva, levit, pvt_v2, swin_transformer, swin_transformer_v2,
+                         tiny_vit, twins, vision_transformer_sam as sam, xcit)
 
 from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
 
@@ -33,9 +34,11 @@ __all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "refresh_heads", "
 # classes whose forward reshapes the heads' output to the input width are resizable through their slim subclass
 # (chase_timm.adapters.attention, SLIM) and left whole when this timm's forward did not match its edits (REFUSED)
 _RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention, levit.AttentionDownsample,
-              *SLIM)
+              tiny_vit.Attention, sam.Attention, *SLIM)
 _XCA = (edgenext.CrossCovarianceAttn, xcit.XCA)  # cross-covariance attention: one temperature per head
 _TWINS = (twins.GlobalSubSampleAttn, twins.LocallyGroupedAttn)
+_DAVIT = (davit.ChannelAttention, davit.WindowAttention)
+_LEVIT = (levit.Attention, levit.AttentionDownsample, tiny_vit.Attention)  # q, k, v interleaved per head
 _LEFT_WHOLE = {
     cait.TalkingHeadAttn: "mixes heads before and after the softmax (proj_l, proj_w), so a head is not separable",
     **REFUSED,
@@ -81,13 +84,13 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
     if kind in (Attention, AttentionRope, eva.EvaAttention):
         return _timm_attention(module)
     if kind in (swin_transformer.WindowAttention, swin_transformer_v2.WindowAttention, beit.Attention,
-                twins.LocallyGroupedAttn, *_XCA):  # one fused qkv
+                twins.LocallyGroupedAttn, sam.Attention, *_DAVIT, *_XCA):  # one fused qkv
         shared = kind is beit.Attention and model is not None and any(
             isinstance(m, beit.RelativePositionBias) for m in model.modules())
         return _fused(module, module.proj.in_features // module.num_heads, _SHARED_BIAS if shared else "")
     if kind in (pvt_v2.Attention, twins.GlobalSubSampleAttn):  # q and kv
         return _q_kv(module, module.proj.in_features // module.num_heads)
-    if kind in (levit.Attention, levit.AttentionDownsample):
+    if kind in _LEVIT:
         return _levit(module)
     if kind is cait.ClassAttn:
         return _class_attention(module)
@@ -130,14 +133,17 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         module.num_heads, module.dim = module.logit_scale.shape[0], module.qkv.in_features
         _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
         _check(name, "relative position bias rows", _rows(module.cpb_mlp[-1]), module.num_heads)
-    elif kind in (beit.Attention, cait.ClassAttn, *_TWINS):  # head_dim is only kept as the scale, head_dim ** -0.5
+    elif kind in (beit.Attention, cait.ClassAttn, *_TWINS, *_DAVIT):  # head_dim only kept as the scale, hd ** -0.5
         module.num_heads = _heads(name, module.proj.in_features, round(module.scale ** -2))
         q_rows = module.qkv.out_features // 3 if hasattr(module, "qkv") else module.q.out_features
         _check(name, "q/k/v rows", q_rows, module.proj.in_features)
-        if kind in _TWINS:  # dim: the input width
+        if kind in (*_TWINS, davit.WindowAttention):  # dim: the input width
             module.dim = module.proj.out_features
         if kind is twins.GlobalSubSampleAttn:
             _check(name, "kv rows", module.kv.out_features, 2 * module.proj.in_features)
+    elif kind is sam.Attention:
+        module.num_heads = _heads(name, module.proj.in_features, module.head_dim)
+        _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
     elif kind is pvt_v2.Attention:  # dim: the input width
         module.num_heads, module.dim = _heads(name, module.proj.in_features, module.head_dim), module.proj.out_features
         _check(name, "q rows", module.q.out_features, module.proj.in_features)
@@ -147,15 +153,20 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         _check(name, "proj columns", module.proj.in_features,
                module.proj.in_features // module.num_heads * module.num_heads)
         _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
-    elif kind in (levit.Attention, levit.AttentionDownsample):
+    elif kind in _LEVIT:
         heads = module.attention_biases.shape[0]
         module.num_heads = heads
-        module.key_attn_dim, module.val_attn_dim = module.key_dim * heads, module.val_dim * heads
         module.attention_bias_cache = {}  # eval-mode cache of the old (num_heads, N, N) biases
-        qkv = module.qkv if kind is levit.Attention else module.kv
-        per_head = module.val_dim + module.key_dim * (2 if kind is levit.Attention else 1)
-        _check(name, "qkv rows", _rows(qkv.linear), heads * per_head)
-        _check(name, "proj columns", _columns(module.proj.ln.linear), module.val_attn_dim)
+        per_head = module.val_dim + module.key_dim * (1 if kind is levit.AttentionDownsample else 2)
+        if kind is tiny_vit.Attention:  # plain Linears; out_dim: the heads' output width
+            module.out_dim = module.val_dim * heads
+            qkv, proj = module.qkv, module.proj
+        else:
+            module.key_attn_dim, module.val_attn_dim = module.key_dim * heads, module.val_dim * heads
+            qkv = (module.qkv if kind is levit.Attention else module.kv).linear
+            proj = module.proj.ln.linear
+        _check(name, "qkv rows", _rows(qkv), heads * per_head)
+        _check(name, "proj columns", _columns(proj), module.val_dim * heads)
     use_slim_forward(module)
 
 
@@ -276,16 +287,21 @@ def _q_kv(module: nn.Module, hd: int) -> HeadSpec:
 
 
 def _levit(module: nn.Module) -> HeadSpec:
-    """LeViT Attention / AttentionDownsample: q, k, v interleaved per head in one LinearNorm/ConvNorm (with its
-    BatchNorm), one attention-bias row per head; the projection's input passes an activation with act(0) = 0."""
+    """LeViT Attention / AttentionDownsample and TinyViT's Attention: q, k, v interleaved per head, one
+    attention-bias row per head. LeViT: one LinearNorm/ConvNorm (with its BatchNorm) and an activation with
+    act(0) = 0 before the projection; TinyViT: a plain qkv Linear (with bias) and projection."""
     heads, kd, vd = module.num_heads, module.key_dim, module.val_dim
-    if type(module) is levit.Attention:
-        qkv = _blocks(heads, 2 * kd + vd)
-        slices = _norm_linear("qkv", qkv)
+    kind = timm_class(type(module))
+    bias = HeadSlice("attention_biases", 0, "free", _blocks(heads, 1))
+    if kind is tiny_vit.Attention:
+        slices = _linear_slices("qkv", module.qkv, _blocks(heads, 2 * kd + vd))
+        slices += [HeadSlice("proj.weight", 1, "consumer", _blocks(heads, vd)), bias]
+        return HeadSpec(heads, vd, tuple(slices))
+    if kind is levit.Attention:
+        slices = _norm_linear("qkv", _blocks(heads, 2 * kd + vd))
     else:
         slices = _norm_linear("kv", _blocks(heads, kd + vd)) + _norm_linear("q.ln", _blocks(heads, kd))
-    slices += [HeadSlice("proj.ln.linear.weight", 1, "consumer", _blocks(heads, vd)),
-               HeadSlice("attention_biases", 0, "free", _blocks(heads, 1))]
+    slices += [HeadSlice("proj.ln.linear.weight", 1, "consumer", _blocks(heads, vd)), bias]
     reason = "" if _acts_keep_zero(module.proj.act) else (
         f"the projection's {type(module.proj.act).__name__} does not map 0 to 0")
     return HeadSpec(heads, vd, tuple(slices), reason)
