@@ -1,14 +1,15 @@
 """Attention heads as channel groups: which tensor positions belong to each head of timm's attention modules.
 
 A head is removed whole: its q, k and v rows (with biases and per-row norms), the output projection's columns,
-per-head tables (Swin's relative position bias column, LeViT's attention-bias row) and gate rows. Zeroing a
-head's v rows (and v bias) makes its attention output exactly zero whatever q and k (and q_norm / k_norm) do, and
-its projection columns are zero too, so the masked model computes what the model without the head computes, on
-the fused ``scaled_dot_product_attention`` path and the eager path alike: ``head_dim`` does not change, so
-neither does the scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``).
+per-head tables (Swin's relative position bias column, LeViT's and TinyViT's attention-bias row) and gate rows.
+Zeroing a head's v rows (and v bias) makes its attention output exactly zero whatever q and k (and q_norm /
+k_norm) do (DaViT's channel attention, ``softmax(k^T v) q^T``: its q rows), and its projection columns are zero
+too, so the masked model computes what the model without the head computes, on the fused
+``scaled_dot_product_attention`` path and the eager path alike: ``head_dim`` does not change, so neither does the
+scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``).
 
-EVA, BEiT, Swin V2, CaiT's class attention, PVT-v2, Twins and the cross-covariance attention of EdgeNeXt and XCiT
-reshape their heads' output to the input width in timm's forward; a resized one switches to its slim subclass
+EVA, BEiT, Swin V2, CaiT's class attention, PVT-v2, Twins, DaViT and the cross-covariance attention of EdgeNeXt and
+XCiT reshape their heads' output to the input width in timm's forward; a resized one switches to its slim subclass
 (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left).
 
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), and
@@ -250,7 +251,8 @@ def _timm_attention(module: nn.Module) -> HeadSpec:
 def _fused(module: nn.Module, hd: int, reason: str = "") -> HeadSpec:
     """A fused qkv (with its bias or separate q/k/v biases) and a projection, plus per-head tables: Swin's
     relative position bias column (V1) or logit scale and bias-MLP output row (V2), BEiT's relative position bias
-    column, the temperature of EdgeNeXt's and XCiT's cross-covariance attention (Twins' LocallyGroupedAttn: none)."""
+    column, the temperature of EdgeNeXt's and XCiT's cross-covariance attention (Twins' LocallyGroupedAttn, DaViT's
+    two classes: none; SAM's rel_pos_h / rel_pos_w are (positions, head_dim), read by every head: they stay)."""
     heads = module.num_heads
     slices = _linear_slices("qkv", module.qkv, _qkv_rows(heads, hd)) + _qkv_biases(module, heads, hd)
     slices.append(HeadSlice("proj.weight", 1, "consumer", _blocks(heads, hd)))
