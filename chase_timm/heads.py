@@ -85,10 +85,10 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
     if kind in (Attention, AttentionRope, eva.EvaAttention):
         return _timm_attention(module)
     if kind in (swin_transformer.WindowAttention, swin_transformer_v2.WindowAttention, beit.Attention,
-                twins.LocallyGroupedAttn, sam.Attention, *_DAVIT, *_XCA):  # one fused qkv
+                twins.LocallyGroupedAttn, sam.Attention, davit.ChannelAttentionV2, *_DAVIT, *_XCA):  # one fused qkv
         shared = kind is beit.Attention and model is not None and any(
             isinstance(m, beit.RelativePositionBias) for m in model.modules())
-        return _fused(module, module.proj.in_features // module.num_heads, _SHARED_BIAS if shared else "")
+        return _fused(module, module.proj.in_features // _num_heads(module), _SHARED_BIAS if shared else "")
     if kind in (pvt_v2.Attention, twins.GlobalSubSampleAttn):  # q and kv
         return _q_kv(module, module.proj.in_features // module.num_heads)
     if kind in _LEVIT:
@@ -134,6 +134,9 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         module.num_heads, module.dim = module.logit_scale.shape[0], module.qkv.in_features
         _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
         _check(name, "relative position bias rows", _rows(module.cpb_mlp[-1]), module.num_heads)
+    elif kind is davit.ChannelAttentionV2:  # its heads: groups
+        module.groups = _heads(name, module.proj.in_features, module.head_dim)
+        _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
     elif kind in (beit.Attention, cait.ClassAttn, *_TWINS, *_DAVIT):  # head_dim only kept as the scale, hd ** -0.5
         module.num_heads = _heads(name, module.proj.in_features, round(module.scale ** -2))
         q_rows = module.qkv.out_features // 3 if hasattr(module, "qkv") else module.q.out_features
@@ -173,7 +176,7 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
 
 def head_counts(model: nn.Module) -> dict[str, int]:
     """``num_heads`` of every attention module :func:`head_spec` knows, by module name (e.g. heads left per block)."""
-    return {name: int(m.num_heads) for name, m in model.named_modules() if head_spec(m) is not None}
+    return {name: _num_heads(m) for name, m in model.named_modules() if head_spec(m) is not None}
 
 
 @contextmanager
@@ -253,7 +256,7 @@ def _fused(module: nn.Module, hd: int, reason: str = "") -> HeadSpec:
     relative position bias column (V1) or logit scale and bias-MLP output row (V2), BEiT's relative position bias
     column, the temperature of EdgeNeXt's and XCiT's cross-covariance attention (Twins' LocallyGroupedAttn, DaViT's
     two classes: none; SAM's rel_pos_h / rel_pos_w are (positions, head_dim), read by every head: they stay)."""
-    heads = module.num_heads
+    heads = _num_heads(module)
     slices = _linear_slices("qkv", module.qkv, _qkv_rows(heads, hd)) + _qkv_biases(module, heads, hd)
     slices.append(HeadSlice("proj.weight", 1, "consumer", _blocks(heads, hd)))
     one = _blocks(heads, 1)
@@ -321,7 +324,7 @@ def _acts_keep_zero(act: nn.Module) -> bool:
 
 def _left_whole(module: nn.Module, reason: str) -> HeadSpec:
     """A module whose heads stay: its q/k/v producer rows, so its group is reported with this reason."""
-    heads = module.num_heads
+    heads = _num_heads(module)
     qkv = getattr(module, "qkv", None)
     if isinstance(qkv, nn.Linear):
         hd = qkv.out_features // 3 // heads
@@ -336,6 +339,11 @@ def _left_whole(module: nn.Module, reason: str) -> HeadSpec:
 
 
 # ------------------------------------------------------------------------------------------------ checks
+
+def _num_heads(module: nn.Module) -> int:
+    """An attention module's head count (DaViT's ChannelAttentionV2 calls it ``groups``)."""
+    return int(module.groups if timm_class(type(module)) is davit.ChannelAttentionV2 else module.num_heads)
+
 
 def _rows(layer: nn.Module) -> int:
     return layer.weight.shape[0]

@@ -52,15 +52,15 @@ SMALL = {
     # TinyViT: LeViT-like heads (q, k, v interleaved, attention_biases) on windows of 2 over a 4x4 map, then 2x2, 1x1
     "tiny_vit_5m_224": {"embed_dims": (32, 48, 64, 96), "depths": (1, 1, 1, 1), "num_heads": (2, 3, 4, 3),
                         "window_sizes": (4, 2, 2, 1), "mlp_ratio": 2.0},
-    # DaViT: spatial window attention (windows of 4: 8x8 and 4x4 maps, then padded 2x2 and 1x1) and channel attention
-    "davit_tiny": {"depths": (1, 1, 1, 1), "embed_dims": (32, 48, 64, 96), "num_heads": (2, 3, 4, 3),
-                   "window_size": 4, "mlp_ratio": 2},
+    # DaViT: spatial window attention (windows of 3 on 8x8 and 4x4 maps: padded) and channel attention
+    "davit_tiny": {"depths": (1, 1), "embed_dims": (32, 48), "num_heads": (2, 3), "window_size": 3, "mlp_ratio": 2},
     # SAM ViT: windows of 2 on a 4x4 map, then global attention; decomposed relative positions shared by the heads
     "samvit_base_patch16_224": {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 96, "num_heads": 3,
                                 "window_size": 2, "global_attn_indexes": (1,), "mlp_ratio": 2.0},
 }
 # the same models built another way: name -> (model, extra kwargs)
 VARIANTS = {"eva02_tiny_patch14_224-qkv_split": ("eva02_tiny_patch14_224", {"qkv_fused": False}),
+            "davit_tiny-v2": ("davit_tiny", {"channel_attn_v2": True}),  # the *_fl models' ChannelAttentionV2
             "samvit_base_patch16_224-rope": ("samvit_base_patch16_224",
                                              {"use_rel_pos": False, "use_rope": True, "qk_norm": True})}
 # in the float64 twin only: timm builds SAM's rope tables without its device argument, so on "meta" (slim_summary,
@@ -93,7 +93,8 @@ def _heads_removed(removed: dict) -> dict:
                                   "eva02_tiny_patch14_224-qkv_split", "edgenext_xx_small", "beit_base_patch16_224",
                                   "swinv2_tiny_window16_256", "cait_xxs24_224", "xcit_nano_12_p16_224",
                                   "pvt_v2_b0", "twins_svt_small", "twins_pcpvt_small", "tiny_vit_5m_224",
-                                  "davit_tiny", "samvit_base_patch16_224", "samvit_base_patch16_224-rope"])
+                                  "davit_tiny", "davit_tiny-v2", "samvit_base_patch16_224",
+                                  "samvit_base_patch16_224-rope"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     with float64():
@@ -116,7 +117,7 @@ def test_slim_heads_export_reload_and_agree_on_fused_and_eager_attention(case, p
     chase, slim = row["chase"], row["slim"].eval()
     removed = _heads_removed(chase.removed_channels())
     assert removed, "no attention head was removed"
-    for kind in _kinds(CASE_CLASSES.get(name, ())):  # the classes this case is for lost heads (XCiT also has CaiT's)
+    for kind in _kinds(CASE_CLASSES.get(case, CASE_CLASSES.get(name, ()))):  # the classes this case is for lost heads
         assert any(isinstance(chase.module.get_submodule(b), kind) for b in removed), (kind, removed.keys())
     if prune_skip:  # the residual stream from the patch embedding shrinks too
         assert chase.removed_channels().get("patch_embed.proj"), chase.removed_channels().keys()
@@ -199,7 +200,8 @@ SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_2
                 "pvt_v2_b0": pvt_v2.Attention, "twins_svt_small": twins.LocallyGroupedAttn,
                 "twins_pcpvt_small": twins.GlobalSubSampleAttn,
                 "davit_tiny": (davit.ChannelAttention, davit.WindowAttention)}
-CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention}
+CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention,
+                "davit_tiny-v2": (davit.ChannelAttentionV2, davit.WindowAttention)}  # by case, else by model
 
 
 def _kinds(kinds) -> tuple:

@@ -1,11 +1,11 @@
 """timm attention forwards that reshape the heads' output back to the *input* width, made to follow the heads left.
 
 ``EvaAttention`` (EVA, EVA-02), BEiT's ``Attention``, Swin V2's ``WindowAttention``, CaiT's ``ClassAttn``, PVT-v2's
-``Attention``, Twins' ``GlobalSubSampleAttn`` and ``LocallyGroupedAttn``, DaViT's ``ChannelAttention`` and
-``WindowAttention`` and the cross-covariance attention of EdgeNeXt and XCiT end with
+``Attention``, Twins' ``GlobalSubSampleAttn`` and ``LocallyGroupedAttn``, DaViT's ``ChannelAttention`` (V1 and V2)
+and ``WindowAttention`` and the cross-covariance attention of EdgeNeXt and XCiT end with
 ``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape`` (CaiT, XCiT, Twins and DaViT also split heads
-with ``C // self.num_heads``), so a module that lost a head (or whose input stream lost a
-channel) no longer runs. Each gets a *slim* subclass whose ``forward`` is timm's own, compiled from timm's source
+with ``C // self.num_heads``, DaViT's V2 with ``C // self.groups``), so a module that lost a head (or whose input
+stream lost a channel) no longer runs. Each gets a *slim* subclass whose ``forward`` is timm's own, compiled from timm's source
 with a short edit list (``reshape(B, N, C)`` -> ``reshape(B, N, -1)``, ...): the same computation, with the widths taken
 from the heads left. Every edit must match its expected number of times; when a timm release changed the forward
 and one does not, the class gets no slim subclass and :data:`REFUSED` says why (its heads then stay whole).
@@ -31,7 +31,8 @@ from . import require
 __all__ = ["check_version", "SLIM", "REFUSED", "slim_subclass", "use_slim_forward", "timm_class",
            "SlimEvaAttention", "SlimBeitAttention", "SlimWindowAttentionV2", "SlimClassAttn",
            "SlimCrossCovarianceAttn", "SlimXCA", "SlimPvtV2Attention",
-           "SlimGlobalSubSampleAttn", "SlimLocallyGroupedAttn", "SlimChannelAttention", "SlimDavitWindowAttention"]
+           "SlimGlobalSubSampleAttn", "SlimLocallyGroupedAttn", "SlimChannelAttention",
+           "SlimChannelAttentionV2", "SlimDavitWindowAttention"]
 
 Edit = tuple[str, str, int]  # (timm's text, replacement, how many times it must occur)
 
@@ -107,6 +108,8 @@ SlimLocallyGroupedAttn = _register(twins.LocallyGroupedAttn, "SlimLocallyGrouped
 # DaViT splits heads with C // self.num_heads too (its channel attention: softmax over each head's channels)
 SlimChannelAttention = _register(davit.ChannelAttention, "SlimChannelAttention",
                                  [("C // self.num_heads", "-1", 1), _TO_HEADS])
+SlimChannelAttentionV2 = _register(davit.ChannelAttentionV2, "SlimChannelAttentionV2",  # its heads: self.groups
+                                   [("C // self.groups", "-1", 1), _TO_HEADS])
 SlimDavitWindowAttention = _register(davit.WindowAttention, "SlimDavitWindowAttention",
                                      [("C // self.num_heads", "-1", 1), ("reshape(B_, N, C)", "reshape(B_, N, -1)", 1)])
 
