@@ -5,9 +5,9 @@
 and ``WindowAttention`` and the cross-covariance attention of EdgeNeXt and XCiT end with
 ``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape`` (CaiT, XCiT, Twins and DaViT also split heads
 with ``C // self.num_heads``, DaViT's V2 with ``C // self.groups``), so a module that lost a head (or whose input
-stream lost a channel) no longer runs. Each gets a *slim* subclass whose ``forward`` is timm's own, compiled from timm's source
-with a short edit list (``reshape(B, N, C)`` -> ``reshape(B, N, -1)``, ...): the same computation, with the widths taken
-from the heads left. Every edit must match its expected number of times; when a timm release changed the forward
+stream lost a channel) no longer runs. Each gets a *slim* subclass whose ``forward`` is timm's own, compiled from
+timm's source with a short edit list (``reshape(B, N, C)`` -> ``reshape(B, N, -1)``, ...): the same computation,
+with the widths taken from the heads left. Every edit must match its expected number of times; when a timm release changed the forward
 and one does not, the class gets no slim subclass and :data:`REFUSED` says why (its heads then stay whole).
 
 Nothing in timm is patched: only a resized instance changes class (``module.__class__ = slim``, done by
