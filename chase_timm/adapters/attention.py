@@ -7,8 +7,9 @@ and ``WindowAttention`` and the cross-covariance attention of EdgeNeXt and XCiT 
 with ``C // self.num_heads``, DaViT's V2 with ``C // self.groups``), so a module that lost a head (or whose input
 stream lost a channel) no longer runs. Each gets a *slim* subclass whose ``forward`` is timm's own, compiled from
 timm's source with a short edit list (``reshape(B, N, C)`` -> ``reshape(B, N, -1)``, ...): the same computation,
-with the widths taken from the heads left. Every edit must match its expected number of times; when a timm release changed the forward
-and one does not, the class gets no slim subclass and :data:`REFUSED` says why (its heads then stay whole).
+with the widths taken from the heads left. Every edit must match its expected number of times; when a timm release
+changed the forward and one does not, the class gets no slim subclass and :data:`REFUSED` says why (its heads then
+stay whole).
 
 Nothing in timm is patched: only a resized instance changes class (``module.__class__ = slim``, done by
 :func:`chase_timm.heads.refresh_heads`), to a subclass, so ``isinstance`` still holds, parameters (and optimizer
