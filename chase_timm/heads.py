@@ -1,14 +1,15 @@
 """Attention heads as channel groups: which tensor positions belong to each head of timm's attention modules.
 
 A head is removed whole: its q, k and v rows (with biases and per-row norms), the output projection's columns,
-per-head tables (Swin's relative position bias column, LeViT's attention-bias row) and gate rows. Zeroing a
-head's v rows (and v bias) makes its attention output exactly zero whatever q and k (and q_norm / k_norm) do, and
-its projection columns are zero too, so the masked model computes what the model without the head computes, on
-the fused ``scaled_dot_product_attention`` path and the eager path alike: ``head_dim`` does not change, so
-neither does the scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``).
+per-head tables (Swin's relative position bias column, LeViT's and TinyViT's attention-bias row) and gate rows.
+Zeroing a head's v rows (and v bias) makes its attention output exactly zero whatever q and k (and q_norm /
+k_norm) do (DaViT's channel attention, ``softmax(k^T v) q^T``: its q rows), and its projection columns are zero
+too, so the masked model computes what the model without the head computes, on the fused
+``scaled_dot_product_attention`` path and the eager path alike: ``head_dim`` does not change, so neither does the
+scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``).
 
-EVA, BEiT, Swin V2, CaiT's class attention, PVT-v2, Twins and the cross-covariance attention of EdgeNeXt and XCiT
-reshape their heads' output to the input width in timm's forward; a resized one switches to its slim subclass
+EVA, BEiT, Swin V2, CaiT's class attention, PVT-v2, Twins, DaViT and the cross-covariance attention of EdgeNeXt and
+XCiT reshape their heads' output to the input width in timm's forward; a resized one switches to its slim subclass
 (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left).
 
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), and
@@ -24,7 +25,8 @@ from typing import Iterator, Optional
 
 import torch.nn as nn
 from timm.layers import Attention, AttentionRope
-from timm.models import beit, cait, edgenext, eva, levit, pvt_v2, swin_transformer, swin_transformer_v2, twins, xcit
+from timm.models import (beit, cait, davit, edgenext, eva, levit, pvt_v2, swin_transformer, swin_transformer_v2,
+                         tiny_vit, twins, vision_transformer_sam as sam, xcit)
 
 from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
 
@@ -33,9 +35,11 @@ __all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "refresh_heads", "
 # classes whose forward reshapes the heads' output to the input width are resizable through their slim subclass
 # (chase_timm.adapters.attention, SLIM) and left whole when this timm's forward did not match its edits (REFUSED)
 _RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention, levit.AttentionDownsample,
-              *SLIM)
+              tiny_vit.Attention, sam.Attention, *SLIM)
 _XCA = (edgenext.CrossCovarianceAttn, xcit.XCA)  # cross-covariance attention: one temperature per head
 _TWINS = (twins.GlobalSubSampleAttn, twins.LocallyGroupedAttn)
+_DAVIT = (davit.ChannelAttention, davit.WindowAttention)
+_LEVIT = (levit.Attention, levit.AttentionDownsample, tiny_vit.Attention)  # q, k, v interleaved per head
 _LEFT_WHOLE = {
     cait.TalkingHeadAttn: "mixes heads before and after the softmax (proj_l, proj_w), so a head is not separable",
     **REFUSED,
@@ -81,13 +85,13 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
     if kind in (Attention, AttentionRope, eva.EvaAttention):
         return _timm_attention(module)
     if kind in (swin_transformer.WindowAttention, swin_transformer_v2.WindowAttention, beit.Attention,
-                twins.LocallyGroupedAttn, *_XCA):  # one fused qkv
+                twins.LocallyGroupedAttn, sam.Attention, davit.ChannelAttentionV2, *_DAVIT, *_XCA):  # one fused qkv
         shared = kind is beit.Attention and model is not None and any(
             isinstance(m, beit.RelativePositionBias) for m in model.modules())
-        return _fused(module, module.proj.in_features // module.num_heads, _SHARED_BIAS if shared else "")
+        return _fused(module, module.proj.in_features // _num_heads(module), _SHARED_BIAS if shared else "")
     if kind in (pvt_v2.Attention, twins.GlobalSubSampleAttn):  # q and kv
         return _q_kv(module, module.proj.in_features // module.num_heads)
-    if kind in (levit.Attention, levit.AttentionDownsample):
+    if kind in _LEVIT:
         return _levit(module)
     if kind is cait.ClassAttn:
         return _class_attention(module)
@@ -130,14 +134,20 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         module.num_heads, module.dim = module.logit_scale.shape[0], module.qkv.in_features
         _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
         _check(name, "relative position bias rows", _rows(module.cpb_mlp[-1]), module.num_heads)
-    elif kind in (beit.Attention, cait.ClassAttn, *_TWINS):  # head_dim is only kept as the scale, head_dim ** -0.5
+    elif kind is davit.ChannelAttentionV2:  # its heads: groups
+        module.groups = _heads(name, module.proj.in_features, module.head_dim)
+        _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
+    elif kind in (beit.Attention, cait.ClassAttn, *_TWINS, *_DAVIT):  # head_dim only kept as the scale, hd ** -0.5
         module.num_heads = _heads(name, module.proj.in_features, round(module.scale ** -2))
         q_rows = module.qkv.out_features // 3 if hasattr(module, "qkv") else module.q.out_features
         _check(name, "q/k/v rows", q_rows, module.proj.in_features)
-        if kind in _TWINS:  # dim: the input width
+        if kind in (*_TWINS, davit.WindowAttention):  # dim: the input width
             module.dim = module.proj.out_features
         if kind is twins.GlobalSubSampleAttn:
             _check(name, "kv rows", module.kv.out_features, 2 * module.proj.in_features)
+    elif kind is sam.Attention:
+        module.num_heads = _heads(name, module.proj.in_features, module.head_dim)
+        _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
     elif kind is pvt_v2.Attention:  # dim: the input width
         module.num_heads, module.dim = _heads(name, module.proj.in_features, module.head_dim), module.proj.out_features
         _check(name, "q rows", module.q.out_features, module.proj.in_features)
@@ -147,21 +157,26 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         _check(name, "proj columns", module.proj.in_features,
                module.proj.in_features // module.num_heads * module.num_heads)
         _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
-    elif kind in (levit.Attention, levit.AttentionDownsample):
+    elif kind in _LEVIT:
         heads = module.attention_biases.shape[0]
         module.num_heads = heads
-        module.key_attn_dim, module.val_attn_dim = module.key_dim * heads, module.val_dim * heads
         module.attention_bias_cache = {}  # eval-mode cache of the old (num_heads, N, N) biases
-        qkv = module.qkv if kind is levit.Attention else module.kv
-        per_head = module.val_dim + module.key_dim * (2 if kind is levit.Attention else 1)
-        _check(name, "qkv rows", _rows(qkv.linear), heads * per_head)
-        _check(name, "proj columns", _columns(module.proj.ln.linear), module.val_attn_dim)
+        per_head = module.val_dim + module.key_dim * (1 if kind is levit.AttentionDownsample else 2)
+        if kind is tiny_vit.Attention:  # plain Linears; out_dim: the heads' output width
+            module.out_dim = module.val_dim * heads
+            qkv, proj = module.qkv, module.proj
+        else:
+            module.key_attn_dim, module.val_attn_dim = module.key_dim * heads, module.val_dim * heads
+            qkv = (module.qkv if kind is levit.Attention else module.kv).linear
+            proj = module.proj.ln.linear
+        _check(name, "qkv rows", _rows(qkv), heads * per_head)
+        _check(name, "proj columns", _columns(proj), module.val_dim * heads)
     use_slim_forward(module)
 
 
 def head_counts(model: nn.Module) -> dict[str, int]:
     """``num_heads`` of every attention module :func:`head_spec` knows, by module name (e.g. heads left per block)."""
-    return {name: int(m.num_heads) for name, m in model.named_modules() if head_spec(m) is not None}
+    return {name: _num_heads(m) for name, m in model.named_modules() if head_spec(m) is not None}
 
 
 @contextmanager
@@ -239,8 +254,9 @@ def _timm_attention(module: nn.Module) -> HeadSpec:
 def _fused(module: nn.Module, hd: int, reason: str = "") -> HeadSpec:
     """A fused qkv (with its bias or separate q/k/v biases) and a projection, plus per-head tables: Swin's
     relative position bias column (V1) or logit scale and bias-MLP output row (V2), BEiT's relative position bias
-    column, the temperature of EdgeNeXt's and XCiT's cross-covariance attention (Twins' LocallyGroupedAttn: none)."""
-    heads = module.num_heads
+    column, the temperature of EdgeNeXt's and XCiT's cross-covariance attention (Twins' LocallyGroupedAttn, DaViT's
+    two classes: none; SAM's rel_pos_h / rel_pos_w are (positions, head_dim), read by every head: they stay)."""
+    heads = _num_heads(module)
     slices = _linear_slices("qkv", module.qkv, _qkv_rows(heads, hd)) + _qkv_biases(module, heads, hd)
     slices.append(HeadSlice("proj.weight", 1, "consumer", _blocks(heads, hd)))
     one = _blocks(heads, 1)
@@ -276,16 +292,21 @@ def _q_kv(module: nn.Module, hd: int) -> HeadSpec:
 
 
 def _levit(module: nn.Module) -> HeadSpec:
-    """LeViT Attention / AttentionDownsample: q, k, v interleaved per head in one LinearNorm/ConvNorm (with its
-    BatchNorm), one attention-bias row per head; the projection's input passes an activation with act(0) = 0."""
+    """LeViT Attention / AttentionDownsample and TinyViT's Attention: q, k, v interleaved per head, one
+    attention-bias row per head. LeViT: one LinearNorm/ConvNorm (with its BatchNorm) and an activation with
+    act(0) = 0 before the projection; TinyViT: a plain qkv Linear (with bias) and projection."""
     heads, kd, vd = module.num_heads, module.key_dim, module.val_dim
-    if type(module) is levit.Attention:
-        qkv = _blocks(heads, 2 * kd + vd)
-        slices = _norm_linear("qkv", qkv)
+    kind = timm_class(type(module))
+    bias = HeadSlice("attention_biases", 0, "free", _blocks(heads, 1))
+    if kind is tiny_vit.Attention:
+        slices = _linear_slices("qkv", module.qkv, _blocks(heads, 2 * kd + vd))
+        slices += [HeadSlice("proj.weight", 1, "consumer", _blocks(heads, vd)), bias]
+        return HeadSpec(heads, vd, tuple(slices))
+    if kind is levit.Attention:
+        slices = _norm_linear("qkv", _blocks(heads, 2 * kd + vd))
     else:
         slices = _norm_linear("kv", _blocks(heads, kd + vd)) + _norm_linear("q.ln", _blocks(heads, kd))
-    slices += [HeadSlice("proj.ln.linear.weight", 1, "consumer", _blocks(heads, vd)),
-               HeadSlice("attention_biases", 0, "free", _blocks(heads, 1))]
+    slices += [HeadSlice("proj.ln.linear.weight", 1, "consumer", _blocks(heads, vd)), bias]
     reason = "" if _acts_keep_zero(module.proj.act) else (
         f"the projection's {type(module.proj.act).__name__} does not map 0 to 0")
     return HeadSpec(heads, vd, tuple(slices), reason)
@@ -303,7 +324,7 @@ def _acts_keep_zero(act: nn.Module) -> bool:
 
 def _left_whole(module: nn.Module, reason: str) -> HeadSpec:
     """A module whose heads stay: its q/k/v producer rows, so its group is reported with this reason."""
-    heads = module.num_heads
+    heads = _num_heads(module)
     qkv = getattr(module, "qkv", None)
     if isinstance(qkv, nn.Linear):
         hd = qkv.out_features // 3 // heads
@@ -318,6 +339,11 @@ def _left_whole(module: nn.Module, reason: str) -> HeadSpec:
 
 
 # ------------------------------------------------------------------------------------------------ checks
+
+def _num_heads(module: nn.Module) -> int:
+    """An attention module's head count (DaViT's ChannelAttentionV2 calls it ``groups``)."""
+    return int(module.groups if timm_class(type(module)) is davit.ChannelAttentionV2 else module.num_heads)
+
 
 def _rows(layer: nn.Module) -> int:
     return layer.weight.shape[0]

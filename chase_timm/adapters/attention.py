@@ -1,13 +1,15 @@
 """timm attention forwards that reshape the heads' output back to the *input* width, made to follow the heads left.
 
 ``EvaAttention`` (EVA, EVA-02), BEiT's ``Attention``, Swin V2's ``WindowAttention``, CaiT's ``ClassAttn``, PVT-v2's
-``Attention``, Twins' ``GlobalSubSampleAttn`` and ``LocallyGroupedAttn`` and the cross-covariance attention of
-EdgeNeXt and XCiT end with ``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape`` (CaiT, XCiT and
-Twins also split heads with ``C // self.num_heads``), so a module that lost a head (or whose input stream lost a
-channel) no longer runs. Each gets a *slim* subclass whose ``forward`` is timm's own, compiled from timm's source
-with a short edit list (``reshape(B, N, C)`` -> ``reshape(B, N, -1)``, ...): the same computation, with the widths taken
-from the heads left. Every edit must match its expected number of times; when a timm release changed the forward
-and one does not, the class gets no slim subclass and :data:`REFUSED` says why (its heads then stay whole).
+``Attention``, Twins' ``GlobalSubSampleAttn`` and ``LocallyGroupedAttn``, DaViT's ``ChannelAttention`` (V1 and V2)
+and ``WindowAttention`` and the cross-covariance attention of EdgeNeXt and XCiT end with
+``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape`` (CaiT, XCiT, Twins and DaViT also split heads
+with ``C // self.num_heads``, DaViT's V2 with ``C // self.groups``), so a module that lost a head (or whose input
+stream lost a channel) no longer runs. Each gets a *slim* subclass whose ``forward`` is timm's own, compiled from
+timm's source with a short edit list (``reshape(B, N, C)`` -> ``reshape(B, N, -1)``, ...): the same computation,
+with the widths taken from the heads left. Every edit must match its expected number of times; when a timm release
+changed the forward and one does not, the class gets no slim subclass and :data:`REFUSED` says why (its heads then
+stay whole).
 
 Nothing in timm is patched: only a resized instance changes class (``module.__class__ = slim``, done by
 :func:`chase_timm.heads.refresh_heads`), to a subclass, so ``isinstance`` still holds, parameters (and optimizer
@@ -23,14 +25,15 @@ from typing import Optional, Sequence, Union
 
 import timm
 import torch.nn as nn
-from timm.models import beit, cait, edgenext, eva, pvt_v2, swin_transformer_v2, twins, xcit
+from timm.models import beit, cait, davit, edgenext, eva, pvt_v2, swin_transformer_v2, twins, xcit
 
 from . import require
 
 __all__ = ["check_version", "SLIM", "REFUSED", "slim_subclass", "use_slim_forward", "timm_class",
            "SlimEvaAttention", "SlimBeitAttention", "SlimWindowAttentionV2", "SlimClassAttn",
            "SlimCrossCovarianceAttn", "SlimXCA", "SlimPvtV2Attention",
-           "SlimGlobalSubSampleAttn", "SlimLocallyGroupedAttn"]
+           "SlimGlobalSubSampleAttn", "SlimLocallyGroupedAttn", "SlimChannelAttention",
+           "SlimChannelAttentionV2", "SlimDavitWindowAttention"]
 
 Edit = tuple[str, str, int]  # (timm's text, replacement, how many times it must occur)
 
@@ -103,6 +106,13 @@ SlimGlobalSubSampleAttn = _register(twins.GlobalSubSampleAttn, "SlimGlobalSubSam
 SlimLocallyGroupedAttn = _register(twins.LocallyGroupedAttn, "SlimLocallyGroupedAttn",
                                    [("C // self.num_heads", "-1", 1), ("self.ws, self.ws, C)", "self.ws, self.ws, -1)",
                                     1), ("_w * self.ws, C)", "_w * self.ws, -1)", 1), _TO_HEADS])
+# DaViT splits heads with C // self.num_heads too (its channel attention: softmax over each head's channels)
+SlimChannelAttention = _register(davit.ChannelAttention, "SlimChannelAttention",
+                                 [("C // self.num_heads", "-1", 1), _TO_HEADS])
+SlimChannelAttentionV2 = _register(davit.ChannelAttentionV2, "SlimChannelAttentionV2",  # its heads: self.groups
+                                   [("C // self.groups", "-1", 1), _TO_HEADS])
+SlimDavitWindowAttention = _register(davit.WindowAttention, "SlimDavitWindowAttention",
+                                     [("C // self.num_heads", "-1", 1), ("reshape(B_, N, C)", "reshape(B_, N, -1)", 1)])
 
 
 _BASE = {slim: base for base, slim in SLIM.items()}
