@@ -26,6 +26,7 @@ import torch.nn as nn
 from timm.layers import Attention, AttentionRope
 from timm.models import beit, cait, edgenext, eva, levit, pvt_v2, swin_transformer, swin_transformer_v2, twins, xcit
 
+from .adapters import multihead  # noqa: F401  registers nn.MultiheadAttention's slim forward (or why none)
 from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
 
 __all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "refresh_heads", "head_counts", "qkv_as_modules"]
@@ -76,6 +77,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
     """The heads of a known timm attention module (``reason`` set when they must stay), else ``None``.
     ``model``: the model holding it, for what only the model knows (BEiT's shared relative position bias)."""
     kind = timm_class(type(module))
+    if kind is nn.MultiheadAttention:
+        return _multihead(module, model)
     if kind in _LEFT_WHOLE:
         return _left_whole(module, _LEFT_WHOLE[kind])
     if kind in (Attention, AttentionRope, eva.EvaAttention):
@@ -109,7 +112,7 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
     kind = timm_class(type(module))
     if kind in REFUSED:  # a width plan made where the class had a slim forward, replayed where it has none
         raise ValueError(f"{name}: {kind.__name__} {REFUSED[kind]}, so it cannot run with the widths it was "
-                         "saved with; load it with the timm release it was saved with")
+                         f"saved with; load it with the {kind.__module__.split('.')[0]} release it was saved with")
     if kind not in _RESIZABLE:
         return
     if kind in (Attention, AttentionRope, eva.EvaAttention):
@@ -147,6 +150,13 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         _check(name, "proj columns", module.proj.in_features,
                module.proj.in_features // module.num_heads * module.num_heads)
         _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
+    elif kind is nn.MultiheadAttention:  # embed_dim, kdim and vdim are the input widths, which stay
+        module.num_heads = _heads(name, module.out_proj.in_features, module.head_dim)
+        layers = ("in_proj_weight",) if module.in_proj_weight is not None else tuple(f"{p}_proj_weight" for p in "qkv")
+        rows = sum(getattr(module, t).shape[0] for t in layers)
+        _check(name, "q/k/v rows", rows, 3 * module.out_proj.in_features)
+        if module.in_proj_bias is not None:
+            _check(name, "q/k/v bias", module.in_proj_bias.shape[0], rows)
     elif kind in (levit.Attention, levit.AttentionDownsample):
         heads = module.attention_biases.shape[0]
         module.num_heads = heads
@@ -233,6 +243,31 @@ def _timm_attention(module: nn.Module) -> HeadSpec:
     elif not isinstance(module.norm, nn.Identity):
         reason = (f"scale_norm ({type(module.norm).__name__}) normalises across all heads, so a zeroed head "
                   "changes the others")
+    return HeadSpec(heads, hd, tuple(slices), reason)
+
+
+def _multihead(module: nn.MultiheadAttention, model: Optional[nn.Module]) -> HeadSpec:
+    """torch's nn.MultiheadAttention: the packed ``in_proj_weight`` (q | k | v blocks) or separate
+    ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` (kdim/vdim), ``in_proj_bias`` (q | k | v), ``bias_k`` and
+    ``bias_v`` (add_bias_kv: the last dim is the attention width), ``out_proj`` columns."""
+    heads = module.num_heads
+    hd = module.out_proj.in_features // heads
+    per_head, qkv = _blocks(heads, hd), _qkv_rows(heads, hd)
+    if module.in_proj_weight is not None:
+        slices = [HeadSlice("in_proj_weight", 0, "producer", qkv)]
+    else:
+        slices = [HeadSlice(f"{p}_proj_weight", 0, "producer", per_head) for p in "qkv"]
+    if module.in_proj_bias is not None:
+        slices.append(HeadSlice("in_proj_bias", 0, "bias", qkv))
+    slices += [HeadSlice(f"bias_{p}", 2, "bias", per_head) for p in "kv" if getattr(module, f"bias_{p}") is not None]
+    slices.append(HeadSlice("out_proj.weight", 1, "consumer", per_head))
+    reason = f"MultiheadAttention {REFUSED[nn.MultiheadAttention]}" if nn.MultiheadAttention in REFUSED else ""
+    layer = next((n for n, m in (model.named_modules() if model is not None else ())
+                  if isinstance(m, nn.TransformerEncoderLayer) and m.self_attn is module), None)
+    if layer is not None and not reason:
+        reason = (f"is the self_attn of nn.TransformerEncoderLayer {layer!r}, whose inference fast path "
+                  "(torch._transformer_encoder_layer_fwd) reads its tensors with head_dim = embed_dim // num_heads "
+                  "instead of calling its forward")
     return HeadSpec(heads, hd, tuple(slices), reason)
 
 
