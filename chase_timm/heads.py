@@ -9,7 +9,10 @@ neither does the scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.sc
 
 EVA, BEiT, Swin V2, CaiT's class attention, PVT-v2, Twins and the cross-covariance attention of EdgeNeXt and XCiT
 reshape their heads' output to the input width in timm's forward; a resized one switches to its slim subclass
-(:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left).
+(:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left). torch's
+``nn.MultiheadAttention`` takes its attention width from the input as well and gets one too
+(:mod:`chase_timm.adapters.multihead`), except as an ``nn.TransformerEncoderLayer``'s ``self_attn`` (its inference
+fast path bypasses the module's forward).
 
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), and
 :func:`refresh_heads` re-derives a resized module's attributes (``num_heads``, ``attn_dim``, ...) from its tensor
@@ -74,8 +77,9 @@ class HeadSpec:
 
 
 def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[HeadSpec]:
-    """The heads of a known timm attention module (``reason`` set when they must stay), else ``None``.
-    ``model``: the model holding it, for what only the model knows (BEiT's shared relative position bias)."""
+    """The heads of a known timm attention module or ``nn.MultiheadAttention`` (``reason`` set when they must stay),
+    else ``None``. ``model``: the model holding it, for what only the model knows (BEiT's shared relative position
+    bias, the ``nn.TransformerEncoderLayer`` holding a MultiheadAttention)."""
     kind = timm_class(type(module))
     if kind is nn.MultiheadAttention:
         return _multihead(module, model)
