@@ -457,12 +457,21 @@ def test_the_slim_multihead_forward_computes_what_the_masked_module_computes(bat
         pickle.loads(pickle.dumps(slim))  # a module-level class
 
 
-def test_multihead_attention_heads_torch_cannot_run_slim_stay_whole_with_the_reason(monkeypatch):
+def test_multihead_attention_heads_that_cannot_be_removed_exactly_stay_whole_with_the_reason(monkeypatch):
     # nn.TransformerEncoderLayer's inference fast path reads self_attn's tensors without calling its forward
     layer = torch.nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, batch_first=True)
     groups = {g.name: g for g in find_channel_groups(layer, torch.randn(2, 5, 16))}
     heads = groups["self_attn"]
     assert heads.width == 4 and not heads.prunable and "TransformerEncoderLayer" in heads.reason, heads.reason
+    # a model whose output reads the head-averaged weights (the masked module's mean counts its dead heads)
+    class UsesWeights(TokenAttention):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tokens = self.backbone.forward_features(x)
+            out, weights = self.attn(tokens, tokens, tokens, need_weights=True)
+            return self.fc(out.mean(1)) + 10 * weights.amax((1, 2)).unsqueeze(1)
+
+    heads = {g.name: g for g in find_channel_groups(UsesWeights(), torch.randn(1, 3, 32, 32))}["attn"]
+    assert not heads.prunable and "numerical check" in heads.reason, heads.reason
     # a torch whose forward no longer matches the edits: heads whole, and a saved plan that resized one is refused
     assert edited(torch.nn.functional._in_projection_packed, [("E = q.size(-1)", "E", 2)]) == (
         "torch.nn.functional._in_projection_packed holds 'E = q.size(-1)' 1 times, not 2 (this torch changed it)")
