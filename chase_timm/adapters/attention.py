@@ -34,11 +34,11 @@ __all__ = ["check_version", "SLIM", "REFUSED", "edited", "slim_subclass", "regis
            "SlimCrossCovarianceAttn", "SlimXCA", "SlimPvtV2Attention",
            "SlimGlobalSubSampleAttn", "SlimLocallyGroupedAttn"]
 
-Edit = tuple[str, str, int]  # (timm's text, replacement, how many times it must occur)
+Edit = tuple[str, str, int]  # (the library's text, replacement, how many times it must occur)
 
-SLIM: dict[type, type] = {}  # timm class -> its slim subclass
-_BASE: dict[type, type] = {}  # slim subclass -> its timm class
-REFUSED: dict[type, str] = {}  # timm class -> why it has no slim subclass (timm changed its forward)
+SLIM: dict[type, type] = {}  # timm (or torch) class -> its slim subclass
+_BASE: dict[type, type] = {}  # slim subclass -> its timm (or torch) class
+REFUSED: dict[type, str] = {}  # timm (or torch) class -> why it has no slim subclass (the library changed its forward)
 
 
 def check_version(found: str = timm.__version__) -> None:
@@ -108,18 +108,18 @@ _TO_HEADS = ("reshape(B, N, C)", "reshape(B, N, -1)", 1)
 SlimEvaAttention = register(eva.EvaAttention, "SlimEvaAttention", [_TO_HEADS])
 SlimBeitAttention = register(beit.Attention, "SlimBeitAttention", [_TO_HEADS])
 SlimWindowAttentionV2 = register(swin_transformer_v2.WindowAttention, "SlimWindowAttentionV2",
-                                  [("reshape(B_, N, C)", "reshape(B_, N, -1)", 1)])
+                                 [("reshape(B_, N, C)", "reshape(B_, N, -1)", 1)])
 SlimClassAttn = register(cait.ClassAttn, "SlimClassAttn",
-                          [("C // self.num_heads", "-1", 3), ("reshape(B, 1, C)", "reshape(B, 1, -1)", 1)])
+                         [("C // self.num_heads", "-1", 3), ("reshape(B, 1, C)", "reshape(B, 1, -1)", 1)])
 SlimCrossCovarianceAttn = register(edgenext.CrossCovarianceAttn, "SlimCrossCovarianceAttn", [_TO_HEADS])
 SlimXCA = register(xcit.XCA, "SlimXCA", [("C // self.num_heads", "-1", 1), _TO_HEADS])
 SlimPvtV2Attention = register(pvt_v2.Attention, "SlimPvtV2Attention", [_TO_HEADS])
 # Twins split heads with C // self.num_heads, C being the input width (the kv split already has a -1)
 SlimGlobalSubSampleAttn = register(twins.GlobalSubSampleAttn, "SlimGlobalSubSampleAttn",
-                                    [("C // self.num_heads", "self.proj.in_features // self.num_heads", 2), _TO_HEADS])
+                                   [("C // self.num_heads", "self.proj.in_features // self.num_heads", 2), _TO_HEADS])
 SlimLocallyGroupedAttn = register(twins.LocallyGroupedAttn, "SlimLocallyGroupedAttn",
-                                   [("C // self.num_heads", "-1", 1), ("self.ws, self.ws, C)", "self.ws, self.ws, -1)",
-                                    1), ("_w * self.ws, C)", "_w * self.ws, -1)", 1), _TO_HEADS])
+                                  [("C // self.num_heads", "-1", 1), ("self.ws, self.ws, C)", "self.ws, self.ws, -1)",
+                                   1), ("_w * self.ws, C)", "_w * self.ws, -1)", 1), _TO_HEADS])
 
 
 def timm_class(kind: type) -> type:
