@@ -38,11 +38,14 @@ __all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "refresh_heads", "
 # (chase_timm.adapters.attention, SLIM) and left whole when this timm's forward did not match its edits (REFUSED)
 _RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention, levit.AttentionDownsample,
               *SLIM)
+# torch containers whose inference fast path bypasses their MultiheadAttention's forward: resized, they switch to
+# their slim subclass (torch's forward without that fast path), else their attention's heads stay
+_CONTAINERS = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
 _XCA = (edgenext.CrossCovarianceAttn, xcit.XCA)  # cross-covariance attention: one temperature per head
 _TWINS = (twins.GlobalSubSampleAttn, twins.LocallyGroupedAttn)
 _LEFT_WHOLE = {
     cait.TalkingHeadAttn: "mixes heads before and after the softmax (proj_l, proj_w), so a head is not separable",
-    **REFUSED,
+    **{kind: reason for kind, reason in REFUSED.items() if kind not in _CONTAINERS},
 }
 # modules whose input width is their attention width when their class has no slim forward: the stream feeding
 # them stays whole too, and why
@@ -102,19 +105,21 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
 
 
 def has_heads(module: nn.Module) -> bool:
-    """Whether ``module`` is an attention module :func:`refresh_heads` re-derives after a resize (or refuses: a
-    class this timm gives no slim forward)."""
+    """Whether ``module`` is an attention module (or a torch Transformer container of one) :func:`refresh_heads`
+    re-derives after a resize (or refuses: a class this timm or torch gives no slim forward)."""
     kind = timm_class(type(module))
-    return kind in _RESIZABLE or kind in REFUSED
+    return kind in _RESIZABLE or kind in REFUSED and kind not in _CONTAINERS
 
 
 def refresh_heads(module: nn.Module, name: str = "attention") -> None:
     """Re-derive a (resized) attention module's head attributes from its tensor shapes; ValueError if they
     disagree. ``head_dim`` and ``scale`` never change (whole heads only); other modules are left alone. A module
     whose timm forward reshapes to the input width switches to its slim subclass (same tensors), whose output
-    width follows the heads left."""
+    width follows the heads left; so does an ``nn.MultiheadAttention``, and a torch Transformer encoder (layer)
+    holding a resized tensor switches to torch's forward without its fast path."""
     kind = timm_class(type(module))
-    if kind in REFUSED:  # a width plan made where the class had a slim forward, replayed where it has none
+    if kind in REFUSED and kind not in _CONTAINERS:  # a width plan made where the class had a slim forward, replayed
+        # where it has none (a container without one keeps torch's forward: its attention's heads stayed whole)
         raise ValueError(f"{name}: {kind.__name__} {REFUSED[kind]}, so it cannot run with the widths it was "
                          f"saved with; load it with the {kind.__module__.split('.')[0]} release it was saved with")
     if kind not in _RESIZABLE:
@@ -266,12 +271,10 @@ def _multihead(module: nn.MultiheadAttention, model: Optional[nn.Module]) -> Hea
     slices += [HeadSlice(f"bias_{p}", 2, "bias", per_head) for p in "kv" if getattr(module, f"bias_{p}") is not None]
     slices.append(HeadSlice("out_proj.weight", 1, "consumer", per_head))
     reason = f"MultiheadAttention {REFUSED[nn.MultiheadAttention]}" if nn.MultiheadAttention in REFUSED else ""
-    layer = next((n for n, m in (model.named_modules() if model is not None else ())
-                  if isinstance(m, nn.TransformerEncoderLayer) and m.self_attn is module), None)
-    if layer is not None and not reason:
-        reason = (f"is the self_attn of nn.TransformerEncoderLayer {layer!r}, whose inference fast path "
-                  "(torch._transformer_encoder_layer_fwd) reads its tensors with head_dim = embed_dim // num_heads "
-                  "instead of calling its forward")
+    container = next((m for m in (model.modules() if model is not None else ()) if isinstance(m, _CONTAINERS)
+                      and timm_class(type(m)) in REFUSED and any(c is module for c in m.modules())), None)
+    if container is not None and not reason:  # its fast path reads the tensors with embed_dim // num_heads
+        reason = f"is inside {type(container).__name__}, which {REFUSED[timm_class(type(container))]}"
     return HeadSpec(heads, hd, tuple(slices), reason)
 
 

@@ -19,7 +19,7 @@ import torch
 import chase_timm
 from chase_timm._timm import named_tensors
 from chase_timm.adapters.attention import REFUSED, SLIM, edited, slim_subclass, timm_class, use_slim_forward
-from chase_timm.adapters.multihead import SlimMultiheadAttention
+from chase_timm.adapters.multihead import SlimMultiheadAttention, SlimTransformerEncoder, SlimTransformerEncoderLayer
 from chase_timm.channels import ChannelState, select_channels
 from chase_timm.cli import main
 from chase_timm.graph import ChannelGroup, find_channel_groups
@@ -357,39 +357,68 @@ class TokenAttention(torch.nn.Module):
         return self.fc((out if self.attn.batch_first else out.transpose(0, 1)).mean(1))
 
 
-MHA_MODELS = {"batch_first": {}, "sequence_first-key_padding_mask": {"batch_first": False, "padding": True},
-              "kdim_vdim-bias_kv-zero_attn-no_bias": {"kdim": 48, "vdim": 40, "add_bias_kv": True,
-                                                      "add_zero_attn": True, "bias": False}}
+class TokenEncoder(torch.nn.Module):
+    """``test_vit``'s tokens (the last one padding) through a 2-layer ``nn.TransformerEncoder`` of 8 heads, whose
+    inference fast path packs the padded batch into a nested tensor and runs ``torch._transformer_encoder_layer_fwd``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = timm.create_model("test_vit", pretrained=False, num_classes=0, global_pool="", img_size=32)
+        layer = torch.nn.TransformerEncoderLayer(64, 8, dim_feedforward=128, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2)
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone.forward_features(x)
+        padding = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=x.device)
+        padding[:, -1] = True
+        return self.fc(self.encoder(tokens, src_key_padding_mask=padding)[:, 0])
+
+
+MHA_MODELS = {"batch_first": (TokenAttention, {}),
+              "sequence_first-key_padding_mask": (TokenAttention, {"batch_first": False, "padding": True}),
+              "kdim_vdim-bias_kv-zero_attn-no_bias": (TokenAttention, {"kdim": 48, "vdim": 40, "add_bias_kv": True,
+                                                                       "add_zero_attn": True, "bias": False}),
+              "transformer_encoder": (TokenEncoder, {})}
 
 
 @pytest.mark.parametrize("case", MHA_MODELS)
 def test_multihead_attention_loses_whole_heads_while_training_and_exports_exactly(case, monkeypatch):
-    kwargs = MHA_MODELS[case]
-    build = lambda name, **_: TokenAttention(**kwargs)  # the harnesses build this model instead of a timm name
+    kind, kwargs = MHA_MODELS[case]
+    build = lambda name, **_: kind(**kwargs)  # the harnesses build this model instead of a timm name
     monkeypatch.setattr(shrink_equivalence, "tiny_model", build)
     monkeypatch.setattr(zoo_coverage, "build", build)
+    blocks = [n for n, m in build("").named_modules() if isinstance(m, torch.nn.MultiheadAttention)]
     with float64():
-        result = compare("token_attention", "adamw", channel_sparsity=0.6)  # 8 -> 2 -> 1 heads: two shrinks
+        result = compare("token_attention", "adamw", channel_sparsity=0.6)  # e.g. 8 -> 2 -> 1 heads: two shrinks
     assert result.refused is None and result.error is None, (result.refused, result.error)
-    assert result.removed.get("attn"), result.removed.keys()
+    removed = {b: result.removed[b] for b in blocks if result.removed.get(b)}
+    assert removed, result.removed.keys()
     assert result.removed == result.twin_removed and result.masks_equal
     assert result.worst()[1] <= 1e-9, (result.worst(), result.diffs)
     model = result.run[0]
-    assert type(model.attn) is SlimMultiheadAttention and isinstance(model.attn, torch.nn.MultiheadAttention)
-    assert head_counts(model)["attn"] == 8 - len(result.removed["attn"]) >= 1
+    for block, heads in removed.items():
+        module = model.get_submodule(block)
+        assert type(module) is SlimMultiheadAttention and isinstance(module, torch.nn.MultiheadAttention)
+        assert head_counts(model)[block] == 8 - len(heads) >= 1
+    if kind is TokenEncoder:  # the containers whose fast path bypasses the attention's forward run torch's without it
+        assert type(model.encoder) is SlimTransformerEncoder and type(model.encoder.layers[0]) is SlimTransformerEncoderLayer
 
     row = zoo_coverage.check_model("token_attention", prune_skip=False, channel_sparsity=0.6, keep_models=True)
-    assert row["rel_diff"] <= 1e-4, row["rel_diff"]  # float32 export == masked model (its fast path, if taken)
-    slim = row["slim"].eval()
-    heads = head_counts(slim)["attn"]
-    assert heads == 8 - len(row["chase"].removed_channels()["attn"]) and slim.attn.embed_dim == 64
-    attn_dim = heads * slim.attn.head_dim
-    assert slim.attn.out_proj.weight.shape == (64, attn_dim) and slim.attn.out_proj.in_features == attn_dim
+    assert row["rel_diff"] <= 1e-4, row["rel_diff"]  # float32 export == masked model (on torch's fast path)
+    slim, removed = row["slim"].eval(), row["chase"].removed_channels()
+    assert any(removed.get(b) for b in blocks)
+    for block in blocks:
+        module, heads = slim.get_submodule(block), head_counts(slim)[block]
+        assert heads == 8 - len(removed.get(block, ())) and module.embed_dim == 64
+        assert module.out_proj.weight.shape == (64, heads * module.head_dim) == (64, module.out_proj.in_features)
     # no hub for a model timm can't build by name: the width plan (as JSON) + state_dict round trip
-    plan = json.loads(json.dumps(width_plan(slim, TokenAttention(**kwargs))))
-    loaded = apply_width_plan(TokenAttention(**kwargs), plan).eval()
+    plan = json.loads(json.dumps(width_plan(slim, kind(**kwargs))))
+    loaded = apply_width_plan(kind(**kwargs), plan).eval()
     loaded.load_state_dict(slim.state_dict())
-    assert type(loaded.attn) is SlimMultiheadAttention and head_counts(loaded) == head_counts(slim)
+    assert head_counts(loaded) == head_counts(slim)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in slim.modules()]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), slim(x), rtol=0, atol=0)
@@ -458,11 +487,13 @@ def test_the_slim_multihead_forward_computes_what_the_masked_module_computes(bat
 
 
 def test_multihead_attention_heads_that_cannot_be_removed_exactly_stay_whole_with_the_reason(monkeypatch):
-    # nn.TransformerEncoderLayer's inference fast path reads self_attn's tensors without calling its forward
+    # a torch whose nn.TransformerEncoderLayer forward no longer matches: its fast path reads self_attn's tensors
     layer = torch.nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, batch_first=True)
-    groups = {g.name: g for g in find_channel_groups(layer, torch.randn(2, 5, 16))}
-    heads = groups["self_attn"]
-    assert heads.width == 4 and not heads.prunable and "TransformerEncoderLayer" in heads.reason, heads.reason
+    with monkeypatch.context() as patch:
+        patch.setitem(REFUSED, torch.nn.TransformerEncoderLayer, "has no slim forward: (a torch that changed it)")
+        heads = {g.name: g for g in find_channel_groups(layer, torch.randn(2, 5, 16))}["self_attn"]
+    assert heads.width == 4 and not heads.prunable, heads.reason
+    assert heads.reason == "is inside TransformerEncoderLayer, which has no slim forward: (a torch that changed it)"
     # a model whose output reads the head-averaged weights (the masked module's mean counts its dead heads)
     class UsesWeights(TokenAttention):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,13 @@ kdim/vdim, batch_first, unbatched inputs) is torch's code. ``head_dim``, hence t
 edit must match its expected number of times; when a torch release changed one of these functions, the class gets
 no slim subclass and :data:`~chase_timm.adapters.attention.REFUSED` says why (its heads then stay whole).
 
-The class is registered with the timm slim subclasses (:data:`~chase_timm.adapters.attention.SLIM`): only a resized
-instance switches to it (``chase_timm.heads.refresh_heads``), parameters and state_dict keys unchanged.
+``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` compute inference on a fast path that bypasses the
+attention module's forward (``torch._transformer_encoder_layer_fwd`` from ``self_attn``'s tensors and ``embed_dim //
+num_heads``; nested tensors for padded batches): their slim subclasses are torch's forwards with that fast path off.
+
+The classes are registered with the timm slim subclasses (:data:`~chase_timm.adapters.attention.SLIM`): only a
+resized instance (a container: one holding a resized tensor) switches to its slim class
+(``chase_timm.heads.refresh_heads``), parameters and state_dict keys unchanged.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import torch.nn.functional as F
 from . import require
 from .attention import REFUSED, edited, register
 
-__all__ = ["check_version", "SlimMultiheadAttention"]
+__all__ = ["check_version", "SlimMultiheadAttention", "SlimTransformerEncoderLayer", "SlimTransformerEncoder"]
 
 
 def check_version(found: str = torch.__version__) -> None:
@@ -75,3 +80,10 @@ else:
          '"the module lost heads (its slim forward has no fast path)"', 1),
         ("F.multi_head_attention_forward(", "_slim_multi_head_attention_forward(", 2)],
         {"_slim_multi_head_attention_forward": _FUNCTIONAL}, __name__)
+# nn.TransformerEncoderLayer's inference fast path (torch._transformer_encoder_layer_fwd) reads its self_attn's
+# tensors with embed_dim // num_heads without calling its forward, and nn.TransformerEncoder's packs a padded batch
+# into a nested tensor for it: a container whose modules were resized runs torch's forward without them
+_NO_FAST_PATH = ("is_fastpath_enabled = torch.backends.mha.get_fastpath_enabled()", "is_fastpath_enabled = False", 1)
+SlimTransformerEncoderLayer = register(nn.TransformerEncoderLayer, "SlimTransformerEncoderLayer", [_NO_FAST_PATH],
+                                       module=__name__)
+SlimTransformerEncoder = register(nn.TransformerEncoder, "SlimTransformerEncoder", [_NO_FAST_PATH], module=__name__)
