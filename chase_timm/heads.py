@@ -11,8 +11,8 @@ EVA, BEiT, Swin V2, CaiT's class attention, PVT-v2, Twins and the cross-covarian
 reshape their heads' output to the input width in timm's forward; a resized one switches to its slim subclass
 (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left). torch's
 ``nn.MultiheadAttention`` takes its attention width from the input as well and gets one too
-(:mod:`chase_timm.adapters.multihead`), except as an ``nn.TransformerEncoderLayer``'s ``self_attn`` (its inference
-fast path bypasses the module's forward).
+(:mod:`chase_timm.adapters.multihead`), as do ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` holding
+it (torch's forward without the inference fast path that bypasses the attention's forward).
 
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), and
 :func:`refresh_heads` re-derives a resized module's attributes (``num_heads``, ``attn_dim``, ...) from its tensor
