@@ -470,13 +470,14 @@ def test_the_slim_multihead_forward_computes_what_the_masked_module_computes(bat
                 torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
                 if weights and not average:  # the weights of the heads left are the masked module's
                     torch.testing.assert_close(out_weights, expected_weights[:, [0, 2]], rtol=1e-9, atol=1e-12)
-        if "kdim" not in options:  # self-attention: causal, and an unbatched input
+        if "kdim" not in options:  # packed weights: keys as values (the encoder-decoder split), causal self-attention
+            torch.testing.assert_close(slim(query, key, key)[0], masked(query, key, key)[0], rtol=1e-9, atol=1e-12)
             causal = torch.nn.Transformer.generate_square_subsequent_mask(tgt)
             for weights in (False, True):
                 expected = masked(query, query, query, attn_mask=causal, is_causal=True, need_weights=weights)[0]
                 out = slim(query, query, query, attn_mask=causal, is_causal=True, need_weights=weights)[0]
                 torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
-            one = query[0] if batch_first else query[:, 0]
+            one = query[0] if batch_first else query[:, 0]  # unbatched
             torch.testing.assert_close(slim(one, one, one)[0], masked(one, one, one)[0], rtol=1e-9, atol=1e-12)
         # on an unshrunk module the slim forward is torch's, bit for bit
         whole = copy.deepcopy(module)
