@@ -359,7 +359,8 @@ class TokenAttention(torch.nn.Module):
 
 class TokenEncoder(torch.nn.Module):
     """``test_vit``'s tokens (the last one padding) through a 2-layer ``nn.TransformerEncoder`` of 8 heads, whose
-    inference fast path packs the padded batch into a nested tensor and runs ``torch._transformer_encoder_layer_fwd``."""
+    inference fast path packs the padded batch into a nested tensor and runs
+    ``torch._transformer_encoder_layer_fwd``."""
 
     def __init__(self):
         super().__init__()
@@ -403,7 +404,8 @@ def test_multihead_attention_loses_whole_heads_while_training_and_exports_exactl
         assert type(module) is SlimMultiheadAttention and isinstance(module, torch.nn.MultiheadAttention)
         assert head_counts(model)[block] == 8 - len(heads) >= 1
     if kind is TokenEncoder:  # the containers whose fast path bypasses the attention's forward run torch's without it
-        assert type(model.encoder) is SlimTransformerEncoder and type(model.encoder.layers[0]) is SlimTransformerEncoderLayer
+        assert type(model.encoder) is SlimTransformerEncoder
+        assert type(model.encoder.layers[0]) is SlimTransformerEncoderLayer
 
     row = zoo_coverage.check_model("token_attention", prune_skip=False, channel_sparsity=0.6, keep_models=True)
     assert row["rel_diff"] <= 1e-4, row["rel_diff"]  # float32 export == masked model (on torch's fast path)

@@ -89,8 +89,8 @@ def slim_subclass(base: type, name: str, edits: Sequence[Edit], names: Optional[
     if isinstance(forward, str):
         return f"has no slim forward: {forward}"
     forward.__qualname__, forward.__module__ = f"{name}.forward", module
-    return type(name, (base,), {"forward": forward, "__module__": module, "__qualname__": name,
-                                "__doc__": f"{base.__qualname__} with its output width following its heads."})
+    doc = f"{base.__qualname__} running with its resized widths (its forward: the library's, edited)."
+    return type(name, (base,), {"forward": forward, "__module__": module, "__qualname__": name, "__doc__": doc})
 
 
 def register(base: type, name: str, edits: Sequence[Edit], names: Optional[Mapping[str, Any]] = None,

@@ -69,21 +69,21 @@ def _slim_functional() -> Union[Callable, str]:
     return forward
 
 
+_NO_FAST_PATH = ("is_fastpath_enabled = torch.backends.mha.get_fastpath_enabled()", "is_fastpath_enabled = False", 1)
 _FUNCTIONAL = _slim_functional()
 if isinstance(_FUNCTIONAL, str):
     REFUSED[nn.MultiheadAttention] = f"has no slim forward: {_FUNCTIONAL}"
     SlimMultiheadAttention: Optional[type] = None
 else:
     SlimMultiheadAttention = register(nn.MultiheadAttention, "SlimMultiheadAttention", [
-        ("is_fastpath_enabled = torch.backends.mha.get_fastpath_enabled()", "is_fastpath_enabled = False", 1),
-        ('"torch.backends.mha.get_fastpath_enabled() was not True"',
-         '"the module lost heads (its slim forward has no fast path)"', 1),
+        _NO_FAST_PATH, ('"torch.backends.mha.get_fastpath_enabled() was not True"',
+                        '"the module lost heads (its slim forward has no fast path)"', 1),
         ("F.multi_head_attention_forward(", "_slim_multi_head_attention_forward(", 2)],
         {"_slim_multi_head_attention_forward": _FUNCTIONAL}, __name__)
+
 # nn.TransformerEncoderLayer's inference fast path (torch._transformer_encoder_layer_fwd) reads its self_attn's
 # tensors with embed_dim // num_heads without calling its forward, and nn.TransformerEncoder's packs a padded batch
-# into a nested tensor for it: a container whose modules were resized runs torch's forward without them
-_NO_FAST_PATH = ("is_fastpath_enabled = torch.backends.mha.get_fastpath_enabled()", "is_fastpath_enabled = False", 1)
+# into a nested tensor for it: a container holding resized tensors runs torch's forward without that path
 SlimTransformerEncoderLayer = register(nn.TransformerEncoderLayer, "SlimTransformerEncoderLayer", [_NO_FAST_PATH],
                                        module=__name__)
 SlimTransformerEncoder = register(nn.TransformerEncoder, "SlimTransformerEncoder", [_NO_FAST_PATH], module=__name__)
