@@ -320,7 +320,7 @@ def _head_draft(ctx: _Context, name: str, module: nn.Module, spec: HeadSpec,
         _add_tensors(ctx, draft, owner, (attr,), piece.role, by_root, dim=piece.dim)
         if piece.dim == 0 and isinstance(owner, (nn.modules.conv._ConvNd, nn.Linear)):  # e.g. Swin V2's cpb_mlp
             covered.setdefault(owner, set()).update(p for positions in piece.index for p in positions)
-        if piece.role == "producer" and isinstance(owner, (nn.modules.conv._ConvNd, nn.Linear)):
+        if piece.role == "producer" and isinstance(owner, (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)):
             if spec.stream:
                 ctx.tied_inputs[owner] = spec.stream
             if owner not in ctx.graph.module2node and not spec.reason:

@@ -10,7 +10,10 @@ scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``).
 
 EVA, BEiT, Swin V2, CaiT's class attention, PVT-v2, Twins, DaViT and the cross-covariance attention of EdgeNeXt and
 XCiT reshape their heads' output to the input width in timm's forward; a resized one switches to its slim subclass
-(:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left).
+(:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left). torch's
+``nn.MultiheadAttention`` takes its attention width from the input as well and gets one too
+(:mod:`chase_timm.adapters.multihead`), as do ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` holding
+it (torch's forward without the inference fast path that bypasses the attention's forward).
 
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), and
 :func:`refresh_heads` re-derives a resized module's attributes (``num_heads``, ``attn_dim``, ...) from its tensor
@@ -28,6 +31,7 @@ from timm.layers import Attention, AttentionRope
 from timm.models import (beit, cait, davit, edgenext, eva, levit, pvt_v2, swin_transformer, swin_transformer_v2,
                          tiny_vit, twins, vision_transformer_sam as sam, xcit)
 
+from .adapters import multihead  # noqa: F401  registers nn.MultiheadAttention's slim forward (or why none)
 from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
 
 __all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "refresh_heads", "head_counts", "qkv_as_modules"]
@@ -36,13 +40,16 @@ __all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "refresh_heads", "
 # (chase_timm.adapters.attention, SLIM) and left whole when this timm's forward did not match its edits (REFUSED)
 _RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention, levit.AttentionDownsample,
               tiny_vit.Attention, sam.Attention, *SLIM)
+# torch containers whose inference fast path bypasses their MultiheadAttention's forward: resized, they switch to
+# their slim subclass (torch's forward without that fast path), else their attention's heads stay
+_CONTAINERS = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
 _XCA = (edgenext.CrossCovarianceAttn, xcit.XCA)  # cross-covariance attention: one temperature per head
 _TWINS = (twins.GlobalSubSampleAttn, twins.LocallyGroupedAttn)
 _DAVIT = (davit.ChannelAttention, davit.WindowAttention)
 _LEVIT = (levit.Attention, levit.AttentionDownsample, tiny_vit.Attention)  # q, k, v interleaved per head
 _LEFT_WHOLE = {
     cait.TalkingHeadAttn: "mixes heads before and after the softmax (proj_l, proj_w), so a head is not separable",
-    **REFUSED,
+    **{kind: reason for kind, reason in REFUSED.items() if kind not in _CONTAINERS},
 }
 # modules whose input width is their attention width when their class has no slim forward: the stream feeding
 # them stays whole too, and why
@@ -77,9 +84,12 @@ class HeadSpec:
 
 
 def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[HeadSpec]:
-    """The heads of a known timm attention module (``reason`` set when they must stay), else ``None``.
-    ``model``: the model holding it, for what only the model knows (BEiT's shared relative position bias)."""
+    """The heads of a known timm attention module or ``nn.MultiheadAttention`` (``reason`` set when they must stay),
+    else ``None``. ``model``: the model holding it, for what only the model knows (BEiT's shared relative position
+    bias, the ``nn.TransformerEncoderLayer`` holding a MultiheadAttention)."""
     kind = timm_class(type(module))
+    if kind is nn.MultiheadAttention:
+        return _multihead(module, model)
     if kind in _LEFT_WHOLE:
         return _left_whole(module, _LEFT_WHOLE[kind])
     if kind in (Attention, AttentionRope, eva.EvaAttention):
@@ -99,21 +109,23 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
 
 
 def has_heads(module: nn.Module) -> bool:
-    """Whether ``module`` is an attention module :func:`refresh_heads` re-derives after a resize (or refuses: a
-    class this timm gives no slim forward)."""
+    """Whether ``module`` is an attention module (or a torch Transformer container of one) :func:`refresh_heads`
+    re-derives after a resize (or refuses: a class this timm or torch gives no slim forward)."""
     kind = timm_class(type(module))
-    return kind in _RESIZABLE or kind in REFUSED
+    return kind in _RESIZABLE or kind in REFUSED and kind not in _CONTAINERS
 
 
 def refresh_heads(module: nn.Module, name: str = "attention") -> None:
     """Re-derive a (resized) attention module's head attributes from its tensor shapes; ValueError if they
     disagree. ``head_dim`` and ``scale`` never change (whole heads only); other modules are left alone. A module
     whose timm forward reshapes to the input width switches to its slim subclass (same tensors), whose output
-    width follows the heads left."""
+    width follows the heads left; so does an ``nn.MultiheadAttention``, and a torch Transformer encoder (layer)
+    holding a resized tensor switches to torch's forward without its fast path."""
     kind = timm_class(type(module))
-    if kind in REFUSED:  # a width plan made where the class had a slim forward, replayed where it has none
+    if kind in REFUSED and kind not in _CONTAINERS:  # a width plan made where the class had a slim forward, replayed
+        # where it has none (a container without one keeps torch's forward: its attention's heads stayed whole)
         raise ValueError(f"{name}: {kind.__name__} {REFUSED[kind]}, so it cannot run with the widths it was "
-                         "saved with; load it with the timm release it was saved with")
+                         f"saved with; load it with the {kind.__module__.split('.')[0]} release it was saved with")
     if kind not in _RESIZABLE:
         return
     if kind in (Attention, AttentionRope, eva.EvaAttention):
@@ -157,6 +169,13 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         _check(name, "proj columns", module.proj.in_features,
                module.proj.in_features // module.num_heads * module.num_heads)
         _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
+    elif kind is nn.MultiheadAttention:  # embed_dim, kdim and vdim are the input widths, which stay
+        module.num_heads = _heads(name, module.out_proj.in_features, module.head_dim)
+        layers = ("in_proj_weight",) if module.in_proj_weight is not None else tuple(f"{p}_proj_weight" for p in "qkv")
+        rows = sum(getattr(module, t).shape[0] for t in layers)
+        _check(name, "q/k/v rows", rows, 3 * module.out_proj.in_features)
+        if module.in_proj_bias is not None:
+            _check(name, "q/k/v bias", module.in_proj_bias.shape[0], rows)
     elif kind in _LEVIT:
         heads = module.attention_biases.shape[0]
         module.num_heads = heads
@@ -248,6 +267,29 @@ def _timm_attention(module: nn.Module) -> HeadSpec:
     elif not isinstance(module.norm, nn.Identity):
         reason = (f"scale_norm ({type(module.norm).__name__}) normalises across all heads, so a zeroed head "
                   "changes the others")
+    return HeadSpec(heads, hd, tuple(slices), reason)
+
+
+def _multihead(module: nn.MultiheadAttention, model: Optional[nn.Module]) -> HeadSpec:
+    """torch's nn.MultiheadAttention: the packed ``in_proj_weight`` (q | k | v blocks) or separate
+    ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` (kdim/vdim), ``in_proj_bias`` (q | k | v), ``bias_k`` and
+    ``bias_v`` (add_bias_kv: the last dim is the attention width), ``out_proj`` columns."""
+    heads = module.num_heads
+    hd = module.out_proj.in_features // heads
+    per_head, qkv = _blocks(heads, hd), _qkv_rows(heads, hd)
+    if module.in_proj_weight is not None:
+        slices = [HeadSlice("in_proj_weight", 0, "producer", qkv)]
+    else:
+        slices = [HeadSlice(f"{p}_proj_weight", 0, "producer", per_head) for p in "qkv"]
+    if module.in_proj_bias is not None:
+        slices.append(HeadSlice("in_proj_bias", 0, "bias", qkv))
+    slices += [HeadSlice(f"bias_{p}", 2, "bias", per_head) for p in "kv" if getattr(module, f"bias_{p}") is not None]
+    slices.append(HeadSlice("out_proj.weight", 1, "consumer", per_head))
+    reason = f"MultiheadAttention {REFUSED[nn.MultiheadAttention]}" if nn.MultiheadAttention in REFUSED else ""
+    container = next((m for m in (model.modules() if model is not None else ()) if isinstance(m, _CONTAINERS)
+                      and timm_class(type(m)) in REFUSED and any(c is module for c in m.modules())), None)
+    if container is not None and not reason:  # its fast path reads the tensors with embed_dim // num_heads
+        reason = f"is inside {type(container).__name__}, which {REFUSED[timm_class(type(container))]}"
     return HeadSpec(heads, hd, tuple(slices), reason)
 
 

@@ -3,8 +3,12 @@
 For ViT, Swin and LeViT: a float64 shrinking run equals its masking twin (``recipes/shrink_equivalence.py`` at
 ``TOLERANCE = 1e-9``) with heads actually removed; the float32 export matches the masked model (<= 1e-4 relative);
 ``save_pretrained`` -> ``local-dir:`` reloads the same outputs with the same ``num_heads`` per block; and the slim
-model's fused (SDPA) and eager attention paths agree.
+model's fused (SDPA) and eager attention paths agree. torch's ``nn.MultiheadAttention`` (on a ``test_vit`` backbone,
+as users wrap timm models): the same twin and export checks, a width plan + state_dict round trip, and the module
+itself under every mask and ``need_weights`` option.
 """
+import copy
+import json
 import math
 import pickle
 
@@ -14,13 +18,15 @@ import torch
 
 import chase_timm
 from chase_timm._timm import named_tensors
-from chase_timm.adapters.attention import REFUSED, SLIM, slim_subclass, timm_class, use_slim_forward
+from chase_timm.adapters.attention import REFUSED, SLIM, edited, slim_subclass, timm_class, use_slim_forward
+from chase_timm.adapters.multihead import SlimMultiheadAttention, SlimTransformerEncoder, SlimTransformerEncoderLayer
 from chase_timm.channels import ChannelState, select_channels
 from chase_timm.cli import main
 from chase_timm.graph import ChannelGroup, find_channel_groups
 from chase_timm.heads import head_counts, head_spec, refresh_heads
 from chase_timm.hub import slim_summary
-from chase_timm.slim import slice_in_place
+from chase_timm.slim import apply_width_plan, slice_in_place, width_plan
+import shrink_equivalence
 import zoo_coverage
 from shrink_equivalence import compare, float64
 from timm.models import (beit, cait, davit, edgenext, eva, pvt_v2, swin_transformer_v2, tiny_vit, twins,
@@ -345,3 +351,192 @@ def test_attention_heads_recipe_refuses_an_unknown_channel_cost(capsys):
     with pytest.raises(SystemExit):  # argparse, before any model is built
         attention_heads.main(["--models", "test_vit", "--channel-cost", "flop"])
     assert "invalid choice: 'flop'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ torch's nn.MultiheadAttention
+
+class TokenAttention(torch.nn.Module):
+    """A user's model on a timm backbone: ``test_vit``'s tokens through one ``nn.MultiheadAttention`` of 8 heads
+    (self-attention, or keys/values projected to ``kdim``/``vdim``), mean-pooled into a classifier."""
+
+    def __init__(self, batch_first: bool = True, padding: bool = False, **mha):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = timm.create_model("test_vit", pretrained=False, num_classes=0, global_pool="", img_size=32)
+        width = self.backbone.num_features
+        self.k = torch.nn.Linear(width, mha["kdim"]) if mha.get("kdim") else None
+        self.v = torch.nn.Linear(width, mha["vdim"]) if mha.get("vdim") else None
+        self.attn = torch.nn.MultiheadAttention(width, 8, batch_first=batch_first, **mha)
+        self.fc = torch.nn.Linear(width, 10)
+        self.padding = padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone.forward_features(x)
+        mask = None
+        if self.padding:  # the last token is padding
+            mask = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=x.device)
+            mask[:, -1] = True
+        q = tokens if self.attn.batch_first else tokens.transpose(0, 1)
+        k, v = (q if layer is None else layer(q) for layer in (self.k, self.v))
+        out = self.attn(q, k, v, key_padding_mask=mask, need_weights=False)[0]
+        return self.fc((out if self.attn.batch_first else out.transpose(0, 1)).mean(1))
+
+
+class TokenEncoder(torch.nn.Module):
+    """``test_vit``'s tokens (the last one padding) through a 2-layer ``nn.TransformerEncoder`` of 8 heads, whose
+    inference fast path packs the padded batch into a nested tensor and runs
+    ``torch._transformer_encoder_layer_fwd``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = timm.create_model("test_vit", pretrained=False, num_classes=0, global_pool="", img_size=32)
+        layer = torch.nn.TransformerEncoderLayer(64, 8, dim_feedforward=128, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2)
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone.forward_features(x)
+        padding = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=x.device)
+        padding[:, -1] = True
+        return self.fc(self.encoder(tokens, src_key_padding_mask=padding)[:, 0])
+
+
+MHA_MODELS = {"batch_first": (TokenAttention, {}),
+              "sequence_first-key_padding_mask": (TokenAttention, {"batch_first": False, "padding": True}),
+              "kdim_vdim-bias_kv-zero_attn-no_bias": (TokenAttention, {"kdim": 48, "vdim": 40, "add_bias_kv": True,
+                                                                       "add_zero_attn": True, "bias": False}),
+              "transformer_encoder": (TokenEncoder, {})}
+
+
+@pytest.mark.parametrize("case", MHA_MODELS)
+def test_multihead_attention_loses_whole_heads_while_training_and_exports_exactly(case, monkeypatch):
+    kind, kwargs = MHA_MODELS[case]
+    build = lambda name, **_: kind(**kwargs)  # the harnesses build this model instead of a timm name
+    monkeypatch.setattr(shrink_equivalence, "tiny_model", build)
+    monkeypatch.setattr(zoo_coverage, "build", build)
+    blocks = [n for n, m in build("").named_modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    with float64():
+        result = compare("token_attention", "adamw", channel_sparsity=0.6)  # e.g. 8 -> 2 -> 1 heads: two shrinks
+    assert result.refused is None and result.error is None, (result.refused, result.error)
+    removed = {b: result.removed[b] for b in blocks if result.removed.get(b)}
+    assert removed, result.removed.keys()
+    assert result.removed == result.twin_removed and result.masks_equal
+    assert result.worst()[1] <= 1e-9, (result.worst(), result.diffs)
+    model = result.run[0]
+    for block, heads in removed.items():
+        module = model.get_submodule(block)
+        assert type(module) is SlimMultiheadAttention and isinstance(module, torch.nn.MultiheadAttention)
+        assert head_counts(model)[block] == 8 - len(heads) >= 1
+    if kind is TokenEncoder:  # the containers whose fast path bypasses the attention's forward run torch's without it
+        assert type(model.encoder) is SlimTransformerEncoder
+        assert type(model.encoder.layers[0]) is SlimTransformerEncoderLayer
+
+    row = zoo_coverage.check_model("token_attention", prune_skip=False, channel_sparsity=0.6, keep_models=True)
+    assert row["rel_diff"] <= 1e-4, row["rel_diff"]  # float32 export == masked model (on torch's fast path)
+    slim, removed = row["slim"].eval(), row["chase"].removed_channels()
+    assert any(removed.get(b) for b in blocks)
+    for block in blocks:
+        module, heads = slim.get_submodule(block), head_counts(slim)[block]
+        assert heads == 8 - len(removed.get(block, ())) and module.embed_dim == 64
+        assert module.out_proj.weight.shape == (64, heads * module.head_dim) == (64, module.out_proj.in_features)
+    # no hub for a model timm can't build by name: the width plan (as JSON) + state_dict round trip
+    plan = json.loads(json.dumps(width_plan(slim, kind(**kwargs))))
+    loaded = apply_width_plan(kind(**kwargs), plan).eval()
+    loaded.load_state_dict(slim.state_dict())
+    assert head_counts(loaded) == head_counts(slim)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in slim.modules()]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), slim(x), rtol=0, atol=0)
+
+
+def _mha_twins(module: torch.nn.MultiheadAttention, drop: list[int]) -> tuple:
+    """The module with heads ``drop`` masked (every slice of its head_spec zeroed, as Chase masks them) and with
+    them sliced out (``slice_in_place``, as ``shrink``/``export`` remove them)."""
+    masked, slim = copy.deepcopy(module), copy.deepcopy(module)
+    tensors, removals = dict(named_tensors(masked)), {}
+    with torch.no_grad():
+        for piece in head_spec(module).slices:
+            positions = [p for h in drop for p in piece.index[h]]
+            tensors[piece.tensor].index_fill_(piece.dim, torch.tensor(positions), 0.0)
+            removals[piece.tensor] = {piece.dim: positions}
+    slice_in_place(slim, removals)
+    return masked, slim
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("options", [{}, {"bias": False, "add_bias_kv": True, "add_zero_attn": True},
+                                     {"kdim": 12, "vdim": 10, "add_bias_kv": True}])
+def test_the_slim_multihead_forward_computes_what_the_masked_module_computes(batch_first, options):
+    with float64(), torch.no_grad():  # inference: the masked module takes torch's fast path where it can
+        torch.manual_seed(0)
+        module = torch.nn.MultiheadAttention(16, 4, dropout=0.5, batch_first=batch_first, **options).eval()
+        masked, slim = _mha_twins(module, [1, 3])
+        assert type(slim) is SlimMultiheadAttention and slim.num_heads == 2 and slim.embed_dim == 16
+        assert slim.head_dim == module.head_dim  # so the scale is the same
+        batch, tgt, src = 3, 5, 6
+        query = torch.randn(batch, tgt, 16)
+        key, value = torch.randn(batch, src, options.get("kdim", 16)), torch.randn(batch, src, options.get("vdim", 16))
+        if not batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        padding = torch.zeros(batch, src, dtype=torch.bool)
+        padding[:, -2:] = True
+        per_head = torch.rand(batch, tgt, src) > 0.7  # a 3-D mask has one (tgt, src) slice per head of the module
+        calls = [{}, {"key_padding_mask": padding}, {"key_padding_mask": padding.double() * -1e4},
+                 {"attn_mask": torch.rand(tgt, src) > 0.7}, {"attn_mask": torch.randn(tgt, src)},
+                 {"attn_mask": (per_head.repeat_interleave(4, 0), per_head.repeat_interleave(2, 0))}]
+        for call in calls:
+            for weights, average in ((False, True), (True, True), (True, False)):
+                masks = {k: v[0] if isinstance(v, tuple) else v for k, v in call.items()}, \
+                    {k: v[1] if isinstance(v, tuple) else v for k, v in call.items()}
+                expected, expected_weights = masked(query, key, value, need_weights=weights,
+                                                    average_attn_weights=average, **masks[0])
+                out, out_weights = slim(query, key, value, need_weights=weights, average_attn_weights=average,
+                                        **masks[1])
+                torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
+                if weights and not average:  # the weights of the heads left are the masked module's
+                    torch.testing.assert_close(out_weights, expected_weights[:, [0, 2]], rtol=1e-9, atol=1e-12)
+        if "kdim" not in options:  # packed weights: keys as values (the encoder-decoder split), causal self-attention
+            torch.testing.assert_close(slim(query, key, key)[0], masked(query, key, key)[0], rtol=1e-9, atol=1e-12)
+            causal = torch.nn.Transformer.generate_square_subsequent_mask(tgt)
+            for weights in (False, True):
+                expected = masked(query, query, query, attn_mask=causal, is_causal=True, need_weights=weights)[0]
+                out = slim(query, query, query, attn_mask=causal, is_causal=True, need_weights=weights)[0]
+                torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
+            one = query[0] if batch_first else query[:, 0]  # unbatched
+            torch.testing.assert_close(slim(one, one, one)[0], masked(one, one, one)[0], rtol=1e-9, atol=1e-12)
+        # on an unshrunk module the slim forward is torch's, bit for bit
+        whole = copy.deepcopy(module)
+        use_slim_forward(whole)
+        torch.testing.assert_close(whole(query, key, value)[0], module(query, key, value)[0], rtol=0, atol=0)
+        assert timm_class(type(whole)) is torch.nn.MultiheadAttention
+        pickle.loads(pickle.dumps(slim))  # a module-level class
+
+
+def test_multihead_attention_heads_that_cannot_be_removed_exactly_stay_whole_with_the_reason(monkeypatch):
+    # a torch whose nn.TransformerEncoderLayer forward no longer matches: its fast path reads self_attn's tensors
+    layer = torch.nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, batch_first=True)
+    with monkeypatch.context() as patch:
+        patch.setitem(REFUSED, torch.nn.TransformerEncoderLayer, "has no slim forward: (a torch that changed it)")
+        heads = {g.name: g for g in find_channel_groups(layer, torch.randn(2, 5, 16))}["self_attn"]
+    assert heads.width == 4 and not heads.prunable, heads.reason
+    assert heads.reason == "is inside TransformerEncoderLayer, which has no slim forward: (a torch that changed it)"
+    # a model whose output reads the head-averaged weights (the masked module's mean counts its dead heads)
+    class UsesWeights(TokenAttention):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tokens = self.backbone.forward_features(x)
+            out, weights = self.attn(tokens, tokens, tokens, need_weights=True)
+            return self.fc(out.mean(1)) + 10 * weights.amax((1, 2)).unsqueeze(1)
+
+    heads = {g.name: g for g in find_channel_groups(UsesWeights(), torch.randn(1, 3, 32, 32))}["attn"]
+    assert not heads.prunable and "numerical check" in heads.reason, heads.reason
+    # a torch whose forward no longer matches the edits: heads whole, and a saved plan that resized one is refused
+    assert edited(torch.nn.functional._in_projection_packed, [("E = q.size(-1)", "E", 2)]) == (
+        "torch.nn.functional._in_projection_packed holds 'E = q.size(-1)' 1 times, not 2 (this torch changed it)")
+    model = TokenAttention()
+    monkeypatch.setitem(REFUSED, torch.nn.MultiheadAttention, "has no slim forward: (a torch that changed it)")
+    groups = {g.name: g for g in find_channel_groups(model, torch.randn(1, 3, 32, 32))}
+    assert not groups["attn"].prunable and "MultiheadAttention has no slim forward" in groups["attn"].reason
+    with pytest.raises(ValueError, match=r"attn: MultiheadAttention has no slim forward.*torch release it was saved"):
+        refresh_heads(model.attn, "attn")

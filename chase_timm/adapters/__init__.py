@@ -2,8 +2,9 @@
 
 ``torch_pruning`` (Torch-Pruning's dependency-walk internals), ``autograd`` (autograd graph nodes' saved values and
 ``nn.Module`` hook/buffer bookkeeping), ``ddp`` (rebuilding a live ``DistributedDataParallel``), ``timm`` (the model
-args ``timm.create_model`` records), ``optim`` (timm ``Lookahead``'s base optimizer) and ``attention`` (slim
-subclasses of timm attention classes, their forward derived from timm's source). Each adapter defines
+args ``timm.create_model`` records), ``optim`` (timm ``Lookahead``'s base optimizer), ``attention`` (slim
+subclasses of timm attention classes, their forward derived from timm's source) and ``multihead`` (the same for
+torch's ``nn.MultiheadAttention`` and the functional attention it calls). Each adapter defines
 ``check_version(found)`` and calls it when it is first imported: on a version it was not written for it fails with one clear line. The supported ranges live in
 :data:`SUPPORTED`, the same ranges pyproject.toml declares (a test keeps the two equal).
 """

@@ -14,14 +14,15 @@ stay whole).
 Nothing in timm is patched: only a resized instance changes class (``module.__class__ = slim``, done by
 :func:`chase_timm.heads.refresh_heads`), to a subclass, so ``isinstance`` still holds, parameters (and optimizer
 state) are untouched and state_dict keys are unchanged. The subclasses are module-level names here, so deep
-copies, pickling and ``torch.compile`` see ordinary classes.
+copies, pickling and ``torch.compile`` see ordinary classes. :func:`edited` and :func:`register` also serve
+:mod:`chase_timm.adapters.multihead`, which registers torch's ``nn.MultiheadAttention`` the same way.
 """
 from __future__ import annotations
 
 import inspect
 import linecache
 import textwrap
-from typing import Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import timm
 import torch.nn as nn
@@ -29,16 +30,18 @@ from timm.models import beit, cait, davit, edgenext, eva, pvt_v2, swin_transform
 
 from . import require
 
-__all__ = ["check_version", "SLIM", "REFUSED", "slim_subclass", "use_slim_forward", "timm_class",
+__all__ = ["check_version", "SLIM", "REFUSED", "edited", "slim_subclass", "register", "use_slim_forward",
+           "timm_class",
            "SlimEvaAttention", "SlimBeitAttention", "SlimWindowAttentionV2", "SlimClassAttn",
            "SlimCrossCovarianceAttn", "SlimXCA", "SlimPvtV2Attention",
            "SlimGlobalSubSampleAttn", "SlimLocallyGroupedAttn", "SlimChannelAttention",
            "SlimChannelAttentionV2", "SlimDavitWindowAttention"]
 
-Edit = tuple[str, str, int]  # (timm's text, replacement, how many times it must occur)
+Edit = tuple[str, str, int]  # (the library's text, replacement, how many times it must occur)
 
-SLIM: dict[type, type] = {}  # timm class -> its slim subclass
-REFUSED: dict[type, str] = {}  # timm class -> why it has no slim subclass (timm changed its forward)
+SLIM: dict[type, type] = {}  # timm (or torch) class -> its slim subclass
+_BASE: dict[type, type] = {}  # slim subclass -> its timm (or torch) class
+REFUSED: dict[type, str] = {}  # timm (or torch) class -> why it has no slim subclass (the library changed its forward)
 
 
 def check_version(found: str = timm.__version__) -> None:
@@ -49,73 +52,84 @@ def check_version(found: str = timm.__version__) -> None:
 check_version()
 
 
-def slim_subclass(base: type, name: str, edits: Sequence[Edit]) -> Union[type, str]:
-    """A subclass of ``base`` named ``name`` (in this module) whose forward is ``base.forward`` with ``edits``
-    applied, or why there is none: its source is unavailable (a timm installed without .py files), an edit does
-    not occur exactly its count of times (timm changed the forward), or the forward is a closure or decorated
-    (its source alone would not rebuild it)."""
-    forward, where = base.forward, f"{base.__module__}.{base.__qualname__}.forward"
+def edited(function: Callable, edits: Sequence[Edit], names: Optional[Mapping[str, Any]] = None
+           ) -> Union[Callable, str]:
+    """``function`` compiled again from its own source with ``edits`` applied, its names resolved in its own
+    module (``names`` first: replacements for functions it calls), or why there is none: its source is
+    unavailable (a library installed without .py files), an edit does not occur exactly its count of times (the
+    library changed the function), or it is a closure or decorated (its source alone would not rebuild it)."""
+    where = f"{function.__module__}.{function.__qualname__}"
+    library = str(function.__module__).split(".")[0]
     try:
-        source = textwrap.dedent(inspect.getsource(forward))
+        source = textwrap.dedent(inspect.getsource(function))
     except (OSError, TypeError) as err:
-        return f"has no slim forward: the source of {where} is unavailable ({err})"
-    if forward.__code__.co_freevars or source.lstrip().startswith("@"):
-        return f"has no slim forward: {where} is a closure or decorated"
+        return f"the source of {where} is unavailable ({err})"
+    if function.__code__.co_freevars or source.lstrip().startswith("@"):
+        return f"{where} is a closure or decorated"
     for old, new, count in edits:
         found = source.count(old)
         if found != count:
-            return f"has no slim forward: {where} holds {old!r} {found} times, not {count} (this timm changed it)"
+            return f"{where} holds {old!r} {found} times, not {count} (this {library} changed it)"
         source = source.replace(old, new)
-    filename = f"<chase_timm slim forward of {where}>"
+    filename = f"<chase_timm slim version of {where}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks show it
+    scope = function.__globals__ if names is None else {**function.__globals__, **names}
     namespace: dict = {}
-    try:  # names resolve as in timm's module; no __future__ flags inherited from this file
-        exec(compile(source, filename, "exec", dont_inherit=True), forward.__globals__, namespace)
+    try:  # no __future__ flags inherited from this file
+        exec(compile(source, filename, "exec", dont_inherit=True), scope, namespace)
     except SyntaxError as err:
-        return f"has no slim forward: {where} does not compile on its own ({err})"
-    slim_forward = namespace["forward"]
-    slim_forward.__qualname__, slim_forward.__module__ = f"{name}.forward", __name__
-    slim_forward.__doc__ = forward.__doc__
-    return type(name, (base,), {"forward": slim_forward, "__module__": __name__, "__qualname__": name,
-                                "__doc__": f"timm's {base.__qualname__} with its output width following its heads."})
+        return f"{where} does not compile on its own ({err})"
+    made = namespace[function.__name__]
+    made.__module__, made.__doc__ = __name__, function.__doc__
+    return made
 
 
-def _register(base: type, name: str, edits: Sequence[Edit]) -> Optional[type]:
+def slim_subclass(base: type, name: str, edits: Sequence[Edit], names: Optional[Mapping[str, Any]] = None,
+                  module: str = __name__) -> Union[type, str]:
+    """A subclass of ``base`` named ``name`` (a module-level name of ``module``) whose forward is ``base.forward``
+    :func:`edited` with ``edits`` (and ``names``), or why there is none (``"has no slim forward: ..."``)."""
+    forward = edited(base.forward, edits, names)
+    if isinstance(forward, str):
+        return f"has no slim forward: {forward}"
+    forward.__qualname__, forward.__module__ = f"{name}.forward", module
+    doc = f"{base.__qualname__} running with its resized widths (its forward: the library's, edited)."
+    return type(name, (base,), {"forward": forward, "__module__": module, "__qualname__": name, "__doc__": doc})
+
+
+def register(base: type, name: str, edits: Sequence[Edit], names: Optional[Mapping[str, Any]] = None,
+             module: str = __name__) -> Optional[type]:
     """:func:`slim_subclass`, recorded in :data:`SLIM` or (its reason) :data:`REFUSED`."""
-    made = slim_subclass(base, name, edits)
+    made = slim_subclass(base, name, edits, names, module)
     if isinstance(made, str):
         REFUSED[base] = made
         return None
-    SLIM[base] = made
+    SLIM[base], _BASE[made] = made, base
     return made
 
 
 _TO_HEADS = ("reshape(B, N, C)", "reshape(B, N, -1)", 1)
-SlimEvaAttention = _register(eva.EvaAttention, "SlimEvaAttention", [_TO_HEADS])
-SlimBeitAttention = _register(beit.Attention, "SlimBeitAttention", [_TO_HEADS])
-SlimWindowAttentionV2 = _register(swin_transformer_v2.WindowAttention, "SlimWindowAttentionV2",
-                                  [("reshape(B_, N, C)", "reshape(B_, N, -1)", 1)])
-SlimClassAttn = _register(cait.ClassAttn, "SlimClassAttn",
-                          [("C // self.num_heads", "-1", 3), ("reshape(B, 1, C)", "reshape(B, 1, -1)", 1)])
-SlimCrossCovarianceAttn = _register(edgenext.CrossCovarianceAttn, "SlimCrossCovarianceAttn", [_TO_HEADS])
-SlimXCA = _register(xcit.XCA, "SlimXCA", [("C // self.num_heads", "-1", 1), _TO_HEADS])
-SlimPvtV2Attention = _register(pvt_v2.Attention, "SlimPvtV2Attention", [_TO_HEADS])
+SlimEvaAttention = register(eva.EvaAttention, "SlimEvaAttention", [_TO_HEADS])
+SlimBeitAttention = register(beit.Attention, "SlimBeitAttention", [_TO_HEADS])
+SlimWindowAttentionV2 = register(swin_transformer_v2.WindowAttention, "SlimWindowAttentionV2",
+                                 [("reshape(B_, N, C)", "reshape(B_, N, -1)", 1)])
+SlimClassAttn = register(cait.ClassAttn, "SlimClassAttn",
+                         [("C // self.num_heads", "-1", 3), ("reshape(B, 1, C)", "reshape(B, 1, -1)", 1)])
+SlimCrossCovarianceAttn = register(edgenext.CrossCovarianceAttn, "SlimCrossCovarianceAttn", [_TO_HEADS])
+SlimXCA = register(xcit.XCA, "SlimXCA", [("C // self.num_heads", "-1", 1), _TO_HEADS])
+SlimPvtV2Attention = register(pvt_v2.Attention, "SlimPvtV2Attention", [_TO_HEADS])
 # Twins split heads with C // self.num_heads, C being the input width (the kv split already has a -1)
-SlimGlobalSubSampleAttn = _register(twins.GlobalSubSampleAttn, "SlimGlobalSubSampleAttn",
-                                    [("C // self.num_heads", "self.proj.in_features // self.num_heads", 2), _TO_HEADS])
-SlimLocallyGroupedAttn = _register(twins.LocallyGroupedAttn, "SlimLocallyGroupedAttn",
-                                   [("C // self.num_heads", "-1", 1), ("self.ws, self.ws, C)", "self.ws, self.ws, -1)",
-                                    1), ("_w * self.ws, C)", "_w * self.ws, -1)", 1), _TO_HEADS])
+SlimGlobalSubSampleAttn = register(twins.GlobalSubSampleAttn, "SlimGlobalSubSampleAttn",
+                                   [("C // self.num_heads", "self.proj.in_features // self.num_heads", 2), _TO_HEADS])
+SlimLocallyGroupedAttn = register(twins.LocallyGroupedAttn, "SlimLocallyGroupedAttn",
+                                  [("C // self.num_heads", "-1", 1), ("self.ws, self.ws, C)", "self.ws, self.ws, -1)",
+                                   1), ("_w * self.ws, C)", "_w * self.ws, -1)", 1), _TO_HEADS])
 # DaViT splits heads with C // self.num_heads too (its channel attention: softmax over each head's channels)
-SlimChannelAttention = _register(davit.ChannelAttention, "SlimChannelAttention",
-                                 [("C // self.num_heads", "-1", 1), _TO_HEADS])
-SlimChannelAttentionV2 = _register(davit.ChannelAttentionV2, "SlimChannelAttentionV2",  # its heads: self.groups
-                                   [("C // self.groups", "-1", 1), _TO_HEADS])
-SlimDavitWindowAttention = _register(davit.WindowAttention, "SlimDavitWindowAttention",
-                                     [("C // self.num_heads", "-1", 1), ("reshape(B_, N, C)", "reshape(B_, N, -1)", 1)])
-
-
-_BASE = {slim: base for base, slim in SLIM.items()}
+SlimChannelAttention = register(davit.ChannelAttention, "SlimChannelAttention",
+                                [("C // self.num_heads", "-1", 1), _TO_HEADS])
+SlimChannelAttentionV2 = register(davit.ChannelAttentionV2, "SlimChannelAttentionV2",  # its heads: self.groups
+                                  [("C // self.groups", "-1", 1), _TO_HEADS])
+SlimDavitWindowAttention = register(davit.WindowAttention, "SlimDavitWindowAttention",
+                                    [("C // self.num_heads", "-1", 1), ("reshape(B_, N, C)", "reshape(B_, N, -1)", 1)])
 
 
 def timm_class(kind: type) -> type:
