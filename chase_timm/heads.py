@@ -34,7 +34,8 @@ from timm.models import (beit, cait, davit, edgenext, eva, levit, pvt_v2, swin_t
 from .adapters import multihead  # noqa: F401  registers nn.MultiheadAttention's slim forward (or why none)
 from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
 
-__all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "refresh_heads", "head_counts", "qkv_as_modules"]
+__all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "heads_resized", "refresh_heads", "head_counts",
+           "qkv_as_modules"]
 
 # classes whose forward reshapes the heads' output to the input width are resizable through their slim subclass
 # (chase_timm.adapters.attention, SLIM) and left whole when this timm's forward did not match its edits (REFUSED)
@@ -112,7 +113,16 @@ def has_heads(module: nn.Module) -> bool:
     """Whether ``module`` is an attention module (or a torch Transformer container of one) :func:`refresh_heads`
     re-derives after a resize (or refuses: a class this timm or torch gives no slim forward)."""
     kind = timm_class(type(module))
-    return kind in _RESIZABLE or kind in REFUSED and kind not in _CONTAINERS
+    return kind in _RESIZABLE or kind in REFUSED
+
+
+def heads_resized(module: nn.Module, resized: set[nn.Module]) -> bool:
+    """Whether resizing the modules in ``resized`` resized ``module``'s attention: one of its modules, or for a torch
+    Transformer container, one of a MultiheadAttention inside it (its fast path reads only those with the heads)."""
+    if timm_class(type(module)) not in _CONTAINERS:
+        return not resized.isdisjoint(module.modules())
+    return any(not resized.isdisjoint(m.modules()) for m in module.modules()
+               if timm_class(type(m)) is nn.MultiheadAttention)
 
 
 def refresh_heads(module: nn.Module, name: str = "attention") -> None:
@@ -120,10 +130,10 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
     disagree. ``head_dim`` and ``scale`` never change (whole heads only); other modules are left alone. A module
     whose timm forward reshapes to the input width switches to its slim subclass (same tensors), whose output
     width follows the heads left; so does an ``nn.MultiheadAttention``, and a torch Transformer encoder (layer)
-    holding a resized tensor switches to torch's forward without its fast path."""
+    holding one that lost heads switches to torch's forward without its fast path (call it on a container only
+    then: see :func:`heads_resized`)."""
     kind = timm_class(type(module))
-    if kind in REFUSED and kind not in _CONTAINERS:  # a width plan made where the class had a slim forward, replayed
-        # where it has none (a container without one keeps torch's forward: its attention's heads stayed whole)
+    if kind in REFUSED:  # a width plan made where the class had a slim forward, replayed where it has none
         raise ValueError(f"{name}: {kind.__name__} {REFUSED[kind]}, so it cannot run with the widths it was "
                          f"saved with; load it with the {kind.__module__.split('.')[0]} release it was saved with")
     if kind not in _RESIZABLE:

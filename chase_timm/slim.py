@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ._timm import classifier_tensor_names, deepcopy_model, default_example_input, named_tensors
 from .adapters.autograd import non_persistent_buffer_names
-from .heads import has_heads, refresh_heads
+from .heads import has_heads, heads_resized, refresh_heads
 from .norms import follow_masks
 
 __all__ = ["slim_copy", "slice_in_place", "meta_clone", "sliced", "width_plan", "apply_width_plan", "recalibrate_batchnorm"]
@@ -229,8 +229,8 @@ def _resize(model: nn.Module, new: Mapping[str, torch.Tensor], slots, refresh: b
         _fix_module(module, _module_name(model, module))
     resized = set(touched)
     for name, module in model.named_modules():  # attention modules re-derive num_heads etc. from their tensors
-        if has_heads(module) and resized.intersection(module.modules()):
-            refresh_heads(module, name)
+        if has_heads(module) and heads_resized(module, resized):
+            refresh_heads(module, name or "the model")
     for block, attr, conv, conv_attr in links:
         setattr(block, attr, getattr(conv, conv_attr))
     if before is not None:

@@ -19,6 +19,7 @@ import torch
 
 import chase_timm
 from chase_timm._timm import named_tensors
+from chase_timm.adapters import multihead
 from chase_timm.adapters.attention import REFUSED, SLIM, edited, slim_subclass, timm_class, use_slim_forward
 from chase_timm.adapters.multihead import SlimMultiheadAttention, SlimTransformerEncoder, SlimTransformerEncoderLayer
 from chase_timm.channels import ChannelState, select_channels
@@ -478,18 +479,28 @@ def test_multihead_attention_loses_whole_heads_while_training_and_exports_exactl
         torch.testing.assert_close(loaded(x), slim(x), rtol=0, atol=0)
 
 
-def _mha_twins(module: torch.nn.MultiheadAttention, drop: list[int]) -> tuple:
-    """The module with heads ``drop`` masked (every slice of its head_spec zeroed, as Chase masks them) and with
-    them sliced out (``slice_in_place``, as ``shrink``/``export`` remove them)."""
-    masked, slim = copy.deepcopy(module), copy.deepcopy(module)
-    tensors, removals = dict(named_tensors(masked)), {}
+def _twins(model: torch.nn.Module, removals: dict) -> tuple:
+    """The model with ``removals`` ({tensor: {dim: positions}}) masked (zeroed, as Chase masks them) and sliced out
+    (``slice_in_place``, as ``shrink``/``export`` remove them)."""
+    masked, slim = copy.deepcopy(model), copy.deepcopy(model)
+    tensors = dict(named_tensors(masked))
     with torch.no_grad():
-        for piece in head_spec(module).slices:
-            positions = [p for h in drop for p in piece.index[h]]
-            tensors[piece.tensor].index_fill_(piece.dim, torch.tensor(positions), 0.0)
-            removals[piece.tensor] = {piece.dim: positions}
+        for name, dims in removals.items():
+            for dim, positions in dims.items():
+                tensors[name].index_fill_(dim, torch.tensor(positions), 0.0)
     slice_in_place(slim, removals)
     return masked, slim
+
+
+def _head_removals(module: torch.nn.MultiheadAttention, drop: list[int], name: str = "") -> dict:
+    """Every slice of the module's head_spec for heads ``drop``, its tensors named under ``name``."""
+    return {f"{name}.{piece.tensor}".lstrip("."): {piece.dim: [p for h in drop for p in piece.index[h]]}
+            for piece in head_spec(module).slices}
+
+
+def _mha_twins(module: torch.nn.MultiheadAttention, drop: list[int]) -> tuple:
+    """The module with heads ``drop`` masked and with them sliced out (:func:`_twins`)."""
+    return _twins(module, _head_removals(module, drop))
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -541,6 +552,34 @@ def test_the_slim_multihead_forward_computes_what_the_masked_module_computes(bat
         pickle.loads(pickle.dumps(slim))  # a module-level class
 
 
+def test_a_multihead_slim_transformer_encoder_zeroes_padding_as_torchs_nested_path_and_ffn_keeps_torchs_class():
+    with float64(), torch.no_grad():  # eval with a key padding mask: torch's encoder packs a nested tensor
+        torch.manual_seed(0)
+        layer = torch.nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
+        encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+        x, padding = torch.randn(3, 6, 16), torch.zeros(3, 6, dtype=torch.bool)
+        padding[:, -2:] = True
+        padding[1, 3:] = True
+        ffn = {f"layers.{i}.{t}": {d: [1, 5, 7]} for i in (0, 1)
+               for t, d in (("linear1.weight", 0), ("linear1.bias", 0), ("linear2.weight", 1))}
+        masked, slim = _twins(encoder, ffn)  # a width trim of the FFN only: torch's classes and fast path stay
+        assert [type(m) for m in slim.modules()] == [type(m) for m in encoder.modules()]
+        out = slim(x, src_key_padding_mask=padding)
+        assert not out[padding].any()
+        torch.testing.assert_close(out, masked(x, src_key_padding_mask=padding), rtol=1e-9, atol=1e-12)
+        heads = {**ffn, **_head_removals(encoder.layers[0].self_attn, [1, 3], "layers.0.self_attn")}
+        masked, slim = _twins(encoder, heads)
+        assert type(slim) is SlimTransformerEncoder and type(slim.layers[0]) is SlimTransformerEncoderLayer
+        assert type(slim.layers[1]) is torch.nn.TransformerEncoderLayer
+        assert not masked(x, src_key_padding_mask=padding)[padding].any()  # torch took its nested path
+        causal = torch.nn.Transformer.generate_square_subsequent_mask(6)
+        for call in ({"src_key_padding_mask": padding}, {"src_key_padding_mask": padding.double() * -1e4}, {},
+                     {"mask": causal, "is_causal": True}):
+            expected, out = masked(x, **call), slim(x, **call)
+            # every token, padding included: torch's nested path returns zeros there, and so does the slim encoder
+            torch.testing.assert_close(out.mean(1), expected.mean(1), rtol=1e-9, atol=1e-12)
+
+
 def test_multihead_attention_heads_that_cannot_be_removed_exactly_stay_whole_with_the_reason(monkeypatch):
     # a torch whose nn.TransformerEncoderLayer forward no longer matches: its fast path reads self_attn's tensors
     layer = torch.nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, batch_first=True)
@@ -549,6 +588,16 @@ def test_multihead_attention_heads_that_cannot_be_removed_exactly_stay_whole_wit
         heads = {g.name: g for g in find_channel_groups(layer, torch.randn(2, 5, 16))}["self_attn"]
     assert heads.width == 4 and not heads.prunable, heads.reason
     assert heads.reason == "is inside TransformerEncoderLayer, which has no slim forward: (a torch that changed it)"
+    # a saved plan whose attention lost heads, replayed where its container has no slim forward: refused on load
+    build = lambda: torch.nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, batch_first=True)
+    plan = width_plan(_twins(layer, _head_removals(layer.self_attn, [1], "self_attn"))[1], build())
+    ffn = {"linear1.weight": {0: [3]}, "linear1.bias": {0: [3]}, "linear2.weight": {1: [3]}}
+    ffn = width_plan(_twins(layer, ffn)[1], build())
+    with monkeypatch.context() as patch:
+        patch.setitem(REFUSED, torch.nn.TransformerEncoderLayer, "has no slim forward: (a torch that changed it)")
+        assert type(apply_width_plan(build(), ffn)) is torch.nn.TransformerEncoderLayer  # its FFN alone: loads
+        with pytest.raises(ValueError, match=r"the model: TransformerEncoderLayer has no slim forward.*torch release"):
+            apply_width_plan(build(), plan)
     # a model whose output reads the head-averaged weights (the masked module's mean counts its dead heads)
     class UsesWeights(TokenAttention):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -567,3 +616,29 @@ def test_multihead_attention_heads_that_cannot_be_removed_exactly_stay_whole_wit
     assert not groups["attn"].prunable and "MultiheadAttention has no slim forward" in groups["attn"].reason
     with pytest.raises(ValueError, match=r"attn: MultiheadAttention has no slim forward.*torch release it was saved"):
         refresh_heads(model.attn, "attn")
+
+
+def test_multihead_attention_without_a_private_torch_function_has_no_slim_forward(monkeypatch):
+    monkeypatch.delattr(torch.nn.functional, "_in_projection_packed")
+    assert multihead._slim_functional() == ("torch.nn.functional has no _in_projection_packed (this torch renamed or "
+                                            "removed it)")
+
+
+class _Traced(torch.Tensor):
+    """A tensor subclass with ``__torch_function__``: torch's functions hand it the public function they were
+    called as (``multi_head_attention_forward``), which the slim forward must route to its own copy."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_tensor_subclass_runs_the_slim_multihead_forward():
+    with float64(), torch.no_grad():
+        torch.manual_seed(0)
+        masked, slim = _mha_twins(torch.nn.MultiheadAttention(16, 4, batch_first=True), [1])
+        x = torch.randn(2, 5, 16)
+        out, expected = slim(*[x.as_subclass(_Traced)] * 3)[0], masked(x, x, x)[0]
+        assert type(out) is _Traced
+        torch.testing.assert_close(out.as_subclass(torch.Tensor), slim(x, x, x)[0], rtol=0, atol=0)
+        torch.testing.assert_close(out.as_subclass(torch.Tensor), expected, rtol=1e-9, atol=1e-12)

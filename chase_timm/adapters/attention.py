@@ -98,7 +98,8 @@ def slim_subclass(base: type, name: str, edits: Sequence[Edit], names: Optional[
 
 def register(base: type, name: str, edits: Sequence[Edit], names: Optional[Mapping[str, Any]] = None,
              module: str = __name__) -> Optional[type]:
-    """:func:`slim_subclass`, recorded in :data:`SLIM` or (its reason) :data:`REFUSED`."""
+    """:func:`slim_subclass`, recorded in :data:`SLIM` or (its reason) :data:`REFUSED`; at import only
+    (:mod:`chase_timm.heads` reads both once, when it is imported)."""
     made = slim_subclass(base, name, edits, names, module)
     if isinstance(made, str):
         REFUSED[base] = made

@@ -17,11 +17,14 @@ no slim subclass and :data:`~chase_timm.adapters.attention.REFUSED` says why (it
 
 ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` compute inference on a fast path that bypasses the
 attention module's forward (``torch._transformer_encoder_layer_fwd`` from ``self_attn``'s tensors and ``embed_dim //
-num_heads``; nested tensors for padded batches): their slim subclasses are torch's forwards with that fast path off.
+num_heads``; nested tensors for padded batches): the layer's slim subclass is torch's forward with that fast path
+off; the encoder's keeps torch's decision to pack a padded batch, runs it unpacked with its padding mask instead and
+zeroes the padded positions, as torch's nested path returns them.
 
 The classes are registered with the timm slim subclasses (:data:`~chase_timm.adapters.attention.SLIM`): only a
-resized instance (a container: one holding a resized tensor) switches to its slim class
-(``chase_timm.heads.refresh_heads``), parameters and state_dict keys unchanged.
+resized instance (a container: one whose MultiheadAttention lost heads) switches to its slim class
+(``chase_timm.heads.refresh_heads``), parameters and state_dict keys unchanged. The slim functions resolve torch's
+names in a copy of ``torch.nn.functional``'s namespace taken at import (later monkeypatches there are not seen).
 """
 from __future__ import annotations
 
@@ -45,13 +48,20 @@ def check_version(found: str = torch.__version__) -> None:
 check_version()
 
 
+_PRIVATE = ("_in_projection_packed", "_in_projection")  # torch private names the slim functional rebuilds
+
+
 def _slim_functional() -> Union[Callable, str]:
     """torch's multi-head attention (and its in-projections) with the attention width taken from
     ``out_proj_weight`` / the projection weights (heads left), or why one of them cannot be derived."""
-    packed = edited(F._in_projection_packed, [("E = q.size(-1)", "E = w.size(0) // 3", 1)])
-    separate = edited(F._in_projection, [("Eq, Ek, Ev = q.size(-1),", "Eq, Ek, Ev = w_q.size(0),", 1),
-                                         ("w_q.shape != (Eq, Eq)", "w_q.shape != (Eq, q.size(-1))", 1),
-                                         ("{(Eq, Eq)}", "{(Eq, q.size(-1))}", 1)])
+    private = {name: getattr(F, name, None) for name in _PRIVATE}
+    missing = [name for name, function in private.items() if function is None]
+    if missing:
+        return f"torch.nn.functional has no {', '.join(missing)} (this torch renamed or removed it)"
+    packed = edited(private["_in_projection_packed"], [("E = q.size(-1)", "E = w.size(0) // 3", 1)])
+    separate = edited(private["_in_projection"], [("Eq, Ek, Ev = q.size(-1),", "Eq, Ek, Ev = w_q.size(0),", 1),
+                                                  ("w_q.shape != (Eq, Eq)", "w_q.shape != (Eq, q.size(-1))", 1),
+                                                  ("{(Eq, Eq)}", "{(Eq, q.size(-1))}", 1)])
     for made in (packed, separate):
         if isinstance(made, str):
             return made
@@ -81,9 +91,22 @@ else:
         ("F.multi_head_attention_forward(", "_slim_multi_head_attention_forward(", 2)],
         {"_slim_multi_head_attention_forward": _FUNCTIONAL}, __name__)
 
+
+def _still_padded(output: torch.Tensor, keep: torch.Tensor, mask_check: bool = False) -> torch.Tensor:
+    """Stands in for ``torch._nested_tensor_from_mask`` in the slim encoder: the padded batch goes on unpacked."""
+    return output
+
+
 # nn.TransformerEncoderLayer's inference fast path (torch._transformer_encoder_layer_fwd) reads its self_attn's
-# tensors with embed_dim // num_heads without calling its forward, and nn.TransformerEncoder's packs a padded batch
-# into a nested tensor for it: a container holding resized tensors runs torch's forward without that path
+# tensors with embed_dim // num_heads without calling its forward: a layer whose attention lost heads runs torch's
+# forward without it. nn.TransformerEncoder's packs a padded batch into a nested tensor for its layers (and returns
+# zeros at the padded positions): the slim one keeps torch's decision, runs the padded batch with its padding mask
+# instead, and zeroes the padded positions where torch would have packed
 SlimTransformerEncoderLayer = register(nn.TransformerEncoderLayer, "SlimTransformerEncoderLayer", [_NO_FAST_PATH],
                                        module=__name__)
-SlimTransformerEncoder = register(nn.TransformerEncoder, "SlimTransformerEncoder", [_NO_FAST_PATH], module=__name__)
+SlimTransformerEncoder = register(nn.TransformerEncoder, "SlimTransformerEncoder", [
+    ("torch._nested_tensor_from_mask(", "_still_padded(", 1),
+    ("src_key_padding_mask_for_layers = None", "src_key_padding_mask_for_layers = src_key_padding_mask", 1),
+    ("output = output.to_padded_tensor(0.0, src.size())",
+     "output = output.masked_fill(src_key_padding_mask.bool().unsqueeze(-1), 0.0)", 1)],
+    {"_still_padded": _still_padded}, __name__)
