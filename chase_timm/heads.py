@@ -1,18 +1,21 @@
 """Attention heads as channel groups: which tensor positions belong to each head of timm's attention modules.
 
 A head is removed whole: its q, k and v rows (with biases and per-row norms), the output projection's columns,
-per-head tables (Swin's relative position bias column, LeViT's and TinyViT's attention-bias row) and gate rows.
-Zeroing a head's v rows (and v bias) makes its attention output exactly zero whatever q and k (and q_norm /
-k_norm) do (DaViT's channel attention, ``softmax(k^T v) q^T``: its q rows), and its projection columns are zero
-too, so the masked model computes what the model without the head computes, on the fused
+per-head tables (Swin's relative position bias column, LeViT's and TinyViT's attention-bias row), gate rows and
+the head's row, column and bias of CaiT's head-mixing ``proj_l`` / ``proj_w`` (talking heads). Zeroing a head's v
+rows (and v bias) makes its attention output exactly zero whatever q and k (and q_norm / k_norm) do (DaViT's
+channel attention, ``softmax(k^T v) q^T``: its q rows), and its projection columns are zero too, so the masked
+model computes what the model without the head computes (talking heads: the zeroed ``proj_l`` column keeps its
+logits out of the other heads, its zeroed ``proj_l`` row gives it a uniform softmax, which the zeroed ``proj_w``
+column keeps out too, and its zeroed ``proj_w`` row and bias zero its attention map), on the fused
 ``scaled_dot_product_attention`` path and the eager path alike: ``head_dim`` does not change, so neither does the
 scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``).
 
-EVA, BEiT, Swin V2, CaiT's class attention, PVT-v2, Twins, DaViT and the cross-covariance attention of EdgeNeXt and
-XCiT reshape their heads' output to the input width in timm's forward; a resized one switches to its slim subclass
-(:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left). torch's
-``nn.MultiheadAttention`` takes its attention width from the input as well and gets one too
-(:mod:`chase_timm.adapters.multihead`), as do ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` holding
+EVA, BEiT, Swin V2, CaiT's class and talking-heads attention, PVT-v2, Twins, DaViT and the cross-covariance
+attention of EdgeNeXt and XCiT reshape their heads' output to the input width in timm's forward; a resized one
+switches to its slim subclass (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from
+the heads left). torch's ``nn.MultiheadAttention`` takes its attention width from the input as well and gets one
+too (:mod:`chase_timm.adapters.multihead`), as do ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` holding
 it (torch's forward without the inference fast path that bypasses the attention's forward).
 
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), and
@@ -48,10 +51,7 @@ _XCA = (edgenext.CrossCovarianceAttn, xcit.XCA)  # cross-covariance attention: o
 _TWINS = (twins.GlobalSubSampleAttn, twins.LocallyGroupedAttn)
 _DAVIT = (davit.ChannelAttention, davit.WindowAttention)
 _LEVIT = (levit.Attention, levit.AttentionDownsample, tiny_vit.Attention)  # q, k, v interleaved per head
-_LEFT_WHOLE = {
-    cait.TalkingHeadAttn: "mixes heads before and after the softmax (proj_l, proj_w), so a head is not separable",
-    **{kind: reason for kind, reason in REFUSED.items() if kind not in _CONTAINERS},
-}
+_LEFT_WHOLE = {kind: reason for kind, reason in REFUSED.items() if kind not in _CONTAINERS}
 # modules whose input width is their attention width when their class has no slim forward: the stream feeding
 # them stays whole too, and why
 _INPUT_TIED = {
@@ -96,7 +96,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
     if kind in (Attention, AttentionRope, eva.EvaAttention):
         return _timm_attention(module)
     if kind in (swin_transformer.WindowAttention, swin_transformer_v2.WindowAttention, beit.Attention,
-                twins.LocallyGroupedAttn, sam.Attention, davit.ChannelAttentionV2, *_DAVIT, *_XCA):  # one fused qkv
+                cait.TalkingHeadAttn, twins.LocallyGroupedAttn, sam.Attention, davit.ChannelAttentionV2, *_DAVIT,
+                *_XCA):  # one fused qkv
         shared = kind is beit.Attention and model is not None and any(
             isinstance(m, beit.RelativePositionBias) for m in model.modules())
         return _fused(module, module.proj.in_features // _num_heads(module), _SHARED_BIAS if shared else "")
@@ -159,8 +160,12 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
     elif kind is davit.ChannelAttentionV2:  # its heads: groups
         module.groups = _heads(name, module.proj.in_features, module.head_dim)
         _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
-    elif kind in (beit.Attention, cait.ClassAttn, *_TWINS, *_DAVIT):  # head_dim only kept as the scale, hd ** -0.5
+    elif kind in (beit.Attention, cait.ClassAttn, cait.TalkingHeadAttn, *_TWINS, *_DAVIT):  # scale: hd ** -0.5
         module.num_heads = _heads(name, module.proj.in_features, round(module.scale ** -2))
+        if kind is cait.TalkingHeadAttn:  # proj_l / proj_w: (heads, heads) mixing before / after the softmax
+            for mix in ("proj_l", "proj_w"):
+                _check(name, f"{mix} rows", _rows(getattr(module, mix)), module.num_heads)
+                _check(name, f"{mix} columns", _columns(getattr(module, mix)), module.num_heads)
         q_rows = module.qkv.out_features // 3 if hasattr(module, "qkv") else module.q.out_features
         _check(name, "q/k/v rows", q_rows, module.proj.in_features)
         if kind in (*_TWINS, davit.WindowAttention):  # dim: the input width
@@ -306,8 +311,9 @@ def _multihead(module: nn.MultiheadAttention, model: Optional[nn.Module]) -> Hea
 def _fused(module: nn.Module, hd: int, reason: str = "") -> HeadSpec:
     """A fused qkv (with its bias or separate q/k/v biases) and a projection, plus per-head tables: Swin's
     relative position bias column (V1) or logit scale and bias-MLP output row (V2), BEiT's relative position bias
-    column, the temperature of EdgeNeXt's and XCiT's cross-covariance attention (Twins' LocallyGroupedAttn, DaViT's
-    two classes: none; SAM's rel_pos_h / rel_pos_w are (positions, head_dim), read by every head: they stay)."""
+    column, the temperature of EdgeNeXt's and XCiT's cross-covariance attention, the row, column and bias of CaiT's
+    head-mixing proj_l / proj_w (Twins' LocallyGroupedAttn, DaViT's two classes: none; SAM's rel_pos_h / rel_pos_w
+    are (positions, head_dim), read by every head: they stay)."""
     heads = _num_heads(module)
     slices = _linear_slices("qkv", module.qkv, _qkv_rows(heads, hd)) + _qkv_biases(module, heads, hd)
     slices.append(HeadSlice("proj.weight", 1, "consumer", _blocks(heads, hd)))
@@ -319,6 +325,9 @@ def _fused(module: nn.Module, hd: int, reason: str = "") -> HeadSpec:
                    HeadSlice(f"cpb_mlp.{len(module.cpb_mlp) - 1}.weight", 0, "free", one)]
     if isinstance(module, _XCA):
         slices.append(HeadSlice("temperature", 0, "free", one))
+    if isinstance(module, cait.TalkingHeadAttn):
+        slices += [HeadSlice(f"{mix}.{t}", dim, role, one) for mix in ("proj_l", "proj_w")
+                   for t, dim, role in (("weight", 0, "free"), ("weight", 1, "consumer"), ("bias", 0, "bias"))]
     return HeadSpec(heads, hd, tuple(slices), reason)
 
 

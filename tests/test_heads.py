@@ -47,7 +47,7 @@ SMALL = {
     "swinv2_tiny_window16_256": {"img_size": 32, "window_size": 4, "embed_dim": 32, "depths": (2, 2),
                                  "num_heads": (2, 4)},
     "cait_xxs24_224": {"img_size": 32, "depth": 1, "depth_token_only": 2, "embed_dim": 96, "num_heads": 3,
-                       "init_values": 1.0},  # heads of the class-attention blocks (TalkingHeadAttn stays whole)
+                       "init_values": 1.0},  # heads of TalkingHeadAttn (proj_l / proj_w) and the class attention
     "xcit_nano_12_p16_224": {"img_size": 32, "depth": 2, "embed_dim": 96, "num_heads": 3, "eta": 1.0},  # XCA
     "pvt_v2_b0": {"depths": (1, 1, 1), "embed_dims": (32, 64, 96), "num_heads": (2, 2, 3), "sr_ratios": (4, 2, 1),
                   "mlp_ratios": (2, 2, 2)},  # spatial reduction (sr conv + norm) on stages 0-1
@@ -134,7 +134,8 @@ def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
 
 
 @pytest.mark.parametrize("case, prune_skip", [*((c, False) for c in [*SMALL, *VARIANTS]),
-                                              ("eva02_tiny_patch14_224", True), ("swinv2_tiny_window16_256", True)])
+                                              ("eva02_tiny_patch14_224", True), ("swinv2_tiny_window16_256", True),
+                                              ("cait_xxs24_224", True)])
 def test_slim_heads_export_reload_and_agree_on_fused_and_eager_attention(case, prune_skip, tmp_path, capsys,
                                                                           monkeypatch):
     name = _model(case, monkeypatch)
@@ -204,7 +205,6 @@ LEFT_WHOLE = [  # (model, build kwargs on top of SMALL, module, reason)
      "scale_norm (LayerNorm) normalises across all heads"),
     ("eva02_tiny_patch14_224", {"attn_type": "rope", "qkv_fused": False, "num_kv_heads": 1}, "blocks.0.attn",
      "grouped-query attention: a k/v head serves several query heads"),
-    ("cait_xxs24_224", {}, "blocks.0.attn", "TalkingHeadAttn mixes heads before and after the softmax"),
     ("beit_base_patch16_224", {"use_rel_pos_bias": False, "use_shared_rel_pos_bias": True}, "blocks.0.attn",
      "shares BEiT's model-level relative position bias"),
 ]
@@ -219,8 +219,21 @@ def test_heads_that_cannot_be_removed_exactly_are_left_whole_with_a_reason(name,
     assert f"{block}.qkv" not in groups and f"{block}.q_proj" not in groups  # the head group owns the q/k/v rows
 
 
+def test_talking_heads_own_their_mixing_rows_and_columns_and_a_resize_checks_them():
+    model = zoo_coverage.build("cait_xxs24_224")
+    groups = {g.name: g for g in find_channel_groups(model, torch.randn(1, 3, 32, 32))}
+    heads = groups["blocks.0.attn"]
+    assert heads.prunable and {"blocks.0.attn.proj_l", "blocks.0.attn.proj_w"}.isdisjoint(groups)  # no groups there
+    mixing = {(s.tensor, s.dim): s.index for s in heads.slices if ".proj_l." in s.tensor or ".proj_w." in s.tensor}
+    assert mixing == {(f"blocks.0.attn.{m}.{t}", d): ((0,), (1,), (2,))
+                      for m in ("proj_l", "proj_w") for t, d in (("weight", 0), ("weight", 1), ("bias", 0))}
+    with pytest.raises(ValueError, match=r"blocks.0.attn: proj_l rows \(2\) do not match the heads left \(3\)"):
+        slice_in_place(model, {"blocks.0.attn.proj_l.weight": {0: [1]}, "blocks.0.attn.proj_l.bias": {0: [1]}})
+
+
 SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_224": beit.Attention,
-                "swinv2_tiny_window16_256": swin_transformer_v2.WindowAttention, "cait_xxs24_224": cait.ClassAttn,
+                "swinv2_tiny_window16_256": swin_transformer_v2.WindowAttention,
+                "cait_xxs24_224": (cait.ClassAttn, cait.TalkingHeadAttn),
                 "edgenext_xx_small": edgenext.CrossCovarianceAttn, "xcit_nano_12_p16_224": xcit.XCA,
                 "pvt_v2_b0": pvt_v2.Attention, "twins_svt_small": twins.LocallyGroupedAttn,
                 "twins_pcpvt_small": twins.GlobalSubSampleAttn,

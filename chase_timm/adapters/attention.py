@@ -1,15 +1,15 @@
 """timm attention forwards that reshape the heads' output back to the *input* width, made to follow the heads left.
 
-``EvaAttention`` (EVA, EVA-02), BEiT's ``Attention``, Swin V2's ``WindowAttention``, CaiT's ``ClassAttn``, PVT-v2's
-``Attention``, Twins' ``GlobalSubSampleAttn`` and ``LocallyGroupedAttn``, DaViT's ``ChannelAttention`` (V1 and V2)
-and ``WindowAttention`` and the cross-covariance attention of EdgeNeXt and XCiT end with
-``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape`` (CaiT, XCiT, Twins and DaViT also split heads
-with ``C // self.num_heads``, DaViT's V2 with ``C // self.groups``), so a module that lost a head (or whose input
-stream lost a channel) no longer runs. Each gets a *slim* subclass whose ``forward`` is timm's own, compiled from
-timm's source with a short edit list (``reshape(B, N, C)`` -> ``reshape(B, N, -1)``, ...): the same computation,
-with the widths taken from the heads left. Every edit must match its expected number of times; when a timm release
-changed the forward and one does not, the class gets no slim subclass and :data:`REFUSED` says why (its heads then
-stay whole).
+``EvaAttention`` (EVA, EVA-02), BEiT's ``Attention``, Swin V2's ``WindowAttention``, CaiT's ``ClassAttn`` and
+``TalkingHeadAttn``, PVT-v2's ``Attention``, Twins' ``GlobalSubSampleAttn`` and ``LocallyGroupedAttn``, DaViT's
+``ChannelAttention`` (V1 and V2) and ``WindowAttention`` and the cross-covariance attention of EdgeNeXt and XCiT end
+with ``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape`` (CaiT's two classes, XCiT, Twins and DaViT
+also split heads with ``C // self.num_heads``, DaViT's V2 with ``C // self.groups``), so a module that lost a head
+(or whose input stream lost a channel) no longer runs. Each gets a *slim* subclass whose ``forward`` is timm's
+own, compiled from timm's source with a short edit list (``reshape(B, N, C)`` -> ``reshape(B, N, -1)``, ...): the
+same computation, with the widths taken from the heads left. Every edit must match its expected number of times;
+when a timm release changed the forward and one does not, the class gets no slim subclass and :data:`REFUSED` says
+why (its heads then stay whole).
 
 Nothing in timm is patched: only a resized instance changes class (``module.__class__ = slim``, done by
 :func:`chase_timm.heads.refresh_heads`), to a subclass, so ``isinstance`` still holds, parameters (and optimizer
@@ -32,7 +32,7 @@ from . import require
 
 __all__ = ["check_version", "SLIM", "REFUSED", "edited", "slim_subclass", "register", "use_slim_forward",
            "timm_class",
-           "SlimEvaAttention", "SlimBeitAttention", "SlimWindowAttentionV2", "SlimClassAttn",
+           "SlimEvaAttention", "SlimBeitAttention", "SlimWindowAttentionV2", "SlimClassAttn", "SlimTalkingHeadAttn",
            "SlimCrossCovarianceAttn", "SlimXCA", "SlimPvtV2Attention",
            "SlimGlobalSubSampleAttn", "SlimLocallyGroupedAttn", "SlimChannelAttention",
            "SlimChannelAttentionV2", "SlimDavitWindowAttention"]
@@ -115,6 +115,8 @@ SlimWindowAttentionV2 = register(swin_transformer_v2.WindowAttention, "SlimWindo
                                  [("reshape(B_, N, C)", "reshape(B_, N, -1)", 1)])
 SlimClassAttn = register(cait.ClassAttn, "SlimClassAttn",
                          [("C // self.num_heads", "-1", 3), ("reshape(B, 1, C)", "reshape(B, 1, -1)", 1)])
+SlimTalkingHeadAttn = register(cait.TalkingHeadAttn, "SlimTalkingHeadAttn",  # proj_l / proj_w follow the heads left
+                               [("C // self.num_heads", "-1", 1), _TO_HEADS])
 SlimCrossCovarianceAttn = register(edgenext.CrossCovarianceAttn, "SlimCrossCovarianceAttn", [_TO_HEADS])
 SlimXCA = register(xcit.XCA, "SlimXCA", [("C // self.num_heads", "-1", 1), _TO_HEADS])
 SlimPvtV2Attention = register(pvt_v2.Attention, "SlimPvtV2Attention", [_TO_HEADS])
