@@ -470,6 +470,7 @@ def _map_channel_splits(graph: tp.DependencyGraph, unmapped: set) -> None:
             unmapped.discard(node)
         if node.type == ops.OPTYPE.RESHAPE:
             _map_channels_last_flatten(node)
+            _map_channel_pieces(node)
 
 
 def _map_channels_last_flatten(node: Any) -> None:
@@ -482,6 +483,18 @@ def _map_channels_last_flatten(node: Any) -> None:
     k = _prod(before[lead:-1])
     if k > 1 and channels > 1 and tuple(before[:lead]) == tuple(after[:lead]) and after[-1] == k * channels:
         map_interleave(node, channels, k)
+
+
+def _map_channel_pieces(node: Any) -> None:
+    """A channels-first map's channel dim unflattened into equal pieces, (B, k*C, ...) -> (B, k, C, ...)
+    (SelectiveKernel's per-path attention): channel c of the pieces is c, C + c, ... of the input, like an equal
+    split, not torch-pruning's block of k consecutive positions."""
+    before, after = saved_input_shape(node.grad_fn), result_shape(node.grad_fn)
+    if len(before) < 2 or len(after) != len(before) + 1 or before[0] != after[0] or \
+            tuple(before[2:]) != tuple(after[3:]) or before[1] != after[1] * after[2] or _channels_last(node):
+        return
+    if after[1] > 1 and after[2] > 1:
+        map_interleave(node, after[2], after[1], pieces=True)
 
 
 def _channels_last(node: Any, limit: int = 64) -> bool:
@@ -782,7 +795,8 @@ def _shape_op(draft: _Draft, node: Any, dep: Any) -> None:
     before, after = saved_input_shape(fn), result_shape(fn)
     kind = node.type
     if kind == ops.OPTYPE.RESHAPE and (_keeps_channels(before, after) or _flatten(before, after, dep)
-                                       or is_interleave(dep) or _keeps_last(before, after, node)
+                                       or any(map(is_interleave, (dep, *node.dependencies)))
+                                       or _keeps_last(before, after, node)
                                        or _unflattens_tokens(before, after, len(draft.requested))):
         return
     if kind == ops.OPTYPE.EXPAND and before and len(before) == len(after) and \
