@@ -491,7 +491,7 @@ def _map_channel_pieces(node: Any) -> None:
     split, not torch-pruning's block of k consecutive positions."""
     before, after = saved_input_shape(node.grad_fn), result_shape(node.grad_fn)
     if len(before) < 2 or len(after) != len(before) + 1 or before[0] != after[0] or \
-            tuple(before[2:]) != tuple(after[3:]) or before[1] != after[1] * after[2] or _channels_last(node):
+            tuple(before[2:]) != tuple(after[3:]) or before[1] != after[1] * after[2] or _layout(node, 64) != "first":
         return
     if after[1] > 1 and after[2] > 1:
         map_interleave(node, after[2], after[1], pieces=True)
@@ -942,10 +942,7 @@ def _verified(model: nn.Module, groups: list[ChannelGroup], inputs: tuple, deadl
     if not candidates:
         return groups
     rng = random.Random(0)
-    # a quarter to three quarters of each group, drawn per group: equal counts in equal-width groups would hide
-    # code that reshapes one group's tensor with another's width (PVT-v2's sr conv output viewed with the stream's C)
-    subsets = {g.name: sorted(rng.sample(range(g.width), rng.randint(max(1, g.width // 4), max(1, 3 * g.width // 4))))
-               for g in candidates}
+    subsets = {g.name: sorted(rng.sample(range(g.width), k)) for g, k in zip(candidates, _removal_counts(candidates))}
     failures: dict[str, str] = {}
     try:
         reference = _randomized(model)
@@ -961,6 +958,19 @@ def _verified(model: nn.Module, groups: list[ChannelGroup], inputs: tuple, deadl
     for name, reason in failures.items():
         _logger.info("channel group %s is not prunable: %s", name, reason)
     return [_with_reason(g, failures[g.name]) if g.name in failures else g for g in groups]
+
+
+def _removal_counts(groups: Sequence[ChannelGroup]) -> list[int]:
+    """Channels each group loses in the check: about half, but a different count for every group of the same width
+    (w/2, w/2 + 1, w/2 - 1, ...), so that code reshaping one group's tensor with another group's width (PVT-v2's
+    ``sr(x).reshape(B, C, -1)`` with the stream's C) fails instead of matching by coincidence."""
+    seen: dict[int, int] = {}
+    counts = []
+    for g in groups:
+        i = seen[g.width] = seen.get(g.width, -1) + 1
+        offset = (i + 1) // 2 * (1 if i % 2 else -1)
+        counts.append(1 + (g.width // 2 - 1 + offset) % (g.width - 1) if g.width > 1 else 1)
+    return counts
 
 
 def _randomized(model: nn.Module) -> nn.Module:
