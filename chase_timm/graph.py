@@ -486,11 +486,11 @@ def _map_channels_last_flatten(node: Any) -> None:
 
 
 def _map_channel_pieces(node: Any) -> None:
-    """A channels-first map's channel dim unflattened into equal pieces, (B, k*C, ...) -> (B, k, C, ...)
+    """An NCHW map's channel dim unflattened into equal pieces, (B, k*C, H, W) -> (B, k, C, H, W)
     (SelectiveKernel's per-path attention): channel c of the pieces is c, C + c, ... of the input, like an equal
     split, not torch-pruning's block of k consecutive positions."""
     before, after = saved_input_shape(node.grad_fn), result_shape(node.grad_fn)
-    if len(before) < 2 or len(after) != len(before) + 1 or before[0] != after[0] or \
+    if len(before) != 4 or len(after) != 5 or before[0] != after[0] or \
             tuple(before[2:]) != tuple(after[3:]) or before[1] != after[1] * after[2] or _layout(node, 64) != "first":
         return
     if after[1] > 1 and after[2] > 1:
