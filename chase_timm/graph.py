@@ -630,14 +630,13 @@ def _layer_slices(ctx: _Context, draft: _Draft, layer: nn.Module, handler: Any, 
         draft.covers.setdefault(layer, set()).update(p for ps in by_root.values() for p in ps)
         if id(layer) in ctx.heads:
             draft.problem("classifier output", 0)
+        _add_tensors(ctx, draft, layer, _row_parameters(layer), "free", by_root)  # e.g. ScaledStdConv's gain
     elif layer in ctx.tied_inputs:
         draft.problem(ctx.tied_inputs[layer], 1)
     elif _standardised_weight(ctx, layer):
         draft.problem(f"a weight-standardised convolution ({ctx.module_names.get(layer, type(layer).__name__)}) "
                       "consumes these channels: zeroed inputs count in each output row's mean and variance, so "
                       "masking is not equivalent to removal", 1)
-    if is_out:  # per-output-channel parameters of the layer besides weight and bias (ScaledStdConv's gain)
-        _add_tensors(ctx, draft, layer, _row_parameters(layer), "free", by_root)
     if isinstance(layer, nn.Linear):
         if is_out:
             _add_tensors(ctx, draft, layer, ("weight",), "producer", by_root)
