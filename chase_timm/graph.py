@@ -470,6 +470,7 @@ def _map_channel_splits(graph: tp.DependencyGraph, unmapped: set) -> None:
             unmapped.discard(node)
         if node.type == ops.OPTYPE.RESHAPE:
             _map_channels_last_flatten(node)
+            _map_channel_pieces(node)
 
 
 def _map_channels_last_flatten(node: Any) -> None:
@@ -482,6 +483,18 @@ def _map_channels_last_flatten(node: Any) -> None:
     k = _prod(before[lead:-1])
     if k > 1 and channels > 1 and tuple(before[:lead]) == tuple(after[:lead]) and after[-1] == k * channels:
         map_interleave(node, channels, k)
+
+
+def _map_channel_pieces(node: Any) -> None:
+    """An NCHW map's channel dim unflattened into equal pieces, (B, k*C, H, W) -> (B, k, C, H, W)
+    (SelectiveKernel's per-path attention): channel c of the pieces is c, C + c, ... of the input, like an equal
+    split, not torch-pruning's block of k consecutive positions."""
+    before, after = saved_input_shape(node.grad_fn), result_shape(node.grad_fn)
+    if len(before) != 4 or len(after) != 5 or before[0] != after[0] or \
+            tuple(before[2:]) != tuple(after[3:]) or before[1] != after[1] * after[2] or _layout(node, 64) != "first":
+        return
+    if after[1] > 1 and after[2] > 1:
+        map_interleave(node, after[2], after[1], pieces=True)
 
 
 def _channels_last(node: Any, limit: int = 64) -> bool:
@@ -617,8 +630,13 @@ def _layer_slices(ctx: _Context, draft: _Draft, layer: nn.Module, handler: Any, 
         draft.covers.setdefault(layer, set()).update(p for ps in by_root.values() for p in ps)
         if id(layer) in ctx.heads:
             draft.problem("classifier output", 0)
+        _add_tensors(ctx, draft, layer, _row_parameters(layer), "free", by_root)  # e.g. ScaledStdConv's gain
     elif layer in ctx.tied_inputs:
         draft.problem(ctx.tied_inputs[layer], 1)
+    elif _standardised_weight(ctx, layer):
+        draft.problem(f"a weight-standardised convolution ({ctx.module_names.get(layer, type(layer).__name__)}) "
+                      "consumes these channels: zeroed inputs count in each output row's mean and variance, so "
+                      "masking is not equivalent to removal", 1)
     if isinstance(layer, nn.Linear):
         if is_out:
             _add_tensors(ctx, draft, layer, ("weight",), "producer", by_root)
@@ -641,6 +659,25 @@ def _layer_slices(ctx: _Context, draft: _Draft, layer: nn.Module, handler: Any, 
         local = cin // groups if groups > 1 else 0
         _add_tensors(ctx, draft, layer, ("weight",), "consumer", by_root, dim=0 if layer.transposed else 1,
                      size=cin, local=local, balance=local)
+
+
+def _standardised_weight(ctx: _Context, layer: nn.Module) -> bool:
+    """A non-depthwise convolution whose forward convolves with a weight computed from its parameter (timm's
+    StdConv2d / ScaledStdConv2d normalise each output row over in_channels x kernel)."""
+    if not isinstance(layer, nn.modules.conv._ConvNd) or layer.groups == layer.in_channels == layer.out_channels:
+        return False
+    fn = getattr(ctx.graph.module2node.get(layer), "grad_fn", None)
+    sources = getattr(fn, "next_functions", ())
+    weight = sources[1][0] if fn is not None and fn.name().startswith("ConvolutionBackward") and len(sources) > 1 \
+        else None
+    return weight is not None and type(weight).__name__ != "AccumulateGrad"
+
+
+def _row_parameters(layer: nn.Module) -> tuple[str, ...]:
+    """A layer's own parameters other than weight and bias with one entry per output channel (dim 0)."""
+    rows = _out_channels(layer)
+    return tuple(n for n, p in layer.named_parameters(recurse=False)
+                 if n not in ("weight", "bias") and p.dim() and p.shape[0] == rows and p.numel() == rows)
 
 
 def _add_tensors(ctx: _Context, draft: _Draft, module: nn.Module, attrs: Sequence[str], role: str,
@@ -705,13 +742,25 @@ def _other_axis(dep: Any, width: int) -> bool:
 
 
 def _onto_tokens(draft: _Draft, dep: Any) -> bool:
-    """A Linear's outputs transposed (B, C, N) -> (B, N, C) onto the token axis (MLP-Mixer's token-MLP output)."""
+    """A Linear's outputs transposed (B, C, N) -> (B, N, C) onto the token axis (MLP-Mixer's token-MLP output);
+    not when the transposed tensor is unflattened into a (B, C, H, W) map, where dim 1 is a convolution's channel
+    axis (PVT-v2's ``fc1 -> transpose -> view -> depthwise conv``)."""
     fn = getattr(dep.target, "grad_fn", None)
     if fn is None or saved_permutation(fn) != (0, 2, 1) or not isinstance(_past_views(dep.source, True).module,
                                                                            nn.Linear):
         return False
     out = result_shape(fn)
-    return out[1] == len(draft.requested) != out[2]
+    width = len(draft.requested)
+    return out[1] == width != out[2] and not any(
+        n.type == ops.OPTYPE.RESHAPE and _unflattens_tokens(saved_input_shape(n.grad_fn), result_shape(n.grad_fn),
+                                                            width) for n in dep.target.outputs)
+
+
+def _unflattens_tokens(before: tuple, after: tuple, width: int) -> bool:
+    """(B, C, N) -> (B, C, H, W) with the walk's ``width`` channels on dim 1 (told apart from N by size): the
+    token axis of a channel-first token tensor unflattened into a map, channels untouched."""
+    return len(before) == 3 and len(after) == 4 and tuple(before[:2]) == tuple(after[:2]) and \
+        before[1] == width != before[2] == after[2] * after[3]
 
 
 def _past_views(node: Any, up: bool) -> Any:
@@ -745,7 +794,9 @@ def _shape_op(draft: _Draft, node: Any, dep: Any) -> None:
     before, after = saved_input_shape(fn), result_shape(fn)
     kind = node.type
     if kind == ops.OPTYPE.RESHAPE and (_keeps_channels(before, after) or _flatten(before, after, dep)
-                                       or is_interleave(dep) or _keeps_last(before, after, node)):
+                                       or any(map(is_interleave, (dep, *node.dependencies)))
+                                       or _keeps_last(before, after, node)
+                                       or _unflattens_tokens(before, after, len(draft.requested))):
         return
     if kind == ops.OPTYPE.EXPAND and before and len(before) == len(after) and \
             before[_channel_dim(len(before))] == after[_channel_dim(len(after))]:
@@ -890,7 +941,7 @@ def _verified(model: nn.Module, groups: list[ChannelGroup], inputs: tuple, deadl
     if not candidates:
         return groups
     rng = random.Random(0)
-    subsets = {g.name: sorted(rng.sample(range(g.width), max(1, g.width // 2))) for g in candidates}
+    subsets = {g.name: sorted(rng.sample(range(g.width), k)) for g, k in zip(candidates, _removal_counts(candidates))}
     failures: dict[str, str] = {}
     try:
         reference = _randomized(model)
@@ -906,6 +957,19 @@ def _verified(model: nn.Module, groups: list[ChannelGroup], inputs: tuple, deadl
     for name, reason in failures.items():
         _logger.info("channel group %s is not prunable: %s", name, reason)
     return [_with_reason(g, failures[g.name]) if g.name in failures else g for g in groups]
+
+
+def _removal_counts(groups: Sequence[ChannelGroup]) -> list[int]:
+    """Channels each group loses in the check: about half, but a different count for every group of the same width
+    (w/2, w/2 + 1, w/2 - 1, ...), so that code reshaping one group's tensor with another group's width (PVT-v2's
+    ``sr(x).reshape(B, C, -1)`` with the stream's C) fails instead of matching by coincidence."""
+    seen: dict[int, int] = {}
+    counts = []
+    for g in groups:
+        i = seen[g.width] = seen.get(g.width, -1) + 1
+        offset = (i + 1) // 2 * (1 if i % 2 else -1)
+        counts.append(1 + (g.width // 2 - 1 + offset) % (g.width - 1) if g.width > 1 else 1)
+    return counts
 
 
 def _randomized(model: nn.Module) -> nn.Module:

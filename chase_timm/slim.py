@@ -231,8 +231,8 @@ def _resize(model: nn.Module, new: Mapping[str, torch.Tensor], slots, refresh: b
     for name, module in model.named_modules():  # attention modules re-derive num_heads etc. from their tensors
         if has_heads(module) and heads_resized(module, resized):
             refresh_heads(module, name or "the model")
-    for block, attr, conv, conv_attr in links:
-        setattr(block, attr, getattr(conv, conv_attr))
+    for block, attr, conv, conv_attr, factor in links:
+        setattr(block, attr, getattr(conv, conv_attr) * factor)
     if before is not None:
         _refresh_timm_attrs(model, before, _measure(model, strict=True))
 
@@ -275,29 +275,51 @@ def _fix_module(module: nn.Module, name: str) -> None:
 _REPARAM_SIZES = {"in_chs": "in_channels", "out_chs": "out_channels", "groups": "groups", "dim": "in_channels"}
 
 
-def _block_size_links(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module, str]]:
-    """Block attributes that repeat a conv's size, as (block, attribute, conv, conv attribute), read before a resize
-    so the attributes can follow the conv after it: a split block's piece ``width`` (``self.convs[0]``'s input), a
-    CSP stage's ``expand_chs`` (its ``conv_exp`` output, split in halves) and
-    the sizes a re-parameterisable block (one with ``reparameterize``) builds its fused conv and identity kernel
-    from (``in_chs``, ``out_chs``, ``groups``, ``dim``): the first conv inside it whose sizes all equal them."""
+def _block_size_links(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module, str, int]]:
+    """Block attributes that repeat a conv's size, as (block, attribute, conv, conv attribute, factor), read before a
+    resize so the attributes can follow the conv after it (attribute = factor x conv attribute): a split block's
+    piece ``width`` (``self.convs[0]``'s input), a CSP stage's ``expand_chs`` (its ``conv_exp`` output, split in
+    halves), a multi-path block's ``in_channels`` / ``out_channels`` (SelectiveKernel's
+    ``torch.split(x, self.in_channels // self.num_paths)``: ``num_paths`` times the first path's input when each
+    path takes a piece) and the sizes a re-parameterisable block (one with ``reparameterize``) builds its fused conv
+    and identity kernel from (``in_chs``, ``out_chs``, ``groups``, ``dim``): the first conv inside it whose sizes
+    all equal them."""
     links = []
     for block in model.modules():
         convs = getattr(block, "convs", None)
         if isinstance(getattr(block, "width", None), int) and isinstance(convs, nn.ModuleList) and len(convs) and \
                 isinstance(convs[0], nn.modules.conv._ConvNd) and convs[0].in_channels == block.width:
-            links.append((block, "width", convs[0], "in_channels"))  # torch.split(x, self.width): Res2Net, EdgeNeXt
+            links.append((block, "width", convs[0], "in_channels", 1))  # torch.split(x, self.width): Res2Net, EdgeNeXt
         expand = getattr(block, "conv_exp", None)
         if isinstance(getattr(block, "expand_chs", None), int) and isinstance(expand, nn.Module):
             conv = next((m for m in expand.modules() if isinstance(m, nn.modules.conv._ConvNd)
                          and m.out_channels == block.expand_chs), None)  # x.split(self.expand_chs // 2): CSP stages
-            links += [(block, "expand_chs", conv, "out_channels")] if conv is not None else []
+            links += [(block, "expand_chs", conv, "out_channels", 1)] if conv is not None else []
+        links += _path_links(block)
         if not callable(getattr(block, "reparameterize", None)):
             continue
         sizes = {a: c for a, c in _REPARAM_SIZES.items() if isinstance(getattr(block, a, None), int)}
         conv = next((m for m in block.modules() if isinstance(m, nn.modules.conv._ConvNd) and sizes and
                      all(getattr(m, c) == getattr(block, a) for a, c in sizes.items())), None)
-        links += [(block, a, conv, c) for a, c in sizes.items()] if conv is not None else []
+        links += [(block, a, conv, c, 1) for a, c in sizes.items()] if conv is not None else []
+    return links
+
+
+def _path_links(block: nn.Module) -> list[tuple[nn.Module, str, nn.Module, str, int]]:
+    """A block with ``paths`` (one module per path, ``num_paths`` of them) and ``in_channels`` / ``out_channels``
+    that its first path's first conv repeats, its input once or split over the paths (``in_channels`` divided by
+    ``num_paths``)."""
+    paths, count = getattr(block, "paths", None), getattr(block, "num_paths", None)
+    if not isinstance(paths, nn.ModuleList) or not isinstance(count, int) or count != len(paths) or count < 2:
+        return []
+    conv = next((m for m in paths[0].modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if conv is None:
+        return []
+    links = []
+    for attr, conv_attr in (("in_channels", "in_channels"), ("out_channels", "out_channels")):
+        size = getattr(block, attr, None)
+        factor = next((f for f in (1, count) if isinstance(size, int) and size == f * getattr(conv, conv_attr)), None)
+        links += [(block, attr, conv, conv_attr, factor)] if factor else []
     return links
 
 

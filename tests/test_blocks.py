@@ -215,3 +215,79 @@ def test_a_linear_on_a_flattened_permuted_map_still_consumes_its_channels():
     # axis has size 1, but fc reads all C channels, so the permuted-view rule must not pass the stage-3 stream by
     groups = find_channel_groups(timm.create_model("convnext_zepto_rms"), torch.randn(1, 3, 32, 32), prune_skip=True)
     assert all(g.prunable for g in groups), [(g.name, g.reason) for g in groups if not g.prunable]
+
+
+PVT = "pvt_v2_b0"  # one block per stage: fc1 -> transpose -> view(B, C, H, W) -> depthwise conv -> flatten -> fc2
+
+
+@pytest.fixture
+def small_pvt(monkeypatch):
+    monkeypatch.setitem(zoo_coverage.SMALLER, PVT, {"depths": (1, 1, 1, 1)})
+
+
+def test_pvt_v2_mlp_hidden_channels_shrink_exactly_through_the_depthwise_conv(small_pvt):
+    """fc1's outputs are transposed onto dim 1 of a (B, C, H, W) map for the depthwise conv, not onto a token axis:
+    a hidden channel takes fc1's row, the depthwise conv's filter and fc2's column together."""
+    result, cut = _twin(PVT, channel_sparsity=0.3)
+    removed = {n for n in result.removed if n.endswith(".mlp.fc1")}
+    assert removed - {"stages.3.blocks.0.mlp.fc1"}, result.removed.keys()  # a stage whose map is not 1x1 at 32 px
+    dense, slim = result.twin_run[0], result.run[0]
+    widths = [(b.mlp.fc1.out_features, b.mlp.dwconv.out_channels, b.mlp.dwconv.groups, b.mlp.fc2.in_features)
+              for s in slim.stages for b in s.blocks]
+    assert all(len(set(w)) == 1 for w in widths), widths
+    assert sum(w[0] for w in widths) < sum(b.mlp.fc1.out_features for s in dense.stages for b in s.blocks)
+    groups = {g.name: g for g in result.run[2].channels.groups}
+    sr = [g for n, g in groups.items() if n.endswith(".attn.sr")]  # reshape(B, C, -1) with the input's C
+    assert sr and not any(g.prunable for g in sr)
+
+
+def test_pvt_v2_exports_and_reloads(small_pvt):
+    row = _export_and_reload(PVT, False)
+    assert {n for n in row["chase"].removed_channels() if n.endswith(".mlp.fc1")}
+
+
+
+def test_nfnet_scaled_std_conv_gain_follows_its_rows_and_standardised_inputs_stay_whole():
+    """ScaledStdConv2d scales each output row by its own ``gain`` (sliced with the row); its weight standardisation
+    takes each row's mean and variance over all input channels, zeroed ones included, so the channels it consumes
+    stay whole (with the reason), while final_conv (read by the plain head) shrinks exactly, in float64."""
+    model = tiny_model("nf_regnet_b0").double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    groups = find_channel_groups(model, x[:1], prune_skip=True)
+    final = next(g for g in groups if g.name == "final_conv")
+    assert final.prunable and "final_conv.gain" in {s.tensor for s in final.slices}, final.reason
+    standardised = [g for g in groups if "weight-standardised convolution" in g.reason]
+    assert standardised and not any(g.prunable for g in standardised)
+    cut = tensor_removals(groups, {final.name: list(range(0, final.width, 3))})
+    masked = slim_copy(model, {})
+    with torch.no_grad():
+        for name, dims in cut.items():
+            for dim, positions in dims.items():
+                masked.get_parameter(name).index_fill_(dim, torch.tensor(positions), 0.0)
+        slim = slim_copy(model, cut).eval()
+        reference, output = masked.eval()(x), slim(x)
+    assert slim.final_conv.gain.shape[0] == slim.final_conv.out_channels == slim.head.fc.in_features < 960
+    assert float((output - reference).abs().max() / reference.abs().max()) <= 1e-9
+
+
+def test_selective_kernel_paths_and_split_input_shrink_exactly():
+    """SelectiveKernel stacks its paths and views fc_select's output as (B, num_paths, C, 1, 1): channel c is row c
+    of every path conv and rows c, C + c of fc_select. With prune_skip the stream into a block is split over the
+    paths (``torch.split(x, self.in_channels // self.num_paths)``): both pieces lose the same channels and the
+    block's in_channels follows."""
+    result, cut = _twin("skresnet18", prune_skip=True, channel_sparsity=0.3, steps=4)
+    paths = {n for n in result.removed if ".conv1.paths.0.conv" in n}
+    assert paths, result.removed.keys()
+    for name in paths:
+        block = name[:-len(".paths.0.conv")]
+        rows = cut[f"{block}.attn.fc_select.weight"][0]
+        width = result.twin_run[0].get_submodule(block).out_channels
+        assert cut[f"{block}.paths.1.conv.weight"][0] == [r for r in rows if r < width]
+        assert {r - width for r in rows if r >= width} == {r for r in rows if r < width}
+    slim = result.run[0]
+    blocks = [m for m in slim.modules() if type(m).__name__ == "SelectiveKernel"]
+    assert all(b.in_channels == 2 * b.paths[0].conv.in_channels and b.out_channels == b.paths[1].conv.out_channels
+               for b in blocks)
+    assert any(b.in_channels < d.in_channels for b, d in zip(blocks, (m for m in result.twin_run[0].modules()
+                                                                          if type(m).__name__ == "SelectiveKernel")))
+    assert roundtrip(slim.float(), 32) == 0.0

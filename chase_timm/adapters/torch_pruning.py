@@ -167,17 +167,24 @@ class _InterleaveIndexMapping:
         return [hybrid(idx=i.idx + j * self.channels, root_idx=i.root_idx) for i in idxs for j in range(self.k)]
 
 
-def map_interleave(node: Any, channels: int, k: int) -> None:
+def map_interleave(node: Any, channels: int, k: int, pieces: bool = False) -> None:
     """Install interleaved flatten mappings on a reshape ``node`` whose input is a channels-last map of ``channels``
     channels and whose output merges ``k`` positions into the channel dim (where torch-pruning's flatten mapping
-    assumes channel-first blocks of ``k``)."""
+    assumes channel-first blocks of ``k``). ``pieces``: the other way round, the input's channel dim of ``k``
+    equal pieces is unflattened into (k, channels) (SelectiveKernel's ``view(B, num_paths, C // num_paths, ...)``),
+    so channel c of the output sits at positions c, C + c, ... of the input."""
     for source in node.inputs:
         for dep in node.dependencies:
             if dep.target is source:
-                dep.index_mapping[0] = _InterleaveIndexMapping(channels, k, reverse=True)
+                dep.index_mapping[0] = _InterleaveIndexMapping(channels, k, reverse=not pieces)
         for dep in source.dependencies:
             if dep.target is node:
-                dep.index_mapping[0] = _InterleaveIndexMapping(channels, k, reverse=False)
+                dep.index_mapping[0] = _InterleaveIndexMapping(channels, k, reverse=pieces)
+    if pieces:  # torch-pruning put its own (block) mapping between the reshape and its outputs: positions pass as is
+        for target in node.outputs:
+            for dep in (*node.dependencies, *target.dependencies):
+                if {dep.source, dep.target} == {node, target}:
+                    dep.index_mapping[0] = None
 
 
 def is_interleave(dep: Any) -> bool:
