@@ -162,10 +162,13 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
     elif kind in (beit.Attention, cait.ClassAttn, cait.TalkingHeadAttn, *_TWINS, *_DAVIT):  # scale: hd ** -0.5
         module.num_heads = _heads(name, module.proj.in_features, round(module.scale ** -2))
-        if kind is cait.TalkingHeadAttn:  # proj_l / proj_w: (heads, heads) mixing before / after the softmax
-            for mix in ("proj_l", "proj_w"):
-                _check(name, f"{mix} rows", _rows(getattr(module, mix)), module.num_heads)
-                _check(name, f"{mix} columns", _columns(getattr(module, mix)), module.num_heads)
+        if kind is cait.TalkingHeadAttn:  # proj_l / proj_w mix heads before / after the softmax; the mixed width
+            # between them may be narrower (plans of chase_timm releases that removed proj_l rows as a channel group)
+            _check(name, "proj_l columns", _columns(module.proj_l), module.num_heads)
+            _check(name, "proj_w rows", _rows(module.proj_w), module.num_heads)
+            if _columns(module.proj_w) != _rows(module.proj_l):
+                raise ValueError(f"{name}: proj_w columns ({_columns(module.proj_w)}) do not match proj_l rows "
+                                 f"({_rows(module.proj_l)}); a mixed head is removed from both")
         q_rows = module.qkv.out_features // 3 if hasattr(module, "qkv") else module.q.out_features
         _check(name, "q/k/v rows", q_rows, module.proj.in_features)
         if kind in (*_TWINS, davit.WindowAttention):  # dim: the input width

@@ -227,8 +227,14 @@ def test_talking_heads_own_their_mixing_rows_and_columns_and_a_resize_checks_the
     mixing = {(s.tensor, s.dim): s.index for s in heads.slices if ".proj_l." in s.tensor or ".proj_w." in s.tensor}
     assert mixing == {(f"blocks.0.attn.{m}.{t}", d): ((0,), (1,), (2,))
                       for m in ("proj_l", "proj_w") for t, d in (("weight", 0), ("weight", 1), ("bias", 0))}
-    with pytest.raises(ValueError, match=r"blocks.0.attn: proj_l rows \(2\) do not match the heads left \(3\)"):
-        slice_in_place(model, {"blocks.0.attn.proj_l.weight": {0: [1]}, "blocks.0.attn.proj_l.bias": {0: [1]}})
+    with pytest.raises(ValueError, match=r"blocks.0.attn: proj_w columns \(3\) do not match proj_l rows \(2\)"):
+        slice_in_place(copy.deepcopy(model), {"blocks.0.attn.proj_l.weight": {0: [1]},
+                                              "blocks.0.attn.proj_l.bias": {0: [1]}})
+    # a mixed head removed from proj_l's rows and proj_w's columns alone (plans of earlier releases) still runs
+    x = torch.randn(1, 3, 32, 32)
+    slice_in_place(model, {"blocks.0.attn.proj_l.weight": {0: [1]}, "blocks.0.attn.proj_l.bias": {0: [1]},
+                           "blocks.0.attn.proj_w.weight": {1: [1]}})
+    assert model.blocks[0].attn.num_heads == 3 and model.eval()(x).shape == (1, 10)
 
 
 SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_224": beit.Attention,
