@@ -634,9 +634,9 @@ def _layer_slices(ctx: _Context, draft: _Draft, layer: nn.Module, handler: Any, 
     elif layer in ctx.tied_inputs:
         draft.problem(ctx.tied_inputs[layer], 1)
     elif _standardised_weight(ctx, layer):
-        draft.problem(f"a weight-standardised convolution ({ctx.module_names.get(layer, type(layer).__name__)}) "
-                      "consumes these channels: zeroed inputs count in each output row's mean and variance, so "
-                      "masking is not equivalent to removal", 1)
+        draft.problem(f"a convolution computing its weight in forward ({ctx.module_names.get(layer, type(layer).__name__)}"
+                      ") consumes these channels: weight standardisation, e.g., counts zeroed inputs in each output "
+                      "row's mean and variance, so masking is not equivalent to removal", 1)
     if isinstance(layer, nn.Linear):
         if is_out:
             _add_tensors(ctx, draft, layer, ("weight",), "producer", by_root)
@@ -674,10 +674,13 @@ def _standardised_weight(ctx: _Context, layer: nn.Module) -> bool:
 
 
 def _row_parameters(layer: nn.Module) -> tuple[str, ...]:
-    """A layer's own parameters other than weight and bias with one entry per output channel (dim 0)."""
+    """A layer's own parameters other than weight and bias with one entry per output channel: shaped like its
+    weight with every dim but the first 1 (ScaledStdConv's ``gain``: (out, 1, 1, 1)); a 1-D parameter of a square
+    layer could as well be per input channel, so it is not taken."""
     rows = _out_channels(layer)
-    return tuple(n for n, p in layer.named_parameters(recurse=False)
-                 if n not in ("weight", "bias") and p.dim() and p.shape[0] == rows and p.numel() == rows)
+    return tuple(n for n, p in layer.named_parameters(recurse=False)  # shaped like the weight, one entry per row
+                 if n not in ("weight", "bias") and p.dim() == getattr(layer, "weight", p).dim()
+                 and p.shape[0] == rows == p.numel())
 
 
 def _add_tensors(ctx: _Context, draft: _Draft, module: nn.Module, attrs: Sequence[str], role: str,

@@ -241,6 +241,17 @@ def test_pvt_v2_mlp_hidden_channels_shrink_exactly_through_the_depthwise_conv(sm
     assert sr and not any(g.prunable for g in sr)
 
 
+def test_pvt_v2_sr_stays_whole_with_prune_skip_because_equal_width_groups_lose_different_counts(small_pvt):
+    """``sr(x).reshape(B, C, -1)`` reads the stream's C: with prune_skip the stream and each ``sr`` output have the
+    same width, so the numerical check must remove different counts from them (``_removal_counts``) to see that
+    the sliced model only runs when both lose the same channels; removing half of each would pass them."""
+    model = zoo_coverage.build(PVT)
+    groups = find_channel_groups(model, torch.randn(1, 3, 32, 32), prune_skip=True)
+    sr = [g for g in groups if g.name.endswith(".attn.sr")]
+    assert sr and not any(g.prunable for g in sr), [(g.name, g.reason) for g in sr]
+    assert any(g.prunable and g.name.endswith(".mlp.fc1") for g in groups)
+
+
 def test_pvt_v2_exports_and_reloads(small_pvt):
     row = _export_and_reload(PVT, False)
     assert {n for n in row["chase"].removed_channels() if n.endswith(".mlp.fc1")}
@@ -256,7 +267,7 @@ def test_nfnet_scaled_std_conv_gain_follows_its_rows_and_standardised_inputs_sta
     groups = find_channel_groups(model, x[:1], prune_skip=True)
     final = next(g for g in groups if g.name == "final_conv")
     assert final.prunable and "final_conv.gain" in {s.tensor for s in final.slices}, final.reason
-    standardised = [g for g in groups if "weight-standardised convolution" in g.reason]
+    standardised = [g for g in groups if "computing its weight in forward" in g.reason]
     assert standardised and not any(g.prunable for g in standardised)
     cut = tensor_removals(groups, {final.name: list(range(0, final.width, 3))})
     masked = slim_copy(model, {})
