@@ -670,6 +670,8 @@ def _standardised_weight(ctx: _Context, layer: nn.Module) -> bool:
     sources = getattr(fn, "next_functions", ())
     weight = sources[1][0] if fn is not None and fn.name().startswith("ConvolutionBackward") and len(sources) > 1 \
         else None
+    while weight is not None and type(weight).__name__ == "ToCopyBackward0":  # a dtype cast (autocast, bf16 / fp16)
+        weight = weight.next_functions[0][0]
     return weight is not None and type(weight).__name__ != "AccumulateGrad"
 
 
