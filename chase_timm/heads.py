@@ -59,6 +59,8 @@ _INPUT_TIED = {
                                   "from the input width (reshape(B, N, C)) and softmaxes over each head's channels, "
                                   "so the stream can't lose a channel without the attention losing one",
 }
+_NARROW_MIXING = ("mixes its heads through fewer channels (proj_l rows) than it has heads, as a width plan of an "
+                  "earlier chase_timm release left it, so a head has no mixing row of its own to go with it")
 _SHARED_BIAS = ("shares BEiT's model-level relative position bias (use_shared_rel_pos_bias): one table of "
                 "(num_heads, N, N) is added in every block, so one block can't lose a head")
 
@@ -329,6 +331,8 @@ def _fused(module: nn.Module, hd: int, reason: str = "") -> HeadSpec:
     if isinstance(module, _XCA):
         slices.append(HeadSlice("temperature", 0, "free", one))
     if isinstance(module, cait.TalkingHeadAttn):
+        if _rows(module.proj_l) != heads:  # fewer mixed heads than heads: a plan of an earlier release
+            return HeadSpec(heads, hd, tuple(slices), _NARROW_MIXING)
         slices += [HeadSlice(f"{mix}.{t}", dim, role, one) for mix in ("proj_l", "proj_w")
                    for t, dim, role in (("weight", 0, "free"), ("weight", 1, "consumer"), ("bias", 0, "bias"))]
     return HeadSpec(heads, hd, tuple(slices), reason)

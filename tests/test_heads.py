@@ -235,6 +235,18 @@ def test_talking_heads_own_their_mixing_rows_and_columns_and_a_resize_checks_the
     slice_in_place(model, {"blocks.0.attn.proj_l.weight": {0: [1]}, "blocks.0.attn.proj_l.bias": {0: [1]},
                            "blocks.0.attn.proj_w.weight": {1: [1]}})
     assert model.blocks[0].attn.num_heads == 3 and model.eval()(x).shape == (1, 10)
+    regrouped = {g.name: g for g in find_channel_groups(model, x)}  # its heads stay whole; training goes on
+    assert not regrouped["blocks.0.attn"].prunable and "earlier chase_timm release" in regrouped["blocks.0.attn"].reason
+    optimizer = torch.optim.SGD(model.train().parameters(), lr=0.01)
+    config = chase_timm.ChaseConfig(total_steps=3, update_interval=2, channel_interval=1, channel_offset=0,
+                                    channel_end_step=2, channel_sparsity=0.9, min_channel_ratio=0.3)
+    chase = chase_timm.Chase(model, config, optimizer=optimizer, example_inputs=x)
+    for _ in range(3):
+        torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1])).backward()
+        optimizer.step()
+        chase.step()
+        optimizer.zero_grad()
+    assert chase.removed_channels()
 
 
 SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_224": beit.Attention,
