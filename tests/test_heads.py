@@ -37,10 +37,10 @@ from timm.models import (beit, cait, davit, edgenext, eva, pvt_v2, swin_transfor
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
 # layer scales at 1 so no block's output vanishes under the shortcut in float32 (the export check could not fail)
 SMALL = {
-    "vit_tiny_patch16_224": {},
+    "vit_tiny_patch16_224": {"img_size": 32, "depth": 4},
     "swin_tiny_patch4_window7_224": {"img_size": 32, "window_size": 4, "embed_dim": 32, "depths": (2, 2),
                                      "num_heads": (2, 4)},
-    "levit_128s": {"img_size": 32},
+    "levit_128s": {"img_size": 32, "depth": (1, 1, 1)},
     "eva02_tiny_patch14_224": {"img_size": 32, "patch_size": 16, "depth": 2, "embed_dim": 96},  # rope, SwiGLU
     "edgenext_xx_small": {"depths": (1, 1, 1, 1), "ls_init_value": 1.0},  # XCA in stages 1-3
     "beit_base_patch16_224": {"img_size": 32, "depth": 2, "embed_dim": 96, "num_heads": 3, "init_values": 1.0},
@@ -329,7 +329,7 @@ def test_a_group_of_heads_counts_its_channels_in_the_budget():
     old = {k: v for k, v in heads.to_dict().items() if k != "unit"}  # a state saved before units existed
     assert ChannelGroup.from_dict(old).unit == 1
     state = ChannelState(zoo_coverage.build("vit_tiny_patch16_224"), list(groups.values()), 0.4, 0.5)
-    assert state.total == 12 * 3 * 64 + 12 * 768  # heads in head_dim channels, MLP hidden channels one each
+    assert state.total == 4 * 3 * 64 + 4 * 768  # 4 blocks (SMALL): heads in head_dim channels, MLP channels one each
 
 
 def test_the_budget_counts_a_removed_head_as_its_channels_and_rounds_only_single_channels():
@@ -365,7 +365,7 @@ def test_heads_mlp_channels_and_the_stream_each_reach_s_c_under_the_per_kind_bud
     removed = state.total - state.alive_count()
     assert removed == due if budget == "per_kind" else 0 <= removed - due < 64  # pooled: a head may overshoot
     if budget == "per_kind":
-        assert abs(share["heads"] - 0.4) <= 32 / (12 * 3 * 64) and 0.4 <= share["streams"] < 0.4 + 1 / 192, share
+        assert abs(share["heads"] - 0.4) <= 32 / (4 * 3 * 64) and 0.4 <= share["streams"] < 0.4 + 1 / 192, share
         assert abs(share["channels"] - 0.4) < 0.01, share
 
 
