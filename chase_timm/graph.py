@@ -806,7 +806,7 @@ def _shape_op(draft: _Draft, node: Any, dep: Any) -> None:
     if kind == ops.OPTYPE.EXPAND and before and len(before) == len(after) and \
             before[_channel_dim(len(before))] == after[_channel_dim(len(after))]:
         return
-    if kind == ops.OPTYPE.SLICE and before and saved_dim(fn) % len(before) != _channel_dim(len(before)):
+    if kind == ops.OPTYPE.SLICE and _slice_keeps_channels(node):
         return
     if kind == ops.OPTYPE.SPLIT and _split_keeps_channels(node):
         return
@@ -814,6 +814,17 @@ def _shape_op(draft: _Draft, node: Any, dep: Any) -> None:
             ops.OPTYPE.SLICE: "channel slice", ops.OPTYPE.EXPAND: "expand"}.get(kind, str(kind))
     shapes = f" {list(before)} -> {list(after)}" if before and after else ""
     draft.problem(f"touches a {what} ({name}{shapes}) that regroups channels, e.g. into attention heads", 3)
+
+
+def _slice_keeps_channels(node: Any) -> bool:
+    """A slice along a dim other than the channel dim of its input's layout: the last dim of a channels-last map
+    (cropping rows and columns of (B, H, W, C) back after window padding, ``x[:, :H, :W, :]``), else
+    torch-pruning's convention (dim 1, or the last dim of a (B, N, C) token tensor)."""
+    before = saved_input_shape(node.grad_fn)
+    if not before:
+        return False
+    channels = len(before) - 1 if len(before) > 3 and _channels_last(node) else _channel_dim(len(before))
+    return saved_dim(node.grad_fn) % len(before) != channels
 
 
 def _split_keeps_channels(node: Any) -> bool:

@@ -178,11 +178,15 @@ def test_slim_heads_export_reload_and_agree_on_fused_and_eager_attention(case, p
             torch.testing.assert_close(slim(x), masked, rtol=1e-4, atol=1e-4 * float(masked.abs().max()))
 
 
-def test_swin_stages_shrink_with_prune_skip_exactly(tmp_path):
-    # the stage streams pass window partitions ((B, H, W, C) regrouped in front of C) and patch merging
+@pytest.mark.parametrize("name, streams", [
+    # Swin: the stage streams pass window partitions ((B, H, W, C) regrouped in front of C) and patch merging
     # ((..., 2, 2, C) -> 4C: channel c at c, C+c, 2C+c, 3C+c), channels-last reshapes that used to refuse them
-    name = "swin_tiny_patch4_window7_224"
-    streams = ("patch_embed.proj", "layers.1.downsample.reduction")
+    ("swin_tiny_patch4_window7_224", ("patch_embed.proj", "layers.1.downsample.reduction")),
+    # DaViT: windows of 3 pad the 8x8 and 4x4 maps; the padded map is cropped back, x[:, :H, :W, :], a slice of
+    # (B, H, W, C) along rows that used to be read as a channel slice
+    ("davit_tiny", ("stem.conv", "stages.1.downsample.conv")),
+])
+def test_windowed_stage_streams_shrink_with_prune_skip_exactly(name, streams, tmp_path):
     with float64():
         result = compare(name, "adamw", channel_sparsity=0.75, prune_skip=True)
     assert result.refused is None and result.error is None, (result.refused, result.error)
