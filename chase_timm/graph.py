@@ -234,7 +234,7 @@ class _Raw:
     size: int                       # valid positions are 0..size-1
     by_root: dict[int, list[int]]
     local: int = 0                  # grouped-conv input: the weight holds position % local
-    balance: int = 0                # grouped conv: channels sharing position % balance are removed together
+    balance: int = 0                # grouped conv / GroupNorm: channels sharing position % balance go together
 
 
 @dataclass
@@ -276,12 +276,14 @@ class _Context:
     heads: set[int]
     unmapped: set        # nodes whose index mapping torch-pruning could not derive
     tied_inputs: dict[nn.Module, str] = field(default_factory=dict)  # layer -> why its input channels stay (heads)
+    weight_path: set = field(default_factory=set)  # autograd nodes computing a covered standardised conv's weight
 
 
 def _discover(graph: tp.DependencyGraph, model: nn.Module, deadline: float, unmapped: set) -> list[_Draft]:
     """One draft group per Conv/Linear root whose output channels no earlier group covered."""
     ctx = _Context(graph, _tensor_names(model), {m: n for n, m in model.named_modules()},
                    set(map(id, classifier_modules(model))), unmapped)
+    ctx.weight_path = _weight_paths(graph, model)
     covered: dict[nn.Module, set[int]] = {}
     drafts = []
     for name, module in model.named_modules():  # attention heads first: their q/k/v outputs are taken
@@ -587,6 +589,8 @@ def _translate(ctx: _Context, draft: _Draft, item: _Item) -> None:
             return
         by_root.setdefault(root, []).append(pos)
     kind, module = node.type, node.module
+    if getattr(node, "grad_fn", None) in ctx.weight_path:
+        return  # computes a standardised conv's weight from its parameter, which the conv's own slice covers
     if (0, TOKEN_REASON) in draft.problems or (kind in _LAYERS and _other_axis(item.dep, len(set(item.idxs)))):
         return
     if kind == ops.OPTYPE.ELEMENTWISE and _onto_tokens(draft, item.dep):
@@ -597,10 +601,13 @@ def _translate(ctx: _Context, draft: _Draft, item: _Item) -> None:
     elif kind in (ops.OPTYPE.BN, ops.OPTYPE.IN):
         _add_tensors(ctx, draft, module, ("weight", "bias", "running_mean", "running_var"), "norm", by_root)
     elif kind == ops.OPTYPE.GN:
-        if module.num_groups != module.num_channels:
+        size = module.num_channels // module.num_groups
+        if size > 1 and not norms.covers(module):
             draft.problem(f"GroupNorm (num_groups={module.num_groups}) normalises across these channels, "
                           "so masking is not equivalent to removal", 1)
-        _add_tensors(ctx, draft, module, ("weight", "bias"), "norm", by_root)
+        # covered: normalised over the alive channels, every group losing the same positions (sliced: same groups)
+        balance = size if 1 < size < module.num_channels else 0
+        _add_tensors(ctx, draft, module, ("weight", "bias"), "norm", by_root, balance=balance)
     elif kind == ops.OPTYPE.LN:
         if not norms.covers(module):  # covered norms compute over the alive channels (chase_timm.norms)
             draft.problem("LayerNorm normalises across these channels, so masking is not equivalent to removal", 1)
@@ -633,7 +640,7 @@ def _layer_slices(ctx: _Context, draft: _Draft, layer: nn.Module, handler: Any, 
         _add_tensors(ctx, draft, layer, _row_parameters(layer), "free", by_root)  # e.g. ScaledStdConv's gain
     elif layer in ctx.tied_inputs:
         draft.problem(ctx.tied_inputs[layer], 1)
-    elif _standardised_weight(ctx, layer):
+    elif _standardised_weight(ctx, layer) and not norms.covers(layer):  # covered: standardised over alive inputs
         draft.problem(f"a convolution computing its weight in forward ({ctx.module_names.get(layer, type(layer).__name__)}"
                       ") consumes these channels: weight standardisation, e.g., counts zeroed inputs in each output "
                       "row's mean and variance, so masking is not equivalent to removal", 1)
@@ -666,13 +673,33 @@ def _standardised_weight(ctx: _Context, layer: nn.Module) -> bool:
     StdConv2d / ScaledStdConv2d normalise each output row over in_channels x kernel)."""
     if not isinstance(layer, nn.modules.conv._ConvNd) or layer.groups == layer.in_channels == layer.out_channels:
         return False
-    fn = getattr(ctx.graph.module2node.get(layer), "grad_fn", None)
-    sources = getattr(fn, "next_functions", ())
-    weight = sources[1][0] if fn is not None and fn.name().startswith("ConvolutionBackward") and len(sources) > 1 \
-        else None
+    weight = _weight_source(ctx.graph.module2node.get(layer))
     while weight is not None and type(weight).__name__ == "ToCopyBackward0":  # a dtype cast (autocast, bf16 / fp16)
         weight = weight.next_functions[0][0]
     return weight is not None and type(weight).__name__ != "AccumulateGrad"
+
+
+def _weight_source(node: Any) -> Any:
+    """The autograd node that produced the weight a traced convolution ran with (None if unknown)."""
+    fn = getattr(node, "grad_fn", None)
+    sources = getattr(fn, "next_functions", ())
+    return sources[1][0] if fn is not None and fn.name().startswith("ConvolutionBackward") and len(sources) > 1 \
+        else None
+
+
+def _weight_paths(graph: tp.DependencyGraph, model: nn.Module) -> set:
+    """The autograd nodes between each covered standardised conv's weight parameter and the convolution (reshape,
+    batch norm, cast): torch-pruning traces them like activations, but the conv's weight slice covers them."""
+    path = set()
+    for module in model.modules():
+        stack = [_weight_source(graph.module2node.get(module))] if norms.covers(module) and \
+            isinstance(module, norms.STANDARDISED_CONVS) else []
+        while stack:
+            fn = stack.pop()
+            if fn is not None and fn not in path and type(fn).__name__ != "AccumulateGrad":
+                path.add(fn)
+                stack.extend(f for f, _ in fn.next_functions)
+    return path
 
 
 def _row_parameters(layer: nn.Module) -> tuple[str, ...]:
@@ -917,8 +944,8 @@ def _form_classes(draft: _Draft) -> None:
                           f"(size {raw.size}): inconsistent coupling, e.g. across a transpose or reshape")
         if raw.balance:
             if set(owners) != set(range(raw.size)):
-                draft.problem(f"grouped convolution ({raw.tensor}) needs balanced per-group removal and the "
-                              "group covers only part of its channels", 4)
+                draft.problem(f"{raw.tensor} (a grouped convolution or GroupNorm) needs balanced per-group "
+                              "removal and the group covers only part of its channels", 4)
             tie: dict[int, int] = {}
             for p, root in owners.items():
                 other = tie.setdefault(p % raw.balance, root)

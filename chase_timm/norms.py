@@ -1,17 +1,22 @@
 """Norms that mix channels, made to compute over the alive channels only, so masking stays equal to slicing.
 
 LayerNorm, RMSNorm and timm's SimpleNorm (RMS-like, unbiased variance) take their statistics over the channel dim,
-and GRN (ConvNeXt-V2's GlobalResponseNorm) divides by the mean of the per-channel norms over channels. Once Chase
+GroupNorm takes them over each group of channels, GRN (ConvNeXt-V2's GlobalResponseNorm) divides by the mean of the
+per-channel norms over channels, and timm's
+weight-standardised convolutions (StdConv2d, ScaledStdConv2d and their ``Same`` forms: BiT ResNet-V2, NFNet, hybrid
+ViT stems) normalise each output row of their weight over all its input channels. Once Chase
 zeroes a removed channel these statistics still count it (a mean over C, not over the C' channels left), so the
 masked model is not the sliced one, and no change of the affine parameters fixes it (the shift of the mean differs
 per token). A forward hook on each such norm (module classes unchanged) replaces its output with what the sliced
 timm module computes: LayerNorm / RMSNorm / SimpleNorm run their own functional (``F.layer_norm``, ``F.rms_norm``,
 timm's ``simple_norm``, same eps) on the alive channels gathered out of the input, and scatter the result back
-(removed channels output 0); GRN takes the channel mean of its norms over the alive channels only (its removed
-channels pass their input through, which Chase has zeroed and the next layer ignores).
+(removed channels output 0); a GroupNorm runs its own forward on the alive channels and scatters (as many groups as
+before: Chase removes the same positions from every group); GRN takes the channel mean of its norms over the alive channels only (its removed
+channels pass their input through, which Chase has zeroed and the next layer ignores); a standardised conv runs its
+own forward on its weight's alive input columns and the alive input channels (what the sliced conv computes).
 
 Which channels are alive is explicit data, not guessed from values: the 0/1 channel mask Chase keeps for the norm's
-``weight`` (GRN's weight starts at zero in timm, so "weight == 0" cannot tell). :func:`follow_masks` installs or
+(conv's) ``weight`` (GRN's weight starts at zero in timm, so "weight == 0" cannot tell). :func:`follow_masks` installs or
 updates the hooks from such masks (the training model, registered copies, a resumed run); :func:`removal_masks`
 builds them from a removal plan (graph.py's numerical check); :func:`remove_hooks` strips them (exports: the slim
 model is a plain timm model). A hook with every channel alive returns ``None`` (the module's own output is kept).
@@ -23,14 +28,21 @@ from typing import Callable, Collection, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import (LayerNorm, LayerNorm2d, LayerNorm2dFp32, LayerNormFp32, RmsNorm, RmsNorm2d, RmsNorm2dFp32,
-                         RmsNormFp32, SimpleNorm, SimpleNorm2d, SimpleNorm2dFp32, SimpleNormFp32)
+from timm.layers import (GroupNorm, GroupNorm1, GroupNorm1Act, GroupNormAct, LayerNorm, LayerNorm2d, LayerNorm2dFp32,
+                         LayerNormFp32, RmsNorm, RmsNorm2d, RmsNorm2dFp32, RmsNormFp32, ScaledStdConv2d,
+                         ScaledStdConv2dSame, SimpleNorm, SimpleNorm2d, SimpleNorm2dFp32, SimpleNormFp32, StdConv2d,
+                         StdConv2dSame)
 from timm.layers.fast_norm import simple_norm
 from timm.layers.grn import GlobalResponseNorm
+from timm.models.metaformer import GroupNorm1NoBias, LayerNorm2dNoBias, LayerNormNoBias
 
 from .adapters.autograd import forward_hooks, remove_forward_hooks
 
-__all__ = ["covers", "follow_masks", "removal_masks", "remove_hooks", "AliveChannels"]
+__all__ = ["STANDARDISED_CONVS", "covers", "follow_masks", "removal_masks", "remove_hooks", "AliveChannels"]
+
+# convs that standardise their weight in forward, each output row over (in_channels / groups) x kernel; exact types:
+# a subclass may compute something else
+STANDARDISED_CONVS = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
 
 
 def _layer_norm(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -73,31 +85,73 @@ _FORMULAS: dict[type, tuple[Callable, int]] = {
     RmsNorm: (_rms_norm, -1), RmsNormFp32: (_rms_norm, -1), RmsNorm2d: (_rms_norm, 1), RmsNorm2dFp32: (_rms_norm, 1),
     SimpleNorm: (_simple_norm, -1), SimpleNormFp32: (_simple_norm, -1), SimpleNorm2d: (_simple_norm, 1),
     SimpleNorm2dFp32: (_simple_norm, 1),
+    LayerNormNoBias: (_layer_norm, -1), LayerNorm2dNoBias: (_layer_norm, 1),  # MetaFormer's (forwards inherited)
     **({nn.RMSNorm: (_rms_norm, -1)} if hasattr(nn, "RMSNorm") else {}),
 }
+
+
+def _own_forward(module: nn.Module, x: torch.Tensor, hook: "AliveChannels") -> torch.Tensor:
+    """The module's own forward on its alive slice: the alive input channels ``hook.inputs`` of ``x`` (dim 1) and its
+    ``weight`` (a GroupNorm's weight and bias: their alive entries; a standardised conv's weight: its alive input
+    columns), i.e. what the sliced module computes; a GroupNorm's output is scattered back (removed channels 0)."""
+    index, inputs = hook.index.to(x.device), hook.inputs.to(x.device)
+    if isinstance(module, nn.GroupNorm):
+        params = {n: p.index_select(0, index) for n, p in (("weight", module.weight), ("bias", module.bias))
+                  if p is not None}
+    else:
+        params = {"weight": module.weight.index_select(1, index)}
+    y = torch.func.functional_call(module, params, (x.index_select(1, inputs),))
+    return x.new_zeros(y.shape[:1] + x.shape[1:]).index_copy(1, inputs, y) if isinstance(module, nn.GroupNorm) else y
+
+
+def _alive_columns(mask: torch.Tensor) -> torch.Tensor:
+    """0/1 flags of a standardised conv's weight columns (input channels per group) some alive row still reads."""
+    return (mask.reshape(mask.shape[0], mask.shape[1], -1).amax(dim=(0, 2)) > 0).to(mask.dtype)
+
+
+# GroupNorm classes calling F.group_norm (timm's: or its fast_norm form) on their input, then (the Act forms) dropout
+# and an activation; exact types, as above
+_GROUP_NORMS = (nn.GroupNorm, GroupNorm, GroupNorm1, GroupNormAct, GroupNorm1Act, GroupNorm1NoBias)
+_OWN_FORWARD = _GROUP_NORMS + STANDARDISED_CONVS
 
 
 def covers(module: nn.Module) -> bool:
     """True for a norm whose statistics this module can restrict to the alive channels: timm's / torch's
     LayerNorm, LayerNorm2d, RmsNorm, RmsNorm2d, SimpleNorm, SimpleNorm2d (and their Fp32 forms; one normalised dim,
-    with a weight) and GlobalResponseNorm."""
+    with a weight), GroupNorm (torch's; timm's GroupNorm, GroupNorm1, their Act forms, MetaFormer's GroupNorm1NoBias;
+    with a weight), GlobalResponseNorm
+    and timm's weight-standardised convs (not depthwise: those standardise over their kernel only)."""
     if isinstance(module, GlobalResponseNorm):
         return type(module) is GlobalResponseNorm
+    if isinstance(module, nn.GroupNorm):
+        return type(module) in _GROUP_NORMS and module.weight is not None
+    if type(module) in STANDARDISED_CONVS:
+        return not module.groups == module.in_channels == module.out_channels
     shape = getattr(module, "normalized_shape", ())
     return type(module) in _FORMULAS and len(shape) == 1 and getattr(module, "weight", None) is not None
 
 
 class AliveChannels:
-    """The forward hook: the norm's output recomputed over the channels where ``mask`` is 1 (``None``: all)."""
+    """The forward hook: the norm's output recomputed over the channels where ``mask`` is 1 (``None``: all). For a
+    GroupNorm or a standardised conv (run through its own forward) ``inputs`` holds the alive input channels; a
+    standardised conv's ``mask`` flags its weight's input columns (per group)."""
 
     def __init__(self) -> None:
         self.mask: Optional[torch.Tensor] = None
         self.index: Optional[torch.Tensor] = None  # positions where mask is 1
+        self.inputs: Optional[torch.Tensor] = None  # alive input channels (a standardised conv: of every group)
+        self._running = False  # the module's own forward, called from this hook, runs this hook again
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
-        if self.mask is None:
+        if self.mask is None or self._running:
             return None
         x = args[0]
+        if type(module) in _OWN_FORWARD:  # in the module's own dtype and autocast state, as its forward runs
+            self._running = True
+            try:
+                return _own_forward(module, x, self)
+            finally:
+                self._running = False
         x = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in float32 at least, as the norms do
         with torch.autocast(x.device.type, enabled=False):
             if isinstance(module, GlobalResponseNorm):
@@ -124,34 +178,43 @@ def attach(model: nn.Module, weights: Collection[str]) -> None:
 def follow_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Make every covered norm of ``model`` compute over the channels its ``weight``'s mask in ``masks`` keeps.
 
-    ``masks``: {parameter name: 0/1 mask shaped like it} (Chase's channel masks). A norm with a zero in its mask
-    gets an :class:`AliveChannels` hook (installed once; deep copies carry it along with its mask); any other
-    hooked norm goes back to its own output. Call whenever the masks change or the model was sliced.
+    ``masks``: {parameter name: 0/1 mask shaped like it} (Chase's channel masks). A norm with a zero in its mask (a
+    standardised conv: an input column no alive row reads) gets an :class:`AliveChannels` hook (installed once; deep
+    copies carry it along with its mask); any other hooked norm goes back to its own output. Call whenever the masks
+    change or the model was sliced.
     """
     for name, module in model.named_modules():
         if not covers(module):
             continue
         mask = masks.get(f"{name}.weight" if name else "weight")
+        conv = type(module) in STANDARDISED_CONVS
+        if mask is not None:
+            mask = _alive_columns(mask.detach()) if conv else mask.detach().flatten().clone()
         hook = _hook(module)
         if mask is not None and not bool(mask.all()):
             if hook is None:
                 hook = AliveChannels()
                 module.register_forward_hook(hook)
-            hook.mask = mask.detach().flatten().clone()
-            hook.index = hook.mask.nonzero().flatten()
+            hook.mask = mask
+            hook.index = mask.nonzero().flatten()
+            hook.inputs = hook.index
+            if conv:  # input channel of group g, column j: g * columns + j
+                hook.inputs = (torch.arange(module.groups, device=mask.device)[:, None] * mask.numel()
+                               + hook.index).flatten()
         elif hook is not None:
-            hook.mask = hook.index = None
+            hook.mask = hook.index = hook.inputs = None
 
 
 def removal_masks(model: nn.Module, removals: Mapping[str, Mapping[int, Sequence[int]]]) -> dict[str, torch.Tensor]:
-    """{weight name: 0/1 mask} of the covered norms whose weight loses positions in ``removals``
-    ({tensor: {dim: positions}}, as :func:`chase_timm.graph.tensor_removals` gives)."""
+    """{weight name: 0/1 mask} of the covered norms (and standardised convs) whose weight loses positions in
+    ``removals`` ({tensor: {dim: positions}}, as :func:`chase_timm.graph.tensor_removals` gives)."""
     out = {}
     for name, module in model.named_modules():
         weight_name = f"{name}.weight" if name else "weight"
         if covers(module) and weight_name in removals:
             mask = torch.ones_like(module.weight)
-            mask[list(removals[weight_name].get(0, ()))] = 0
+            for dim, positions in removals[weight_name].items():
+                mask.index_fill_(dim, torch.tensor(list(positions), dtype=torch.long, device=mask.device), 0)
             out[weight_name] = mask
     return out
 

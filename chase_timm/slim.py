@@ -270,6 +270,9 @@ def _fix_module(module: nn.Module, name: str) -> None:
         module.num_parameters = module.weight.numel()
     elif isinstance(module, nn.Embedding):
         module.num_embeddings, module.embedding_dim = module.weight.shape
+    elif isinstance(getattr(module, "shape", None), tuple) and isinstance(getattr(module, "scale", None), nn.Parameter) \
+            and module.scale.dim() == 1 and module.shape:
+        module.shape = (module.scale.numel(), *module.shape[1:])  # MetaFormer's Scale: x * scale.view(self.shape)
 
 
 _REPARAM_SIZES = {"in_chs": "in_channels", "out_chs": "out_channels", "groups": "groups", "dim": "in_channels"}

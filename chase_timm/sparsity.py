@@ -11,7 +11,8 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+
+from .norms import STANDARDISED_CONVS
 
 __all__ = [
     "conv_linear_weights",
@@ -27,8 +28,7 @@ __all__ = [
 ]
 
 SPARSE_MODULE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
-# convs that standardise their weight in forward (NFNet, ResNetV2-BiT): a masked zero becomes -mean/std there
-WEIGHT_STANDARDISED_TYPES = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
+# convs that standardise their weight in forward (NFNet, ResNetV2-BiT) stay dense: a masked zero becomes -mean/std
 STANDARDISED_REASON = "weight standardisation in forward turns masked zeros non-zero"
 EXCLUDED_REASON = "matched ChaseConfig.exclude"
 _NARROW_ABOVE = 1_000_000  # selections over more scores than this are narrowed on a sample first
@@ -62,7 +62,7 @@ def find_sparse_weights(model: nn.Module, exclude: Sequence[str] = ()
             matched[pattern] = True
         if hits:
             dense[name] = EXCLUDED_REASON
-        elif isinstance(model.get_submodule(module_name), WEIGHT_STANDARDISED_TYPES):
+        elif isinstance(model.get_submodule(module_name), STANDARDISED_CONVS):
             dense[name] = STANDARDISED_REASON
         else:
             weights[name] = weight

@@ -1,22 +1,27 @@
-"""Norms that mix channels (LayerNorm, RMSNorm, ConvNeXt-V2's GRN): the masked model computes what the slim one does.
+"""Norms that mix channels (LayerNorm, RMSNorm, GroupNorm, ConvNeXt-V2's GRN, weight-standardised convs): the masked
+model computes what the slim one does.
 
-Chase zeroes a removed channel; a LayerNorm/RMSNorm/GRN still counts it in its channel statistics unless
-``chase_timm.norms`` restricts them to the alive channels. Unit checks of each hooked norm against the sliced plain
-timm norm (float64), then whole models: ViT's embedding stream, ConvNeXt stages (LayerNorm2d / RmsNorm2d) and
-ConvNeXt-V2's GRN hidden widths removed under Chase, exported and reloaded.
+Chase zeroes a removed channel; a LayerNorm/RMSNorm/GroupNorm/GRN still counts it in its channel statistics (a
+StdConv2d / ScaledStdConv2d in each weight row's mean and variance) unless ``chase_timm.norms`` restricts them to the
+alive channels. Unit checks of each hooked module against the sliced plain timm module (float64), then whole models:
+ViT's embedding stream, ConvNeXt stages (LayerNorm2d / RmsNorm2d), ConvNeXt-V2's GRN hidden widths, BiT ResNet-V2
+(GroupNorm + StdConv2d) and NFNet (ScaledStdConv2d) removed under Chase, exported and reloaded.
 """
 import copy
+import functools
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
-from timm.layers import LayerNorm, LayerNorm2d, RmsNorm, RmsNorm2d, SimpleNorm, SimpleNorm2d
+from timm.layers import (GroupNorm, GroupNorm1, GroupNormAct, LayerNorm, LayerNorm2d, RmsNorm, RmsNorm2d,
+                         ScaledStdConv2d, ScaledStdConv2dSame, SimpleNorm, SimpleNorm2d, StdConv2d, StdConv2dSame)
 from timm.layers.grn import GlobalResponseNorm
+from timm.models.metaformer import GroupNorm1NoBias
 
 from chase_timm import Chase, ChaseConfig, save_pretrained
 from chase_timm.adapters.autograd import forward_hooks
-from chase_timm.norms import AliveChannels, covers, follow_masks, remove_hooks
+from chase_timm.norms import STANDARDISED_CONVS, AliveChannels, covers, follow_masks, remove_hooks
 from chase_timm.slim import slim_copy
 from helpers import check_model, tiny_model
 from shrink_equivalence import compare, float64, loss_step
@@ -63,19 +68,73 @@ def test_a_hooked_norm_computes_what_the_sliced_norm_computes(norm, shape):
     assert torch.equal(norm(x), remove_hooks(copy.deepcopy(norm))(x))
 
 
+# modules run through their own forward on the alive slice: (module, removed channels: a GroupNorm's own channels,
+# the same place in each of its groups; a conv's weight columns, i.e. input channels per group)
+OWN_FORWARD = [
+    (nn.GroupNorm(2, C), [1, 5]),
+    (GroupNorm(C, num_groups=4), [0, 2, 4, 6]),
+    (GroupNorm1(C), REMOVED),
+    (GroupNormAct(C, num_groups=2, act_layer=nn.GELU), [2, 6]),
+    (GroupNorm1NoBias(C), REMOVED),
+    (StdConv2d(C, 6, 3), REMOVED),
+    (StdConv2dSame(C, 6, 3, stride=2), REMOVED),
+    (ScaledStdConv2d(C, 6, 3, gamma=1.7), REMOVED),
+    (ScaledStdConv2dSame(C, 6, 3), REMOVED),
+    (StdConv2d(C, 6, 3, groups=2), [1, 2]),  # input channels 1, 2, 5, 6
+]
+
+
+@pytest.mark.parametrize("module, removed", OWN_FORWARD, ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "")
+def test_a_hooked_group_norm_or_standardised_conv_computes_what_the_sliced_module_computes(module, removed):
+    """float64: GroupNorm statistics per group and a weight row's standardisation over the alive channels only; the
+    removed channels' inputs are not even zero (the hook must ignore them)."""
+    torch.manual_seed(0)
+    module = module.double()
+    conv = isinstance(module, STANDARDISED_CONVS)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.uniform_(0.5, 1.5)
+    columns = module.weight.shape[1] if conv else C
+    inputs = sorted(g * columns + j for g in range(C // columns) for j in removed)  # a conv's input channels
+    keep = torch.tensor([c for c in range(C) if c not in inputs])
+    cut = {"weight": {1: removed}} if conv else {n: {0: removed} for n, _ in module.named_parameters()}
+    assert covers(module)
+    slim = slim_copy(module, cut)
+    x = torch.randn(2, C, 7, 7, dtype=torch.float64)
+    expected = slim(x.index_select(1, keep))
+    mask = torch.ones_like(module.weight)
+    with torch.no_grad():
+        for name, dims in cut.items():  # what Chase does to a removed channel's slices
+            for dim, positions in dims.items():
+                mask.index_fill_(dim, torch.tensor(positions), 0)
+                module.get_parameter(name).index_fill_(dim, torch.tensor(positions), 0)
+    follow_masks(module, {"weight": mask})
+    masked = module(x)
+    assert torch.allclose(masked if conv else masked.index_select(1, keep), expected, rtol=0, atol=1e-12)
+    zeroed = x.index_fill(1, torch.tensor(inputs), 0)  # the plain module counts the removed channels: can fail
+    plain = remove_hooks(copy.deepcopy(module))(zeroed)
+    assert not torch.allclose(plain if conv else plain.index_select(1, keep), expected, rtol=0, atol=1e-6)
+    follow_masks(module, {"weight": torch.ones_like(mask)})  # all alive again: the module's own output
+    assert torch.equal(module(x), remove_hooks(copy.deepcopy(module))(x))
+
+
 def _hooked(model: nn.Module) -> list:
     return [n for n, m in model.named_modules() if forward_hooks(m, AliveChannels)]
 
 
 def _removed_kinds(chase, removed) -> set:
     """Kinds of norm-coupled channels among the removed groups: a residual stream through a channel-mixing norm
-    (LayerNorm/RMSNorm/SimpleNorm) and GRN hidden widths."""
+    (LayerNorm/RMSNorm/SimpleNorm), GRN hidden widths, GroupNorm channels and inputs of a weight-standardised conv."""
     kinds = set()
     for group in (g for g in chase.channels.groups if g.name in removed):
         norms = {type(chase.module.get_submodule(s.tensor.rsplit(".", 1)[0])) for s in group.slices
                  if s.tensor.endswith(".weight") and covers(chase.module.get_submodule(s.tensor.rsplit(".", 1)[0]))}
         kinds |= {"grn"} if GlobalResponseNorm in norms else set()
-        kinds |= {"stream"} if group.residual and norms - {GlobalResponseNorm} else set()
+        kinds |= {"group_norm"} if any(issubclass(t, nn.GroupNorm) for t in norms) else set()
+        kinds |= {"standardised"} if any(s.dim == 1 and isinstance(chase.module.get_submodule(
+            s.tensor.rsplit(".", 1)[0]), STANDARDISED_CONVS) for s in group.slices) else set()
+        kinds |= {"stream"} if group.residual and {t for t in norms if t is not GlobalResponseNorm
+                                                   and not issubclass(t, STANDARDISED_CONVS)} else set()
         kinds |= {"tokens"} if {s.tensor for s in group.slices} >= {"cls_token", "pos_embed"} else set()
     return kinds
 
@@ -84,6 +143,8 @@ EXPORTS = [
     ("vit_tiny_patch16_224", True, {"stream", "tokens"}),  # patch embed, cls token, pos embed, every LayerNorm, head
     ("convnextv2_atto", False, {"grn"}),
     ("convnext_zepto_rms", True, {"stream"}),  # SimpleNorm2d stages
+    ("resnetv2_50x1_bit", True, {"group_norm", "standardised", "stream"}),  # BiT: GroupNormAct + StdConv2d
+    ("poolformerv2_s12", True, {"group_norm", "stream"}),  # MetaFormer's GroupNorm1NoBias / LayerNorm2dNoBias stages
 ]
 
 
@@ -107,6 +168,7 @@ def test_norm_coupled_channels_are_removed_and_export_and_reload_exactly(name, p
 
 TWINS = [
     pytest.param("convnext_zepto_rms", True, {"stream"}),
+    pytest.param("resnetv2_50", True, {"group_norm", "standardised", "stream"}),  # built as BiT (TWIN_SMALLER)
     pytest.param("convnextv2_atto", False, {"grn"}, marks=pytest.mark.slow),
     pytest.param("convnextv2_atto", True, {"grn", "stream"}, marks=pytest.mark.slow),
     pytest.param("vit_tiny_patch16_224", True, {"stream", "tokens"}, marks=pytest.mark.slow),
@@ -117,7 +179,10 @@ TWINS = [
 # fewer parameters for the float64 twins (optimizer, EMA and mask work scale with them): the norms, the streams
 # and the token parameters are all still there
 TWIN_SMALLER = {"vit_tiny_patch16_224": {"depth": 2}, "mixer_s16_224": {"mlp_ratio": (0.5, 0.5)},
-                "convnextv2_atto": {"depths": (1, 1, 1, 1)}}
+                "convnextv2_atto": {"depths": (1, 1, 1, 1)},
+                # resnetv2_50x1_bit's layers with one block per stage (its entry point fixes ``layers``)
+                "resnetv2_50": {"layers": (1, 1, 1, 1), "conv_layer": functools.partial(StdConv2d, eps=1e-8),
+                                "norm_layer": GroupNormAct, "stem_type": "fixed"}}
 
 
 @pytest.mark.parametrize("name, prune_skip, kinds", TWINS)
@@ -155,20 +220,31 @@ def test_a_resumed_run_computes_over_the_alive_channels_again():
         assert not torch.allclose(remove_hooks(fresh)(x), model(x), rtol=1e-4)  # without them it would differ
 
 
-def test_a_model_compiled_before_the_first_channel_event_follows_the_alive_channel_norms():
+def _layer_norm_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+
+
+def _standardised_cnn() -> nn.Module:  # BiT's pieces: a GroupNorm of 4 groups, StdConv2d reading masked channels
+    return nn.Sequential(nn.Conv2d(3, 16, 3), GroupNormAct(16, num_groups=4), StdConv2d(16, 16, 3), nn.ReLU(),
+                         StdConv2d(16, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+@pytest.mark.parametrize("make, shape, hooked", [(_layer_norm_mlp, (8,), {"0"}),
+                                                  (_standardised_cnn, (3, 12, 12), {"0", "2"})])
+def test_a_model_compiled_before_the_first_channel_event_follows_the_alive_channel_norms(make, shape, hooked):
     # torch.compile does not see forward hooks added after its first call: the hooks are attached at Chase()
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    model = make()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     config = ChaseConfig(total_steps=4, update_interval=2, channel_interval=1, channel_offset=0,
                          channel_end_step=2, channel_sparsity=0.5, min_channel_ratio=0.5)
-    chase = Chase(model, config, optimizer=optimizer, example_inputs=torch.randn(2, 8))
+    chase = Chase(model, config, optimizer=optimizer, example_inputs=torch.randn(2, *shape))
     compiled = torch.compile(model, backend="eager")
-    x = torch.randn(4, 8)
+    x = torch.randn(4, *shape)
     for _ in range(3):
         compiled(x).square().mean().backward()
         optimizer.step(), chase.step(), optimizer.zero_grad()
-    assert chase.removed_channels()
+    assert hooked <= set(chase.removed_channels())  # groups through the norm / into the standardised conv
     out = compiled(x).detach()  # same grad mode as training: no recompile that would pick up a late hook
     torch.testing.assert_close(out, model(x).detach(), rtol=0, atol=0)
     torch.testing.assert_close(out, chase.export()(x).detach(), rtol=1e-5, atol=1e-6)
