@@ -1,4 +1,5 @@
-"""Per-step training cost of computing LayerNorm/RMSNorm/GRN over the alive channels (``chase_timm.norms`` hooks).
+"""Per-step training cost of computing norms (LayerNorm/RMSNorm/GroupNorm/GRN) and weight-standardised convs over the
+alive channels (``chase_timm.norms`` hooks).
 
 A Chase run that masks (``shrink="off"``) half of every prunable group, norm-coupled streams included, then times
 training steps (forward, backward, optimizer step) with the hooks active and with them switched to the module's
