@@ -101,7 +101,8 @@ def _own_forward(module: nn.Module, x: torch.Tensor, hook: "AliveChannels") -> t
     else:
         params = {"weight": module.weight.index_select(1, index)}
     y = torch.func.functional_call(module, params, (x.index_select(1, inputs),))
-    return x.new_zeros(y.shape[:1] + x.shape[1:]).index_copy(1, inputs, y) if isinstance(module, nn.GroupNorm) else y
+    # scattered in y's dtype: under CUDA autocast group_norm runs in float32 (timm's fast_norm in the autocast dtype)
+    return y.new_zeros(y.shape[:1] + x.shape[1:]).index_copy(1, inputs, y) if isinstance(module, nn.GroupNorm) else y
 
 
 def _alive_columns(mask: torch.Tensor) -> torch.Tensor:

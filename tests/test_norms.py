@@ -118,6 +118,19 @@ def test_a_hooked_group_norm_or_standardised_conv_computes_what_the_sliced_modul
     assert torch.equal(module(x), remove_hooks(copy.deepcopy(module))(x))
 
 
+def test_a_hooked_group_norm_keeps_its_own_output_dtype_under_autocast(monkeypatch):
+    """timm's fast_norm GroupNorm runs in the autocast dtype whatever its input's (CUDA autocast's own group_norm: in
+    float32): the scatter must not cast the hooked output back to the input's dtype (or, on CUDA, fail on it)."""
+    monkeypatch.setattr("timm.layers.norm.is_fast_norm", lambda: True)
+    norm = GroupNorm(C, num_groups=2)
+    assert norm._fast_norm
+    plain = copy.deepcopy(norm)
+    follow_masks(norm, {"weight": torch.ones(C).index_fill_(0, torch.tensor([1, 5]), 0)})
+    x = torch.randn(2, C, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm(x).dtype == plain(x).dtype == torch.bfloat16
+
+
 def _hooked(model: nn.Module) -> list:
     return [n for n, m in model.named_modules() if forward_hooks(m, AliveChannels)]
 
