@@ -1,19 +1,19 @@
 """Norms that mix channels, made to compute over the alive channels only, so masking stays equal to slicing.
 
-LayerNorm, RMSNorm and timm's SimpleNorm (RMS-like, unbiased variance) take their statistics over the channel dim,
-GroupNorm takes them over each group of channels, GRN (ConvNeXt-V2's GlobalResponseNorm) divides by the mean of the
-per-channel norms over channels, and timm's
-weight-standardised convolutions (StdConv2d, ScaledStdConv2d and their ``Same`` forms: BiT ResNet-V2, NFNet, hybrid
-ViT stems) normalise each output row of their weight over all its input channels. Once Chase
-zeroes a removed channel these statistics still count it (a mean over C, not over the C' channels left), so the
-masked model is not the sliced one, and no change of the affine parameters fixes it (the shift of the mean differs
-per token). A forward hook on each such norm (module classes unchanged) replaces its output with what the sliced
-timm module computes: LayerNorm / RMSNorm / SimpleNorm run their own functional (``F.layer_norm``, ``F.rms_norm``,
-timm's ``simple_norm``, same eps) on the alive channels gathered out of the input, and scatter the result back
-(removed channels output 0); a GroupNorm runs its own forward on the alive channels and scatters (as many groups as
-before: Chase removes the same positions from every group); GRN takes the channel mean of its norms over the alive channels only (its removed
-channels pass their input through, which Chase has zeroed and the next layer ignores); a standardised conv runs its
-own forward on its weight's alive input columns and the alive input channels (what the sliced conv computes).
+LayerNorm, RMSNorm and timm's SimpleNorm (RMS-like, unbiased variance; also timm's norm + act layers) take their
+statistics over the channel dim, GroupNorm over each group of channels, GRN (ConvNeXt-V2's GlobalResponseNorm)
+divides by the mean of the per-channel norms over channels, and timm's weight-standardised convolutions (StdConv2d,
+ScaledStdConv2d and their ``Same`` forms: BiT ResNet-V2, NFNet, hybrid ViT stems) normalise each output row of their
+weight over all its input channels. Once Chase zeroes a removed channel these statistics still count it (a mean over
+C, not over the C' channels left), so the masked model is not the sliced one, and no change of the affine parameters
+fixes it (the shift of the mean differs per token). A forward hook on each such module (module classes unchanged)
+replaces its output with what the sliced timm module computes: LayerNorm / RMSNorm / SimpleNorm run their own
+functional (``F.layer_norm``, ``F.rms_norm``, timm's ``simple_norm``, same eps; a norm + act layer then its dropout
+and activation) on the alive channels gathered out of the input, and scatter the result back (removed channels output
+0); GRN takes the channel mean of its norms over the alive channels only (its removed channels pass their input
+through, which Chase has zeroed and the next layer ignores); a GroupNorm runs its own forward on the alive channels
+and scatters (as many groups as before: Chase removes the same positions from every group); a standardised conv runs
+its own forward on its weight's alive input columns and the alive input channels (what the sliced conv computes).
 
 Which channels are alive is explicit data, not guessed from values: the 0/1 channel mask Chase keeps for the norm's
 (conv's) ``weight`` (GRN's weight starts at zero in timm, so "weight == 0" cannot tell). :func:`follow_masks` installs or
@@ -29,9 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import (GroupNorm, GroupNorm1, GroupNorm1Act, GroupNormAct, LayerNorm, LayerNorm2d, LayerNorm2dFp32,
-                         LayerNormFp32, RmsNorm, RmsNorm2d, RmsNorm2dFp32, RmsNormFp32, ScaledStdConv2d,
-                         ScaledStdConv2dSame, SimpleNorm, SimpleNorm2d, SimpleNorm2dFp32, SimpleNormFp32, StdConv2d,
-                         StdConv2dSame)
+                         LayerNormAct, LayerNormAct2d, LayerNormAct2dFp32, LayerNormActFp32, LayerNormFp32, RmsNorm,
+                         RmsNorm2d, RmsNorm2dFp32, RmsNormAct, RmsNormAct2d, RmsNormAct2dFp32, RmsNormActFp32,
+                         RmsNormFp32, ScaledStdConv2d, ScaledStdConv2dSame, SimpleNorm, SimpleNorm2d, SimpleNorm2dFp32,
+                         SimpleNormFp32, StdConv2d, StdConv2dSame)
 from timm.layers.fast_norm import simple_norm
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.metaformer import GroupNorm1NoBias, LayerNorm2dNoBias, LayerNormNoBias
@@ -86,6 +87,10 @@ _FORMULAS: dict[type, tuple[Callable, int]] = {
     SimpleNorm: (_simple_norm, -1), SimpleNormFp32: (_simple_norm, -1), SimpleNorm2d: (_simple_norm, 1),
     SimpleNorm2dFp32: (_simple_norm, 1),
     LayerNormNoBias: (_layer_norm, -1), LayerNorm2dNoBias: (_layer_norm, 1),  # MetaFormer's (forwards inherited)
+    # norm + act layers: the norm, then their dropout and activation (_NORM_ACTS)
+    LayerNormAct: (_layer_norm, -1), LayerNormActFp32: (_layer_norm, -1), LayerNormAct2d: (_layer_norm, 1),
+    LayerNormAct2dFp32: (_layer_norm, 1), RmsNormAct: (_rms_norm, -1), RmsNormActFp32: (_rms_norm, -1),
+    RmsNormAct2d: (_rms_norm, 1), RmsNormAct2dFp32: (_rms_norm, 1),
     **({nn.RMSNorm: (_rms_norm, -1)} if hasattr(nn, "RMSNorm") else {}),
 }
 
@@ -109,6 +114,9 @@ def _alive_columns(mask: torch.Tensor) -> torch.Tensor:
     """0/1 flags of a standardised conv's weight columns (input channels per group) some alive row still reads."""
     return (mask.reshape(mask.shape[0], mask.shape[1], -1).amax(dim=(0, 2)) > 0).to(mask.dtype)
 
+
+_NORM_ACTS = (LayerNormAct, LayerNormActFp32, LayerNormAct2d, LayerNormAct2dFp32, RmsNormAct, RmsNormActFp32,
+              RmsNormAct2d, RmsNormAct2dFp32)  # forward: the norm, then self.drop and self.act
 
 # GroupNorm classes calling F.group_norm (timm's: or its fast_norm form) on their input, then (the Act forms) dropout
 # and an activation; exact types, as above
@@ -159,7 +167,8 @@ class AliveChannels:
                 y = _response_norm(module, x, self.mask.to(x.device, x.dtype))
             else:
                 y = _alive_norm(module, x, self.index.to(x.device))
-        return y.to(output.dtype)
+        y = y.to(output.dtype)
+        return module.act(module.drop(y)) if type(module) in _NORM_ACTS else y
 
 
 def _hook(module: nn.Module) -> Optional[AliveChannels]:

@@ -14,8 +14,9 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from timm.layers import (GroupNorm, GroupNorm1, GroupNormAct, LayerNorm, LayerNorm2d, RmsNorm, RmsNorm2d,
-                         ScaledStdConv2d, ScaledStdConv2dSame, SimpleNorm, SimpleNorm2d, StdConv2d, StdConv2dSame)
+from timm.layers import (GroupNorm, GroupNorm1, GroupNormAct, LayerNorm, LayerNorm2d, LayerNormAct, RmsNorm, RmsNorm2d,
+                         RmsNormAct2d, ScaledStdConv2d, ScaledStdConv2dSame, SimpleNorm, SimpleNorm2d, StdConv2d,
+                         StdConv2dSame)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.metaformer import GroupNorm1NoBias
 
@@ -37,6 +38,8 @@ NORMS = [
     (nn.RMSNorm(C), (2, 5, C)),
     (SimpleNorm(C), (2, 5, C)),
     (SimpleNorm2d(C), (2, C, 3, 3)),
+    (RmsNormAct2d(C, act_layer=nn.GELU), (2, C, 3, 3)),  # norm + act layers: the norm, then dropout and activation
+    (LayerNormAct(C, act_layer=nn.SiLU), (2, 5, C)),
     (GlobalResponseNorm(C), (2, 3, 3, C)),
     (GlobalResponseNorm(C, channels_last=False), (2, C, 3, 3)),
 ]
@@ -144,6 +147,8 @@ def _removed_kinds(chase, removed) -> set:
                  if s.tensor.endswith(".weight") and covers(chase.module.get_submodule(s.tensor.rsplit(".", 1)[0]))}
         kinds |= {"grn"} if GlobalResponseNorm in norms else set()
         kinds |= {"group_norm"} if any(issubclass(t, nn.GroupNorm) for t in norms) else set()
+        kinds |= {"norm_act"} if any("NormAct" in t.__name__ and not issubclass(t, nn.GroupNorm) for t in norms) \
+            else set()
         kinds |= {"standardised"} if any(s.dim == 1 and isinstance(chase.module.get_submodule(
             s.tensor.rsplit(".", 1)[0]), STANDARDISED_CONVS) for s in group.slices) else set()
         kinds |= {"stream"} if group.residual and {t for t in norms if t is not GlobalResponseNorm
@@ -158,6 +163,7 @@ EXPORTS = [
     ("convnext_zepto_rms", True, {"stream"}),  # SimpleNorm2d stages
     ("resnetv2_50x1_bit", True, {"group_norm", "standardised", "stream"}),  # BiT: GroupNormAct + StdConv2d
     ("poolformerv2_s12", True, {"group_norm", "stream"}),  # MetaFormer's GroupNorm1NoBias / LayerNorm2dNoBias stages
+    ("test_efficientnet_ln", False, {"norm_act"}),  # timm's LayerNormAct2d in the inverted residuals
 ]
 
 
