@@ -95,18 +95,30 @@ _FORMULAS: dict[type, tuple[Callable, int]] = {
 }
 
 
+class _Bare(nn.Module):
+    """Holds a module whose forward runs without its hooks (they would see the sliced shapes, and ours would
+    recurse): ``torch.func.functional_call`` on the module itself would call it through ``__call__``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module.forward(x)
+
+
+@torch.compiler.disable  # run eagerly: inductor cannot lower a conv whose input width changes at every event
 def _own_forward(module: nn.Module, x: torch.Tensor, hook: "AliveChannels") -> torch.Tensor:
     """The module's own forward on its alive slice: the alive input channels ``hook.inputs`` of ``x`` (dim 1) and its
     ``weight`` (a GroupNorm's weight and bias: their alive entries; a standardised conv's weight: its alive input
     columns), i.e. what the sliced module computes; a GroupNorm's output is scattered back (removed channels 0)."""
     index, inputs = hook.index.to(x.device), hook.inputs.to(x.device)
     if isinstance(module, nn.GroupNorm):
-        params = {n: p.index_select(0, index) for n, p in (("weight", module.weight), ("bias", module.bias))
-                  if p is not None}
+        params = {f"module.{n}": p.index_select(0, index) for n, p in (("weight", module.weight),
+                                                                       ("bias", module.bias)) if p is not None}
     else:
-        params = {"weight": module.weight.index_select(1, index)}
-    y = torch.func.functional_call(module, params, (x.index_select(1, inputs),))
-    # scattered in y's dtype: under CUDA autocast group_norm runs in float32 (timm's fast_norm in the autocast dtype)
+        params = {"module.weight": module.weight.index_select(1, index)}
+    y = torch.func.functional_call(_Bare(module), params, (x.index_select(1, inputs),))
     return y.new_zeros(y.shape[:1] + x.shape[1:]).index_copy(1, inputs, y) if isinstance(module, nn.GroupNorm) else y
 
 
@@ -149,18 +161,13 @@ class AliveChannels:
         self.mask: Optional[torch.Tensor] = None
         self.index: Optional[torch.Tensor] = None  # positions where mask is 1
         self.inputs: Optional[torch.Tensor] = None  # alive input channels (a standardised conv: of every group)
-        self._running = False  # the module's own forward, called from this hook, runs this hook again
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
-        if self.mask is None or self._running:
+        if self.mask is None:
             return None
         x = args[0]
         if type(module) in _OWN_FORWARD:  # in the module's own dtype and autocast state, as its forward runs
-            self._running = True
-            try:
-                return _own_forward(module, x, self)
-            finally:
-                self._running = False
+            return _own_forward(module, x, self)
         x = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in float32 at least, as the norms do
         with torch.autocast(x.device.type, enabled=False):
             if isinstance(module, GlobalResponseNorm):

@@ -123,7 +123,7 @@ def test_flatten_to_linear_expands_each_channel_to_its_positions():
 
 
 def test_model_without_prunable_groups():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8, affine=False), nn.ReLU(), nn.Conv2d(8, 4, 1))
     groups = find_channel_groups(model, torch.randn(1, 3, 8, 8))
     assert [g.name for g in groups] == ["0", "3"] and not any(g.prunable for g in groups)
     assert "GroupNorm" in groups[0].reason and "output" in groups[1].reason
