@@ -37,7 +37,7 @@ from timm.layers.fast_norm import simple_norm
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.metaformer import GroupNorm1NoBias, LayerNorm2dNoBias, LayerNormNoBias
 
-from .adapters.autograd import forward_hooks, remove_forward_hooks
+from .adapters.autograd import forward_hooks, remove_forward_hooks, with_parameters
 
 __all__ = ["STANDARDISED_CONVS", "covers", "follow_masks", "removal_masks", "remove_hooks", "AliveChannels"]
 
@@ -95,18 +95,6 @@ _FORMULAS: dict[type, tuple[Callable, int]] = {
 }
 
 
-class _Bare(nn.Module):
-    """Holds a module whose forward runs without its hooks (they would see the sliced shapes, and ours would
-    recurse): ``torch.func.functional_call`` on the module itself would call it through ``__call__``."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module.forward(x)
-
-
 @torch.compiler.disable  # run eagerly: inductor cannot lower a conv whose input width changes at every event
 def _own_forward(module: nn.Module, x: torch.Tensor, hook: "AliveChannels") -> torch.Tensor:
     """The module's own forward on its alive slice: the alive input channels ``hook.inputs`` of ``x`` (dim 1) and its
@@ -114,11 +102,12 @@ def _own_forward(module: nn.Module, x: torch.Tensor, hook: "AliveChannels") -> t
     columns), i.e. what the sliced module computes; a GroupNorm's output is scattered back (removed channels 0)."""
     index, inputs = hook.index.to(x.device), hook.inputs.to(x.device)
     if isinstance(module, nn.GroupNorm):
-        params = {f"module.{n}": p.index_select(0, index) for n, p in (("weight", module.weight),
-                                                                       ("bias", module.bias)) if p is not None}
+        params = {n: p.index_select(0, index) for n, p in (("weight", module.weight),
+                                                           ("bias", module.bias)) if p is not None}
     else:
-        params = {"module.weight": module.weight.index_select(1, index)}
-    y = torch.func.functional_call(_Bare(module), params, (x.index_select(1, inputs),))
+        params = {"weight": module.weight.index_select(1, index)}
+    # forward called directly, not through __call__: the module's hooks (this one included) do not run again
+    y = with_parameters(module, params).forward(x.index_select(1, inputs))
     return y.new_zeros(y.shape[:1] + x.shape[1:]).index_copy(1, inputs, y) if isinstance(module, nn.GroupNorm) else y
 
 

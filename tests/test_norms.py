@@ -134,6 +134,17 @@ def test_a_hooked_group_norm_keeps_its_own_output_dtype_under_autocast(monkeypat
         assert norm(x).dtype == plain(x).dtype == torch.bfloat16
 
 
+def test_a_hooked_module_is_not_modified_while_its_hook_runs_its_forward_on_the_alive_slice():
+    """Another thread (DataParallel replicas share hooks; a model served from threads) may run the module meanwhile:
+    torch.func.functional_call swapped the sliced weight onto the module itself for that time."""
+    norm = GroupNormAct(C, num_groups=2)
+    seen = []
+    norm.act.register_forward_hook(lambda act, args, out: seen.append(tuple(norm.weight.shape)))
+    follow_masks(norm, {"weight": torch.ones(C).index_fill_(0, torch.tensor([1, 5]), 0)})
+    norm(torch.randn(2, C, 4, 4))
+    assert seen == [(C,), (C,)]  # the module's own forward, then the hook's on the alive slice
+
+
 def _hooked(model: nn.Module) -> list:
     return [n for n, m in model.named_modules() if forward_hooks(m, AliveChannels)]
 
