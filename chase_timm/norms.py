@@ -37,7 +37,7 @@ from timm.layers.fast_norm import simple_norm
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.metaformer import GroupNorm1NoBias, LayerNorm2dNoBias, LayerNormNoBias
 
-from .adapters.autograd import forward_hooks, remove_forward_hooks
+from .adapters.autograd import forward_hooks, remove_forward_hooks, with_parameters
 
 __all__ = ["STANDARDISED_CONVS", "covers", "follow_masks", "removal_masks", "remove_hooks", "AliveChannels"]
 
@@ -59,15 +59,25 @@ def _simple_norm(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias:
 
 
 def _alive_norm(module: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The sliced norm's output on the alive channels ``index`` of ``x``, zeros elsewhere. A channels-first (NCHW)
-    norm works on the channels-last view, as timm's LayerNorm2d does (one gather, one scatter, no extra copy)."""
+    """The sliced norm's output on the alive channels ``index`` of ``x``, channels last (an NCHW norm works on the
+    channels-last view, as timm's LayerNorm2d does: one gather, no extra copy)."""
     formula, dim = _FORMULAS[type(module)]
     x = x if dim == -1 else x.movedim(1, -1)
     bias = getattr(module, "bias", None)
-    y = formula(module, x.index_select(-1, index), module.weight.index_select(0, index).to(x.dtype),
-                None if bias is None else bias.index_select(0, index).to(x.dtype))
-    y = x.new_zeros(x.shape).index_copy(-1, index, y)
-    return y if dim == -1 else y.movedim(-1, 1)
+    return formula(module, x.index_select(-1, index), module.weight.index_select(0, index).to(x.dtype),
+                   None if bias is None else bias.index_select(0, index).to(x.dtype))
+
+
+def _scatter_norm_act(module: nn.Module, y: torch.Tensor, shape: torch.Size, index: torch.Tensor) -> torch.Tensor:
+    """``y`` (the alive channels, channels last) through a norm + act layer's dropout and activation in the module's
+    layout, as the sliced module applies them (removed channels get 0, whatever act(0) is), scattered back into
+    ``shape`` (the module's input shape) with zeros in the removed channels."""
+    first = _FORMULAS[type(module)][1] == 1
+    if type(module) in _NORM_ACTS:
+        y = module.act(module.drop(y.movedim(-1, 1) if first else y))
+        y = y.movedim(1, -1) if first else y
+    out = y.new_zeros(shape[:1] + shape[2:] + shape[1:2] if first else shape).index_copy(-1, index, y)
+    return out.movedim(-1, 1) if first else out
 
 
 def _response_norm(module: GlobalResponseNorm, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -95,18 +105,6 @@ _FORMULAS: dict[type, tuple[Callable, int]] = {
 }
 
 
-class _Bare(nn.Module):
-    """Holds a module whose forward runs without its hooks (they would see the sliced shapes, and ours would
-    recurse): ``torch.func.functional_call`` on the module itself would call it through ``__call__``."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module.forward(x)
-
-
 @torch.compiler.disable  # run eagerly: inductor cannot lower a conv whose input width changes at every event
 def _own_forward(module: nn.Module, x: torch.Tensor, hook: "AliveChannels") -> torch.Tensor:
     """The module's own forward on its alive slice: the alive input channels ``hook.inputs`` of ``x`` (dim 1) and its
@@ -114,11 +112,12 @@ def _own_forward(module: nn.Module, x: torch.Tensor, hook: "AliveChannels") -> t
     columns), i.e. what the sliced module computes; a GroupNorm's output is scattered back (removed channels 0)."""
     index, inputs = hook.index.to(x.device), hook.inputs.to(x.device)
     if isinstance(module, nn.GroupNorm):
-        params = {f"module.{n}": p.index_select(0, index) for n, p in (("weight", module.weight),
-                                                                       ("bias", module.bias)) if p is not None}
+        params = {n: p.index_select(0, index) for n, p in (("weight", module.weight),
+                                                           ("bias", module.bias)) if p is not None}
     else:
-        params = {"module.weight": module.weight.index_select(1, index)}
-    y = torch.func.functional_call(_Bare(module), params, (x.index_select(1, inputs),))
+        params = {"weight": module.weight.index_select(1, index)}
+    # forward called directly, not through __call__: the module's hooks (this one included) do not run again
+    y = with_parameters(module, params).forward(x.index_select(1, inputs))
     return y.new_zeros(y.shape[:1] + x.shape[1:]).index_copy(1, inputs, y) if isinstance(module, nn.GroupNorm) else y
 
 
@@ -169,13 +168,12 @@ class AliveChannels:
         if type(module) in _OWN_FORWARD:  # in the module's own dtype and autocast state, as its forward runs
             return _own_forward(module, x, self)
         x = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in float32 at least, as the norms do
+        index = self.index.to(x.device)
         with torch.autocast(x.device.type, enabled=False):
             if isinstance(module, GlobalResponseNorm):
-                y = _response_norm(module, x, self.mask.to(x.device, x.dtype))
-            else:
-                y = _alive_norm(module, x, self.index.to(x.device))
-        y = y.to(output.dtype)
-        return module.act(module.drop(y)) if type(module) in _NORM_ACTS else y
+                return _response_norm(module, x, self.mask.to(x.device, x.dtype)).to(output.dtype)
+            y = _alive_norm(module, x, index)
+        return _scatter_norm_act(module, y.to(output.dtype), x.shape, index)  # act in the module's autocast state
 
 
 def _hook(module: nn.Module) -> Optional[AliveChannels]:

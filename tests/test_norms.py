@@ -14,9 +14,9 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from timm.layers import (GroupNorm, GroupNorm1, GroupNormAct, LayerNorm, LayerNorm2d, LayerNormAct, RmsNorm, RmsNorm2d,
-                         RmsNormAct2d, ScaledStdConv2d, ScaledStdConv2dSame, SimpleNorm, SimpleNorm2d, StdConv2d,
-                         StdConv2dSame)
+from timm.layers import (GroupNorm, GroupNorm1, GroupNormAct, LayerNorm, LayerNorm2d, LayerNormAct, LayerNormAct2d,
+                         RmsNorm, RmsNorm2d, RmsNormAct2d, ScaledStdConv2d, ScaledStdConv2dSame, SimpleNorm,
+                         SimpleNorm2d, StdConv2d, StdConv2dSame)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.metaformer import GroupNorm1NoBias
 
@@ -40,6 +40,7 @@ NORMS = [
     (SimpleNorm2d(C), (2, C, 3, 3)),
     (RmsNormAct2d(C, act_layer=nn.GELU), (2, C, 3, 3)),  # norm + act layers: the norm, then dropout and activation
     (LayerNormAct(C, act_layer=nn.SiLU), (2, 5, C)),
+    (LayerNormAct2d(C, act_layer=nn.Sigmoid), (2, C, 3, 3)),  # act(0) != 0: removed channels must still output 0
     (GlobalResponseNorm(C), (2, 3, 3, C)),
     (GlobalResponseNorm(C, channels_last=False), (2, C, 3, 3)),
 ]
@@ -65,6 +66,8 @@ def test_a_hooked_norm_computes_what_the_sliced_norm_computes(norm, shape):
     follow_masks(norm, {"weight": mask})
     masked = norm(x)
     assert torch.allclose(masked.index_select(dim, torch.tensor(keep)), expected, rtol=0, atol=1e-12)
+    if not isinstance(norm, GlobalResponseNorm):  # (GRN passes its removed channels' input through)
+        assert not masked.index_select(dim, torch.tensor(REMOVED)).any()  # as the sliced model: nothing there
     assert not torch.allclose(remove_hooks(copy.deepcopy(norm))(x).index_select(dim, torch.tensor(keep)), expected,
                               rtol=0, atol=1e-6)  # the plain norm counts the removed channels: the test can fail
     follow_masks(norm, {"weight": torch.ones(C, dtype=torch.float64)})  # all alive again: the module's own output
@@ -132,6 +135,17 @@ def test_a_hooked_group_norm_keeps_its_own_output_dtype_under_autocast(monkeypat
     x = torch.randn(2, C, 4, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert norm(x).dtype == plain(x).dtype == torch.bfloat16
+
+
+def test_a_hooked_module_is_not_modified_while_its_hook_runs_its_forward_on_the_alive_slice():
+    """Another thread (DataParallel replicas share hooks; a model served from threads) may run the module meanwhile:
+    torch.func.functional_call swapped the sliced weight onto the module itself for that time."""
+    norm = GroupNormAct(C, num_groups=2)
+    seen = []
+    norm.act.register_forward_hook(lambda act, args, out: seen.append(tuple(norm.weight.shape)))
+    follow_masks(norm, {"weight": torch.ones(C).index_fill_(0, torch.tensor([1, 5]), 0)})
+    norm(torch.randn(2, C, 4, 4))
+    assert seen == [(C,), (C,)]  # the module's own forward, then the hook's on the alive slice
 
 
 def _hooked(model: nn.Module) -> list:

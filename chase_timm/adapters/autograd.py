@@ -8,6 +8,7 @@ registers forward hooks while tracing and leaves them behind when the forward ra
 """
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Optional
 
@@ -18,7 +19,7 @@ from . import require
 
 __all__ = ["check_version", "saved_input_shape", "result_shape", "input_shapes", "saved_dim", "saved_permutation",
            "new_forward_hooks_removed", "has_non_persistent_buffers", "non_persistent_buffer_names", "forward_hooks",
-           "remove_forward_hooks"]
+           "remove_forward_hooks", "with_parameters"]
 
 
 def check_version(found: str = torch.__version__) -> None:
@@ -103,3 +104,12 @@ def remove_forward_hooks(module: nn.Module, kind: type) -> None:
 def has_non_persistent_buffers(model: nn.Module) -> bool:
     """Whether any submodule holds a buffer registered with ``persistent=False`` (not in its state_dict)."""
     return bool(non_persistent_buffer_names(model))
+
+
+def with_parameters(module: nn.Module, params: dict[str, torch.Tensor]) -> nn.Module:
+    """A shallow copy of ``module`` whose parameters ``params`` are replaced (any tensors, e.g. slices of its own),
+    ``module`` itself untouched (unlike ``torch.func.functional_call``, which swaps them on the module while it runs:
+    another thread running the module would see them)."""
+    clone = copy.copy(module)
+    clone._parameters = {**module._parameters, **params}
+    return clone
