@@ -138,9 +138,9 @@ _OWN_FORWARD = _GROUP_NORMS + STANDARDISED_CONVS
 def covers(module: nn.Module) -> bool:
     """True for a norm whose statistics this module can restrict to the alive channels: timm's / torch's
     LayerNorm, LayerNorm2d, RmsNorm, RmsNorm2d, SimpleNorm, SimpleNorm2d (and their Fp32 forms; one normalised dim,
-    with a weight), GroupNorm (torch's; timm's GroupNorm, GroupNorm1, their Act forms, MetaFormer's GroupNorm1NoBias;
-    with a weight), GlobalResponseNorm
-    and timm's weight-standardised convs (not depthwise: those standardise over their kernel only)."""
+    with a weight; timm's norm + act forms too), GroupNorm (torch's; timm's GroupNorm, GroupNorm1, their Act forms,
+    MetaFormer's GroupNorm1NoBias; with a weight), GlobalResponseNorm and timm's weight-standardised convs (not
+    depthwise: those standardise over their kernel only)."""
     if isinstance(module, GlobalResponseNorm):
         return type(module) is GlobalResponseNorm
     if isinstance(module, nn.GroupNorm):
