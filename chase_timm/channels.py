@@ -19,7 +19,7 @@ from ._timm import named_tensors
 from .graph import ChannelGroup, reindex_groups
 from .slim import meta_clone, width_plan
 
-__all__ = ["group_floor", "umm_scores", "per_cost", "select_channels", "resize_removals", "alive_positions",
+__all__ = ["group_floor", "class_step", "umm_scores", "per_cost", "select_channels", "resize_removals", "alive_positions",
            "tensor_keep_masks", "ChannelState"]
 
 
@@ -29,6 +29,11 @@ def group_floor(width: int, channel_sparsity: float, min_channel_ratio: float, r
     if round_to > 1:
         floor = min(width, math.ceil(floor / round_to) * round_to)
     return floor
+
+
+def class_step(round_to: int, unit: int) -> int:
+    """Entries of ``unit`` channels a group keeps a multiple of so that its channels are a multiple of ``round_to``."""
+    return round_to // math.gcd(round_to, unit)
 
 
 def _index_tensor(index: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
@@ -91,16 +96,17 @@ def per_cost(scores: Mapping[str, torch.Tensor], costs: Mapping[str, float],
 def select_channels(scores: Mapping[str, torch.Tensor], alive: Mapping[str, torch.Tensor],
                     floors: Mapping[str, int], n_remove: int, generator: torch.Generator,
                     round_to: int = 1, units: Optional[Mapping[str, int]] = None,
-                    nearest: bool = False) -> Dict[str, torch.Tensor]:
+                    nearest: bool = False, heads: Collection[str] = ()) -> Dict[str, torch.Tensor]:
     """Choose ``n_remove`` alive channels with the globally lowest score, never below a group's floor.
 
     Water-filling: channels are visited from the lowest score up (exact ties in random order from the shared
     generator) and skipped once their group sits at its floor, so a saturated group's share flows to the
-    others. ``units``: channels one entry of a group stands for (an attention head: ``head_dim``; default 1);
-    the last pick may overshoot ``n_remove`` by less than its unit (``nearest``: it is dropped when it overshoots by
-    more than half its unit, so the count lands on the nearest whole unit). With ``round_to > 1`` each unit-1 group then
-    keeps a multiple of ``round_to`` channels (rounding up, i.e. restoring its highest-scored picks, so floors
-    always hold). Returns removed indices per group.
+    others. ``units``: channels one entry of a group stands for (an attention head: ``head_dim``; a class of tied
+    channels: their count; default 1); the last pick may overshoot ``n_remove`` by less than its unit (``nearest``:
+    it is dropped when it overshoots by more than half its unit, so the count lands on the nearest whole unit). With
+    ``round_to > 1`` each group but ``heads`` then keeps a multiple of ``round_to`` channels (:func:`class_step`
+    entries; rounding up, i.e. restoring its highest-scored picks, so floors always hold). Returns removed indices
+    per group.
     """
     units = units or {}
     names = [n for n in scores if bool(alive[n].any())]
@@ -132,9 +138,9 @@ def select_channels(scores: Mapping[str, torch.Tensor], alive: Mapping[str, torc
     if nearest and last is not None and 2 * (taken - n_remove) > units.get(names[last], 1):
         chosen[last].pop()
     if round_to > 1:
-        for gi, picks in ((gi, p) for gi, p in chosen.items() if units.get(names[gi], 1) == 1):
+        for gi, picks in ((gi, p) for gi, p in chosen.items() if names[gi] not in heads):
             kept = int(alive[names[gi]].sum()) - len(picks)
-            excess = (-kept) % round_to  # channels to give back so the kept count is a multiple
+            excess = (-kept) % class_step(round_to, units.get(names[gi], 1))  # entries to give back
             if excess:
                 del picks[len(picks) - min(excess, len(picks)):]
     return {names[gi]: torch.tensor(sorted(p), dtype=torch.long) for gi, p in chosen.items() if p}
@@ -202,7 +208,9 @@ class ChannelState:
     - ``groups``: every coupled channel group of the model as it is now (physically shrunk groups re-indexed);
       ``prunable``: those Chase may thin (removable, with a Conv/Linear producer to score);
     - ``alive``: ``{group: bool flags}`` in the current numbering; ``floors``: the fewest channels a group keeps;
-      ``units``: channels one entry of a group counts for (``head_dim`` for an attention head's group, else 1);
+      ``units``: channels one entry of a group counts for (``head_dim`` for an attention head's group, the class
+      size for tied channels: a grouped conv's or GroupNorm's balanced class, a gate pair; else 1); ``heads``: the
+      attention-head groups;
       ``total``: prunable channels of the original model (``width * unit`` summed: the S_c budget's unit);
     - ``allowed``: channel mask F (bool) of every sparse weight touched by a removed channel still in the model;
       ``channel_masks``: F of the other tensors so touched (norm weights, biases, ...), in their dtype.
@@ -215,8 +223,9 @@ class ChannelState:
         self.prunable = [g for g in groups if g.prunable and g.producers()]
         self.alive = {g.name: torch.ones(g.width, dtype=torch.bool) for g in self.prunable}
         self.units = {g.name: g.unit for g in self.prunable}
-        self.floors = {g.name: group_floor(g.width, channel_sparsity, min_channel_ratio, round_to if g.unit == 1 else 1)
-                       for g in self.prunable}
+        self.heads = {g.name for g in self.prunable if g.heads}
+        self.floors = {g.name: group_floor(g.width, channel_sparsity, min_channel_ratio,
+                                           1 if g.heads else class_step(round_to, g.unit)) for g in self.prunable}
         self.total = sum(g.width * g.unit for g in self.prunable)
         self.channel_sparsity = channel_sparsity
         self.width_policy: Optional[Callable[..., Dict[str, int]]] = None
@@ -245,7 +254,7 @@ class ChannelState:
             return {"all": list(self.alive)}
         pools: Dict[str, List[str]] = {}
         for group in self.prunable:
-            kind = "heads" if group.unit > 1 else "streams" if group.residual else "channels"
+            kind = "heads" if group.heads else "streams" if group.residual else "channels"
             pools.setdefault(kind, []).append(group.name)
         return pools
 
@@ -259,7 +268,7 @@ class ChannelState:
         return sum(len(removed[n]) * self.units[n] for n in names if n in removed)
 
     def alive_count(self) -> int:
-        """Prunable channels still alive (an attention head counts its ``head_dim`` channels)."""
+        """Prunable channels still alive (an entry counts its ``unit``: a head's ``head_dim``, a tied class's size)."""
         return sum(int(a.sum()) * self.units[n] for n, a in self.alive.items())
 
     def scores(self, tensors: Mapping[str, torch.Tensor], fanin: str) -> Dict[str, torch.Tensor]:
@@ -290,7 +299,7 @@ class ChannelState:
                 due[kind] += sum(due[k] - self._units_of(removed, pools[k]) for k in pools if k != "channels")
             if due[kind] > 0:
                 removed.update(select_channels({n: scores[n] for n in names}, self.alive, self.floors, due[kind],
-                                               generator, round_to, self.units, nearest=kind == "heads"))
+                                               generator, round_to, self.units, kind == "heads", self.heads))
         if final:  # each pool rounded on its own, so no pool pays for another's fast widths
             high = {n: int(a.sum()) for n, a in self.alive.items()}
             proposed = {n: high[n] - len(removed.get(n, ())) for n in high}

@@ -106,7 +106,7 @@ class FlopCosts:
                     per_channel = sum(len(p) for p in piece.index) / len(piece.index)
                     saved += (self._layer_flops[piece.tensor] * per_channel / self._shapes[piece.tensor][piece.dim]
                               * fraction(piece.tensor, 1 - piece.dim))
-                if group.unit > 1:  # the attention module: the parent of its projections, or the module itself
+                if group.heads:  # the attention module: the parent of its projections, or the module itself
                     module = piece.tensor.rpartition(".")[0]
                     owners.add(module.rpartition(".")[0] if f"{module}.weight" in self._layer_flops else module)
             saved += sum(self._own_flops.get(o, 0) for o in owners) / group.width

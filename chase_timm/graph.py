@@ -91,7 +91,8 @@ class ChannelGroup:
     residual: bool
     prunable: bool
     reason: str
-    unit: int = 1  # channels one class stands for in the channel budget: 1, or head_dim for an attention head
+    unit: int = 1  # channels one class stands for in the channel budget: head_dim for a head, else the class size
+    heads: bool = False  # the classes are attention heads (their own budget pool, never rounded to channel_round_to)
 
     def producers(self) -> tuple[ChannelSlice, ...]:
         """Slices with role ``producer`` (output rows of Conv/Linear weights; for UMM scoring)."""
@@ -100,12 +101,14 @@ class ChannelGroup:
     def to_dict(self) -> dict:
         """Plain JSON-safe data."""
         return {"name": self.name, "width": self.width, "slices": [s.to_dict() for s in self.slices],
-                "residual": self.residual, "prunable": self.prunable, "reason": self.reason, "unit": self.unit}
+                "residual": self.residual, "prunable": self.prunable, "reason": self.reason, "unit": self.unit,
+                "heads": self.heads}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "ChannelGroup":
+        unit = int(d.get("unit", 1))  # states saved before tied classes had units: unit > 1 meant a head
         return cls(str(d["name"]), int(d["width"]), tuple(ChannelSlice.from_dict(s) for s in d["slices"]),
-                   bool(d["residual"]), bool(d["prunable"]), str(d["reason"]), int(d.get("unit", 1)))
+                   bool(d["residual"]), bool(d["prunable"]), str(d["reason"]), unit, bool(d.get("heads", unit > 1)))
 
 
 def find_channel_groups(
@@ -248,7 +251,8 @@ class _Draft:
     problems: list[tuple[int, str]] = field(default_factory=list)  # (rank, reason); lowest rank is reported
     classes: list[list[int]] = field(default_factory=list)
     covers: dict[nn.Module, set[int]] = field(default_factory=dict)  # Conv/Linear output channels taken
-    unit: int = 1                   # channels one class counts for in the budget (an attention head: head_dim)
+    unit: int = 1                   # channels one head counts for in the budget (head_dim); see decide()
+    heads: bool = False             # one class per attention head
     ties: list[tuple[int, int]] = field(default_factory=list)  # root channels that must be removed together
 
     def problem(self, reason: str, rank: int = 5) -> None:
@@ -260,7 +264,14 @@ class _Draft:
         """The group with its prunable verdict (before numerical verification)."""
         slices = tuple(ChannelSlice(r.tensor, r.dim, _class_index(r, self.classes), r.role) for r in self.raws)
         reason = min(self.problems)[1] if self.problems else (RESIDUAL_REASON if self.residual and not prune_skip else "")
-        return ChannelGroup(self.name, len(self.classes), slices, self.residual, not reason, reason, self.unit)
+        return ChannelGroup(self.name, len(self.classes), slices, self.residual, not reason, reason,
+                            self.unit if self.heads else _class_size(self.classes), self.heads)
+
+
+def _class_size(classes: list[list[int]]) -> int:
+    """Channels one class stands for in the S_c budget: its tied root channels (a grouped conv's or GroupNorm's
+    balanced class has one per group); the mean, rounded, where classes differ in size."""
+    return max(1, round(sum(len(c) for c in classes) / len(classes))) if classes else 1
 
 
 def _class_index(raw: _Raw, classes: list[list[int]]) -> tuple[tuple[int, ...], ...]:
@@ -314,7 +325,7 @@ def _head_draft(ctx: _Context, name: str, module: nn.Module, spec: HeadSpec,
                 covered: dict[nn.Module, set[int]]) -> _Draft:
     """One channel per attention head (:mod:`chase_timm.heads`); its producers' rows are marked covered."""
     heads = list(range(spec.heads))
-    draft = _Draft(name, heads, classes=[[h] for h in heads], unit=spec.head_dim)
+    draft = _Draft(name, heads, classes=[[h] for h in heads], unit=spec.head_dim, heads=True)
     for piece in spec.slices:
         owner_name, _, attr = piece.tensor.rpartition(".")
         owner = module.get_submodule(owner_name)

@@ -262,7 +262,7 @@ class LatencyRounding:
                  floors: Mapping[str, int], units: Mapping[str, int]) -> Dict[str, int]:
         """New widths of ``groups`` (``proposed``: UMM's; ``high``: the most each may keep; ``floors``)."""
         def widths() -> Dict[str, int]:
-            rounded = [g for g in groups if units.get(g.name, 1) == 1]  # attention heads keep UMM's count
+            rounded = [g for g in groups if not g.heads]  # attention heads keep UMM's count
             candidates = {g.name: candidate_widths(proposed[g.name], floors[g.name], high[g.name]) for g in rounded}
             costs = self.table.group_costs(self.model, groups, proposed, candidates)
             costs = {name: excess_costs(c, proposed[name]) for name, c in costs.items()}

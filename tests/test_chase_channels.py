@@ -2,6 +2,7 @@
 import time
 
 import pytest
+import timm
 import torch
 
 from chase_timm import Chase, ChaseConfig
@@ -222,3 +223,23 @@ def test_a_state_saved_before_channel_budget_resumes_only_with_one_pooled_rankin
     with pytest.raises(ValueError, match="channel_budget='pooled'"):
         Chase(tiny_model("resnet18"), channel_config(prune_skip=True)).load_state_dict(state)
     Chase(tiny_model("resnet18"), channel_config(prune_skip=True, channel_budget="pooled")).load_state_dict(state)
+
+
+@pytest.mark.parametrize("round_to", [1, 2])
+def test_s_c_counts_the_channels_of_a_tied_class_and_round_to_counts_channels(round_to):
+    """A grouped conv's balanced class (the same place in every group) is one entry of its group but ``groups``
+    channels: S_c and ``channel_round_to`` count the channels the slim convs lose, as for any other group."""
+    model = timm.create_model("regnetx_002", num_classes=10)  # grouped 3x3 convs, C/8 channels per class
+    chase = Chase(model, channel_config(min_channel_ratio=0.2, channel_round_to=round_to),
+                  optimizer=torch.optim.SGD(model.parameters(), lr=0.01), example_inputs=torch.randn(1, 3, 32, 32))
+    tied = [g for g in chase.channels.prunable if g.unit > 1]
+    assert len(tied) >= 8 and not any(g.heads for g in tied)
+    dense = {n: m.out_channels for n, m in model.named_modules() if n in chase.channels.alive}
+    train(model, chase.optimizer, chase, STEPS, size=32)
+    slim = {n: m.out_channels for n, m in chase.export().named_modules() if n in dense}
+    removed = 1 - sum(slim.values()) / sum(dense.values())  # counted on the slim convs, not the budget's entries
+    if round_to == 1:  # S_c or just above (the last class taken may overshoot by less than its size)
+        assert 0.5 <= removed < 0.5 + max(g.unit for g in tied) / sum(dense.values()), removed
+    else:  # classes of 3, 7 and 19 channels keep an even count of classes: rounding gives back some picks
+        assert abs(removed - 0.5) < 0.05, removed
+    assert all(w % round_to == 0 for w in slim.values()), slim
