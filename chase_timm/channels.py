@@ -105,8 +105,9 @@ def select_channels(scores: Mapping[str, torch.Tensor], alive: Mapping[str, torc
     channels: their count; default 1); the last pick may overshoot ``n_remove`` by less than its unit (``nearest``:
     it is dropped when it overshoots by more than half its unit, so the count lands on the nearest whole unit). With
     ``round_to > 1`` each group but ``heads`` then keeps a multiple of ``round_to`` channels (:func:`class_step`
-    entries; rounding up, i.e. restoring its highest-scored picks, so floors always hold). Returns removed indices
-    per group.
+    entries; rounding up, i.e. restoring its highest-scored picks, so floors always hold); a group that gave picks
+    back takes no more, and the scan goes on in the others for what it gave back (picks that fit without
+    overshooting). Returns removed indices per group.
     """
     units = units or {}
     names = [n for n in scores if bool(alive[n].any())]
@@ -126,23 +127,31 @@ def select_channels(scores: Mapping[str, torch.Tensor], alive: Mapping[str, torc
 
     room = {gi: int(alive[n].sum()) - floors[n] for gi, n in enumerate(names)}
     chosen: Dict[int, list] = {gi: [] for gi in range(len(names))}
-    taken, last = 0, None
-    for gi, ci in zip(group_of, index_of):
-        if taken >= n_remove:
-            break
-        if room[gi] > 0:
-            chosen[gi].append(ci)
-            room[gi] -= 1
-            taken += units.get(names[gi], 1)
-            last = gi
-    if nearest and last is not None and 2 * (taken - n_remove) > units.get(names[last], 1):
-        chosen[last].pop()
-    if round_to > 1:
-        for gi, picks in ((gi, p) for gi, p in chosen.items() if names[gi] not in heads):
+    taken, last, at, refill = 0, None, 0, False
+    while True:  # a group that gives picks back to round is closed; the scan goes on for what it gave back
+        for gi, ci in zip(group_of[at:], index_of[at:]):
+            if taken >= n_remove:
+                break
+            at += 1
+            if room[gi] > 0 and not (refill and taken + units.get(names[gi], 1) > n_remove):  # refills: no overshoot
+                chosen[gi].append(ci)
+                room[gi] -= 1
+                taken += units.get(names[gi], 1)
+                last = gi
+        if nearest and last is not None and 2 * (taken - n_remove) > units.get(names[last], 1):
+            chosen[last].pop()
+            taken -= units.get(names[last], 1)
+        given = 0
+        for gi, picks in ((gi, p) for gi, p in chosen.items() if round_to > 1 and names[gi] not in heads):
             kept = int(alive[names[gi]].sum()) - len(picks)
-            excess = (-kept) % class_step(round_to, units.get(names[gi], 1))  # entries to give back
+            excess = min((-kept) % class_step(round_to, units.get(names[gi], 1)), len(picks))  # entries to give back
             if excess:
-                del picks[len(picks) - min(excess, len(picks)):]
+                del picks[len(picks) - excess:]
+                taken -= excess * units.get(names[gi], 1)
+                room[gi], given = 0, given + excess
+        if not given or taken >= n_remove or at >= len(group_of):
+            break
+        refill = True
     return {names[gi]: torch.tensor(sorted(p), dtype=torch.long) for gi, p in chosen.items() if p}
 
 

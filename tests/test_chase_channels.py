@@ -243,3 +243,14 @@ def test_s_c_counts_the_channels_of_a_tied_class_and_round_to_counts_channels(ro
     else:  # classes of 3, 7 and 19 channels keep an even count of classes: rounding gives back some picks
         assert abs(removed - 0.5) < 0.05, removed
     assert all(w % round_to == 0 for w in slim.values()), slim
+
+
+def test_picks_given_back_to_round_a_tied_group_are_taken_from_other_groups():
+    """Rounding gives a group's picks back to keep a multiple of ``round_to`` channels; the selection then goes on
+    in the other groups (never overshooting), instead of removing nothing at every event."""
+    scores = {"tied": torch.full((16,), 0.1, dtype=torch.float64),
+              "plain": torch.linspace(0.5, 0.9, 96, dtype=torch.float64)}
+    alive = {n: torch.ones(len(s), dtype=torch.bool) for n, s in scores.items()}
+    removed = select_channels(scores, alive, {"tied": 8, "plain": 8}, 8, torch.Generator().manual_seed(0), round_to=8,
+                              units={"tied": 3})  # 3 classes of 3 channels cover 8, but 13 classes are 39 channels
+    assert "tied" not in removed and removed["plain"].tolist() == list(range(8))
