@@ -113,7 +113,7 @@ class Chase:
         elif config.channel_cost == "latency" and groups:
             self._channels.channel_cost = LatencyCosts(self._module, table)
         if config.width_rounding == "latency" and groups:
-            self._channels.width_policy = LatencyRounding(self._module, table)
+            self._channels.width_policy = LatencyRounding(self._module, table, round_to=config.channel_round_to)
         self._copies: List[nn.Module] = []
         if config.shrink != "off" and config.channel_sparsity > 0:  # only then is there anything to shrink
             check_shrinkable(model, None, {}, {})
@@ -423,6 +423,7 @@ class Chase:
             "budget": self._budget.budget,  # during a sparsity ramp: density_at(the last update step)·N
             "alive": channels.pop("alive"),
             "generator": self._generator.get_state(),
+            "channel_unit": "channels",  # S_c counts a tied class as its channels (states before: as one)
             **channels,
         }
 
@@ -467,6 +468,11 @@ class Chase:
         else:  # a state saved before the ramp existed: no ramp, so d·N
             self._budget.follow(self._step_count, self.config)
         self._channels.load_alive(state["alive"])
+        if "channel_unit" not in state and any(g.unit > 1 and not g.heads for g in self._channels.prunable):
+            warnings.warn("this Chase state was saved before S_c counted a class of tied channels (grouped conv, "
+                          "GroupNorm, gate pair) as its channels: the channels it removed stay removed and the rest of "
+                          "the run counts channels, so the final channel sparsity can differ from S_c; resume it with "
+                          "the chase_timm release that started it to keep the old count.", stacklevel=2)
         self._generator.set_state(state["generator"])
         self._refresh_channel_masks()
         self.apply_masks()

@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.utils import benchmark
 
 from ._timm import model_input_size
+from .channels import class_step
 from .graph import ChannelGroup
 from .slim import meta_clone
 
@@ -53,12 +54,16 @@ def device_name(device: Union[str, torch.device]) -> str:
     return f"{cpu} ({torch.get_num_threads()} threads)"
 
 
-def candidate_widths(width: int, low: int, high: int, alignments: Sequence[int] = ALIGNMENTS) -> list[int]:
-    """``width`` and the nearest multiples of each alignment below and above it, within ``[low, high]``."""
+def candidate_widths(width: int, low: int, high: int, alignments: Sequence[int] = ALIGNMENTS, unit: int = 1,
+                     round_to: int = 1) -> list[int]:
+    """``width`` and the nearest widths below and above it whose channels are multiples of each alignment (and of
+    ``round_to``), within ``[low, high]``; widths count entries of ``unit`` channels (a class of tied channels)."""
     found = {width}
     for a in alignments:
-        found.update({width // a * a, -(-width // a) * a})
-    return sorted(c for c in found if low <= c <= high and c > 0)
+        step = class_step(math.lcm(a, round_to), unit)
+        found.update({width // step * step, -(-width // step) * step})
+    step = class_step(round_to, unit)
+    return sorted(c for c in found if low <= c <= high and c > 0 and (c % step == 0 or c == width))
 
 
 def excess_costs(costs: Mapping[int, float], proposed: int) -> Dict[int, float]:
@@ -255,15 +260,16 @@ class LatencyRounding:
     (:func:`fast_widths`). In a distributed run only rank 0 measures and its widths are broadcast, so every rank
     removes the same."""
 
-    def __init__(self, model: nn.Module, table: LatencyTable, slack: Optional[int] = None) -> None:
-        self.model, self.table, self.slack = model, table, slack
+    def __init__(self, model: nn.Module, table: LatencyTable, slack: Optional[int] = None, round_to: int = 1) -> None:
+        self.model, self.table, self.slack, self.round_to = model, table, slack, round_to
 
     def __call__(self, groups: Sequence[ChannelGroup], proposed: Mapping[str, int], high: Mapping[str, int],
                  floors: Mapping[str, int], units: Mapping[str, int]) -> Dict[str, int]:
         """New widths of ``groups`` (``proposed``: UMM's; ``high``: the most each may keep; ``floors``)."""
         def widths() -> Dict[str, int]:
             rounded = [g for g in groups if not g.heads]  # attention heads keep UMM's count
-            candidates = {g.name: candidate_widths(proposed[g.name], floors[g.name], high[g.name]) for g in rounded}
+            candidates = {g.name: candidate_widths(proposed[g.name], floors[g.name], high[g.name], unit=g.unit,
+                                                   round_to=self.round_to) for g in rounded}
             costs = self.table.group_costs(self.model, groups, proposed, candidates)
             costs = {name: excess_costs(c, proposed[name]) for name, c in costs.items()}
             total = sum(g.width * units.get(g.name, 1) for g in groups)

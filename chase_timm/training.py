@@ -156,8 +156,8 @@ def plot_training(path: Union[str, Path], steps: Sequence[Mapping[str, float]], 
     ax = fig.add_subplot(grid[1, :])
     groups = [g for g in report if g["prunable"]]
     pos = list(range(len(groups)))
-    ax.bar(pos, [g["width_before"] for g in groups], color="lightgrey", label="before")
-    ax.bar(pos, [g["width_after"] for g in groups], color="tab:blue", label="after (slim)")
+    ax.bar(pos, [g["width_before"] * g["unit"] for g in groups], color="lightgrey", label="before")
+    ax.bar(pos, [g["width_after"] * g["unit"] for g in groups], color="tab:blue", label="after (slim)")
     ax.set_xticks(pos, [g["group"] for g in groups], rotation=90, fontsize=7 if len(groups) < 60 else 5)
     ax.set(ylabel="channels",
            title=f"width per prunable channel group ({len(groups)} of {len(report)} groups prunable)")

@@ -1,5 +1,6 @@
 """Channel-aware Chase: cubic schedule, floors, global UMM selection, permanence, budget, exact export."""
 import time
+import warnings
 
 import pytest
 import timm
@@ -243,6 +244,13 @@ def test_s_c_counts_the_channels_of_a_tied_class_and_round_to_counts_channels(ro
     else:  # classes of 3, 7 and 19 channels keep an even count of classes: rounding gives back some picks
         assert abs(removed - 0.5) < 0.05, removed
     assert all(w % round_to == 0 for w in slim.values()), slim
+    if round_to == 1:  # a state saved before tied classes counted their channels resumes, with a warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            chase.load_state_dict(chase.state_dict())
+        old = {k: v for k, v in chase.state_dict().items() if k != "channel_unit"}
+        with pytest.warns(UserWarning, match="tied channels"):
+            chase.load_state_dict(old)
 
 
 def test_picks_given_back_to_round_a_tied_group_are_taken_from_other_groups():

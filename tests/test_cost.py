@@ -42,7 +42,7 @@ def test_flops_one_channel_saves_match_a_finite_difference(name, kwargs, prune_s
         j = int(alive[g.name].nonzero()[0])
         after = _flops(slim_copy(model, tensor_removals(groups, {**removed, g.name: removed[g.name] + [j]})))
         assert costs[g.name] == pytest.approx(before - after, rel=1e-9), g.name
-        kinds.add("head" if g.unit > 1 else "stream" if g.residual else "channel")
+        kinds.add("head" if g.heads else "stream" if g.residual else "channel")
     assert kinds == ({"channel"} if not prune_skip else {"head", "stream", "channel"})
 
 

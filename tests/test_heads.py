@@ -388,7 +388,7 @@ def test_latency_rounding_moves_channels_only_within_a_budget_pool():
 
     def shift_to_first(groups, proposed, high, floors, units):  # a policy that moves 8 channels between groups
         calls.append({g.name for g in groups})
-        names = [g.name for g in groups if units[g.name] == 1]
+        names = [g.name for g in groups if not g.heads]
         widths = dict(proposed)
         if len(names) > 1:
             widths[names[0]] = min(high[names[0]], proposed[names[0]] + 8)

@@ -28,6 +28,10 @@ def test_candidate_widths_are_aligned_neighbours_within_bounds():
     assert candidate_widths(53, 40, 60) == [48, 53, 56]
     assert candidate_widths(53, 1, 512) == [32, 48, 53, 56, 64]
     assert candidate_widths(5, 5, 7) == [5]  # floor 5, at most 7 left: nothing aligned fits
+    # classes of 3 tied channels (a grouped conv with 3 groups): 16 classes are 48 channels, a multiple of 8, 16 and
+    # of round_to 6; 8 classes are 24 (of 8 and 6); 11 (33 channels) is kept only as the proposed width
+    assert candidate_widths(11, 1, 20, unit=3, round_to=6) == [8, 11, 16]
+    assert candidate_widths(12, 1, 20, unit=3, round_to=6) == [8, 12, 16]
 
 
 def test_fast_widths_takes_dips_keeps_the_budget_and_needs_no_dip_to_stay():
