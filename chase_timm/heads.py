@@ -36,6 +36,7 @@ from timm.models import (beit, cait, davit, edgenext, eva, levit, pvt_v2, swin_t
 
 from .adapters import multihead  # noqa: F401  registers nn.MultiheadAttention's slim forward (or why none)
 from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
+from .norms import covers
 
 __all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "heads_resized", "refresh_heads", "head_counts",
            "qkv_as_modules"]
@@ -281,10 +282,13 @@ def _timm_attention(module: nn.Module) -> HeadSpec:
                   for s in _linear_slices(p, getattr(module, p), index)]
     slices += _linear_slices("gate", module.gate, per_head)
     slices.append(HeadSlice("proj.weight", 1, "consumer", per_head))
+    # scale_norm (EVA-02 CLIP, BEiT3): a covered norm computes over the alive heads' channels (chase_timm.norms)
+    slices += [HeadSlice(f"norm.{t}", 0, "norm", per_head) for t in ("weight", "bias")
+               if isinstance(getattr(module.norm, t, None), nn.Parameter)]
     reason = ""
     if getattr(module, "num_kv_groups", 1) > 1:
         reason = "grouped-query attention: a k/v head serves several query heads"
-    elif not isinstance(module.norm, nn.Identity):
+    elif not isinstance(module.norm, nn.Identity) and not covers(module.norm):
         reason = (f"scale_norm ({type(module.norm).__name__}) normalises across all heads, so a zeroed head "
                   "changes the others")
     return HeadSpec(heads, hd, tuple(slices), reason)

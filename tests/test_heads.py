@@ -69,6 +69,9 @@ SMALL = {
 # the same models built another way: name -> (model, extra kwargs)
 VARIANTS = {"eva02_tiny_patch14_224-qkv_split": ("eva02_tiny_patch14_224", {"qkv_fused": False}),
             "davit_tiny-v2": ("davit_tiny", {"channel_attn_v2": True}),  # the *_fl models' ChannelAttentionV2
+            # scale_norm: a LayerNorm over all heads' outputs before the projection (EVA-02 CLIP, BEiT3)
+            "eva02_tiny_patch14_224-scale_norm": ("eva02_tiny_patch14_224", {"scale_attn_inner": True}),
+            "vit_tiny_patch16_224-scale_norm": ("vit_tiny_patch16_224", {"scale_attn_norm": True}),
             "samvit_base_patch16_224-rope": ("samvit_base_patch16_224",
                                              {"use_rel_pos": False, "use_rope": True, "qk_norm": True})}
 # no slim_summary / `chase-timm info`: timm builds SAM's rope tables without its device argument, so on "meta" they
@@ -116,7 +119,8 @@ def _heads_removed(removed: dict) -> dict:
 
 @pytest.mark.parametrize("case", ["vit_tiny_patch16_224", pytest.param("swin_tiny_patch4_window7_224"),
                                   pytest.param("levit_128s", marks=pytest.mark.slow), "eva02_tiny_patch14_224",
-                                  "eva02_tiny_patch14_224-qkv_split", "edgenext_xx_small", "beit_base_patch16_224",
+                                  "eva02_tiny_patch14_224-qkv_split", "eva02_tiny_patch14_224-scale_norm",
+                                  "edgenext_xx_small", "beit_base_patch16_224",
                                   "swinv2_tiny_window16_256", "cait_xxs24_224", "xcit_nano_12_p16_224",
                                   "pvt_v2_b0", "twins_svt_small", "twins_pcpvt_small", "tiny_vit_5m_224",
                                   "davit_tiny", "davit_tiny-v2", "samvit_base_patch16_224",
@@ -203,10 +207,6 @@ def test_windowed_stage_streams_shrink_with_prune_skip_exactly(name, streams, tm
 
 
 LEFT_WHOLE = [  # (model, build kwargs on top of SMALL, module, reason)
-    ("vit_tiny_patch16_224", {"img_size": 32, "scale_attn_norm": True}, "blocks.0.attn",
-     "scale_norm (LayerNorm) normalises across all heads"),
-    ("eva02_tiny_patch14_224", {"scale_attn_inner": True}, "blocks.0.attn",
-     "scale_norm (LayerNorm) normalises across all heads"),
     ("eva02_tiny_patch14_224", {"attn_type": "rope", "qkv_fused": False, "num_kv_heads": 1}, "blocks.0.attn",
      "grouped-query attention: a k/v head serves several query heads"),
     ("beit_base_patch16_224", {"use_rel_pos_bias": False, "use_shared_rel_pos_bias": True}, "blocks.0.attn",
