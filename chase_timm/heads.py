@@ -271,13 +271,15 @@ def _qkv_biases(module: nn.Module, heads: int, hd: int) -> list[HeadSlice]:
 
 def _timm_attention(module: nn.Module) -> HeadSpec:
     """timm.layers Attention / AttentionRope and EVA's EvaAttention: fused qkv (q | k | v blocks, EVA's biases
-    apart) or separate q/k/v projections."""
-    heads, hd = module.num_heads, module.head_dim
-    per_head = _blocks(heads, hd)
+    apart) or separate q/k/v projections. With grouped-query attention (query head h reads k/v head
+    h // num_kv_groups) one entry is a k/v head with its query heads: ``num_kv_groups * head_dim`` channels."""
+    hd, groups = module.head_dim, getattr(module, "num_kv_groups", 1)
+    heads = module.num_heads // groups
+    per_head = _blocks(heads, hd * groups)  # the query heads' channels of each entry
     if module.qkv is not None:
         slices = _linear_slices("qkv", module.qkv, _qkv_rows(heads, hd)) + _qkv_biases(module, heads, hd)
-    else:  # grouped-query attention: query head h reads k/v head h // num_kv_groups
-        kv = tuple(per_head[h // getattr(module, "num_kv_groups", 1)] for h in range(heads))
+    else:
+        kv = _blocks(heads, hd)
         slices = [s for p, index in (("q_proj", per_head), ("k_proj", kv), ("v_proj", kv))
                   for s in _linear_slices(p, getattr(module, p), index)]
     slices += _linear_slices("gate", module.gate, per_head)
@@ -286,12 +288,12 @@ def _timm_attention(module: nn.Module) -> HeadSpec:
     slices += [HeadSlice(f"norm.{t}", 0, "norm", per_head) for t in ("weight", "bias")
                if isinstance(getattr(module.norm, t, None), nn.Parameter)]
     reason = ""
-    if getattr(module, "num_kv_groups", 1) > 1:
-        reason = "grouped-query attention: a k/v head serves several query heads"
+    if heads == 1 and groups > 1:
+        reason = "multi-query attention: one key/value head serves every query head, so no head can go alone"
     elif not isinstance(module.norm, nn.Identity) and not covers(module.norm):
         reason = (f"scale_norm ({type(module.norm).__name__}) normalises across all heads, so a zeroed head "
                   "changes the others")
-    return HeadSpec(heads, hd, tuple(slices), reason)
+    return HeadSpec(heads, hd * groups, tuple(slices), reason)
 
 
 def _multihead(module: nn.MultiheadAttention, model: Optional[nn.Module]) -> HeadSpec:

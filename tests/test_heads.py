@@ -31,6 +31,7 @@ from chase_timm.slim import apply_width_plan, slice_in_place, width_plan
 import shrink_equivalence
 import zoo_coverage
 from shrink_equivalence import compare, float64
+from timm.layers import AttentionRope
 from timm.models import (beit, cait, davit, edgenext, eva, pvt_v2, swin_transformer_v2, tiny_vit, twins,
                          vision_transformer_sam as sam, xcit)
 
@@ -72,6 +73,9 @@ VARIANTS = {"eva02_tiny_patch14_224-qkv_split": ("eva02_tiny_patch14_224", {"qkv
             # scale_norm: a LayerNorm over all heads' outputs before the projection (EVA-02 CLIP, BEiT3)
             "eva02_tiny_patch14_224-scale_norm": ("eva02_tiny_patch14_224", {"scale_attn_inner": True}),
             "vit_tiny_patch16_224-scale_norm": ("vit_tiny_patch16_224", {"scale_attn_norm": True}),
+            # grouped-query attention (Sapiens2): 6 query heads read 3 k/v heads; an entry is a k/v head + 2 queries
+            "eva02_tiny_patch14_224-gqa": ("eva02_tiny_patch14_224", {"attn_type": "rope", "qkv_fused": False,
+                                                                      "num_heads": 6, "num_kv_heads": 3}),
             "samvit_base_patch16_224-rope": ("samvit_base_patch16_224",
                                              {"use_rel_pos": False, "use_rope": True, "qk_norm": True})}
 # no slim_summary / `chase-timm info`: timm builds SAM's rope tables without its device argument, so on "meta" they
@@ -120,6 +124,7 @@ def _heads_removed(removed: dict) -> dict:
 @pytest.mark.parametrize("case", ["vit_tiny_patch16_224", pytest.param("swin_tiny_patch4_window7_224"),
                                   pytest.param("levit_128s", marks=pytest.mark.slow), "eva02_tiny_patch14_224",
                                   "eva02_tiny_patch14_224-qkv_split", "eva02_tiny_patch14_224-scale_norm",
+                                  "eva02_tiny_patch14_224-gqa",
                                   "edgenext_xx_small", "beit_base_patch16_224",
                                   "swinv2_tiny_window16_256", "cait_xxs24_224", "xcit_nano_12_p16_224",
                                   "pvt_v2_b0", "twins_svt_small", "twins_pcpvt_small", "tiny_vit_5m_224",
@@ -151,10 +156,12 @@ def test_slim_heads_export_reload_and_agree_on_fused_and_eager_attention(case, p
     if prune_skip:  # the residual stream from the patch embedding shrinks too
         assert chase.removed_channels().get("patch_embed.proj"), chase.removed_channels().keys()
     base_heads, slim_heads = head_counts(chase.module), head_counts(slim)
+    # an entry of a head group: a head, or with grouped-query attention a k/v head with its query heads
+    per = {b: getattr(chase.module.get_submodule(b), "num_kv_groups", 1) for b in slim_heads}
     for block, heads in removed.items():
-        assert slim_heads[block] == base_heads[block] - len(heads) >= 1
+        assert slim_heads[block] == base_heads[block] - len(heads) * per[block] >= 1
     rows = {r["group"]: r for r in chase.report()}
-    assert {b: rows[b]["width_after"] for b in slim_heads} == slim_heads  # report rows count heads per block
+    assert {b: rows[b]["width_after"] * per[b] for b in slim_heads} == slim_heads  # report rows count entries
 
     x = torch.randn(2, 3, 32, 32)
     chase_timm.save_pretrained(slim, tmp_path / "slim")
@@ -206,20 +213,20 @@ def test_windowed_stage_streams_shrink_with_prune_skip_exactly(name, streams, tm
         torch.testing.assert_close(loaded(x), slim(x), rtol=0, atol=0)
 
 
-LEFT_WHOLE = [  # (model, build kwargs on top of SMALL, module, reason)
-    ("eva02_tiny_patch14_224", {"attn_type": "rope", "qkv_fused": False, "num_kv_heads": 1}, "blocks.0.attn",
-     "grouped-query attention: a k/v head serves several query heads"),
-    ("beit_base_patch16_224", {"use_rel_pos_bias": False, "use_shared_rel_pos_bias": True}, "blocks.0.attn",
+LEFT_WHOLE = [  # (model, build kwargs on top of SMALL, module, entries of its head group, reason)
+    ("eva02_tiny_patch14_224", {"attn_type": "rope", "qkv_fused": False, "num_kv_heads": 1}, "blocks.0.attn", 1,
+     "multi-query attention: one key/value head serves every query head"),
+    ("beit_base_patch16_224", {"use_rel_pos_bias": False, "use_shared_rel_pos_bias": True}, "blocks.0.attn", 3,
      "shares BEiT's model-level relative position bias"),
 ]
 
 
-@pytest.mark.parametrize("name, kwargs, block, reason", LEFT_WHOLE)
-def test_heads_that_cannot_be_removed_exactly_are_left_whole_with_a_reason(name, kwargs, block, reason):
+@pytest.mark.parametrize("name, kwargs, block, width, reason", LEFT_WHOLE)
+def test_heads_that_cannot_be_removed_exactly_are_left_whole_with_a_reason(name, kwargs, block, width, reason):
     model = zoo_coverage.build(name, **kwargs)
     groups = {g.name: g for g in find_channel_groups(model, torch.randn(1, 3, 32, 32))}
     heads = groups[block]
-    assert heads.width == 3 and not heads.prunable and reason in heads.reason, heads.reason
+    assert heads.width == width and not heads.prunable and reason in heads.reason, heads.reason
     assert f"{block}.qkv" not in groups and f"{block}.q_proj" not in groups  # the head group owns the q/k/v rows
 
 
@@ -262,7 +269,8 @@ SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_2
                 "davit_tiny": (davit.ChannelAttention, davit.WindowAttention),
                 "davit_tiny-v2": davit.ChannelAttentionV2}  # by case (a VARIANTS name or a model)
 CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention,
-                "davit_tiny-v2": (davit.ChannelAttentionV2, davit.WindowAttention)}  # by case, else by model
+                "davit_tiny-v2": (davit.ChannelAttentionV2, davit.WindowAttention),
+                "eva02_tiny_patch14_224-gqa": AttentionRope}  # by case, else by model
 
 
 def _kinds(kinds) -> tuple:
