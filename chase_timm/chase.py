@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from types import MappingProxyType
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -80,6 +81,9 @@ class Chase:
 
     def __init__(self, model: nn.Module, config: ChaseConfig, optimizer: Optional[torch.optim.Optimizer] = None,
                  example_inputs: Optional[torch.Tensor] = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Chase wraps a torch.nn.Module (e.g. timm.create_model('resnet50')), got "
+                            f"{type(model).__name__}.")
         if not isinstance(config, ChaseConfig):
             raise TypeError(f"config must be a chase_timm.ChaseConfig, got {type(config).__name__}.")
         self._model = model
@@ -105,6 +109,12 @@ class Chase:
         self._channels = ChannelState(self._module, groups, config.channel_sparsity, config.min_channel_ratio,
                                       config.channel_round_to, config.channel_budget)
         attach_norms(self._module, {s.tensor for g in self._channels.prunable for s in g.slices})
+        if groups and not self._channels.prunable:
+            reasons = Counter(g.reason for g in groups)
+            warnings.warn(f"channel_sparsity={config.channel_sparsity} but none of the {len(groups)} channel groups of "
+                          f"{type(self._module).__name__} can be removed (most often: {reasons.most_common(1)[0][0]}), "
+                          "so Chase trains with unstructured sparsity only; chase.report() gives each group's reason.",
+                          stacklevel=2)
         table = (LatencyTable(self._module, config.latency_batch_size, config.latency_img_size, config.latency_layout,
                               backward=config.latency_backward, cache=config.latency_cache)
                  if groups and "latency" in (config.channel_cost, config.width_rounding) else None)

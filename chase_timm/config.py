@@ -321,13 +321,19 @@ class ChaseConfig:
         out["exclude"] = list(self.exclude)
         return out
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> "ChaseConfig":
+        """An unknown field (usually a typo) is a TypeError that lists the valid ones."""
+        unknown = _unknown_fields(cls, kwargs)
+        if unknown:
+            raise TypeError(unknown)
+        return super().__new__(cls)
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ChaseConfig":
         """Inverse of :meth:`to_dict`; unknown keys are an error (they are usually typos)."""
-        known = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(set(data) - known)
+        unknown = _unknown_fields(cls, data)
         if unknown:
-            raise ValueError(f"Unknown ChaseConfig field(s) {unknown}; valid fields are {sorted(known)}.")
+            raise ValueError(unknown)
         return cls(**dict(data))
 
     def to_json(self) -> str:
@@ -366,3 +372,10 @@ def _check_range(name: str, value: Any, low: float, high: float, *, low_open: bo
 def _check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"ChaseConfig.{name} must be one of {list(choices)}, got {value!r}.")
+
+
+def _unknown_fields(cls: type, names: Mapping[str, Any]) -> str:
+    """The error message for keys of ``names`` that are not fields of ``cls`` ("" when all are)."""
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(names) - known)
+    return f"Unknown ChaseConfig field(s) {unknown}; valid fields are {sorted(known)}." if unknown else ""

@@ -125,7 +125,8 @@ def find_channel_groups(
         with _tracing(model), qkv_as_modules(model), tolerant_index_mapping() as unmapped:
             graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=inputs, forward_fn=lambda m, args: m(*args), verbose=False)
-    except Exception as err:  # never break the caller's training: report, don't raise
+    except Exception as err:  # never break the caller's training: report, don't raise (unless the inputs are wrong)
+        _check_runs(model, inputs, example_inputs is None)
         return _placeholders(model, f"dependency graph could not be built: {type(err).__name__}: {str(err).strip()}")
     if time.monotonic() > deadline:
         return _placeholders(model, TIMEOUT_REASON)
@@ -190,6 +191,26 @@ def as_inputs(model: nn.Module, example_inputs: Any) -> tuple:
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     return tuple(x.detach().requires_grad_() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
                  for x in inputs)
+
+
+def _check_runs(model: nn.Module, inputs: tuple, default: bool) -> None:
+    """ValueError when ``inputs`` do not run through ``model`` at all (eval mode, no grad, training flags restored):
+    a wrong example shape or size, which the caller's batches would not share, rather than an untraceable model."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.eval()(*inputs)
+    except Exception as err:
+        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
+        what = "the default example input" if default else "example_inputs"
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{what} {shapes} does not run through {type(model).__name__} ({type(err).__name__}: "
+                         f"{first}); pass example_inputs the model accepts, e.g. torch.randn(1, 3, H, W) at the input "
+                         "size it was built for.") from None
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
 
 
 @contextmanager

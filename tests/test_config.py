@@ -74,6 +74,8 @@ def test_invalid_values_name_the_field(field, value):
 def test_unknown_key_is_rejected():
     with pytest.raises(ValueError, match="densty"):
         ChaseConfig.from_dict({"total_steps": 10, "densty": 0.1})
+    with pytest.raises(TypeError, match=r"Unknown ChaseConfig field\(s\) \['chanel_sparsity'\]; valid fields .*'channel_sparsity'"):
+        ChaseConfig(total_steps=10, chanel_sparsity=0.4)  # the constructor names the valid fields too
 
 
 def test_from_epochs_matches_the_paper_imagenet_schedule():

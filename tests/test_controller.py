@@ -3,6 +3,7 @@ the order that works (Chase's state before the model's and optimizer's)."""
 import warnings
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
@@ -109,3 +110,15 @@ def test_load_checkpoint_names_a_missing_object_before_loading_anything():
         load_checkpoint(chase, saved, {"model": model, "optimizer": optimizer})
     with pytest.raises(ValueError, match="no 'chase' entry"):
         load_checkpoint(chase, {"model": saved["model"]}, {"model": model})
+
+
+def test_a_wrong_model_or_example_input_is_a_one_line_error_and_nothing_prunable_is_warned_about():
+    with pytest.raises(TypeError, match="Chase wraps a torch.nn.Module"):
+        Chase("resnet18", ChaseConfig(total_steps=STEPS))
+    model = tiny_model("resnet18")
+    with pytest.raises(ValueError, match=r"example_inputs \[\(1, 1, 32, 32\)\] does not run through ResNet"):
+        Chase(model, ChaseConfig(total_steps=STEPS), example_inputs=torch.randn(1, 1, 32, 32))  # 1 channel, not 3
+    assert model.training  # the check left the model's mode as it was
+    repvgg = timm.create_model("repvgg_a0", num_classes=10)  # its blocks' identity branch: residual streams only
+    with pytest.warns(UserWarning, match="none of the 5 channel groups of ByobNet can be removed .*prune_skip=True"):
+        Chase(repvgg, ChaseConfig(total_steps=STEPS), example_inputs=torch.randn(1, 3, 32, 32))
