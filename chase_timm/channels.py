@@ -96,18 +96,17 @@ def per_cost(scores: Mapping[str, torch.Tensor], costs: Mapping[str, float],
 def select_channels(scores: Mapping[str, torch.Tensor], alive: Mapping[str, torch.Tensor],
                     floors: Mapping[str, int], n_remove: int, generator: torch.Generator,
                     round_to: int = 1, units: Optional[Mapping[str, int]] = None,
-                    nearest: bool = False, heads: Collection[str] = ()) -> Dict[str, torch.Tensor]:
-    """Choose ``n_remove`` alive channels with the globally lowest score, never below a group's floor.
+                    heads: Collection[str] = ()) -> Dict[str, torch.Tensor]:
+    """Choose alive channels with the globally lowest score until ``n_remove`` channels go, never below a floor.
 
-    Water-filling: channels are visited from the lowest score up (exact ties in random order from the shared
-    generator) and skipped once their group sits at its floor, so a saturated group's share flows to the
-    others. ``units``: channels one entry of a group stands for (an attention head: ``head_dim``; a class of tied
-    channels: their count; default 1); the last pick may overshoot ``n_remove`` by less than its unit (``nearest``:
-    it is dropped when it overshoots by more than half its unit, so the count lands on the nearest whole unit). With
-    ``round_to > 1`` each group but ``heads`` then keeps a multiple of ``round_to`` channels (:func:`class_step`
-    entries; rounding up, i.e. restoring its highest-scored picks, so floors always hold); a group that gave picks
-    back takes no more, and the scan goes on in the others for what it gave back (picks that fit without
-    overshooting). Returns removed indices per group.
+    Water-filling: candidates are visited from the lowest score up (exact ties in random order from the shared
+    generator) and skipped once their group sits at its floor, so a saturated group's share flows to the others.
+    ``units``: channels one entry of a group stands for (an attention head: ``head_dim``; a class of tied channels:
+    its size; default 1). A candidate of more than one channel is taken only while it lands nearer ``n_remove`` than
+    leaving it out (at most half of it beyond), so the count ends on the nearest whole candidate and a smaller one
+    later in the order can fill what a big one would overshoot. With ``round_to > 1`` each group but ``heads`` keeps
+    a multiple of ``round_to`` channels: its candidates are runs of :func:`class_step` entries (its lowest-scored
+    first, the first run bringing it to a multiple) ranked by their mean score. Returns removed indices per group.
     """
     units = units or {}
     names = [n for n in scores if bool(alive[n].any())]
@@ -122,36 +121,31 @@ def select_channels(scores: Mapping[str, torch.Tensor], alive: Mapping[str, torc
     flat_scores = torch.cat(cand_scores)
     shuffle = torch.randperm(flat_scores.numel(), generator=generator)
     order = shuffle[torch.sort(flat_scores[shuffle], stable=True).indices]
-    group_of = torch.cat(cand_group)[order].tolist()
-    index_of = torch.cat(cand_index)[order].tolist()
+    by_group: Dict[int, list] = {gi: [] for gi in range(len(names))}  # each group's entries, lowest first
+    for rank, (gi, ci, score) in enumerate(zip(torch.cat(cand_group)[order].tolist(),
+                                               torch.cat(cand_index)[order].tolist(), flat_scores[order].tolist())):
+        by_group[gi].append((ci, score, rank))
+    runs = []  # (mean score, rank of its first entry, group, entries)
+    for gi, entries in by_group.items():
+        step = 1 if round_to == 1 or names[gi] in heads else class_step(round_to, units.get(names[gi], 1))
+        start = len(entries) % step
+        bounds = ([0] if start else []) + list(range(start, len(entries), step))
+        for a, b in zip(bounds, bounds[1:] + [len(entries)]):
+            part = entries[a:b]
+            runs.append((sum(e[1] for e in part) / len(part), part[0][2], gi, [e[0] for e in part]))
+    runs.sort(key=lambda r: (r[0], r[1]))
 
     room = {gi: int(alive[n].sum()) - floors[n] for gi, n in enumerate(names)}
     chosen: Dict[int, list] = {gi: [] for gi in range(len(names))}
-    taken, last, at, refill = 0, None, 0, False
-    while True:  # a group that gives picks back to round is closed; the scan goes on for what it gave back
-        for gi, ci in zip(group_of[at:], index_of[at:]):
-            if taken >= n_remove:
-                break
-            at += 1
-            if room[gi] > 0 and not (refill and taken + units.get(names[gi], 1) > n_remove):  # refills: no overshoot
-                chosen[gi].append(ci)
-                room[gi] -= 1
-                taken += units.get(names[gi], 1)
-                last = gi
-        if nearest and last is not None and 2 * (taken - n_remove) > units.get(names[last], 1):
-            chosen[last].pop()
-            taken -= units.get(names[last], 1)
-        given = 0
-        for gi, picks in ((gi, p) for gi, p in chosen.items() if round_to > 1 and names[gi] not in heads):
-            kept = int(alive[names[gi]].sum()) - len(picks)
-            excess = min((-kept) % class_step(round_to, units.get(names[gi], 1)), len(picks))  # entries to give back
-            if excess:
-                del picks[len(picks) - excess:]
-                taken -= excess * units.get(names[gi], 1)
-                room[gi], given = 0, given + excess
-        if not given or taken >= n_remove or at >= len(group_of):
+    need = n_remove
+    for _, _, gi, picks in runs:
+        if need <= 0:
             break
-        refill = True
+        size = len(picks) * units.get(names[gi], 1)
+        if room[gi] >= len(picks) and size <= 2 * need:
+            chosen[gi].extend(picks)
+            room[gi] -= len(picks)
+            need -= size
     return {names[gi]: torch.tensor(sorted(p), dtype=torch.long) for gi, p in chosen.items() if p}
 
 
@@ -289,8 +283,9 @@ class ChannelState:
                       generator: torch.Generator, round_to: int = 1) -> bool:
         """Mark the lowest-UMM channels of each budget pool (:meth:`budget_pools`) removed until the pool's channel
         sparsity reaches ``sparsity`` (floors permitting); with a ``channel_cost`` the lowest UMM per cost saved
-        (:func:`per_cost`). Heads are taken to the nearest whole head; the internal-channel pool takes up what the
-        other pools' rounding and floors leave, so the total stays exactly S_c's. False when none were due."""
+        (:func:`per_cost`). Each pool ends on its nearest whole head, class or run (:func:`select_channels`); the
+        internal-channel pool takes up what the other pools' rounding and floors leave, so the total stays S_c's
+        (exactly, where that pool has single channels). False when none were due."""
         pools = self.budget_pools()
         due = {kind: self._due(names, sparsity) for kind, names in pools.items()}
         if "channels" in due:
@@ -308,7 +303,7 @@ class ChannelState:
                 due[kind] += sum(due[k] - self._units_of(removed, pools[k]) for k in pools if k != "channels")
             if due[kind] > 0:
                 removed.update(select_channels({n: scores[n] for n in names}, self.alive, self.floors, due[kind],
-                                               generator, round_to, self.units, kind == "heads", self.heads))
+                                               generator, round_to, self.units, self.heads))
         if final:  # each pool rounded on its own, so no pool pays for another's fast widths
             high = {n: int(a.sum()) for n, a in self.alive.items()}
             proposed = {n: high[n] - len(removed.get(n, ())) for n in high}
