@@ -138,13 +138,28 @@ def test_tiny_timeout_returns_quickly_with_reasons():
     assert groups and all(not g.prunable and g.reason == TIMEOUT_REASON for g in groups)
 
 
+class _NoAutograd(nn.Module):
+    """A model that runs but can't be traced: its op has no autograd support (it refuses to run with grad on)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            raise RuntimeError("this op has no autograd formula")
+        return self.conv2(self.conv1(x))
+
+
 def test_tracing_failure_is_a_reason_not_a_crash():
-    model = _timm("resnet18").train()
-    with pytest.warns(UserWarning):
-        groups = find_channel_groups(model, torch.randn(1, 5, 32, 32))  # wrong channel count
+    model = _NoAutograd().train()
+    with pytest.warns(UserWarning, match="discovery incomplete"):
+        groups = find_channel_groups(model, torch.randn(1, 3, 32, 32))
     assert groups and all(not g.prunable for g in groups)
     assert re.match(r"dependency graph could not be built: RuntimeError", groups[0].reason)
     assert model.training and not any(m._forward_hooks for m in model.modules())
+    with pytest.raises(ValueError, match=r"example_inputs \[\(1, 5, 32, 32\)\] does not run through"):
+        find_channel_groups(_timm("resnet18"), torch.randn(1, 5, 32, 32))  # wrong channel count: the input's fault
 
 
 def test_groups_round_trip_through_json(resnet50):
