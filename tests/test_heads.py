@@ -72,7 +72,6 @@ VARIANTS = {"eva02_tiny_patch14_224-qkv_split": ("eva02_tiny_patch14_224", {"qkv
             "davit_tiny-v2": ("davit_tiny", {"channel_attn_v2": True}),  # the *_fl models' ChannelAttentionV2
             # scale_norm: a LayerNorm over all heads' outputs before the projection (EVA-02 CLIP, BEiT3)
             "eva02_tiny_patch14_224-scale_norm": ("eva02_tiny_patch14_224", {"scale_attn_inner": True}),
-            "vit_tiny_patch16_224-scale_norm": ("vit_tiny_patch16_224", {"scale_attn_norm": True}),
             # grouped-query attention (Sapiens2): 6 query heads read 3 k/v heads; an entry is a k/v head + 2 queries
             "eva02_tiny_patch14_224-gqa": ("eva02_tiny_patch14_224", {"attn_type": "rope", "qkv_fused": False,
                                                                       "num_heads": 6, "num_kv_heads": 3}),
