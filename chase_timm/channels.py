@@ -130,9 +130,11 @@ def select_channels(scores: Mapping[str, torch.Tensor], alive: Mapping[str, torc
         step = 1 if round_to == 1 or names[gi] in heads else class_step(round_to, units.get(names[gi], 1))
         start = len(entries) % step
         bounds = ([0] if start else []) + list(range(start, len(entries), step))
+        key = -math.inf
         for a, b in zip(bounds, bounds[1:] + [len(entries)]):
-            part = entries[a:b]
-            runs.append((sum(e[1] for e in part) / len(part), part[0][2], gi, [e[0] for e in part]))
+            part = entries[a:b]  # non-decreasing keys: a float mean of equal scores can round below its first run's
+            key = max(key, sum(e[1] for e in part) / len(part))
+            runs.append((key, part[0][2], gi, [e[0] for e in part]))
     runs.sort(key=lambda r: (r[0], r[1]))
 
     room = {gi: int(alive[n].sum()) - floors[n] for gi, n in enumerate(names)}
@@ -285,7 +287,8 @@ class ChannelState:
         sparsity reaches ``sparsity`` (floors permitting); with a ``channel_cost`` the lowest UMM per cost saved
         (:func:`per_cost`). Each pool ends on its nearest whole head, class or run (:func:`select_channels`); the
         internal-channel pool takes up what the other pools' rounding and floors leave, so the total stays S_c's
-        (exactly, where that pool has single channels). False when none were due."""
+        (exactly where that pool's candidates are single channels: ``round_to=1``, no tied classes). False when none
+        were due."""
         pools = self.budget_pools()
         due = {kind: self._due(names, sparsity) for kind, names in pools.items()}
         if "channels" in due:

@@ -322,8 +322,10 @@ class ChaseConfig:
         return out
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "ChaseConfig":
-        """An unknown field (usually a typo) is a TypeError that lists the valid ones."""
-        unknown = _unknown_fields(cls, kwargs)
+        """An unknown field (usually a typo) is a TypeError that lists the valid ones (when the dataclass ``__init__``
+        takes the arguments, not a subclass's own)."""
+        owner = next(k for k in cls.__mro__ if "__init__" in vars(k))
+        unknown = _unknown_fields(owner, kwargs) if "__dataclass_fields__" in vars(owner) else ""
         if unknown:
             raise TypeError(unknown)
         return super().__new__(cls)

@@ -200,7 +200,8 @@ def _check_runs(model: nn.Module, inputs: tuple, default: bool) -> None:
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model.eval()(*inputs)
+            model.eval()
+            model(*inputs)
     except Exception as err:
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
         what = "the default example input" if default else "example_inputs"

@@ -150,6 +150,10 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         if kind is AttentionRope:
             module.kv_dim = attn_dim if module.qkv is not None else module.k_proj.out_features
             module.num_kv_heads = _heads(name, module.kv_dim, module.head_dim)
+            if module.qkv is None:
+                _check(name, "v rows", module.v_proj.out_features, module.kv_dim)
+            _check(name, "query heads (a multiple of its k/v heads)",
+                   module.num_heads // module.num_kv_heads * module.num_kv_heads, module.num_heads)
             module.num_kv_groups = module.num_heads // module.num_kv_heads
         q_rows = module.qkv.out_features // 3 if module.qkv is not None else module.q_proj.out_features
         _check(name, "q/k/v rows", q_rows, attn_dim)

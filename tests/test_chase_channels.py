@@ -263,3 +263,13 @@ def test_a_run_too_big_for_what_is_due_leaves_it_to_other_groups():
     removed = select_channels(scores, alive, {"tied": 8, "plain": 8}, 8, torch.Generator().manual_seed(0), round_to=8,
                               units={"tied": 3})  # 3 classes of 3 channels cover 8, but 13 classes are 39 channels
     assert "tied" not in removed and removed["plain"].tolist() == list(range(8))
+
+
+def test_runs_of_equal_scores_keep_a_groups_width_a_multiple_of_round_to():
+    """A float mean of equal scores can round below the score itself (0.9014274576114836 -> ...835); the runs of a
+    group still go lowest first, so its kept width stays a multiple of round_to (a reviewer's case)."""
+    x = 0.9014274576114836
+    assert sum([x, x, x]) / 3 < x
+    scores, alive = {"g": torch.full((7,), x, dtype=torch.float64)}, {"g": torch.ones(7, dtype=torch.bool)}
+    removed = select_channels(scores, alive, {"g": 1}, 3, torch.Generator().manual_seed(0), round_to=3)
+    assert (7 - len(removed["g"])) % 3 == 0, removed

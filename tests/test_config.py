@@ -77,6 +77,13 @@ def test_unknown_key_is_rejected():
     with pytest.raises(TypeError, match=r"Unknown ChaseConfig field\(s\) \['chanel_sparsity'\]; valid fields .*'channel_sparsity'"):
         ChaseConfig(total_steps=10, chanel_sparsity=0.4)  # the constructor names the valid fields too
 
+    class Tuned(ChaseConfig):  # a plain subclass taking its own keyword: its __init__, not the check, decides
+        def __init__(self, total_steps: int, warmup: int = 0) -> None:
+            super().__init__(total_steps=total_steps)
+            object.__setattr__(self, "warmup", warmup)
+
+    assert Tuned(10, warmup=3).warmup == 3
+
 
 def test_from_epochs_matches_the_paper_imagenet_schedule():
     config = ChaseConfig.from_epochs(epochs=100, steps_per_epoch=2502, channel_end_epoch=80, phase_b_epoch=80,
