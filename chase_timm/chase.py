@@ -110,7 +110,7 @@ class Chase:
                                       config.channel_round_to, config.channel_budget)
         attach_norms(self._module, {s.tensor for g in self._channels.prunable for s in g.slices})
         if groups and not self._channels.prunable:
-            reasons = Counter(g.reason for g in groups)
+            reasons = Counter(g.reason or "no Conv/Linear producer to score" for g in groups)
             warnings.warn(f"channel_sparsity={config.channel_sparsity} but none of the {len(groups)} channel groups of "
                           f"{type(self._module).__name__} can be removed (most often: {reasons.most_common(1)[0][0]}), "
                           "so Chase trains with unstructured sparsity only; chase.report() gives each group's reason.",
