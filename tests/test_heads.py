@@ -70,11 +70,11 @@ SMALL = {
 # the same models built another way: name -> (model, extra kwargs)
 VARIANTS = {"eva02_tiny_patch14_224-qkv_split": ("eva02_tiny_patch14_224", {"qkv_fused": False}),
             "davit_tiny-v2": ("davit_tiny", {"channel_attn_v2": True}),  # the *_fl models' ChannelAttentionV2
-            # scale_norm: a LayerNorm over all heads' outputs before the projection (EVA-02 CLIP, BEiT3)
-            "eva02_tiny_patch14_224-scale_norm": ("eva02_tiny_patch14_224", {"scale_attn_inner": True}),
-            # grouped-query attention (Sapiens2): 6 query heads read 3 k/v heads; an entry is a k/v head + 2 queries
+            # grouped-query attention (Sapiens2): 6 query heads read 3 k/v heads, an entry is a k/v head with its 2
+            # query heads; and scale_norm: a LayerNorm over all heads' outputs before the projection (EVA-02 CLIP)
             "eva02_tiny_patch14_224-gqa": ("eva02_tiny_patch14_224", {"attn_type": "rope", "qkv_fused": False,
-                                                                      "num_heads": 6, "num_kv_heads": 3}),
+                                                                      "num_heads": 6, "num_kv_heads": 3,
+                                                                      "scale_attn_inner": True}),
             "samvit_base_patch16_224-rope": ("samvit_base_patch16_224",
                                              {"use_rel_pos": False, "use_rope": True, "qk_norm": True})}
 # no slim_summary / `chase-timm info`: timm builds SAM's rope tables without its device argument, so on "meta" they
@@ -122,8 +122,7 @@ def _heads_removed(removed: dict) -> dict:
 
 @pytest.mark.parametrize("case", ["vit_tiny_patch16_224", pytest.param("swin_tiny_patch4_window7_224"),
                                   pytest.param("levit_128s", marks=pytest.mark.slow), "eva02_tiny_patch14_224",
-                                  "eva02_tiny_patch14_224-qkv_split", "eva02_tiny_patch14_224-scale_norm",
-                                  "eva02_tiny_patch14_224-gqa",
+                                  "eva02_tiny_patch14_224-qkv_split", "eva02_tiny_patch14_224-gqa",
                                   "edgenext_xx_small", "beit_base_patch16_224",
                                   "swinv2_tiny_window16_256", "cait_xxs24_224", "xcit_nano_12_p16_224",
                                   "pvt_v2_b0", "twins_svt_small", "twins_pcpvt_small", "tiny_vit_5m_224",
