@@ -121,34 +121,45 @@ def select_channels(scores: Mapping[str, torch.Tensor], alive: Mapping[str, torc
     flat_scores = torch.cat(cand_scores)
     shuffle = torch.randperm(flat_scores.numel(), generator=generator)
     order = shuffle[torch.sort(flat_scores[shuffle], stable=True).indices]
-    by_group: Dict[int, list] = {gi: [] for gi in range(len(names))}  # each group's entries, lowest first
-    for rank, (gi, ci, score) in enumerate(zip(torch.cat(cand_group)[order].tolist(),
-                                               torch.cat(cand_index)[order].tolist(), flat_scores[order].tolist())):
-        by_group[gi].append((ci, score, rank))
-    runs = []  # (mean score, rank of its first entry, group, entries)
-    for gi, entries in by_group.items():
-        step = 1 if round_to == 1 or names[gi] in heads else class_step(round_to, units.get(names[gi], 1))
-        start = len(entries) % step
-        bounds = ([0] if start else []) + list(range(start, len(entries), step))
-        key = -math.inf
-        for a, b in zip(bounds, bounds[1:] + [len(entries)]):
-            part = entries[a:b]  # non-decreasing keys: a float mean of equal scores can round below its first run's
-            key = max(key, sum(e[1] for e in part) / len(part))
-            runs.append((key, part[0][2], gi, [e[0] for e in part]))
-    runs.sort(key=lambda r: (r[0], r[1]))
+    group_of, index_of = torch.cat(cand_group)[order], torch.cat(cand_index)[order]
+    steps = [1 if round_to == 1 or n in heads else class_step(round_to, units.get(n, 1)) for n in names]
+    if max(steps) == 1:  # single entries in score order: the paper's selection
+        candidates = ((gi, (ci,)) for gi, ci in zip(group_of.tolist(), index_of.tolist()))
+    else:
+        candidates = _runs(flat_scores[order], group_of, index_of, steps)
 
-    room = {gi: int(alive[n].sum()) - floors[n] for gi, n in enumerate(names)}
+    room = [int(alive[n].sum()) - floors[n] for n in names]
+    unit = [units.get(n, 1) for n in names]
     chosen: Dict[int, list] = {gi: [] for gi in range(len(names))}
     need = n_remove
-    for _, _, gi, picks in runs:
+    for gi, picks in candidates:
         if need <= 0:
             break
-        size = len(picks) * units.get(names[gi], 1)
+        size = len(picks) * unit[gi]
         if room[gi] >= len(picks) and size <= 2 * need:
             chosen[gi].extend(picks)
             room[gi] -= len(picks)
             need -= size
     return {names[gi]: torch.tensor(sorted(p), dtype=torch.long) for gi, p in chosen.items() if p}
+
+
+def _runs(scores: torch.Tensor, group_of: torch.Tensor, index_of: torch.Tensor,
+          steps: Sequence[int]) -> List[tuple]:
+    """(group, entries) runs: each group's entries (given in score order) cut into runs of its step, the first run
+    bringing it to a multiple; ordered by mean score, kept non-decreasing within a group (a float mean of equal
+    scores can round below its first run's), ties by the rank of the run's first entry."""
+    runs = []
+    for gi, step in enumerate(steps):
+        rank = (group_of == gi).nonzero().flatten()
+        values, entries, ranks = scores[rank].tolist(), index_of[rank].tolist(), rank.tolist()
+        start = len(entries) % step
+        bounds = ([0] if start else []) + list(range(start, len(entries), step))
+        key = -math.inf
+        for a, b in zip(bounds, bounds[1:] + [len(entries)]):
+            key = max(key, sum(values[a:b]) / (b - a))
+            runs.append((key, ranks[a], gi, entries[a:b]))
+    runs.sort(key=lambda r: (r[0], r[1]))
+    return [(gi, entries) for _, _, gi, entries in runs]
 
 
 def resize_removals(scores: Mapping[str, torch.Tensor], alive: Mapping[str, torch.Tensor],
