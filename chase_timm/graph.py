@@ -196,10 +196,8 @@ def as_inputs(model: nn.Module, example_inputs: Any) -> tuple:
 def _check_runs(model: nn.Module, inputs: tuple, default: bool) -> None:
     """ValueError when ``inputs`` do not run through ``model`` at all (eval mode, no grad, training flags restored):
     a wrong example shape or size, which the caller's batches would not share, rather than an untraceable model."""
-    flags = {m: m.training for m in model.modules()}
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with torch.no_grad(), _quiet(model):
             model.eval()
             model(*inputs)
     except Exception as err:
@@ -209,6 +207,16 @@ def _check_runs(model: nn.Module, inputs: tuple, default: bool) -> None:
         raise ValueError(f"{what} {shapes} does not run through {type(model).__name__} ({type(err).__name__}: "
                          f"{first}); pass example_inputs the model accepts, e.g. torch.randn(1, 3, H, W) at the input "
                          "size it was built for.") from None
+
+
+@contextmanager
+def _quiet(model: nn.Module) -> Iterator[None]:
+    """Warnings silenced; every module's training flag restored afterwards (also after an exception)."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         for m, flag in flags.items():
             m.training = flag
@@ -218,14 +226,8 @@ def _check_runs(model: nn.Module, inputs: tuple, default: bool) -> None:
 def _tracing(model: nn.Module) -> Iterator[None]:
     """Grad enabled (torch-pruning traces autograd); training flags and forward hooks restored afterwards
     (torch-pruning leaves its tracing hooks behind when the forward raises)."""
-    flags = {m: m.training for m in model.modules()}
-    try:
-        with torch.enable_grad(), warnings.catch_warnings(), new_forward_hooks_removed(flags):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+    with torch.enable_grad(), _quiet(model), new_forward_hooks_removed(list(model.modules())):
+        yield
 
 
 def _placeholders(model: nn.Module, reason: str) -> list[ChannelGroup]:
