@@ -37,6 +37,16 @@ def tiny_run(tmp_path_factory):
     return out, printed.read_text()
 
 
+@pytest.fixture
+def resnet18_one_block_per_stage(monkeypatch):
+    """tiny_model("resnet18") with one BasicBlock per stage (forked DDP ranks inherit it): blocks with an identity and
+    with a downsampling shortcut, residual and internal channels all there, at 4.9M parameters, not 11.2M, so
+    float64 twins and short runs take 2-2.5x less time."""
+    import zoo_coverage
+
+    monkeypatch.setitem(zoo_coverage.SMALLER, "resnet18", {"layers": (1, 1, 1, 1)})
+
+
 def pytest_collection_modifyitems(items):
     """Slow-marked tests first, otherwise collection order (a stable sort): under ``-n 2`` the workers take tests
     from the front, so the long ones start early and the run ends on short ones instead of one worker finishing a

@@ -24,6 +24,12 @@ from shrink_equivalence import compare, float64
 GLU = "eva02_tiny_patch14_224"  # smallest timm model with a GluMlp (5.5M parameters)
 
 
+@pytest.fixture
+def two_block_glu(monkeypatch):
+    """EVA-02 with 2 of its 12 blocks for the float64 twin: every block is the same GluMlp + attention block."""
+    monkeypatch.setitem(zoo_coverage.SMALLER, GLU, {"depth": 2})
+
+
 def _twin(name: str, **overrides):
     """The twin run, asserted exact; returns (result, {tensor: {dim: removed positions}} in the original numbering)."""
     with float64():
@@ -43,7 +49,7 @@ def _export_and_reload(name: str, prune_skip: bool) -> dict:
     return row
 
 
-def test_glu_mlp_removes_a_channel_with_its_gate_partner_exactly():
+def test_glu_mlp_removes_a_channel_with_its_gate_partner_exactly(two_block_glu):
     result, cut = _twin(GLU, channel_sparsity=0.3)
     hidden = result.twin_run[0].blocks[0].mlp.fc2.in_features  # H: fc1 has 2H rows, value then gate
     pairs = {name: dims[0] for name, dims in cut.items() if name.endswith("mlp.fc1.weight")}

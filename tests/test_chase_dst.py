@@ -11,6 +11,15 @@ from chase_timm.sparsity import allocate, erk_densities
 from helpers import batch, input_size, tiny_model, train
 from recipe_helpers import fresh_accelerate
 
+
+@pytest.fixture(autouse=True)
+def _smaller_resnet18(request):
+    """The behaviour tests (budgets, updates, EMA copies, warnings) on conftest's one-block-per-stage resnet18; the
+    model-coverage cases keep timm's resnet18."""
+    if request.node.originalname != "test_dst_budget_growth_and_masking":
+        request.getfixturevalue("resnet18_one_block_per_stage")
+
+
 MODELS = ["resnet18", "resnet50", "mobilenetv3_small_050", "efficientnet_b0", "convnext_atto",
        "vit_tiny_patch16_224", "regnetx_002", "densenet121"]
 STEPS = 10

@@ -55,18 +55,18 @@ def _diverging_seeds() -> None:
 
 
 @pytest.mark.slow
-def test_masks_identical_across_two_ddp_processes():
+def test_masks_identical_across_two_ddp_processes(resnet18_one_block_per_stage):
     debug_launcher(_train_on_two_ranks, num_processes=2)
 
 
 @pytest.mark.slow
-def test_divergent_ranks_are_detected():
+def test_divergent_ranks_are_detected(resnet18_one_block_per_stage):
     # the library's own RuntimeError, raised at the first event; not this test's gather assertion further down
     with pytest.raises(Exception, match=r"RuntimeError: Chase masks differ across ranks after step \d+"):
         debug_launcher(_diverging_seeds, num_processes=2)
 
 
-def test_gradient_accumulation_counts_optimizer_steps_only():
+def test_gradient_accumulation_counts_optimizer_steps_only(resnet18_one_block_per_stage):
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     model = tiny_model("resnet18")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -111,7 +111,8 @@ def _accumulating_run(num_batches: int, total_steps: int, epochs: int) -> list:
     (5, 2 * 3, 2, False),   # 2 epochs of ceil(5 / 2) optimizer steps: correct
     (4, 2 * 2, 2, False),
 ])
-def test_total_steps_counted_in_micro_steps_warns_once(num_batches, total_steps, epochs, warned):
+def test_total_steps_counted_in_micro_steps_warns_once(num_batches, total_steps, epochs, warned,
+                                                       resnet18_one_block_per_stage):
     messages = _accumulating_run(num_batches, total_steps, epochs)
     assert len(messages) == int(warned), messages
 

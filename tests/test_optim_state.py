@@ -1,5 +1,6 @@
 """Optimizer state through wrappers and containers: masking zeroes it, shrinking cuts it, and optimizers whose update
 depends on the tensor's size are refused before shrinking could make a run differ from its masking twin."""
+import copy
 import warnings
 
 import pytest
@@ -12,6 +13,8 @@ from chase_timm import Chase, ChaseConfig
 from chase_timm.optim_state import param_states, shrink_support, states_like
 from helpers import tiny_model, train
 from recipe_helpers import fresh_accelerate
+
+pytestmark = pytest.mark.usefixtures("resnet18_one_block_per_stage")  # the same kinds of optimizer state, faster
 
 STEPS = 10
 SCHEDULE = dict(total_steps=STEPS, update_interval=3, channel_interval=2, channel_offset=0, channel_end_step=8,
@@ -64,7 +67,13 @@ def test_lookahead_masking_zeroes_base_state_and_slow_weights():
 def test_lookahead_shrinks_like_its_masking_twin_and_resumes_across_a_shrink(float64):
     shrunk = _build("lookahead_adamw", "events")
     twin = _build("lookahead_adamw", "off")
-    first = train(*shrunk, STEPS)
+    saved = []
+
+    def save(step: int) -> None:  # after the shrinks at steps 2 and 4, as a training loop checkpoints
+        if step == 4:
+            saved.extend(copy.deepcopy([shrunk[0].state_dict(), shrunk[1].state_dict(), shrunk[2].state_dict()]))
+
+    first = train(*shrunk, STEPS, after_step=save)
     reference = train(*twin, STEPS)
     model, optimizer, chase = shrunk
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in twin[0].parameters())
@@ -72,10 +81,7 @@ def test_lookahead_shrinks_like_its_masking_twin_and_resumes_across_a_shrink(flo
         assert all(v.shape == weight.shape for _, v in param_states(optimizer, weight)), name
     assert max(abs(a - b) / abs(b) for a, b in zip(first, reference)) <= 1e-9
 
-    # stop after the shrinks at steps 2 and 4, resume in fresh objects, finish: the same losses
-    model, optimizer, chase = _build("lookahead_adamw", "events")
-    train(model, optimizer, chase, 5)
-    saved = [{k: v.clone() for k, v in model.state_dict().items()}, optimizer.state_dict(), chase.state_dict()]
+    # resume that checkpoint in fresh objects, finish: the same losses as the run that went on
     model, optimizer, chase = _build("lookahead_adamw", "events")
     chase.load_state_dict(saved[2])
     model.load_state_dict(saved[0])

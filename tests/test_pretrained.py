@@ -109,7 +109,7 @@ def test_magnitude_masks_keep_a_trained_model_closer_to_its_dense_outputs_than_r
     assert error(mask_init="magnitude") == 0.0  # with the ramp the first masks are dense
 
 
-def test_ramp_prunes_to_the_current_budget_and_ends_at_d():
+def test_ramp_prunes_to_the_current_budget_and_ends_at_d(resnet18_one_block_per_stage):
     model = tiny_model("resnet18")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     config = ChaseConfig(**RAMP)
@@ -126,7 +126,7 @@ def test_ramp_prunes_to_the_current_budget_and_ends_at_d():
     assert seen[config.total_steps]["channel_sparsity"] > 0.2
 
 
-def test_resume_mid_ramp_continues_bitwise():
+def test_resume_mid_ramp_continues_bitwise(resnet18_one_block_per_stage):
     config = ChaseConfig(**RAMP)
 
     def build():
@@ -171,7 +171,7 @@ def _wrap_diverging() -> None:
     _wrap_on_two_ranks(same_weights=False)
 
 
-def test_magnitude_masks_are_rank_identical_and_differing_weights_fail_clearly():
+def test_magnitude_masks_are_rank_identical_and_differing_weights_fail_clearly(resnet18_one_block_per_stage):
     with fresh_accelerate():
         debug_launcher(_wrap_on_two_ranks, num_processes=2)
     with fresh_accelerate():

@@ -283,11 +283,16 @@ def test_a_vit_is_built_for_the_digits_size_and_reloads_at_it(tmp_path):
     assert rows[0]["flops_ratio"] == pytest.approx(final["slim_dense_flops"] / final["base_dense_flops"], rel=1e-6)
 
 
-def test_streamed_rows_per_rank_never_exceed_the_smallest_shard_share(tmp_path):
+def test_streamed_rows_per_rank_never_exceed_the_smallest_shard_share(tmp_path, monkeypatch):
     """Whole shards dealt to ranks (their number divides by the world size): every rank may get the smallest ones,
     so each rank reads at most that many rows and no rank waits for another in DDP."""
+    import datasets.config
+
     from chase_timm.data import load_image_data
 
+    # datasets sleeps 5 s after every parquet stream (arrow#45214: reader threads outliving the interpreter, so at
+    # exit); this process goes on, and 0.1 s is what that issue found enough, so the six streams below take 0.6 s
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.1)
     write_parquet_dataset(tmp_path, {"train": 7, "validation": 2})
     write_parquet_dataset(tmp_path / "b", {"train": 3})
     (tmp_path / "data" / "train-00000-of-00001.parquet").rename(tmp_path / "data" / "train-00000-of-00002.parquet")
