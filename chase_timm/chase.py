@@ -434,6 +434,7 @@ class Chase:
             "alive": channels.pop("alive"),
             "generator": self._generator.get_state(),
             "channel_unit": "channels",  # S_c counts a tied class as its channels (states before: as one)
+            "streams": "skips",  # only groups with a skip are residual streams (states before: any add or concat)
             **channels,
         }
 
@@ -452,6 +453,11 @@ class Chase:
                              "with ChaseConfig.from_dict(state['config']) to resume (a state without channel_budget "
                              "was saved with channel_budget='pooled').")
         if set(state["alive"]) != set(self._channels.alive):
+            new = sorted(set(self._channels.alive) - set(state["alive"]))
+            if "streams" not in state and set(state["alive"]) < set(self._channels.alive):
+                raise ValueError(f"Chase state was saved before groups whose adds or concats only merge branches "
+                                 f"became prunable ({len(new)} here, e.g. {new[0]!r}); resume it with the chase_timm "
+                                 "release that saved it, or start the run again.")
             raise ValueError("Chase state's channel groups differ from this model's; load it into the model "
                              "and config it was saved from.")
         shrunk, now = {n: list(c) for n, c in state.get("shrunk", {}).items()}, self._channels.shrunk()

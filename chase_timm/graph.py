@@ -47,6 +47,7 @@ _TOLERANCE = 1e-4  # max |masked - sliced| relative to the output scale
 _MAX_EXPANSION = 256  # positions per channel a flatten->Linear may produce (a 16x16 map; 7x7 at 224 px)
 _MAX_POSITIONS = 1024  # positions per channel one group's walk may visit (ViT-S with prune_skip: 180)
 _LAYERS = (ops.OPTYPE.CONV, ops.OPTYPE.DEPTHWISE_CONV, ops.OPTYPE.LINEAR)
+_OUT_HANDLERS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels, tp.prune_depthwise_conv_out_channels)
 _LINEAR_PARTS = ("MmBackward", "AddmmBackward", "ViewBackward", "UnsafeViewBackward", "ReshapeAlias")
 # ops where two root channels meeting at one position are tied, not mixed: position-wise arithmetic and activations
 # (torch-pruning types every unknown op as elementwise, matmuls and attention included), norms of one channel, splits
@@ -272,6 +273,7 @@ class _Draft:
     requested: list[int]
     raws: list[_Raw] = field(default_factory=list)
     residual: bool = False
+    joins: set = field(default_factory=set)  # the adds and concats the group's channels pass through
     problems: list[tuple[int, str]] = field(default_factory=list)  # (rank, reason); lowest rank is reported
     classes: list[list[int]] = field(default_factory=list)
     covers: dict[nn.Module, set[int]] = field(default_factory=dict)  # Conv/Linear output channels taken
@@ -388,6 +390,7 @@ def _draft(ctx: _Context, name: str, module: nn.Module, todo: list[int], deadlin
     for item in group:
         _translate(ctx, draft, item)
     _check_shortcut(draft, group)
+    _check_skip(draft, group)
     _form_classes(draft)
     if len(draft.classes) == 1:
         draft.problem("a single removable channel (removing it would delete the layer)", 6)
@@ -657,17 +660,17 @@ def _translate(ctx: _Context, draft: _Draft, item: _Item) -> None:
     elif kind == ops.OPTYPE.OUTPUT:
         draft.problem("reaches the model output (removing channels would change the output shape)", 0)
     elif kind == ops.OPTYPE.CONCAT:
-        draft.residual = True
+        draft.joins.add(node)
     elif kind == ops.OPTYPE.ELEMENTWISE:
-        draft.residual |= _is_add(node) and not _response_norm_add(node)
+        if _is_add(node) and not _response_norm_add(node):
+            draft.joins.add(node)
     else:
         _shape_op(draft, node, item.dep)
 
 
 def _layer_slices(ctx: _Context, draft: _Draft, layer: nn.Module, handler: Any, by_root: dict) -> None:
     """Conv/Linear weight rows (producer) or columns (consumer), with bias; depthwise convs are in=out tied."""
-    is_out = handler in (tp.prune_conv_out_channels, tp.prune_linear_out_channels,
-                         tp.prune_depthwise_conv_out_channels)
+    is_out = handler in _OUT_HANDLERS
     if is_out:
         draft.covers.setdefault(layer, set()).update(p for ps in by_root.values() for p in ps)
         if id(layer) in ctx.heads:
@@ -941,6 +944,28 @@ def _check_shortcut(draft: _Draft, group: list[_Item]) -> None:
     walks = [_walk(c, members - {c}) for c in consumers]
     leaving = [reaches_add for loops, reaches_add in walks if not loops]
     draft.residual |= len(leaving) >= 2 and any(leaving)
+
+
+def _check_skip(draft: _Draft, group: list[_Item]) -> None:
+    """A residual stream: a layer that reads the group's channels and writes other channels leads back to one of
+    the group's adds or concats (``x + f(x)`` with a multi-layer ``f``, DenseNet's ``cat([x, f(x)])``; a single
+    conv is ``_check_shortcut``'s). Joins that only merge branches (Inception's concat, GhostNet's
+    ``cat([x, cheap(x)])``, summed re-parameterisable branches) leave the group internal, like a bottleneck's width."""
+    if not draft.joins or draft.residual:
+        return
+    writers = {it.dep.target for it in group if it.dep.handler in _OUT_HANDLERS}
+    stack = [out for it in group if it.dep.target.type in (ops.OPTYPE.CONV, ops.OPTYPE.LINEAR)
+             and it.dep.handler in (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
+             and it.dep.target not in writers for out in it.dep.target.outputs]
+    seen: set = set()
+    while stack:
+        node = stack.pop()
+        if node in draft.joins:
+            draft.residual = True
+            return
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.outputs)
 
 
 def _walk(start: Any, members: set) -> tuple[bool, bool]:
