@@ -452,14 +452,19 @@ class Chase:
             raise ValueError(f"Chase state was saved with a different config (saved, current): {diff}. Build Chase "
                              "with ChaseConfig.from_dict(state['config']) to resume (a state without channel_budget "
                              "was saved with channel_budget='pooled').")
+        merges = [g.name for g in self._channels.prunable if g.merges] if "streams" not in state else []
         if set(state["alive"]) != set(self._channels.alive):
-            new = sorted(set(self._channels.alive) - set(state["alive"]))
-            if "streams" not in state and set(state["alive"]) < set(self._channels.alive):
+            if merges and set(state["alive"]) < set(self._channels.alive):
                 raise ValueError(f"Chase state was saved before groups whose adds or concats only merge branches "
-                                 f"became prunable ({len(new)} here, e.g. {new[0]!r}); resume it with the chase_timm "
-                                 "release that saved it, or start the run again.")
+                                 f"became prunable without prune_skip ({len(merges)} here, e.g. {merges[0]!r}); "
+                                 "resume it with the chase_timm release that saved it, or start the run again.")
             raise ValueError("Chase state's channel groups differ from this model's; load it into the model "
                              "and config it was saved from.")
+        if merges and self.config.channel_budget == "per_kind":
+            warnings.warn(f"this Chase state was saved when groups whose adds or concats only merge branches were "
+                          f"ranked with the residual streams ({len(merges)} here, e.g. {merges[0]!r}); they now rank "
+                          "with the internal channels, so the rest of the run can remove other channels than the "
+                          "release that saved it would; resume with that release to keep its picks.", stacklevel=2)
         shrunk, now = {n: list(c) for n, c in state.get("shrunk", {}).items()}, self._channels.shrunk()
         if shrunk != now and now:
             raise ValueError("Chase state was saved at another shrink than this model's; load it into a freshly "

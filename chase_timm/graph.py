@@ -94,6 +94,7 @@ class ChannelGroup:
     reason: str
     unit: int = 1  # channels one class stands for in the channel budget: head_dim for a head, else the class size
     heads: bool = False  # the classes are attention heads (their own budget pool, never rounded to channel_round_to)
+    merges: bool = False  # passes adds/concats that only merge branches (states saved earlier: a stream)
 
     def producers(self) -> tuple[ChannelSlice, ...]:
         """Slices with role ``producer`` (output rows of Conv/Linear weights; for UMM scoring)."""
@@ -103,13 +104,14 @@ class ChannelGroup:
         """Plain JSON-safe data."""
         return {"name": self.name, "width": self.width, "slices": [s.to_dict() for s in self.slices],
                 "residual": self.residual, "prunable": self.prunable, "reason": self.reason, "unit": self.unit,
-                "heads": self.heads}
+                "heads": self.heads, "merges": self.merges}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "ChannelGroup":
         unit = int(d.get("unit", 1))  # states saved before tied classes had units: unit > 1 meant a head
         return cls(str(d["name"]), int(d["width"]), tuple(ChannelSlice.from_dict(s) for s in d["slices"]),
-                   bool(d["residual"]), bool(d["prunable"]), str(d["reason"]), unit, bool(d.get("heads", unit > 1)))
+                   bool(d["residual"]), bool(d["prunable"]), str(d["reason"]), unit, bool(d.get("heads", unit > 1)),
+                   bool(d.get("merges", False)))
 
 
 def find_channel_groups(
@@ -291,7 +293,8 @@ class _Draft:
         slices = tuple(ChannelSlice(r.tensor, r.dim, _class_index(r, self.classes), r.role) for r in self.raws)
         reason = min(self.problems)[1] if self.problems else (RESIDUAL_REASON if self.residual and not prune_skip else "")
         return ChannelGroup(self.name, len(self.classes), slices, self.residual, not reason, reason,
-                            self.unit if self.heads else _class_size(self.classes), self.heads)
+                            self.unit if self.heads else _class_size(self.classes), self.heads,
+                            bool(self.joins) and not self.residual)
 
 
 def _class_size(classes: list[list[int]]) -> int:

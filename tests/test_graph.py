@@ -3,6 +3,7 @@ import copy
 import json
 import re
 import time
+import warnings
 
 import pytest
 import timm
@@ -99,8 +100,15 @@ def test_res2net_branch_outputs_that_only_meet_the_concat_are_internal():
     old = {**{k: v for k, v in state.items() if k != "streams"},
            "alive": {n: a for n, a in state["alive"].items() if n not in ("layer4.0.convs.0", "layer4.1.convs.2")}}
     with pytest.raises(ValueError, match=r"saved before groups whose adds or concats only merge branches became "
-                                         r"prunable \(2 here, e.g. 'layer4.0.convs.0'\)"):
+                                         r"prunable without prune_skip \(\d+ here, e.g. 'layer"):
         chase.load_state_dict(old)
+    # with prune_skip the same groups were prunable but ranked with the streams: it resumes, with a warning
+    chase = Chase(model, ChaseConfig(total_steps=10, prune_skip=True), example_inputs=torch.randn(1, 3, 32, 32))
+    with pytest.warns(UserWarning, match=r"only merge branches were ranked with the residual streams"):
+        chase.load_state_dict({k: v for k, v in chase.state_dict().items() if k != "streams"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chase.load_state_dict(chase.state_dict())
 
 
 def test_resnet50_never_removes_classifier_outputs(resnet50):
