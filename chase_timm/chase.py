@@ -434,6 +434,7 @@ class Chase:
             "alive": channels.pop("alive"),
             "generator": self._generator.get_state(),
             "channel_unit": "channels",  # S_c counts a tied class as its channels (states before: as one)
+            "streams": "skips",  # only groups with a skip are residual streams (states before: any add or concat)
             **channels,
         }
 
@@ -451,9 +452,19 @@ class Chase:
             raise ValueError(f"Chase state was saved with a different config (saved, current): {diff}. Build Chase "
                              "with ChaseConfig.from_dict(state['config']) to resume (a state without channel_budget "
                              "was saved with channel_budget='pooled').")
+        merges = [g.name for g in self._channels.prunable if g.merges] if "streams" not in state else []
         if set(state["alive"]) != set(self._channels.alive):
+            if merges and set(state["alive"]) < set(self._channels.alive):
+                raise ValueError(f"Chase state was saved before groups whose adds or concats only merge branches "
+                                 f"became prunable without prune_skip ({len(merges)} here, e.g. {merges[0]!r}); "
+                                 "resume it with the chase_timm release that saved it, or start the run again.")
             raise ValueError("Chase state's channel groups differ from this model's; load it into the model "
                              "and config it was saved from.")
+        if merges and self.config.channel_budget == "per_kind":
+            warnings.warn(f"this Chase state was saved when groups whose adds or concats only merge branches were "
+                          f"ranked with the residual streams ({len(merges)} here, e.g. {merges[0]!r}); they now rank "
+                          "with the internal channels, so the rest of the run can remove other channels than the "
+                          "release that saved it would; resume with that release to keep its picks.", stacklevel=2)
         shrunk, now = {n: list(c) for n, c in state.get("shrunk", {}).items()}, self._channels.shrunk()
         if shrunk != now and now:
             raise ValueError("Chase state was saved at another shrink than this model's; load it into a freshly "

@@ -47,6 +47,7 @@ _TOLERANCE = 1e-4  # max |masked - sliced| relative to the output scale
 _MAX_EXPANSION = 256  # positions per channel a flatten->Linear may produce (a 16x16 map; 7x7 at 224 px)
 _MAX_POSITIONS = 1024  # positions per channel one group's walk may visit (ViT-S with prune_skip: 180)
 _LAYERS = (ops.OPTYPE.CONV, ops.OPTYPE.DEPTHWISE_CONV, ops.OPTYPE.LINEAR)
+_OUT_HANDLERS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels, tp.prune_depthwise_conv_out_channels)
 _LINEAR_PARTS = ("MmBackward", "AddmmBackward", "ViewBackward", "UnsafeViewBackward", "ReshapeAlias")
 # ops where two root channels meeting at one position are tied, not mixed: position-wise arithmetic and activations
 # (torch-pruning types every unknown op as elementwise, matmuls and attention included), norms of one channel, splits
@@ -93,6 +94,7 @@ class ChannelGroup:
     reason: str
     unit: int = 1  # channels one class stands for in the channel budget: head_dim for a head, else the class size
     heads: bool = False  # the classes are attention heads (their own budget pool, never rounded to channel_round_to)
+    merges: bool = False  # passes adds/concats that only merge branches (states saved earlier: a stream)
 
     def producers(self) -> tuple[ChannelSlice, ...]:
         """Slices with role ``producer`` (output rows of Conv/Linear weights; for UMM scoring)."""
@@ -102,13 +104,14 @@ class ChannelGroup:
         """Plain JSON-safe data."""
         return {"name": self.name, "width": self.width, "slices": [s.to_dict() for s in self.slices],
                 "residual": self.residual, "prunable": self.prunable, "reason": self.reason, "unit": self.unit,
-                "heads": self.heads}
+                "heads": self.heads, "merges": self.merges}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "ChannelGroup":
         unit = int(d.get("unit", 1))  # states saved before tied classes had units: unit > 1 meant a head
         return cls(str(d["name"]), int(d["width"]), tuple(ChannelSlice.from_dict(s) for s in d["slices"]),
-                   bool(d["residual"]), bool(d["prunable"]), str(d["reason"]), unit, bool(d.get("heads", unit > 1)))
+                   bool(d["residual"]), bool(d["prunable"]), str(d["reason"]), unit, bool(d.get("heads", unit > 1)),
+                   bool(d.get("merges", False)))
 
 
 def find_channel_groups(
@@ -272,6 +275,7 @@ class _Draft:
     requested: list[int]
     raws: list[_Raw] = field(default_factory=list)
     residual: bool = False
+    joins: set = field(default_factory=set)  # the adds and concats the group's channels pass through
     problems: list[tuple[int, str]] = field(default_factory=list)  # (rank, reason); lowest rank is reported
     classes: list[list[int]] = field(default_factory=list)
     covers: dict[nn.Module, set[int]] = field(default_factory=dict)  # Conv/Linear output channels taken
@@ -289,7 +293,8 @@ class _Draft:
         slices = tuple(ChannelSlice(r.tensor, r.dim, _class_index(r, self.classes), r.role) for r in self.raws)
         reason = min(self.problems)[1] if self.problems else (RESIDUAL_REASON if self.residual and not prune_skip else "")
         return ChannelGroup(self.name, len(self.classes), slices, self.residual, not reason, reason,
-                            self.unit if self.heads else _class_size(self.classes), self.heads)
+                            self.unit if self.heads else _class_size(self.classes), self.heads,
+                            bool(self.joins) and not self.residual)
 
 
 def _class_size(classes: list[list[int]]) -> int:
@@ -388,6 +393,7 @@ def _draft(ctx: _Context, name: str, module: nn.Module, todo: list[int], deadlin
     for item in group:
         _translate(ctx, draft, item)
     _check_shortcut(draft, group)
+    _check_skip(draft, group)
     _form_classes(draft)
     if len(draft.classes) == 1:
         draft.problem("a single removable channel (removing it would delete the layer)", 6)
@@ -657,17 +663,17 @@ def _translate(ctx: _Context, draft: _Draft, item: _Item) -> None:
     elif kind == ops.OPTYPE.OUTPUT:
         draft.problem("reaches the model output (removing channels would change the output shape)", 0)
     elif kind == ops.OPTYPE.CONCAT:
-        draft.residual = True
+        draft.joins.add(node)
     elif kind == ops.OPTYPE.ELEMENTWISE:
-        draft.residual |= _is_add(node) and not _response_norm_add(node)
+        if _is_add(node) and not _response_norm_add(node):
+            draft.joins.add(node)
     else:
         _shape_op(draft, node, item.dep)
 
 
 def _layer_slices(ctx: _Context, draft: _Draft, layer: nn.Module, handler: Any, by_root: dict) -> None:
     """Conv/Linear weight rows (producer) or columns (consumer), with bias; depthwise convs are in=out tied."""
-    is_out = handler in (tp.prune_conv_out_channels, tp.prune_linear_out_channels,
-                         tp.prune_depthwise_conv_out_channels)
+    is_out = handler in _OUT_HANDLERS
     if is_out:
         draft.covers.setdefault(layer, set()).update(p for ps in by_root.values() for p in ps)
         if id(layer) in ctx.heads:
@@ -941,6 +947,28 @@ def _check_shortcut(draft: _Draft, group: list[_Item]) -> None:
     walks = [_walk(c, members - {c}) for c in consumers]
     leaving = [reaches_add for loops, reaches_add in walks if not loops]
     draft.residual |= len(leaving) >= 2 and any(leaving)
+
+
+def _check_skip(draft: _Draft, group: list[_Item]) -> None:
+    """A residual stream: a layer that reads the group's channels and writes other channels leads back to one of
+    the group's adds or concats (``x + f(x)`` with a multi-layer ``f``, DenseNet's ``cat([x, f(x)])``; a single
+    conv is ``_check_shortcut``'s). Joins that only merge branches (Inception's concat, GhostNet's
+    ``cat([x, cheap(x)])``, summed re-parameterisable branches) leave the group internal, like a bottleneck's width."""
+    if not draft.joins or draft.residual:
+        return
+    writers = {it.dep.target for it in group if it.dep.handler in _OUT_HANDLERS}
+    stack = [out for it in group if it.dep.target.type in (ops.OPTYPE.CONV, ops.OPTYPE.LINEAR)
+             and it.dep.handler in (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
+             and it.dep.target not in writers for out in it.dep.target.outputs]
+    seen: set = set()
+    while stack:
+        node = stack.pop()
+        if node in draft.joins:
+            draft.residual = True
+            return
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.outputs)
 
 
 def _walk(start: Any, members: set) -> tuple[bool, bool]:

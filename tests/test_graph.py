@@ -3,12 +3,14 @@ import copy
 import json
 import re
 import time
+import warnings
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
 
+from chase_timm import Chase, ChaseConfig
 from chase_timm.graph import (
     RESIDUAL_REASON, TIMEOUT_REASON, ChannelGroup, find_channel_groups, tensor_removals,
 )
@@ -49,6 +51,64 @@ def test_resnet50_residual_streams_need_prune_skip(resnet50):
     assert all(g.prunable for g in skip_groups)
     stream = next(g for g in skip_groups if g.name == "layer4.0.conv3")
     assert ("fc.weight", 1, "consumer") in {(s.tensor, s.dim, s.role) for s in stream.slices}  # the head's input
+
+
+class _Joins(nn.Module):
+    """Adds and concats with and without a skip: which of their groups are residual streams (docs/blocks.md)."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        conv = lambda i, o, g=1: nn.Conv2d(i, o, 3, padding=1, groups=g)  # noqa: E731
+        self.stem, self.a, self.b, self.dw, self.c = conv(3, 8), conv(8, 8), conv(8, 8), conv(8, 8, 8), conv(16, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = {"skip": lambda: x + self.b(torch.relu(self.a(x))),           # ResNet's x + f(x)
+             "shortcut": lambda: x + self.a(x),                           # one conv around the add
+             "dense": lambda: self.c(torch.cat([x, self.b(torch.relu(self.a(x)))], 1)),  # DenseNet
+             "merge": lambda: self.a(x) + self.b(x),                      # two branches summed
+             "concat": lambda: self.c(torch.cat([self.a(x), self.b(x)], 1)),  # Inception
+             "depthwise": lambda: x + self.dw(x)}[self.form]()             # ConvMixer
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("form, streams", [
+    ("skip", {"stem"}), ("shortcut", {"stem"}), ("dense", {"stem"}),
+    ("merge", {"stem"}), ("concat", set()), ("depthwise", set())])  # merge: x forks into two convs summed
+def test_a_join_makes_a_residual_stream_only_around_a_skip(form, streams):
+    model = _Joins(form).eval()
+    groups = find_channel_groups(model, torch.randn(1, 3, 8, 8))
+    joined = {g.name for g in groups if any(s.tensor.startswith(("a.", "b.", "stem.")) for s in g.slices)}
+    assert {g.name for g in groups if g.residual} == streams
+    assert all(g.prunable for g in groups if g.name in joined - streams), [(g.name, g.reason) for g in groups]
+    assert all(g.reason == RESIDUAL_REASON for g in groups if g.name in streams)
+    assert joined - streams or streams  # every form judges a group at its join
+
+
+def test_res2net_branch_outputs_that_only_meet_the_concat_are_internal():
+    model = _timm("res2next50", layers=(1, 1, 1, 2))
+    groups = {g.name: g for g in find_channel_groups(model, torch.randn(1, 3, 32, 32))}
+    for name in ("layer4.0.convs.0", "layer4.0.convs.2", "layer4.1.convs.2"):  # first block's, a last branch's
+        assert groups[name].prunable and not groups[name].residual, (name, groups[name].reason)
+    for name in ("layer4.1.conv1", "layer4.0.conv3"):  # the split width: cat carries sp_1 past conv_2; the stream
+        assert groups[name].residual and groups[name].reason == RESIDUAL_REASON, name
+    # a Chase state saved when these groups were streams names why it can't resume
+    chase = Chase(model, ChaseConfig(total_steps=10), example_inputs=torch.randn(1, 3, 32, 32))
+    state = chase.state_dict()
+    old = {**{k: v for k, v in state.items() if k != "streams"},
+           "alive": {n: a for n, a in state["alive"].items() if n not in ("layer4.0.convs.0", "layer4.1.convs.2")}}
+    with pytest.raises(ValueError, match=r"saved before groups whose adds or concats only merge branches became "
+                                         r"prunable without prune_skip \(\d+ here, e.g. 'layer"):
+        chase.load_state_dict(old)
+    # with prune_skip the same groups were prunable but ranked with the streams: it resumes, with a warning
+    chase = Chase(model, ChaseConfig(total_steps=10, prune_skip=True), example_inputs=torch.randn(1, 3, 32, 32))
+    with pytest.warns(UserWarning, match=r"only merge branches were ranked with the residual streams"):
+        chase.load_state_dict({k: v for k, v in chase.state_dict().items() if k != "streams"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chase.load_state_dict(chase.state_dict())
 
 
 def test_resnet50_never_removes_classifier_outputs(resnet50):
