@@ -104,7 +104,8 @@ def test_shrinking_run_equals_its_masking_twin(name, opt, overrides, kinds, monk
 
 @pytest.mark.parametrize("opt", ["sgd", "adamw", "lookahead_adamw"])
 def test_optimizers_from_timm_shrink_exactly_with_an_ema(opt, resnet18_one_block_per_stage):
-    """Rows of docs/optimizers.md (recipes/optimizer_table.py), with create_optimizer_v2's weight-decay groups."""
+    """What docs/optimizers.md's rows check (recipes/optimizer_table.py, there on the full resnet18), on one block
+    per stage, with create_optimizer_v2's weight-decay groups."""
     with float64():
         result = compare("resnet18", opt, ema=True)
     _assert_exact(result)
