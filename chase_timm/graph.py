@@ -941,10 +941,7 @@ def _prod(sizes: Sequence[int]) -> int:
 def _check_shortcut(draft: _Draft, group: list[_Item]) -> None:
     """Also a residual stream: the tensor forks into a block and its projection shortcut (e.g. ResNet stem)."""
     members = {it.dep.target for it in group if it.dep.target.type in _LAYERS}
-    consumers = [it.dep.target for it in group
-                 if it.dep.target.type in (ops.OPTYPE.CONV, ops.OPTYPE.LINEAR)
-                 and it.dep.handler in (tp.prune_conv_in_channels, tp.prune_linear_in_channels)]
-    walks = [_walk(c, members - {c}) for c in consumers]
+    walks = [_walk(c, members - {c}) for c in _readers(group)]
     leaving = [reaches_add for loops, reaches_add in walks if not loops]
     draft.residual |= len(leaving) >= 2 and any(leaving)
 
@@ -957,9 +954,7 @@ def _check_skip(draft: _Draft, group: list[_Item]) -> None:
     if not draft.joins or draft.residual:
         return
     writers = {it.dep.target for it in group if it.dep.handler in _OUT_HANDLERS}
-    stack = [out for it in group if it.dep.target.type in (ops.OPTYPE.CONV, ops.OPTYPE.LINEAR)
-             and it.dep.handler in (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
-             and it.dep.target not in writers for out in it.dep.target.outputs]
+    stack = [out for reader in _readers(group) if reader not in writers for out in reader.outputs]
     seen: set = set()
     while stack:
         node = stack.pop()
@@ -969,6 +964,12 @@ def _check_skip(draft: _Draft, group: list[_Item]) -> None:
         if node not in seen:
             seen.add(node)
             stack.extend(node.outputs)
+
+
+def _readers(group: list[_Item]) -> list[Any]:
+    """The Conv/Linear nodes whose input channels are in the group (depthwise convs, tied in and out, are not)."""
+    return [it.dep.target for it in group if it.dep.target.type in (ops.OPTYPE.CONV, ops.OPTYPE.LINEAR)
+            and it.dep.handler in (tp.prune_conv_in_channels, tp.prune_linear_in_channels)]
 
 
 def _walk(start: Any, members: set) -> tuple[bool, bool]:
