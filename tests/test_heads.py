@@ -231,7 +231,7 @@ def test_spatial_reduction_widths_shrink_exactly_and_reload(name, kwargs, attent
     assert all(found[g].prunable for g in groups), {g: found[g].reason for g in groups}
     sr = groups[0]  # the sr width alone shrinks (heads whole): the module runs its slim forward
     plain = slim_copy(model, tensor_removals([found[sr]], {sr: [0, 2]}))
-    assert type(plain.get_submodule(attentions[0])) is SLIM[timm_class(type(model.get_submodule(attentions[0])))]
+    assert type(plain.get_submodule(attentions[0])) is SLIM[type(model.get_submodule(attentions[0]))]
     assert plain.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     with float64():
         result = compare(name, "adamw", channel_sparsity=0.6)
