@@ -1068,8 +1068,8 @@ def _verified(model: nn.Module, groups: list[ChannelGroup], inputs: tuple, deadl
 
 def _removal_counts(groups: Sequence[ChannelGroup]) -> list[int]:
     """Channels each group loses in the check: about half, but a different count for every group of the same width
-    (w/2, w/2 + 1, w/2 - 1, ...), so that code reshaping one group's tensor with another group's width (PVT-v2's
-    ``sr(x).reshape(B, C, -1)`` with the stream's C) fails instead of matching by coincidence."""
+    (w/2, w/2 + 1, w/2 - 1, ...), so that code reshaping one group's tensor with another group's width (timm's
+    PVT-v2 forward, ``sr(x).reshape(B, C, -1)`` with the stream's C) fails instead of matching by coincidence."""
     seen: dict[int, int] = {}
     counts = []
     for g in groups:

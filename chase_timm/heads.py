@@ -359,8 +359,8 @@ def _class_attention(module: nn.Module) -> HeadSpec:
 
 def _q_kv(module: nn.Module, hd: int) -> HeadSpec:
     """PVT-v2's Attention and Twins' GlobalSubSampleAttn: a q projection and a kv projection (k block, then v
-    block) that reads the key/value input (after the spatial reduction conv and norm: the input stream, not
-    heads)."""
+    block) that reads the key/value input, not heads: the input stream, or after a spatial reduction the ``sr``
+    conv's output channels (with its ``norm`` and the kv columns: a channel group of their own)."""
     heads = module.num_heads
     per_head = _blocks(heads, hd)
     kv = _cat(per_head, _blocks(heads, hd, heads * hd))

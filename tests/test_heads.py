@@ -24,10 +24,10 @@ from chase_timm.adapters.attention import REFUSED, SLIM, edited, slim_subclass, 
 from chase_timm.adapters.multihead import SlimMultiheadAttention, SlimTransformerEncoder, SlimTransformerEncoderLayer
 from chase_timm.channels import ChannelState, select_channels
 from chase_timm.cli import main
-from chase_timm.graph import ChannelGroup, find_channel_groups
+from chase_timm.graph import ChannelGroup, find_channel_groups, tensor_removals
 from chase_timm.heads import head_counts, head_spec, refresh_heads
 from chase_timm.hub import slim_summary
-from chase_timm.slim import apply_width_plan, slice_in_place, width_plan
+from chase_timm.slim import apply_width_plan, slice_in_place, slim_copy, width_plan
 import shrink_equivalence
 import zoo_coverage
 from shrink_equivalence import compare, float64
@@ -204,6 +204,48 @@ def test_windowed_stage_streams_shrink_with_prune_skip_exactly(name, streams, tm
     row = zoo_coverage.check_model(name, prune_skip=True, channel_sparsity=0.75, keep_models=True)
     assert row["rel_diff"] <= 1e-4 and set(streams) <= {g for g, c in row["chase"].removed_channels().items() if c}
     slim = row["slim"].eval()
+    chase_timm.save_pretrained(slim, tmp_path / "slim")
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'slim'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), slim(x), rtol=0, atol=0)
+
+
+SPATIAL_REDUCTION = [  # (model, build kwargs on top of SMALL, its attention modules with a spatial reduction)
+    ("pvt_v2_b0", {}, ("stages.0.blocks.0.attn", "stages.1.blocks.0.attn")),  # sr_ratio 4 and 2: conv, LayerNorm
+    ("pvt_v2_b0", {"linear": True},  # the *_li models: pool to 7x7, 1x1 sr conv, LayerNorm, GELU in every stage
+     ("stages.0.blocks.0.attn", "stages.1.blocks.0.attn", "stages.2.blocks.0.attn")),
+    ("twins_pcpvt_small", {}, ("blocks.0.0.attn",)),  # GlobalSubSampleAttn, sr_ratio 4
+]
+
+
+@pytest.mark.parametrize("name, kwargs, attentions", SPATIAL_REDUCTION, ids=["pvt_v2_b0", "pvt_v2_b0-linear",
+                                                                         "twins_pcpvt_small"])
+def test_spatial_reduction_widths_shrink_exactly_and_reload(name, kwargs, attentions, tmp_path, monkeypatch):
+    # the sr conv's output channels, its LayerNorm and the kv columns reading them: a group inside the attention,
+    # which timm's forward flattens with the input width, sr(x).reshape(B, C, -1)
+    monkeypatch.setitem(zoo_coverage.SMALLER, name, {**SMALL[name], **kwargs})
+    groups = [f"{a}.sr" for a in attentions]
+    model = zoo_coverage.build(name)
+    found = {g.name: g for g in find_channel_groups(model, torch.randn(1, 3, 32, 32))}
+    assert all(found[g].prunable for g in groups), {g: found[g].reason for g in groups}
+    sr = groups[0]  # the sr width alone shrinks (heads whole): the module runs its slim forward
+    plain = slim_copy(model, tensor_removals([found[sr]], {sr: [0, 2]}))
+    assert type(plain.get_submodule(attentions[0])) is SLIM[type(model.get_submodule(attentions[0]))]
+    assert plain.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    with float64():
+        result = compare(name, "adamw", channel_sparsity=0.6)
+    assert result.refused is None and result.error is None, (result.refused, result.error)
+    assert set(groups) <= {g for g, c in result.removed.items() if c}, result.removed
+    assert result.removed == result.twin_removed and result.masks_equal
+    assert result.worst()[1] <= 1e-9, (result.worst(), result.diffs)
+    row = zoo_coverage.check_model(name, prune_skip=False, channel_sparsity=0.6, keep_models=True)
+    assert row["rel_diff"] <= 1e-4, row["rel_diff"]  # float32 export == masked training model
+    assert set(groups) <= {g for g, c in row["chase"].removed_channels().items() if c}
+    slim = row["slim"].eval()
+    for attention in map(slim.get_submodule, attentions):  # key/value input narrower than the stream
+        assert attention.sr.out_channels == attention.norm.normalized_shape[0] == attention.kv.in_features
+        assert attention.kv.in_features < attention.q.in_features
     chase_timm.save_pretrained(slim, tmp_path / "slim")
     loaded = timm.create_model(f"local-dir:{tmp_path / 'slim'}", pretrained=True).eval()
     x = torch.randn(2, 3, 32, 32)

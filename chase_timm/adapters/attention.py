@@ -5,11 +5,13 @@
 ``ChannelAttention`` (V1 and V2) and ``WindowAttention`` and the cross-covariance attention of EdgeNeXt and XCiT end
 with ``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape`` (CaiT's two classes, XCiT, Twins and DaViT
 also split heads with ``C // self.num_heads``, DaViT's V2 with ``C // self.groups``), so a module that lost a head
-(or whose input stream lost a channel) no longer runs. Each gets a *slim* subclass whose ``forward`` is timm's
-own, compiled from timm's source with a short edit list (``reshape(B, N, C)`` -> ``reshape(B, N, -1)``, ...): the
-same computation, with the widths taken from the heads left. Every edit must match its expected number of times;
-when a timm release changed the forward and one does not, the class gets no slim subclass and :data:`REFUSED` says
-why (its heads then stay whole).
+(or whose input stream lost a channel) no longer runs; PVT-v2 and Twins' GSA also flatten their spatial reduction's
+output with the input width, ``self.sr(x).reshape(B, C, -1)``, so a narrower ``sr`` conv does not run either. Each
+gets a *slim* subclass whose ``forward`` is timm's own, compiled from timm's source with a short edit list
+(``reshape(B, N, C)`` -> ``reshape(B, N, -1)``, ``sr(x).reshape(B, C, -1)`` -> ``sr(x).flatten(2)``, ...): the same
+computation, with the widths taken from the heads (and the ``sr`` channels) left. Every edit must match its expected
+number of times; when a timm release changed the forward and one does not, the class gets no slim subclass and
+:data:`REFUSED` says why (its heads, and its ``sr`` channels, then stay whole).
 
 Nothing in timm is patched: only a resized instance changes class (``module.__class__ = slim``, done by
 :func:`chase_timm.heads.refresh_heads`), to a subclass, so ``isinstance`` still holds, parameters (and optimizer
@@ -119,10 +121,14 @@ SlimTalkingHeadAttn = register(cait.TalkingHeadAttn, "SlimTalkingHeadAttn",  # p
                                [("C // self.num_heads", "-1", 1), _TO_HEADS])
 SlimCrossCovarianceAttn = register(edgenext.CrossCovarianceAttn, "SlimCrossCovarianceAttn", [_TO_HEADS])
 SlimXCA = register(xcit.XCA, "SlimXCA", [("C // self.num_heads", "-1", 1), _TO_HEADS])
-SlimPvtV2Attention = register(pvt_v2.Attention, "SlimPvtV2Attention", [_TO_HEADS])
+# PVT-v2 and Twins' GSA flatten the spatial reduction's output with the input width C, sr(x).reshape(B, C, -1):
+# flatten(2) takes the width sr has left (PVT-v2: its sr_ratio > 1 path and its linear_attn pool path)
+_SR_WIDTH = "reshape(B, C, -1).permute(0, 2, 1)", "flatten(2).permute(0, 2, 1)"
+SlimPvtV2Attention = register(pvt_v2.Attention, "SlimPvtV2Attention", [(*_SR_WIDTH, 2), _TO_HEADS])
 # Twins split heads with C // self.num_heads, C being the input width (the kv split already has a -1)
 SlimGlobalSubSampleAttn = register(twins.GlobalSubSampleAttn, "SlimGlobalSubSampleAttn",
-                                   [("C // self.num_heads", "self.proj.in_features // self.num_heads", 2), _TO_HEADS])
+                                   [("C // self.num_heads", "self.proj.in_features // self.num_heads", 2),
+                                    (*_SR_WIDTH, 1), _TO_HEADS])
 SlimLocallyGroupedAttn = register(twins.LocallyGroupedAttn, "SlimLocallyGroupedAttn",
                                   [("C // self.num_heads", "-1", 1), ("self.ws, self.ws, C)", "self.ws, self.ws, -1)",
                                    1), ("_w * self.ws, C)", "_w * self.ws, -1)", 1), _TO_HEADS])
