@@ -1,7 +1,7 @@
 """Attention heads as channel groups: whole heads are removed exactly, on the fused and the eager attention path.
 
 For every timm family in ``SMALL`` (ViT, Swin V1/V2, LeViT, EVA, BEiT, CaiT, XCiT, EdgeNeXt, PVT-v2, Twins, TinyViT,
-DaViT, SAM ViT) and its ``VARIANTS``: a float64 shrinking run equals its masking twin (``recipes/shrink_equivalence.py``
+DaViT, SAM ViT, MaxViT, CoAtNet, ViT-RelPos) and its ``VARIANTS``: a float64 shrinking run equals its masking twin (``recipes/shrink_equivalence.py``
 at ``TOLERANCE = 1e-9``) with heads actually removed from each attention class of the case; the float32 export
 matches the masked model (<= 1e-4 relative); ``save_pretrained`` -> ``local-dir:`` reloads the same outputs with the
 same ``num_heads`` per block; and the slim model's fused (SDPA) and eager attention paths agree. torch's
@@ -32,8 +32,8 @@ import shrink_equivalence
 import zoo_coverage
 from shrink_equivalence import compare, float64
 from timm.layers import AttentionRope
-from timm.models import (beit, cait, davit, edgenext, eva, pvt_v2, swin_transformer_v2, tiny_vit, twins,
-                         vision_transformer_sam as sam, xcit)
+from timm.models import (beit, cait, davit, edgenext, eva, maxxvit, pvt_v2, swin_transformer_v2, tiny_vit, twins,
+                         vision_transformer_relpos as relpos, vision_transformer_sam as sam, xcit)
 
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
 # layer scales at 1 so no block's output vanishes under the shortcut in float32 (the export check could not fail)
@@ -66,6 +66,18 @@ SMALL = {
     # SAM ViT: windows of 2 on a 4x4 map, then global attention; decomposed relative positions shared by the heads
     "samvit_base_patch16_224": {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 96, "num_heads": 3,
                                 "window_size": 2, "global_attn_indexes": (1,), "mlp_ratio": 2.0},
+    # MaxViT: channels-last block and grid attention (windows and grids of 2 on 8x8 and 4x4 maps), heads of 16;
+    # the rw model's q, k, v rows grouped per head (head_first) with RelPosBias, the tf model's q | k | v blocks with
+    # RelPosBiasTf
+    "maxvit_pico_rw_256": {"img_size": 32, "depths": (1, 1), "embed_dim": (32, 64), "transformer_dim_head": 16,
+                           "transformer_window_size": (2, 2)},
+    "maxvit_tiny_tf_224": {"img_size": 32, "depths": (1, 1), "embed_dim": (32, 64), "transformer_dim_head": 16,
+                           "transformer_window_size": (2, 2)},
+    # CoAtNet: NCHW attention (1x1 convs) over the whole 2x2 and 1x1 maps of stages 2-3, RelPosBias
+    "coatnet_nano_rw_224": {"img_size": 32, "depths": (1, 1, 1, 1), "embed_dim": (16, 32, 48, 64),
+                            "transformer_dim_head": 16},
+    # vision_transformer_relpos: a RelPosMlp per block (its last Linear outputs one bias per head)
+    "vit_relpos_small_patch16_224": {"img_size": 32, "depth": 2, "embed_dim": 96, "num_heads": 3},
 }
 # the same models built another way: name -> (model, extra kwargs)
 VARIANTS = {"eva02_tiny_patch14_224-qkv_split": ("eva02_tiny_patch14_224", {"qkv_fused": False}),
@@ -76,7 +88,15 @@ VARIANTS = {"eva02_tiny_patch14_224-qkv_split": ("eva02_tiny_patch14_224", {"qkv
                                                                       "num_heads": 6, "num_kv_heads": 3,
                                                                       "scale_attn_inner": True}),
             "samvit_base_patch16_224-rope": ("samvit_base_patch16_224",
-                                             {"use_rel_pos": False, "use_rope": True, "qk_norm": True})}
+                                             {"use_rel_pos": False, "use_rope": True, "qk_norm": True}),
+            # q | k | v blocks (head_first=False) in the NCHW attention, with RelPosMlp (a Linear's row per head)
+            "coatnet_nano_rw_224-mlp": ("coatnet_nano_rw_224", {"transformer_head_first": False,
+                                                                "transformer_rel_pos_type": "mlp",
+                                                                "transformer_rel_pos_dim": 16}),
+            # a class token (RelPosBias with a prefix token: 3 more table rows) and qk_norm
+            "vit_relpos_small_patch16_224-bias": ("vit_relpos_small_patch16_224",
+                                                  {"rel_pos_type": "bias", "class_token": True,
+                                                   "global_pool": "token", "qk_norm": True})}
 # no slim_summary / `chase-timm info`: timm builds SAM's rope tables without its device argument, so on "meta" they
 # stay on the CPU and the FLOPs count fails (no registered SAM model uses rope)
 NO_META = {"samvit_base_patch16_224-rope"}
@@ -127,7 +147,9 @@ def _heads_removed(removed: dict) -> dict:
                                   "swinv2_tiny_window16_256", "cait_xxs24_224", "xcit_nano_12_p16_224",
                                   "pvt_v2_b0", "twins_svt_small", "twins_pcpvt_small", "tiny_vit_5m_224",
                                   "davit_tiny", "davit_tiny-v2", "samvit_base_patch16_224",
-                                  "samvit_base_patch16_224-rope"])
+                                  "samvit_base_patch16_224-rope", "maxvit_pico_rw_256", "maxvit_tiny_tf_224",
+                                  "coatnet_nano_rw_224", "coatnet_nano_rw_224-mlp", "vit_relpos_small_patch16_224",
+                                  "vit_relpos_small_patch16_224-bias"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     with float64():
@@ -258,6 +280,8 @@ LEFT_WHOLE = [  # (model, build kwargs on top of SMALL, module, entries of its h
      "multi-query attention: one key/value head serves every query head"),
     ("beit_base_patch16_224", {"use_rel_pos_bias": False, "use_shared_rel_pos_bias": True}, "blocks.0.attn", 3,
      "shares BEiT's model-level relative position bias"),
+    ("vit_relpos_small_patch16_224", {"shared_rel_pos": True}, "blocks.0.attn", 3,  # the vit_srelpos models
+     "shares the model-level relative position module (shared_rel_pos"),
 ]
 
 
@@ -307,10 +331,13 @@ SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_2
                 "pvt_v2_b0": pvt_v2.Attention, "twins_svt_small": twins.LocallyGroupedAttn,
                 "twins_pcpvt_small": twins.GlobalSubSampleAttn,
                 "davit_tiny": (davit.ChannelAttention, davit.WindowAttention),
-                "davit_tiny-v2": davit.ChannelAttentionV2}  # by case (a VARIANTS name or a model)
+                "davit_tiny-v2": davit.ChannelAttentionV2,
+                "vit_relpos_small_patch16_224": relpos.RelPosAttention}  # by case (a VARIANTS name or a model)
 CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention,
                 "davit_tiny-v2": (davit.ChannelAttentionV2, davit.WindowAttention),
-                "eva02_tiny_patch14_224-gqa": AttentionRope}  # by case, else by model
+                "eva02_tiny_patch14_224-gqa": AttentionRope, "maxvit_pico_rw_256": maxxvit.AttentionCl,
+                "maxvit_tiny_tf_224": maxxvit.AttentionCl,
+                "coatnet_nano_rw_224": maxxvit.Attention2d}  # by case, else by model
 
 
 def _kinds(kinds) -> tuple:
