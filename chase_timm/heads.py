@@ -1,7 +1,8 @@
 """Attention heads as channel groups: which tensor positions belong to each head of timm's attention modules.
 
 A head is removed whole: its q, k and v rows (with biases and per-row norms), the output projection's columns,
-per-head tables (Swin's relative position bias column, LeViT's and TinyViT's attention-bias row), gate rows and
+per-head tables (Swin's relative position bias column, LeViT's and TinyViT's attention-bias row, the head's slice
+of the ``rel_pos`` module of MaxViT / CoAtNet / ViT-RelPos: a table column or row, a bias-MLP output), gate rows and
 the head's row, column and bias of CaiT's head-mixing ``proj_l`` / ``proj_w`` (talking heads). Zeroing a head's v
 rows (and v bias) makes its attention output exactly zero whatever q and k (and q_norm / k_norm) do (DaViT's
 channel attention, ``softmax(k^T v) q^T``: its q rows), and its projection columns are zero too, so the masked
@@ -11,7 +12,7 @@ column keeps out too, and its zeroed ``proj_w`` row and bias zero its attention 
 ``scaled_dot_product_attention`` path and the eager path alike: ``head_dim`` does not change, so neither does the
 scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``).
 
-EVA, BEiT, Swin V2, CaiT's class and talking-heads attention, PVT-v2, Twins, DaViT and the cross-covariance
+EVA, BEiT, ViT-RelPos, Swin V2, CaiT's class and talking-heads attention, PVT-v2, Twins, DaViT and the cross-covariance
 attention of EdgeNeXt and XCiT reshape their heads' output to the input width in timm's forward; a resized one
 switches to its slim subclass (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from
 the heads left). torch's ``nn.MultiheadAttention`` takes its attention width from the input as well and gets one
@@ -191,7 +192,7 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
             _check(name, "kv rows", module.kv.out_features, 2 * module.proj.in_features)
     elif kind in (sam.Attention, relpos.RelPosAttention, *_MAXXVIT):  # maxxvit: dim_head; 1x1 convs in Attention2d
         attn_dim = _columns(module.proj)
-        module.num_heads = _heads(name, attn_dim, getattr(module, "head_dim", None) or module.dim_head)
+        module.num_heads = _heads(name, attn_dim, module.dim_head if kind in _MAXXVIT else module.head_dim)
         _check(name, "qkv rows", _rows(module.qkv), 3 * attn_dim)
         if isinstance(getattr(module, "rel_pos", None), _REL_POS):
             _refresh_rel_pos(module.rel_pos, name, module.num_heads)

@@ -294,6 +294,29 @@ def test_heads_that_cannot_be_removed_exactly_are_left_whole_with_a_reason(name,
     assert f"{block}.qkv" not in groups and f"{block}.q_proj" not in groups  # the head group owns the q/k/v rows
 
 
+class _PerHeadBias(torch.nn.Module):
+    """A user's relative position module (not one of timm's): a learned (1, heads, N, N) bias."""
+
+    def __init__(self, heads: int, tokens: int):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.randn(1, heads, tokens, tokens))
+
+    def get_bias(self) -> torch.Tensor:
+        return self.bias
+
+    def forward(self, attn: torch.Tensor, shared_rel_pos=None) -> torch.Tensor:
+        return attn + self.bias
+
+
+def test_an_attention_with_a_relative_position_module_chase_does_not_know_keeps_its_heads():
+    model = zoo_coverage.build("vit_relpos_small_patch16_224")
+    model.blocks[0].attn.rel_pos = _PerHeadBias(3, 4)  # 2x2 patches, no class token
+    groups = {g.name: g for g in find_channel_groups(model, torch.randn(1, 3, 32, 32))}
+    assert not groups["blocks.0.attn"].prunable
+    assert "its rel_pos (_PerHeadBias) is not one of timm's per-head" in groups["blocks.0.attn"].reason
+    assert groups["blocks.1.attn"].prunable  # timm's RelPosMlp
+
+
 def test_talking_heads_own_their_mixing_rows_and_columns_and_a_resize_checks_them():
     model = zoo_coverage.build("cait_xxs24_224")
     groups = {g.name: g for g in find_channel_groups(model, torch.randn(1, 3, 32, 32))}
