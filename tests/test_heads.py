@@ -2,11 +2,12 @@
 
 For every timm family in ``SMALL`` (ViT, Swin V1/V2/V2-CR, Hiera, LeViT, EVA, BEiT, CaiT, XCiT, EdgeNeXt, PVT-v2,
 Twins, TinyViT, DaViT, SAM ViT) and its ``VARIANTS``: a float64 shrinking run equals its masking twin
-(``recipes/shrink_equivalence.py`` at ``TOLERANCE = 1e-9``) with heads actually removed from each attention class of the case; the float32 export
-matches the masked model (<= 1e-4 relative); ``save_pretrained`` -> ``local-dir:`` reloads the same outputs with the
-same ``num_heads`` per block; and the slim model's fused (SDPA) and eager attention paths agree. torch's
-``nn.MultiheadAttention`` (on a ``test_vit`` backbone, as users wrap timm models): the same twin and export checks, a
-width plan + state_dict round trip, and the module itself under every mask and ``need_weights`` option.
+(``recipes/shrink_equivalence.py`` at ``TOLERANCE = 1e-9``) with heads actually removed from each attention class of
+the case; the float32 export matches the masked model (<= 1e-4 relative); ``save_pretrained`` -> ``local-dir:``
+reloads the same outputs with the same ``num_heads`` per block; and the slim model's fused (SDPA) and eager
+attention paths agree. torch's ``nn.MultiheadAttention`` (on a ``test_vit`` backbone, as users wrap timm models):
+the same twin and export checks, a width plan + state_dict round trip, and the module itself under every mask and
+``need_weights`` option.
 """
 import copy
 import json
