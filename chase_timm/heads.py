@@ -12,12 +12,15 @@ column keeps out too, and its zeroed ``proj_w`` row and bias zero its attention 
 ``scaled_dot_product_attention`` path and the eager path alike: ``head_dim`` does not change, so neither does the
 scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``).
 
-EVA, BEiT, ViT-RelPos, Swin V2, CaiT's class and talking-heads attention, PVT-v2, Twins, DaViT and the cross-covariance
-attention of EdgeNeXt and XCiT reshape their heads' output to the input width in timm's forward; a resized one
-switches to its slim subclass (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from
-the heads left). torch's ``nn.MultiheadAttention`` takes its attention width from the input as well and gets one
-too (:mod:`chase_timm.adapters.multihead`), as do ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` holding
-it (torch's forward without the inference fast path that bypasses the attention's forward).
+EVA, BEiT, ViT-RelPos, Swin V2, CaiT's class and talking-heads attention, PVT-v2, Twins, DaViT and the
+cross-covariance attention of EdgeNeXt and XCiT reshape their heads' output to the input width in timm's forward
+(Swin V2-CR splits its heads with it); a resized one switches to its slim subclass
+(:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left). Hiera's forward
+reads its widths from ``heads`` and ``dim_out``, MaxViT's / CoAtNet's from ``num_heads`` and ``dim_head``, which
+:func:`refresh_heads` re-derives. torch's ``nn.MultiheadAttention`` takes its attention width
+from the input as well and gets one too (:mod:`chase_timm.adapters.multihead`), as do ``nn.TransformerEncoderLayer``
+and ``nn.TransformerEncoder`` holding it (torch's forward without the inference fast path that bypasses the
+attention's forward).
 
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), and
 :func:`refresh_heads` re-derives a resized module's attributes (``num_heads``, ``attn_dim``, ...) from its tensor
@@ -32,9 +35,9 @@ from typing import Iterator, Optional
 
 import torch.nn as nn
 from timm.layers import Attention, AttentionRope, RelPosBias, RelPosBiasTf, RelPosMlp
-from timm.models import (beit, cait, davit, edgenext, eva, levit, maxxvit, pvt_v2, swin_transformer,
-                         swin_transformer_v2, tiny_vit, twins, vision_transformer_relpos as relpos,
-                         vision_transformer_sam as sam, xcit)
+from timm.models import (beit, cait, davit, edgenext, eva, hiera, levit, maxxvit, pvt_v2, swin_transformer,
+                         swin_transformer_v2, swin_transformer_v2_cr as swin_cr, tiny_vit, twins,
+                         vision_transformer_relpos as relpos, vision_transformer_sam as sam, xcit)
 
 from .adapters import multihead  # noqa: F401  registers nn.MultiheadAttention's slim forward (or why none)
 from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
@@ -46,7 +49,8 @@ __all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "heads_resized", "
 # classes whose forward reshapes the heads' output to the input width are resizable through their slim subclass
 # (chase_timm.adapters.attention, SLIM) and left whole when this timm's forward did not match its edits (REFUSED)
 _RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention, levit.AttentionDownsample,
-              tiny_vit.Attention, sam.Attention, maxxvit.Attention2d, maxxvit.AttentionCl, *SLIM)
+              tiny_vit.Attention, sam.Attention, hiera.MaskUnitAttention, maxxvit.Attention2d, maxxvit.AttentionCl,
+              *SLIM)
 # torch containers whose inference fast path bypasses their MultiheadAttention's forward: resized, they switch to
 # their slim subclass (torch's forward without that fast path), else their attention's heads stay
 _CONTAINERS = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
@@ -106,7 +110,7 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _timm_attention(module)
     if kind in (swin_transformer.WindowAttention, swin_transformer_v2.WindowAttention, beit.Attention,
                 cait.TalkingHeadAttn, twins.LocallyGroupedAttn, sam.Attention, davit.ChannelAttentionV2, *_DAVIT,
-                *_XCA):  # one fused qkv
+                *_XCA, swin_cr.WindowMultiHeadAttention, hiera.MaskUnitAttention):  # one fused qkv
         shared = kind is beit.Attention and model is not None and any(
             isinstance(m, beit.RelativePositionBias) for m in model.modules())
         return _fused(module, module.proj.in_features // _num_heads(module), _SHARED_BIAS if shared else "")
@@ -172,6 +176,14 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         module.num_heads, module.dim = module.logit_scale.shape[0], module.qkv.in_features
         _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
         _check(name, "relative position bias rows", _rows(module.cpb_mlp[-1]), module.num_heads)
+    elif kind is swin_cr.WindowMultiHeadAttention:  # in_features: the input width
+        module.num_heads, module.in_features = module.logit_scale.shape[0], module.qkv.in_features
+        _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
+        _check(name, "relative position bias rows", _rows(module.meta_mlp.fc2), module.num_heads)
+    elif kind is hiera.MaskUnitAttention:  # its heads: heads; dim_out: the heads' width its forward reshapes to
+        module.heads = _heads(name, module.proj.in_features, module.head_dim)
+        module.dim, module.dim_out = module.qkv.in_features, module.proj.in_features
+        _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
     elif kind is davit.ChannelAttentionV2:  # its heads: groups
         module.groups = _heads(name, module.proj.in_features, module.head_dim)
         _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
@@ -351,10 +363,10 @@ def _multihead(module: nn.MultiheadAttention, model: Optional[nn.Module]) -> Hea
 
 def _fused(module: nn.Module, hd: int, reason: str = "") -> HeadSpec:
     """A fused qkv (with its bias or separate q/k/v biases) and a projection, plus per-head tables: Swin's
-    relative position bias column (V1) or logit scale and bias-MLP output row (V2), BEiT's relative position bias
-    column, the temperature of EdgeNeXt's and XCiT's cross-covariance attention, the row, column and bias of CaiT's
-    head-mixing proj_l / proj_w (Twins' LocallyGroupedAttn, DaViT's two classes: none; SAM's rel_pos_h / rel_pos_w
-    are (positions, head_dim), read by every head: they stay)."""
+    relative position bias column (V1) or logit scale and bias-MLP output row (V2; V2-CR: its weight and bias),
+    BEiT's relative position bias column, the temperature of EdgeNeXt's and XCiT's cross-covariance attention, the
+    row, column and bias of CaiT's head-mixing proj_l / proj_w (Twins' LocallyGroupedAttn, DaViT's two classes,
+    Hiera: none; SAM's rel_pos_h / rel_pos_w are (positions, head_dim), read by every head: they stay)."""
     heads = _num_heads(module)
     slices = _linear_slices("qkv", module.qkv, _qkv_rows(heads, hd)) + _qkv_biases(module, heads, hd)
     slices.append(HeadSlice("proj.weight", 1, "consumer", _blocks(heads, hd)))
@@ -364,6 +376,10 @@ def _fused(module: nn.Module, hd: int, reason: str = "") -> HeadSpec:
     if isinstance(module, swin_transformer_v2.WindowAttention):
         slices += [HeadSlice("logit_scale", 0, "free", one),
                    HeadSlice(f"cpb_mlp.{len(module.cpb_mlp) - 1}.weight", 0, "free", one)]
+    if isinstance(module, swin_cr.WindowMultiHeadAttention):
+        slices += [HeadSlice("logit_scale", 0, "free", one),
+                   *(HeadSlice(f"meta_mlp.fc2.{t}", 0, "free", one) for t in ("weight", "bias")
+                     if getattr(module.meta_mlp.fc2, t, None) is not None)]
     if isinstance(module, _XCA):
         slices.append(HeadSlice("temperature", 0, "free", one))
     if isinstance(module, cait.TalkingHeadAttn):
@@ -468,8 +484,11 @@ def _left_whole(module: nn.Module, reason: str) -> HeadSpec:
 # ------------------------------------------------------------------------------------------------ checks
 
 def _num_heads(module: nn.Module) -> int:
-    """An attention module's head count (DaViT's ChannelAttentionV2 calls it ``groups``)."""
-    return int(module.groups if timm_class(type(module)) is davit.ChannelAttentionV2 else module.num_heads)
+    """An attention module's head count (DaViT's ChannelAttentionV2 calls it ``groups``, Hiera ``heads``)."""
+    kind = timm_class(type(module))
+    if kind is davit.ChannelAttentionV2:
+        return int(module.groups)
+    return int(module.heads if kind is hiera.MaskUnitAttention else module.num_heads)
 
 
 def _rows(layer: nn.Module) -> int:

@@ -1,12 +1,13 @@
 """Attention heads as channel groups: whole heads are removed exactly, on the fused and the eager attention path.
 
-For every timm family in ``SMALL`` (ViT, Swin V1/V2, LeViT, EVA, BEiT, CaiT, XCiT, EdgeNeXt, PVT-v2, Twins, TinyViT,
-DaViT, SAM ViT, MaxViT, CoAtNet, ViT-RelPos) and its ``VARIANTS``: a float64 shrinking run equals its masking twin (``recipes/shrink_equivalence.py``
-at ``TOLERANCE = 1e-9``) with heads actually removed from each attention class of the case; the float32 export
-matches the masked model (<= 1e-4 relative); ``save_pretrained`` -> ``local-dir:`` reloads the same outputs with the
-same ``num_heads`` per block; and the slim model's fused (SDPA) and eager attention paths agree. torch's
-``nn.MultiheadAttention`` (on a ``test_vit`` backbone, as users wrap timm models): the same twin and export checks, a
-width plan + state_dict round trip, and the module itself under every mask and ``need_weights`` option.
+For every timm family in ``SMALL`` (ViT, Swin V1/V2/V2-CR, Hiera, LeViT, EVA, BEiT, CaiT, XCiT, EdgeNeXt, PVT-v2,
+Twins, TinyViT, DaViT, SAM ViT, MaxViT, CoAtNet, ViT-RelPos) and its ``VARIANTS``: a float64 shrinking run equals its
+masking twin (``recipes/shrink_equivalence.py`` at ``TOLERANCE = 1e-9``) with heads actually removed from each
+attention class of the case; the float32 export matches the masked model (<= 1e-4 relative); ``save_pretrained`` ->
+``local-dir:`` reloads the same outputs with the same ``num_heads`` per block; and the slim model's fused (SDPA) and
+eager attention paths agree. torch's ``nn.MultiheadAttention`` (on a ``test_vit`` backbone, as users wrap timm
+models): the same twin and export checks, a width plan + state_dict round trip, and the module itself under every
+mask and ``need_weights`` option.
 """
 import copy
 import json
@@ -32,8 +33,9 @@ import shrink_equivalence
 import zoo_coverage
 from shrink_equivalence import compare, float64
 from timm.layers import AttentionRope
-from timm.models import (beit, cait, davit, edgenext, eva, maxxvit, pvt_v2, swin_transformer_v2, tiny_vit, twins,
-                         vision_transformer_relpos as relpos, vision_transformer_sam as sam, xcit)
+from timm.models import (beit, cait, davit, edgenext, eva, hiera, maxxvit, pvt_v2, swin_transformer_v2,
+                         swin_transformer_v2_cr as swin_cr, tiny_vit, twins, vision_transformer_relpos as relpos,
+                         vision_transformer_sam as sam, xcit)
 
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
 # layer scales at 1 so no block's output vanishes under the shortcut in float32 (the export check could not fail)
@@ -47,6 +49,11 @@ SMALL = {
     "beit_base_patch16_224": {"img_size": 32, "depth": 2, "embed_dim": 96, "num_heads": 3, "init_values": 1.0},
     "swinv2_tiny_window16_256": {"img_size": 32, "window_size": 4, "embed_dim": 32, "depths": (2, 2),
                                  "num_heads": (2, 4)},
+    # Swin V2-CR: scaled cosine attention, a logit scale and a meta-MLP bias row per head (windows of 4 as above)
+    "swinv2_cr_tiny_224": {"img_size": 32, "window_size": 4, "embed_dim": 32, "depths": (2, 2), "num_heads": (2, 4)},
+    # Hiera: mask-unit attention on 64-token units, then with q pooling (stride 4) into 16, then global attention
+    "hiera_tiny_224": {"img_size": 32, "embed_dim": 32, "num_heads": 2, "stages": (1, 2), "q_pool": 1,
+                       "mask_unit_attn": (True, False), "mlp_ratio": 2.0},
     "cait_xxs24_224": {"img_size": 32, "depth": 1, "depth_token_only": 2, "embed_dim": 96, "num_heads": 3,
                        "init_values": 1.0},  # heads of TalkingHeadAttn (proj_l / proj_w) and the class attention
     "xcit_nano_12_p16_224": {"img_size": 32, "depth": 2, "embed_dim": 96, "num_heads": 3, "eta": 1.0},  # XCA
@@ -108,8 +115,12 @@ BUILD = zoo_coverage.build  # the fixture replaces it with _build
 def _build(name: str, **overrides) -> torch.nn.Module:
     """zoo_coverage.build with the attention modules' weights at std fan_in ** -0.5: at timm's std 0.02 the small
     models' attention barely moves the logits (zeroing all of small DaViT's: 2%; at this std: 57%), so the export
-    and fused-vs-eager checks could not see it computed wrong."""
+    and fused-vs-eager checks could not see it computed wrong. Dropout off: Swin V2-CR's meta MLP has a fixed
+    p = 0.125, and a run that shrank draws other random numbers than its masking twin (as any dropout would)."""
     model = BUILD(name, **overrides)
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Dropout):
+            layer.p = 0.0
     with torch.no_grad():
         for attention in [m for m in model.modules() if head_spec(m) is not None]:
             for layer in attention.modules():
@@ -144,7 +155,8 @@ def _heads_removed(removed: dict) -> dict:
                                   pytest.param("levit_128s", marks=pytest.mark.slow), "eva02_tiny_patch14_224",
                                   "eva02_tiny_patch14_224-qkv_split", "eva02_tiny_patch14_224-gqa",
                                   "edgenext_xx_small", "beit_base_patch16_224",
-                                  "swinv2_tiny_window16_256", "cait_xxs24_224", "xcit_nano_12_p16_224",
+                                  "swinv2_tiny_window16_256", "swinv2_cr_tiny_224", "hiera_tiny_224",
+                                  "cait_xxs24_224", "xcit_nano_12_p16_224",
                                   "pvt_v2_b0", "twins_svt_small", "twins_pcpvt_small", "tiny_vit_5m_224",
                                   "davit_tiny", "davit_tiny-v2", "samvit_base_patch16_224",
                                   "samvit_base_patch16_224-rope", "maxvit_pico_rw_256", "maxvit_tiny_tf_224",
@@ -216,6 +228,8 @@ def test_slim_heads_export_reload_and_agree_on_fused_and_eager_attention(case, p
     # DaViT: windows of 3 pad the 8x8 and 4x4 maps; the padded map is cropped back, x[:, :H, :W, :], a slice of
     # (B, H, W, C) along rows that used to be read as a channel slice
     ("davit_tiny", ("stem.conv", "stages.1.downsample.conv")),
+    # Swin V2-CR: as Swin, and its attention split heads with the stream's width, C // num_heads (slim forward: -1)
+    ("swinv2_cr_tiny_224", ("patch_embed.proj", "stages.1.downsample.reduction")),
 ])
 def test_windowed_stage_streams_shrink_with_prune_skip_exactly(name, streams, tmp_path):
     with float64():
@@ -349,6 +363,7 @@ def test_talking_heads_own_their_mixing_rows_and_columns_and_a_resize_checks_the
 
 SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_224": beit.Attention,
                 "swinv2_tiny_window16_256": swin_transformer_v2.WindowAttention,
+                "swinv2_cr_tiny_224": swin_cr.WindowMultiHeadAttention,
                 "cait_xxs24_224": (cait.ClassAttn, cait.TalkingHeadAttn),
                 "edgenext_xx_small": edgenext.CrossCovarianceAttn, "xcit_nano_12_p16_224": xcit.XCA,
                 "pvt_v2_b0": pvt_v2.Attention, "twins_svt_small": twins.LocallyGroupedAttn,
@@ -357,6 +372,7 @@ SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_2
                 "davit_tiny-v2": davit.ChannelAttentionV2,
                 "vit_relpos_small_patch16_224": relpos.RelPosAttention}  # by case (a VARIANTS name or a model)
 CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention,
+                "hiera_tiny_224": hiera.MaskUnitAttention,
                 "davit_tiny-v2": (davit.ChannelAttentionV2, davit.WindowAttention),
                 "eva02_tiny_patch14_224-gqa": AttentionRope, "maxvit_pico_rw_256": maxxvit.AttentionCl,
                 "maxvit_tiny_tf_224": maxxvit.AttentionCl,

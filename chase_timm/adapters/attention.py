@@ -5,10 +5,11 @@ V2's ``WindowAttention``, CaiT's ``ClassAttn`` and ``TalkingHeadAttn``, PVT-v2's
 ``GlobalSubSampleAttn`` and ``LocallyGroupedAttn``, DaViT's ``ChannelAttention`` (V1 and V2) and
 ``WindowAttention`` and the cross-covariance attention of EdgeNeXt and XCiT end with
 ``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape`` (CaiT's two classes, XCiT, Twins and DaViT
-also split heads with ``C // self.num_heads``, DaViT's V2 with ``C // self.groups``), so a module that lost a head
-(or whose input stream lost a channel) no longer runs; PVT-v2 and Twins' GSA also flatten their spatial reduction's
-output with the input width, ``self.sr(x).reshape(B, C, -1)``, so a narrower ``sr`` conv does not run either. Each
-gets a *slim* subclass whose ``forward`` is timm's own, compiled from timm's source with a short edit list
+also split heads with ``C // self.num_heads``, DaViT's V2 with ``C // self.groups``; Swin V2-CR's
+``WindowMultiHeadAttention`` only splits them so, its output reshape already holds a ``-1``), so a module that lost a
+head (or whose input stream lost a channel) no longer runs; PVT-v2 and Twins' GSA also flatten their spatial
+reduction's output with the input width, ``self.sr(x).reshape(B, C, -1)``, so a narrower ``sr`` conv does not run
+either. Each gets a *slim* subclass whose ``forward`` is timm's own, compiled from timm's source with a short edit list
 (``reshape(B, N, C)`` -> ``reshape(B, N, -1)``, ``sr(x).reshape(B, C, -1)`` -> ``sr(x).flatten(2)``, ...): the same
 computation, with the widths taken from the heads (and the ``sr`` channels) left. Every edit must match its expected
 number of times; when a timm release changed the forward and one does not, the class gets no slim subclass and
@@ -29,8 +30,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import timm
 import torch.nn as nn
-from timm.models import (beit, cait, davit, edgenext, eva, pvt_v2, swin_transformer_v2, twins,
-                         vision_transformer_relpos as relpos, xcit)
+from timm.models import (beit, cait, davit, edgenext, eva, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr,
+                         twins, vision_transformer_relpos as relpos, xcit)
 
 from . import require
 
@@ -39,7 +40,8 @@ __all__ = ["check_version", "SLIM", "REFUSED", "edited", "slim_subclass", "regis
            "SlimEvaAttention", "SlimBeitAttention", "SlimWindowAttentionV2", "SlimClassAttn", "SlimTalkingHeadAttn",
            "SlimCrossCovarianceAttn", "SlimXCA", "SlimPvtV2Attention",
            "SlimGlobalSubSampleAttn", "SlimLocallyGroupedAttn", "SlimChannelAttention",
-           "SlimChannelAttentionV2", "SlimDavitWindowAttention", "SlimRelPosAttention"]
+           "SlimChannelAttentionV2", "SlimDavitWindowAttention", "SlimWindowMultiHeadAttention",
+           "SlimRelPosAttention"]
 
 Edit = tuple[str, str, int]  # (the library's text, replacement, how many times it must occur)
 
@@ -142,6 +144,9 @@ SlimChannelAttentionV2 = register(davit.ChannelAttentionV2, "SlimChannelAttentio
                                   [("C // self.groups", "-1", 1), _TO_HEADS])
 SlimDavitWindowAttention = register(davit.WindowAttention, "SlimDavitWindowAttention",
                                     [("C // self.num_heads", "-1", 1), ("reshape(B_, N, C)", "reshape(B_, N, -1)", 1)])
+# Swin V2-CR splits heads with C // self.num_heads (C: the input width; its output reshape already has a -1)
+SlimWindowMultiHeadAttention = register(swin_transformer_v2_cr.WindowMultiHeadAttention,
+                                        "SlimWindowMultiHeadAttention", [("C // self.num_heads", "-1", 1)])
 
 
 def timm_class(kind: type) -> type:
