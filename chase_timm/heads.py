@@ -1,7 +1,8 @@
 """Attention heads as channel groups: which tensor positions belong to each head of timm's attention modules.
 
 A head is removed whole: its q, k and v rows (with biases and per-row norms), the output projection's columns,
-per-head tables (Swin's relative position bias column, LeViT's and TinyViT's attention-bias row), gate rows and
+per-head tables (Swin's relative position bias column, LeViT's and TinyViT's attention-bias row, the head's slice
+of the ``rel_pos`` module of MaxViT / CoAtNet / ViT-RelPos: a table column or row, a bias-MLP output), gate rows and
 the head's row, column and bias of CaiT's head-mixing ``proj_l`` / ``proj_w`` (talking heads). Zeroing a head's v
 rows (and v bias) makes its attention output exactly zero whatever q and k (and q_norm / k_norm) do (DaViT's
 channel attention, ``softmax(k^T v) q^T``: its q rows), and its projection columns are zero too, so the masked
@@ -11,11 +12,12 @@ column keeps out too, and its zeroed ``proj_w`` row and bias zero its attention 
 ``scaled_dot_product_attention`` path and the eager path alike: ``head_dim`` does not change, so neither does the
 scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``).
 
-EVA, BEiT, Swin V2, CaiT's class and talking-heads attention, PVT-v2, Twins, DaViT and the cross-covariance
-attention of EdgeNeXt and XCiT reshape their heads' output to the input width in timm's forward (Swin V2-CR splits
-its heads with it); a resized one switches to its slim subclass (:mod:`chase_timm.adapters.attention`: timm's
-forward with that reshape taken from the heads left). Hiera's forward reads its widths from ``heads`` and
-``dim_out``, which :func:`refresh_heads` re-derives. torch's ``nn.MultiheadAttention`` takes its attention width
+EVA, BEiT, ViT-RelPos, Swin V2, CaiT's class and talking-heads attention, PVT-v2, Twins, DaViT and the
+cross-covariance attention of EdgeNeXt and XCiT reshape their heads' output to the input width in timm's forward
+(Swin V2-CR splits its heads with it); a resized one switches to its slim subclass
+(:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left). Hiera's forward
+reads its widths from ``heads`` and ``dim_out``, MaxViT's / CoAtNet's from ``num_heads`` and ``dim_head``, which
+:func:`refresh_heads` re-derives. torch's ``nn.MultiheadAttention`` takes its attention width
 from the input as well and gets one too (:mod:`chase_timm.adapters.multihead`), as do ``nn.TransformerEncoderLayer``
 and ``nn.TransformerEncoder`` holding it (torch's forward without the inference fast path that bypasses the
 attention's forward).
@@ -32,9 +34,10 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch.nn as nn
-from timm.layers import Attention, AttentionRope
-from timm.models import (beit, cait, davit, edgenext, eva, hiera, levit, pvt_v2, swin_transformer, swin_transformer_v2,
-                         swin_transformer_v2_cr as swin_cr, tiny_vit, twins, vision_transformer_sam as sam, xcit)
+from timm.layers import Attention, AttentionRope, RelPosBias, RelPosBiasTf, RelPosMlp
+from timm.models import (beit, cait, davit, edgenext, eva, hiera, levit, maxxvit, pvt_v2, swin_transformer,
+                         swin_transformer_v2, swin_transformer_v2_cr as swin_cr, tiny_vit, twins,
+                         vision_transformer_relpos as relpos, vision_transformer_sam as sam, xcit)
 
 from .adapters import multihead  # noqa: F401  registers nn.MultiheadAttention's slim forward (or why none)
 from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
@@ -46,7 +49,8 @@ __all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "heads_resized", "
 # classes whose forward reshapes the heads' output to the input width are resizable through their slim subclass
 # (chase_timm.adapters.attention, SLIM) and left whole when this timm's forward did not match its edits (REFUSED)
 _RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention, levit.AttentionDownsample,
-              tiny_vit.Attention, sam.Attention, hiera.MaskUnitAttention, *SLIM)
+              tiny_vit.Attention, sam.Attention, hiera.MaskUnitAttention, maxxvit.Attention2d, maxxvit.AttentionCl,
+              *SLIM)
 # torch containers whose inference fast path bypasses their MultiheadAttention's forward: resized, they switch to
 # their slim subclass (torch's forward without that fast path), else their attention's heads stay
 _CONTAINERS = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
@@ -54,6 +58,8 @@ _XCA = (edgenext.CrossCovarianceAttn, xcit.XCA)  # cross-covariance attention: o
 _TWINS = (twins.GlobalSubSampleAttn, twins.LocallyGroupedAttn)
 _DAVIT = (davit.ChannelAttention, davit.WindowAttention)
 _LEVIT = (levit.Attention, levit.AttentionDownsample, tiny_vit.Attention)  # q, k, v interleaved per head
+_MAXXVIT = (maxxvit.Attention2d, maxxvit.AttentionCl)  # MaxViT, CoAtNet, MaxxViT: NCHW (1x1 convs), channels-last
+_REL_POS = (RelPosBias, RelPosBiasTf, RelPosMlp)  # timm.layers' relative position modules (``rel_pos``)
 _LEFT_WHOLE = {kind: reason for kind, reason in REFUSED.items() if kind not in _CONTAINERS}
 # modules whose input width is their attention width when their class has no slim forward: the stream feeding
 # them stays whole too, and why
@@ -66,6 +72,8 @@ _NARROW_MIXING = ("mixes its heads through fewer channels (proj_l rows) than it 
                   "earlier chase_timm release left it, so a head has no mixing row of its own to go with it")
 _SHARED_BIAS = ("shares BEiT's model-level relative position bias (use_shared_rel_pos_bias): one table of "
                 "(num_heads, N, N) is added in every block, so one block can't lose a head")
+_SHARED_REL_POS = ("shares the model-level relative position module (shared_rel_pos, the vit_srelpos models): one "
+                   "(num_heads, N, N) bias is added in every block, so one block can't lose a head")
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _fused(module, module.proj.in_features // _num_heads(module), _SHARED_BIAS if shared else "")
     if kind in (pvt_v2.Attention, twins.GlobalSubSampleAttn):  # q and kv
         return _q_kv(module, module.proj.in_features // module.num_heads)
+    if kind in (*_MAXXVIT, relpos.RelPosAttention):
+        return _rel_pos_attention(module, model)
     if kind in _LEVIT:
         return _levit(module)
     if kind is cait.ClassAttn:
@@ -192,9 +202,12 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
             module.dim = module.proj.out_features
         if kind is twins.GlobalSubSampleAttn:
             _check(name, "kv rows", module.kv.out_features, 2 * module.proj.in_features)
-    elif kind is sam.Attention:
-        module.num_heads = _heads(name, module.proj.in_features, module.head_dim)
-        _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
+    elif kind in (sam.Attention, relpos.RelPosAttention, *_MAXXVIT):  # maxxvit: dim_head; 1x1 convs in Attention2d
+        attn_dim = _columns(module.proj)
+        module.num_heads = _heads(name, attn_dim, module.dim_head if kind in _MAXXVIT else module.head_dim)
+        _check(name, "qkv rows", _rows(module.qkv), 3 * attn_dim)
+        if isinstance(getattr(module, "rel_pos", None), _REL_POS):
+            _refresh_rel_pos(module.rel_pos, name, module.num_heads)
     elif kind is pvt_v2.Attention:  # dim: the input width
         module.num_heads, module.dim = _heads(name, module.proj.in_features, module.head_dim), module.proj.out_features
         _check(name, "q rows", module.q.out_features, module.proj.in_features)
@@ -226,6 +239,21 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         _check(name, "qkv rows", _rows(qkv), heads * per_head)
         _check(name, "proj columns", _columns(proj), module.val_dim * heads)
     use_slim_forward(module)
+
+
+def _refresh_rel_pos(rel_pos: nn.Module, name: str, heads: int) -> None:
+    """A relative position module's head count and bias shape (read by its ``get_bias``) from its resized table or
+    bias MLP's last layer."""
+    if isinstance(rel_pos, RelPosBiasTf):  # table (heads, vocab_h, vocab_w)
+        _check(name, "rel_pos table rows", rel_pos.relative_position_bias_table.shape[0], heads)
+        rel_pos.num_heads, rel_pos.bias_shape = heads, (heads, *rel_pos.bias_shape[1:])
+        return
+    if isinstance(rel_pos, RelPosMlp):
+        _check(name, "rel_pos.mlp.fc2 rows", _rows(rel_pos.mlp.fc2), heads)
+        rel_pos.num_heads = heads
+    else:  # RelPosBias: table (positions, heads)
+        _check(name, "rel_pos table columns", rel_pos.relative_position_bias_table.shape[1], heads)
+    rel_pos.bias_shape = (*rel_pos.bias_shape[:2], heads)
 
 
 def head_counts(model: nn.Module) -> dict[str, int]:
@@ -359,6 +387,29 @@ def _fused(module: nn.Module, hd: int, reason: str = "") -> HeadSpec:
             return HeadSpec(heads, hd, tuple(slices), _NARROW_MIXING)
         slices += [HeadSlice(f"{mix}.{t}", dim, role, one) for mix in ("proj_l", "proj_w")
                    for t, dim, role in (("weight", 0, "free"), ("weight", 1, "consumer"), ("bias", 0, "bias"))]
+    return HeadSpec(heads, hd, tuple(slices), reason)
+
+
+def _rel_pos_attention(module: nn.Module, model: Optional[nn.Module]) -> HeadSpec:
+    """maxxvit's Attention2d / AttentionCl (MaxViT, CoAtNet, MaxxViT) and vision_transformer_relpos' RelPosAttention:
+    a fused qkv (maxxvit with ``head_first``: each head's ``[q k v]`` rows together, else q | k | v blocks), the
+    projection's columns, and the head's slice of its ``rel_pos``: column ``h`` of RelPosBias' table, row ``h`` of
+    RelPosBiasTf's, row (and bias) ``h`` of RelPosMlp's last Linear (``mlp.fc2``)."""
+    heads, hd = module.num_heads, _columns(module.proj) // module.num_heads
+    rows = _blocks(heads, 3 * hd) if getattr(module, "head_first", False) else _qkv_rows(heads, hd)
+    slices = _linear_slices("qkv", module.qkv, rows)
+    slices.append(HeadSlice("proj.weight", 1, "consumer", _blocks(heads, hd)))
+    one, rel_pos, reason = _blocks(heads, 1), module.rel_pos, ""
+    if isinstance(rel_pos, RelPosMlp):
+        slices += [HeadSlice(f"rel_pos.mlp.fc2.{t}", 0, "free", one) for t in ("weight", "bias")
+                   if getattr(rel_pos.mlp.fc2, t, None) is not None]
+    elif isinstance(rel_pos, _REL_POS):
+        slices.append(HeadSlice("rel_pos.relative_position_bias_table", int(isinstance(rel_pos, RelPosBias)), "free",
+                                one))
+    elif rel_pos is not None:
+        reason = f"its rel_pos ({type(rel_pos).__name__}) is not one of timm's per-head relative position modules"
+    if model is not None and any(isinstance(getattr(m, "shared_rel_pos", None), nn.Module) for m in model.modules()):
+        reason = _SHARED_REL_POS
     return HeadSpec(heads, hd, tuple(slices), reason)
 
 

@@ -1,13 +1,13 @@
 """Attention heads as channel groups: whole heads are removed exactly, on the fused and the eager attention path.
 
 For every timm family in ``SMALL`` (ViT, Swin V1/V2/V2-CR, Hiera, LeViT, EVA, BEiT, CaiT, XCiT, EdgeNeXt, PVT-v2,
-Twins, TinyViT, DaViT, SAM ViT) and its ``VARIANTS``: a float64 shrinking run equals its masking twin
-(``recipes/shrink_equivalence.py`` at ``TOLERANCE = 1e-9``) with heads actually removed from each attention class of
-the case; the float32 export matches the masked model (<= 1e-4 relative); ``save_pretrained`` -> ``local-dir:``
-reloads the same outputs with the same ``num_heads`` per block; and the slim model's fused (SDPA) and eager
-attention paths agree. torch's ``nn.MultiheadAttention`` (on a ``test_vit`` backbone, as users wrap timm models):
-the same twin and export checks, a width plan + state_dict round trip, and the module itself under every mask and
-``need_weights`` option.
+Twins, TinyViT, DaViT, SAM ViT, MaxViT, CoAtNet, ViT-RelPos) and its ``VARIANTS``: a float64 shrinking run equals its
+masking twin (``recipes/shrink_equivalence.py`` at ``TOLERANCE = 1e-9``) with heads actually removed from each
+attention class of the case; the float32 export matches the masked model (<= 1e-4 relative); ``save_pretrained`` ->
+``local-dir:`` reloads the same outputs with the same ``num_heads`` per block; and the slim model's fused (SDPA) and
+eager attention paths agree. torch's ``nn.MultiheadAttention`` (on a ``test_vit`` backbone, as users wrap timm
+models): the same twin and export checks, a width plan + state_dict round trip, and the module itself under every
+mask and ``need_weights`` option.
 """
 import copy
 import json
@@ -33,8 +33,9 @@ import shrink_equivalence
 import zoo_coverage
 from shrink_equivalence import compare, float64
 from timm.layers import AttentionRope
-from timm.models import (beit, cait, davit, edgenext, eva, hiera, pvt_v2, swin_transformer_v2,
-                         swin_transformer_v2_cr as swin_cr, tiny_vit, twins, vision_transformer_sam as sam, xcit)
+from timm.models import (beit, cait, davit, edgenext, eva, hiera, maxxvit, pvt_v2, swin_transformer_v2,
+                         swin_transformer_v2_cr as swin_cr, tiny_vit, twins, vision_transformer_relpos as relpos,
+                         vision_transformer_sam as sam, xcit)
 
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
 # layer scales at 1 so no block's output vanishes under the shortcut in float32 (the export check could not fail)
@@ -72,6 +73,18 @@ SMALL = {
     # SAM ViT: windows of 2 on a 4x4 map, then global attention; decomposed relative positions shared by the heads
     "samvit_base_patch16_224": {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 96, "num_heads": 3,
                                 "window_size": 2, "global_attn_indexes": (1,), "mlp_ratio": 2.0},
+    # MaxViT: channels-last block and grid attention (windows and grids of 2 on 8x8 and 4x4 maps), heads of 16;
+    # the rw model's q, k, v rows grouped per head (head_first) with RelPosBias, the tf model's q | k | v blocks with
+    # RelPosBiasTf
+    "maxvit_pico_rw_256": {"img_size": 32, "depths": (1, 1), "embed_dim": (32, 64), "transformer_dim_head": 16,
+                           "transformer_window_size": (2, 2)},
+    "maxvit_tiny_tf_224": {"img_size": 32, "depths": (1, 1), "embed_dim": (32, 64), "transformer_dim_head": 16,
+                           "transformer_window_size": (2, 2)},
+    # CoAtNet: NCHW attention (1x1 convs) over the whole 2x2 and 1x1 maps of stages 2-3, RelPosBias
+    "coatnet_nano_rw_224": {"img_size": 32, "depths": (1, 1, 1, 1), "embed_dim": (16, 32, 48, 64),
+                            "transformer_dim_head": 16},
+    # vision_transformer_relpos: a RelPosMlp per block (its last Linear outputs one bias per head)
+    "vit_relpos_small_patch16_224": {"img_size": 32, "depth": 2, "embed_dim": 96, "num_heads": 3},
 }
 # the same models built another way: name -> (model, extra kwargs)
 VARIANTS = {"eva02_tiny_patch14_224-qkv_split": ("eva02_tiny_patch14_224", {"qkv_fused": False}),
@@ -82,7 +95,15 @@ VARIANTS = {"eva02_tiny_patch14_224-qkv_split": ("eva02_tiny_patch14_224", {"qkv
                                                                       "num_heads": 6, "num_kv_heads": 3,
                                                                       "scale_attn_inner": True}),
             "samvit_base_patch16_224-rope": ("samvit_base_patch16_224",
-                                             {"use_rel_pos": False, "use_rope": True, "qk_norm": True})}
+                                             {"use_rel_pos": False, "use_rope": True, "qk_norm": True}),
+            # q | k | v blocks (head_first=False) in the NCHW attention, with RelPosMlp (a Linear's row per head)
+            "coatnet_nano_rw_224-mlp": ("coatnet_nano_rw_224", {"transformer_head_first": False,
+                                                                "transformer_rel_pos_type": "mlp",
+                                                                "transformer_rel_pos_dim": 16}),
+            # a class token (RelPosBias with a prefix token: 3 more table rows) and qk_norm
+            "vit_relpos_small_patch16_224-bias": ("vit_relpos_small_patch16_224",
+                                                  {"rel_pos_type": "bias", "class_token": True,
+                                                   "global_pool": "token", "qk_norm": True})}
 # no slim_summary / `chase-timm info`: timm builds SAM's rope tables without its device argument, so on "meta" they
 # stay on the CPU and the FLOPs count fails (no registered SAM model uses rope)
 NO_META = {"samvit_base_patch16_224-rope"}
@@ -138,7 +159,9 @@ def _heads_removed(removed: dict) -> dict:
                                   "cait_xxs24_224", "xcit_nano_12_p16_224",
                                   "pvt_v2_b0", "twins_svt_small", "twins_pcpvt_small", "tiny_vit_5m_224",
                                   "davit_tiny", "davit_tiny-v2", "samvit_base_patch16_224",
-                                  "samvit_base_patch16_224-rope"])
+                                  "samvit_base_patch16_224-rope", "maxvit_pico_rw_256", "maxvit_tiny_tf_224",
+                                  "coatnet_nano_rw_224", "coatnet_nano_rw_224-mlp", "vit_relpos_small_patch16_224",
+                                  "vit_relpos_small_patch16_224-bias"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     with float64():
@@ -271,6 +294,8 @@ LEFT_WHOLE = [  # (model, build kwargs on top of SMALL, module, entries of its h
      "multi-query attention: one key/value head serves every query head"),
     ("beit_base_patch16_224", {"use_rel_pos_bias": False, "use_shared_rel_pos_bias": True}, "blocks.0.attn", 3,
      "shares BEiT's model-level relative position bias"),
+    ("vit_relpos_small_patch16_224", {"shared_rel_pos": True}, "blocks.0.attn", 3,  # the vit_srelpos models
+     "shares the model-level relative position module (shared_rel_pos"),
 ]
 
 
@@ -281,6 +306,29 @@ def test_heads_that_cannot_be_removed_exactly_are_left_whole_with_a_reason(name,
     heads = groups[block]
     assert heads.width == width and not heads.prunable and reason in heads.reason, heads.reason
     assert f"{block}.qkv" not in groups and f"{block}.q_proj" not in groups  # the head group owns the q/k/v rows
+
+
+class _PerHeadBias(torch.nn.Module):
+    """A user's relative position module (not one of timm's): a learned (1, heads, N, N) bias."""
+
+    def __init__(self, heads: int, tokens: int):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.randn(1, heads, tokens, tokens))
+
+    def get_bias(self) -> torch.Tensor:
+        return self.bias
+
+    def forward(self, attn: torch.Tensor, shared_rel_pos=None) -> torch.Tensor:
+        return attn + self.bias
+
+
+def test_an_attention_with_a_relative_position_module_chase_does_not_know_keeps_its_heads():
+    model = zoo_coverage.build("vit_relpos_small_patch16_224")
+    model.blocks[0].attn.rel_pos = _PerHeadBias(3, 4)  # 2x2 patches, no class token
+    groups = {g.name: g for g in find_channel_groups(model, torch.randn(1, 3, 32, 32))}
+    assert not groups["blocks.0.attn"].prunable
+    assert "its rel_pos (_PerHeadBias) is not one of timm's per-head" in groups["blocks.0.attn"].reason
+    assert groups["blocks.1.attn"].prunable  # timm's RelPosMlp
 
 
 def test_talking_heads_own_their_mixing_rows_and_columns_and_a_resize_checks_them():
@@ -321,11 +369,14 @@ SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_2
                 "pvt_v2_b0": pvt_v2.Attention, "twins_svt_small": twins.LocallyGroupedAttn,
                 "twins_pcpvt_small": twins.GlobalSubSampleAttn,
                 "davit_tiny": (davit.ChannelAttention, davit.WindowAttention),
-                "davit_tiny-v2": davit.ChannelAttentionV2}  # by case (a VARIANTS name or a model)
+                "davit_tiny-v2": davit.ChannelAttentionV2,
+                "vit_relpos_small_patch16_224": relpos.RelPosAttention}  # by case (a VARIANTS name or a model)
 CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention,
                 "hiera_tiny_224": hiera.MaskUnitAttention,
                 "davit_tiny-v2": (davit.ChannelAttentionV2, davit.WindowAttention),
-                "eva02_tiny_patch14_224-gqa": AttentionRope}  # by case, else by model
+                "eva02_tiny_patch14_224-gqa": AttentionRope, "maxvit_pico_rw_256": maxxvit.AttentionCl,
+                "maxvit_tiny_tf_224": maxxvit.AttentionCl,
+                "coatnet_nano_rw_224": maxxvit.Attention2d}  # by case, else by model
 
 
 def _kinds(kinds) -> tuple:

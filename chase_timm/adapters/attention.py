@@ -1,9 +1,10 @@
 """timm attention forwards that reshape the heads' output back to the *input* width, made to follow the heads left.
 
-``EvaAttention`` (EVA, EVA-02), BEiT's ``Attention``, Swin V2's ``WindowAttention``, CaiT's ``ClassAttn`` and
-``TalkingHeadAttn``, PVT-v2's ``Attention``, Twins' ``GlobalSubSampleAttn`` and ``LocallyGroupedAttn``, DaViT's
-``ChannelAttention`` (V1 and V2) and ``WindowAttention`` and the cross-covariance attention of EdgeNeXt and XCiT end
-with ``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape`` (CaiT's two classes, XCiT, Twins and DaViT
+``EvaAttention`` (EVA, EVA-02), BEiT's ``Attention``, ``RelPosAttention`` (``vision_transformer_relpos``), Swin
+V2's ``WindowAttention``, CaiT's ``ClassAttn`` and ``TalkingHeadAttn``, PVT-v2's ``Attention``, Twins'
+``GlobalSubSampleAttn`` and ``LocallyGroupedAttn``, DaViT's ``ChannelAttention`` (V1 and V2) and
+``WindowAttention`` and the cross-covariance attention of EdgeNeXt and XCiT end with
+``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape`` (CaiT's two classes, XCiT, Twins and DaViT
 also split heads with ``C // self.num_heads``, DaViT's V2 with ``C // self.groups``; Swin V2-CR's
 ``WindowMultiHeadAttention`` only splits them so, its output reshape already holds a ``-1``), so a module that lost a
 head (or whose input stream lost a channel) no longer runs; PVT-v2 and Twins' GSA also flatten their spatial
@@ -30,7 +31,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import timm
 import torch.nn as nn
 from timm.models import (beit, cait, davit, edgenext, eva, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr,
-                         twins, xcit)
+                         twins, vision_transformer_relpos as relpos, xcit)
 
 from . import require
 
@@ -39,7 +40,8 @@ __all__ = ["check_version", "SLIM", "REFUSED", "edited", "slim_subclass", "regis
            "SlimEvaAttention", "SlimBeitAttention", "SlimWindowAttentionV2", "SlimClassAttn", "SlimTalkingHeadAttn",
            "SlimCrossCovarianceAttn", "SlimXCA", "SlimPvtV2Attention",
            "SlimGlobalSubSampleAttn", "SlimLocallyGroupedAttn", "SlimChannelAttention",
-           "SlimChannelAttentionV2", "SlimDavitWindowAttention", "SlimWindowMultiHeadAttention"]
+           "SlimChannelAttentionV2", "SlimDavitWindowAttention", "SlimWindowMultiHeadAttention",
+           "SlimRelPosAttention"]
 
 Edit = tuple[str, str, int]  # (the library's text, replacement, how many times it must occur)
 
@@ -115,6 +117,7 @@ def register(base: type, name: str, edits: Sequence[Edit], names: Optional[Mappi
 _TO_HEADS = ("reshape(B, N, C)", "reshape(B, N, -1)", 1)
 SlimEvaAttention = register(eva.EvaAttention, "SlimEvaAttention", [_TO_HEADS])
 SlimBeitAttention = register(beit.Attention, "SlimBeitAttention", [_TO_HEADS])
+SlimRelPosAttention = register(relpos.RelPosAttention, "SlimRelPosAttention", [_TO_HEADS])  # vision_transformer_relpos
 SlimWindowAttentionV2 = register(swin_transformer_v2.WindowAttention, "SlimWindowAttentionV2",
                                  [("reshape(B_, N, C)", "reshape(B_, N, -1)", 1)])
 SlimClassAttn = register(cait.ClassAttn, "SlimClassAttn",
