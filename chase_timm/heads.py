@@ -35,7 +35,7 @@ from typing import Iterator, Optional
 
 import torch.nn as nn
 from timm.layers import Attention, AttentionRope, RelPosBias, RelPosBiasTf, RelPosMlp
-from timm.models import (beit, cait, davit, edgenext, eva, hiera, levit, maxxvit, pvt_v2, swin_transformer,
+from timm.models import (beit, cait, convit, davit, edgenext, eva, hiera, levit, maxxvit, pvt_v2, swin_transformer,
                          swin_transformer_v2, swin_transformer_v2_cr as swin_cr, tiny_vit, twins,
                          vision_transformer_relpos as relpos, vision_transformer_sam as sam, xcit)
 
@@ -60,6 +60,7 @@ _DAVIT = (davit.ChannelAttention, davit.WindowAttention)
 _LEVIT = (levit.Attention, levit.AttentionDownsample, tiny_vit.Attention)  # q, k, v interleaved per head
 _MAXXVIT = (maxxvit.Attention2d, maxxvit.AttentionCl)  # MaxViT, CoAtNet, MaxxViT: NCHW (1x1 convs), channels-last
 _REL_POS = (RelPosBias, RelPosBiasTf, RelPosMlp)  # timm.layers' relative position modules (``rel_pos``)
+_CONVIT = (convit.GPSA, convit.MHSA)  # ConViT: gated positional self-attention (qk and v apart), plain attention
 _LEFT_WHOLE = {kind: reason for kind, reason in REFUSED.items() if kind not in _CONTAINERS}
 # modules whose input width is their attention width when their class has no slim forward: the stream feeding
 # them stays whole too, and why
@@ -122,6 +123,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _levit(module)
     if kind is cait.ClassAttn:
         return _class_attention(module)
+    if kind in _CONVIT:
+        return _convit(module)
     return None
 
 
@@ -224,6 +227,8 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         _check(name, "q/k/v rows", rows, 3 * module.out_proj.in_features)
         if module.in_proj_bias is not None:
             _check(name, "q/k/v bias", module.in_proj_bias.shape[0], rows)
+    elif kind in _CONVIT:  # GPSA: one gating parameter and pos_proj row per head; MHSA: scale = head_dim ** -0.5
+        _refresh_convit(module, name)
     elif kind in _LEVIT:
         heads = module.attention_biases.shape[0]
         module.num_heads = heads
@@ -254,6 +259,21 @@ def _refresh_rel_pos(rel_pos: nn.Module, name: str, heads: int) -> None:
     else:  # RelPosBias: table (positions, heads)
         _check(name, "rel_pos table columns", rel_pos.relative_position_bias_table.shape[1], heads)
     rel_pos.bias_shape = (*rel_pos.bias_shape[:2], heads)
+
+
+def _refresh_convit(module: nn.Module, name: str) -> None:
+    """ConViT's GPSA and MHSA: ``num_heads`` from the ``scale`` they keep (``head_dim ** -0.5``); GPSA's ``dim``
+    (the input width, read by its ``local_init``) from ``qk``."""
+    attn_dim = _columns(module.proj)
+    module.num_heads = _heads(name, attn_dim, round(module.scale ** -2))
+    if timm_class(type(module)) is convit.GPSA:
+        module.dim = module.qk.in_features
+        _check(name, "gating parameters", module.gating_param.shape[0], module.num_heads)
+        _check(name, "pos_proj rows", _rows(module.pos_proj), module.num_heads)
+        _check(name, "qk rows", _rows(module.qk), 2 * attn_dim)
+        _check(name, "v rows", _rows(module.v), attn_dim)
+    else:
+        _check(name, "qkv rows", _rows(module.qkv), 3 * attn_dim)
 
 
 def head_counts(model: nn.Module) -> dict[str, int]:
@@ -411,6 +431,24 @@ def _rel_pos_attention(module: nn.Module, model: Optional[nn.Module]) -> HeadSpe
     if model is not None and any(isinstance(getattr(m, "shared_rel_pos", None), nn.Module) for m in model.modules()):
         reason = _SHARED_REL_POS
     return HeadSpec(heads, hd, tuple(slices), reason)
+
+
+def _convit(module: nn.Module) -> HeadSpec:
+    """ConViT's GPSA: a qk projection (q | k blocks) and a v projection, the projection's columns, and per head one
+    row (and bias) of ``pos_proj`` (its positional attention logits) and one ``gating_param`` (the mix of patch and
+    positional attention); MHSA: a fused qkv and the projection."""
+    heads = module.num_heads
+    hd = _columns(module.proj) // heads
+    per_head, one = _blocks(heads, hd), _blocks(heads, 1)
+    if timm_class(type(module)) is convit.MHSA:
+        slices = _linear_slices("qkv", module.qkv, _qkv_rows(heads, hd))
+    else:
+        slices = _linear_slices("qk", module.qk, _cat(per_head, _blocks(heads, hd, heads * hd)))
+        slices += _linear_slices("v", module.v, per_head)
+        slices += [HeadSlice("pos_proj.weight", 0, "free", one), HeadSlice("gating_param", 0, "free", one)]
+        slices += [HeadSlice("pos_proj.bias", 0, "bias", one)] if module.pos_proj.bias is not None else []
+    slices.append(HeadSlice("proj.weight", 1, "consumer", per_head))
+    return HeadSpec(heads, hd, tuple(slices))
 
 
 def _class_attention(module: nn.Module) -> HeadSpec:

@@ -33,7 +33,7 @@ import shrink_equivalence
 import zoo_coverage
 from shrink_equivalence import compare, float64
 from timm.layers import AttentionRope
-from timm.models import (beit, cait, davit, edgenext, eva, hiera, maxxvit, pvt_v2, swin_transformer_v2,
+from timm.models import (beit, cait, convit, davit, edgenext, eva, hiera, maxxvit, pvt_v2, swin_transformer_v2,
                          swin_transformer_v2_cr as swin_cr, tiny_vit, twins, vision_transformer_relpos as relpos,
                          vision_transformer_sam as sam, xcit)
 
@@ -85,6 +85,10 @@ SMALL = {
                             "transformer_dim_head": 16},
     # vision_transformer_relpos: a RelPosMlp per block (its last Linear outputs one bias per head)
     "vit_relpos_small_patch16_224": {"img_size": 32, "depth": 2, "embed_dim": 96, "num_heads": 3},
+    # ConViT: two GPSA blocks (gated positional attention on a 4x4 map, no class token), then an MHSA block with the
+    # class token; embed_dim is per head (3 heads of 16)
+    "convit_tiny": {"img_size": 32, "patch_size": 8, "depth": 3, "local_up_to_layer": 2, "embed_dim": 16,
+                    "num_heads": 3},
 }
 # the same models built another way: name -> (model, extra kwargs)
 VARIANTS = {"eva02_tiny_patch14_224-qkv_split": ("eva02_tiny_patch14_224", {"qkv_fused": False}),
@@ -161,7 +165,7 @@ def _heads_removed(removed: dict) -> dict:
                                   "davit_tiny", "davit_tiny-v2", "samvit_base_patch16_224",
                                   "samvit_base_patch16_224-rope", "maxvit_pico_rw_256", "maxvit_tiny_tf_224",
                                   "coatnet_nano_rw_224", "coatnet_nano_rw_224-mlp", "vit_relpos_small_patch16_224",
-                                  "vit_relpos_small_patch16_224-bias"])
+                                  "vit_relpos_small_patch16_224-bias", "convit_tiny"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     with float64():
@@ -176,7 +180,7 @@ def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
 
 @pytest.mark.parametrize("case, prune_skip", [*((c, False) for c in [*SMALL, *VARIANTS]),
                                               ("eva02_tiny_patch14_224", True), ("swinv2_tiny_window16_256", True),
-                                              ("cait_xxs24_224", True)])
+                                              ("cait_xxs24_224", True), ("convit_tiny", True)])
 def test_slim_heads_export_reload_and_agree_on_fused_and_eager_attention(case, prune_skip, tmp_path, capsys,
                                                                           monkeypatch):
     name = _model(case, monkeypatch)
@@ -370,7 +374,8 @@ SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_2
                 "twins_pcpvt_small": twins.GlobalSubSampleAttn,
                 "davit_tiny": (davit.ChannelAttention, davit.WindowAttention),
                 "davit_tiny-v2": davit.ChannelAttentionV2,
-                "vit_relpos_small_patch16_224": relpos.RelPosAttention}  # by case (a VARIANTS name or a model)
+                "vit_relpos_small_patch16_224": relpos.RelPosAttention,
+                "convit_tiny": (convit.GPSA, convit.MHSA)}  # by case (a VARIANTS name or a model)
 CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention,
                 "hiera_tiny_224": hiera.MaskUnitAttention,
                 "davit_tiny-v2": (davit.ChannelAttentionV2, davit.WindowAttention),

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import timm
 import torch.nn as nn
-from timm.models import (beit, cait, davit, edgenext, eva, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr,
+from timm.models import (beit, cait, convit, davit, edgenext, eva, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr,
                          twins, vision_transformer_relpos as relpos, xcit)
 
 from . import require
@@ -41,7 +41,7 @@ __all__ = ["check_version", "SLIM", "REFUSED", "edited", "slim_subclass", "regis
            "SlimCrossCovarianceAttn", "SlimXCA", "SlimPvtV2Attention",
            "SlimGlobalSubSampleAttn", "SlimLocallyGroupedAttn", "SlimChannelAttention",
            "SlimChannelAttentionV2", "SlimDavitWindowAttention", "SlimWindowMultiHeadAttention",
-           "SlimRelPosAttention"]
+           "SlimRelPosAttention", "SlimGPSA", "SlimMHSA"]
 
 Edit = tuple[str, str, int]  # (the library's text, replacement, how many times it must occur)
 
@@ -91,22 +91,27 @@ def edited(function: Callable, edits: Sequence[Edit], names: Optional[Mapping[st
 
 
 def slim_subclass(base: type, name: str, edits: Sequence[Edit], names: Optional[Mapping[str, Any]] = None,
-                  module: str = __name__) -> Union[type, str]:
+                  module: str = __name__, methods: Optional[Mapping[str, Sequence[Edit]]] = None
+                  ) -> Union[type, str]:
     """A subclass of ``base`` named ``name`` (a module-level name of ``module``) whose forward is ``base.forward``
-    :func:`edited` with ``edits`` (and ``names``), or why there is none (``"has no slim forward: ..."``)."""
-    forward = edited(base.forward, edits, names)
-    if isinstance(forward, str):
-        return f"has no slim forward: {forward}"
-    forward.__qualname__, forward.__module__ = f"{name}.forward", module
+    :func:`edited` with ``edits`` (and ``names``), and each other method named in ``methods`` edited with its edits
+    (helpers the forward calls, e.g. ConViT's ``get_attention``), or why there is none (``"has no slim forward: ..."``)."""
+    body = {}
+    for method, method_edits in {"forward": edits, **(methods or {})}.items():
+        made = edited(getattr(base, method), method_edits, names)
+        if isinstance(made, str):
+            return f"has no slim forward: {made}"
+        made.__qualname__, made.__module__ = f"{name}.{method}", module
+        body[method] = made
     doc = f"{base.__qualname__} running with its resized widths (its forward: the library's, edited)."
-    return type(name, (base,), {"forward": forward, "__module__": module, "__qualname__": name, "__doc__": doc})
+    return type(name, (base,), {**body, "__module__": module, "__qualname__": name, "__doc__": doc})
 
 
 def register(base: type, name: str, edits: Sequence[Edit], names: Optional[Mapping[str, Any]] = None,
-             module: str = __name__) -> Optional[type]:
+             module: str = __name__, methods: Optional[Mapping[str, Sequence[Edit]]] = None) -> Optional[type]:
     """:func:`slim_subclass`, recorded in :data:`SLIM` or (its reason) :data:`REFUSED`; at import only
     (:mod:`chase_timm.heads` reads both once, when it is imported)."""
-    made = slim_subclass(base, name, edits, names, module)
+    made = slim_subclass(base, name, edits, names, module, methods)
     if isinstance(made, str):
         REFUSED[base] = made
         return None
@@ -147,6 +152,12 @@ SlimDavitWindowAttention = register(davit.WindowAttention, "SlimDavitWindowAtten
 # Swin V2-CR splits heads with C // self.num_heads (C: the input width; its output reshape already has a -1)
 SlimWindowMultiHeadAttention = register(swin_transformer_v2_cr.WindowMultiHeadAttention,
                                         "SlimWindowMultiHeadAttention", [("C // self.num_heads", "-1", 1)])
+
+# ConViT (convit): GPSA and MHSA split heads with C // self.num_heads (C: the input width) and reshape their output to
+# C; GPSA splits its qk heads in get_attention, which its forward calls; MHSA's get_attention_map (a diagnostic) too
+_HEADS_SPLIT = ("C // self.num_heads", "-1", 1)
+SlimGPSA = register(convit.GPSA, "SlimGPSA", [_HEADS_SPLIT, _TO_HEADS], methods={"get_attention": [_HEADS_SPLIT]})
+SlimMHSA = register(convit.MHSA, "SlimMHSA", [_HEADS_SPLIT, _TO_HEADS], methods={"get_attention_map": [_HEADS_SPLIT]})
 
 
 def timm_class(kind: type) -> type:
