@@ -35,9 +35,10 @@ from typing import Iterator, Optional
 
 import torch.nn as nn
 from timm.layers import Attention, AttentionRope, RelPosBias, RelPosBiasTf, RelPosMlp
-from timm.models import (beit, cait, convit, davit, edgenext, eva, hiera, levit, maxxvit, pvt_v2, swin_transformer,
+from timm.models import (beit, cait, davit, edgenext, eva, hiera, levit, maxxvit, pvt_v2, swin_transformer,
                          swin_transformer_v2, swin_transformer_v2_cr as swin_cr, tiny_vit, twins,
                          vision_transformer_relpos as relpos, vision_transformer_sam as sam, xcit)
+from timm.models import convit, nest
 
 from .adapters import multihead  # noqa: F401  registers nn.MultiheadAttention's slim forward (or why none)
 from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
@@ -125,6 +126,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _class_attention(module)
     if kind in _CONVIT:
         return _convit(module)
+    if kind is nest.Attention:
+        return _nest(module)
     return None
 
 
@@ -229,6 +232,9 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
             _check(name, "q/k/v bias", module.in_proj_bias.shape[0], rows)
     elif kind in _CONVIT:  # GPSA: one gating parameter and pos_proj row per head; MHSA: scale = head_dim ** -0.5
         _refresh_convit(module, name)
+    elif kind is nest.Attention:  # scale: head_dim ** -0.5
+        module.num_heads = _heads(name, _columns(module.proj), round(module.scale ** -2))
+        _check(name, "qkv rows", _rows(module.qkv), 3 * _columns(module.proj))
     elif kind in _LEVIT:
         heads = module.attention_biases.shape[0]
         module.num_heads = heads
@@ -448,6 +454,17 @@ def _convit(module: nn.Module) -> HeadSpec:
         slices += [HeadSlice("pos_proj.weight", 0, "free", one), HeadSlice("gating_param", 0, "free", one)]
         slices += [HeadSlice("pos_proj.bias", 0, "bias", one)] if module.pos_proj.bias is not None else []
     slices.append(HeadSlice("proj.weight", 1, "consumer", per_head))
+    return HeadSpec(heads, hd, tuple(slices))
+
+
+def _nest(module: nn.Module) -> HeadSpec:
+    """NesT's Attention: a fused qkv (q | k | v blocks); its forward orders the heads' output (head_dim, heads), so
+    head h's projection columns are h, h + heads, h + 2 * heads, ..."""
+    heads = module.num_heads
+    hd = _columns(module.proj) // heads
+    slices = _linear_slices("qkv", module.qkv, _qkv_rows(heads, hd))
+    interleaved = tuple(tuple(range(h, heads * hd, heads)) for h in range(heads))
+    slices.append(HeadSlice("proj.weight", 1, "consumer", interleaved))
     return HeadSpec(heads, hd, tuple(slices))
 
 

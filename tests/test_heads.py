@@ -33,9 +33,10 @@ import shrink_equivalence
 import zoo_coverage
 from shrink_equivalence import compare, float64
 from timm.layers import AttentionRope
-from timm.models import (beit, cait, convit, davit, edgenext, eva, hiera, maxxvit, pvt_v2, swin_transformer_v2,
+from timm.models import (beit, cait, davit, edgenext, eva, hiera, maxxvit, pvt_v2, swin_transformer_v2,
                          swin_transformer_v2_cr as swin_cr, tiny_vit, twins, vision_transformer_relpos as relpos,
                          vision_transformer_sam as sam, xcit)
+from timm.models import convit, nest
 
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
 # layer scales at 1 so no block's output vanishes under the shortcut in float32 (the export check could not fail)
@@ -89,6 +90,10 @@ SMALL = {
     # class token; embed_dim is per head (3 heads of 16)
     "convit_tiny": {"img_size": 32, "patch_size": 8, "depth": 3, "local_up_to_layer": 2, "embed_dim": 16,
                     "num_heads": 3},
+    # NesT: attention within image blocks (16 blocks of 1 token, 4 of 1, 1 of 4 at 32 px with patches of 8); its
+    # heads' output is ordered (head_dim, heads), so a head's proj columns are strided. nest_tiny's entrypoint fixes
+    # its widths and depths (it takes no overrides), so the MLPs are narrowed instead
+    "nest_tiny": {"img_size": 32, "patch_size": 8, "mlp_ratio": 1.0},
 }
 # the same models built another way: name -> (model, extra kwargs)
 VARIANTS = {"eva02_tiny_patch14_224-qkv_split": ("eva02_tiny_patch14_224", {"qkv_fused": False}),
@@ -165,7 +170,7 @@ def _heads_removed(removed: dict) -> dict:
                                   "davit_tiny", "davit_tiny-v2", "samvit_base_patch16_224",
                                   "samvit_base_patch16_224-rope", "maxvit_pico_rw_256", "maxvit_tiny_tf_224",
                                   "coatnet_nano_rw_224", "coatnet_nano_rw_224-mlp", "vit_relpos_small_patch16_224",
-                                  "vit_relpos_small_patch16_224-bias", "convit_tiny"])
+                                  "vit_relpos_small_patch16_224-bias", "convit_tiny", "nest_tiny"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     with float64():
@@ -375,7 +380,8 @@ SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_2
                 "davit_tiny": (davit.ChannelAttention, davit.WindowAttention),
                 "davit_tiny-v2": davit.ChannelAttentionV2,
                 "vit_relpos_small_patch16_224": relpos.RelPosAttention,
-                "convit_tiny": (convit.GPSA, convit.MHSA)}  # by case (a VARIANTS name or a model)
+                "convit_tiny": (convit.GPSA, convit.MHSA),
+                "nest_tiny": nest.Attention}  # by case (a VARIANTS name or a model)
 CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention,
                 "hiera_tiny_224": hiera.MaskUnitAttention,
                 "davit_tiny-v2": (davit.ChannelAttentionV2, davit.WindowAttention),

@@ -30,8 +30,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import timm
 import torch.nn as nn
-from timm.models import (beit, cait, convit, davit, edgenext, eva, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr,
+from timm.models import (beit, cait, davit, edgenext, eva, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr,
                          twins, vision_transformer_relpos as relpos, xcit)
+from timm.models import convit, nest
 
 from . import require
 
@@ -41,7 +42,7 @@ __all__ = ["check_version", "SLIM", "REFUSED", "edited", "slim_subclass", "regis
            "SlimCrossCovarianceAttn", "SlimXCA", "SlimPvtV2Attention",
            "SlimGlobalSubSampleAttn", "SlimLocallyGroupedAttn", "SlimChannelAttention",
            "SlimChannelAttentionV2", "SlimDavitWindowAttention", "SlimWindowMultiHeadAttention",
-           "SlimRelPosAttention", "SlimGPSA", "SlimMHSA"]
+           "SlimRelPosAttention", "SlimGPSA", "SlimMHSA", "SlimNestAttention"]
 
 Edit = tuple[str, str, int]  # (the library's text, replacement, how many times it must occur)
 
@@ -95,7 +96,8 @@ def slim_subclass(base: type, name: str, edits: Sequence[Edit], names: Optional[
                   ) -> Union[type, str]:
     """A subclass of ``base`` named ``name`` (a module-level name of ``module``) whose forward is ``base.forward``
     :func:`edited` with ``edits`` (and ``names``), and each other method named in ``methods`` edited with its edits
-    (helpers the forward calls, e.g. ConViT's ``get_attention``), or why there is none (``"has no slim forward: ..."``)."""
+    (helpers the forward calls, e.g. ConViT's ``get_attention``), or why there is none (``"has no slim forward:
+    ..."``)."""
     body = {}
     for method, method_edits in {"forward": edits, **(methods or {})}.items():
         made = edited(getattr(base, method), method_edits, names)
@@ -158,6 +160,9 @@ SlimWindowMultiHeadAttention = register(swin_transformer_v2_cr.WindowMultiHeadAt
 _HEADS_SPLIT = ("C // self.num_heads", "-1", 1)
 SlimGPSA = register(convit.GPSA, "SlimGPSA", [_HEADS_SPLIT, _TO_HEADS], methods={"get_attention": [_HEADS_SPLIT]})
 SlimMHSA = register(convit.MHSA, "SlimMHSA", [_HEADS_SPLIT, _TO_HEADS], methods={"get_attention_map": [_HEADS_SPLIT]})
+# NesT (nest): its Attention splits heads with C // self.num_heads over (B, T, N, C) blocks and reshapes to C
+SlimNestAttention = register(nest.Attention, "SlimNestAttention",
+                             [_HEADS_SPLIT, ("reshape(B, T, N, C)", "reshape(B, T, N, -1)", 1)])
 
 
 def timm_class(kind: type) -> type:
