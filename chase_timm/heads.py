@@ -38,7 +38,7 @@ from timm.layers import Attention, AttentionRope, RelPosBias, RelPosBiasTf, RelP
 from timm.models import (beit, cait, davit, edgenext, eva, hiera, levit, maxxvit, pvt_v2, swin_transformer,
                          swin_transformer_v2, swin_transformer_v2_cr as swin_cr, tiny_vit, twins,
                          vision_transformer_relpos as relpos, vision_transformer_sam as sam, xcit)
-from timm.models import convit, nest
+from timm.models import convit, mvitv2, nest
 
 from .adapters import multihead  # noqa: F401  registers nn.MultiheadAttention's slim forward (or why none)
 from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
@@ -51,6 +51,7 @@ __all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "heads_resized", "
 # (chase_timm.adapters.attention, SLIM) and left whole when this timm's forward did not match its edits (REFUSED)
 _RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention, levit.AttentionDownsample,
               tiny_vit.Attention, sam.Attention, hiera.MaskUnitAttention, maxxvit.Attention2d, maxxvit.AttentionCl,
+              mvitv2.MultiScaleAttention,
               *SLIM)
 # torch containers whose inference fast path bypasses their MultiheadAttention's forward: resized, they switch to
 # their slim subclass (torch's forward without that fast path), else their attention's heads stay
@@ -97,6 +98,7 @@ class HeadSpec:
     slices: tuple[HeadSlice, ...]
     reason: str = ""  # non-empty: the heads must stay, and why
     stream: str = ""  # non-empty: the channels the q/k/v producers read (the input stream) must stay too, and why
+    shared: tuple[str, ...] = ()  # convs inside the module that act within head_dim on every head: no group's root
 
 
 def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[HeadSpec]:
@@ -128,6 +130,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _convit(module)
     if kind is nest.Attention:
         return _nest(module)
+    if kind is mvitv2.MultiScaleAttention:
+        return _mvitv2(module)
     return None
 
 
@@ -235,6 +239,10 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
     elif kind is nest.Attention:  # scale: head_dim ** -0.5
         module.num_heads = _heads(name, _columns(module.proj), round(module.scale ** -2))
         _check(name, "qkv rows", _rows(module.qkv), 3 * _columns(module.proj))
+    elif kind is mvitv2.MultiScaleAttention:  # dim_out: the heads' width its forward reshapes to
+        module.num_heads = _heads(name, _columns(module.proj), module.head_dim)
+        module.dim_out = _columns(module.proj)
+        _check(name, "qkv rows", _rows(module.qkv), 3 * module.dim_out)
     elif kind in _LEVIT:
         heads = module.attention_biases.shape[0]
         module.num_heads = heads
@@ -466,6 +474,20 @@ def _nest(module: nn.Module) -> HeadSpec:
     interleaved = tuple(tuple(range(h, heads * hd, heads)) for h in range(heads))
     slices.append(HeadSlice("proj.weight", 1, "consumer", interleaved))
     return HeadSpec(heads, hd, tuple(slices))
+
+
+def _mvitv2(module: nn.Module) -> HeadSpec:
+    """MViTv2's MultiScaleAttention: a fused qkv (q | k | v blocks) and the projection's columns. Its pooling convs
+    and norms (``mode="conv"``: ``head_dim`` channels, run on every head) and ``rel_pos_h`` / ``rel_pos_w``
+    ((positions, ``head_dim``)) are shared by the heads and stay; ``conv_unshared`` pools all heads' channels at once
+    (its convs' channels are the attention width): those heads stay."""
+    heads, hd = module.num_heads, module.head_dim
+    slices = _linear_slices("qkv", module.qkv, _qkv_rows(heads, hd))
+    slices.append(HeadSlice("proj.weight", 1, "consumer", _blocks(heads, hd)))
+    reason = "" if module.mode != "conv_unshared" else (
+        "pools its heads with convs over the whole attention width (mode conv_unshared)")
+    pools = tuple(p for p in ("pool_q", "pool_k", "pool_v") if isinstance(getattr(module, p), nn.Conv2d))
+    return HeadSpec(heads, hd, tuple(slices), reason, shared=pools)
 
 
 def _class_attention(module: nn.Module) -> HeadSpec:

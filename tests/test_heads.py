@@ -36,7 +36,7 @@ from timm.layers import AttentionRope
 from timm.models import (beit, cait, davit, edgenext, eva, hiera, maxxvit, pvt_v2, swin_transformer_v2,
                          swin_transformer_v2_cr as swin_cr, tiny_vit, twins, vision_transformer_relpos as relpos,
                          vision_transformer_sam as sam, xcit)
-from timm.models import convit, nest
+from timm.models import convit, mvitv2, nest
 
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
 # layer scales at 1 so no block's output vanishes under the shortcut in float32 (the export check could not fail)
@@ -94,7 +94,13 @@ SMALL = {
     # heads' output is ordered (head_dim, heads), so a head's proj columns are strided. nest_tiny's entrypoint fixes
     # its widths and depths (it takes no overrides), so the MLPs are narrowed instead
     "nest_tiny": {"img_size": 32, "patch_size": 8, "mlp_ratio": 1.0},
+    # MViTv2: pooled attention (q pooled by 2 entering stages 1-3, k/v pooled to 2x2 / 1x1 maps) with residual
+    # pooling and decomposed relative positions; built from MVITV2_TINY (below: its entrypoint takes no widths)
+    "mvitv2_tiny": {"img_size": 32},
 }
+# mvitv2_tiny's entrypoint reads its widths from timm's model_cfgs: the fixture swaps in this cfg (2, 4, 8, 16 heads
+# of 8 channels, a stage with two blocks), for the reload through local-dir: too
+MVITV2_TINY = mvitv2.MultiScaleVitCfg(depths=(1, 2, 1, 1), embed_dim=16, num_heads=2, mlp_ratio=2.0)
 # the same models built another way: name -> (model, extra kwargs)
 VARIANTS = {"eva02_tiny_patch14_224-qkv_split": ("eva02_tiny_patch14_224", {"qkv_fused": False}),
             "davit_tiny-v2": ("davit_tiny", {"channel_attn_v2": True}),  # the *_fl models' ChannelAttentionV2
@@ -146,6 +152,7 @@ def _small_models(monkeypatch):
             monkeypatch.setitem(zoo_coverage.SMALLER, name, kwargs)
     monkeypatch.setattr(zoo_coverage, "build", _build)
     monkeypatch.setattr(shrink_equivalence, "tiny_model", _build)
+    monkeypatch.setitem(mvitv2.model_cfgs, "mvitv2_tiny", MVITV2_TINY)
 
 
 def _model(case: str, monkeypatch) -> str:
@@ -170,7 +177,7 @@ def _heads_removed(removed: dict) -> dict:
                                   "davit_tiny", "davit_tiny-v2", "samvit_base_patch16_224",
                                   "samvit_base_patch16_224-rope", "maxvit_pico_rw_256", "maxvit_tiny_tf_224",
                                   "coatnet_nano_rw_224", "coatnet_nano_rw_224-mlp", "vit_relpos_small_patch16_224",
-                                  "vit_relpos_small_patch16_224-bias", "convit_tiny", "nest_tiny"])
+                                  "vit_relpos_small_patch16_224-bias", "convit_tiny", "nest_tiny", "mvitv2_tiny"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     with float64():
@@ -387,7 +394,8 @@ CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_b
                 "davit_tiny-v2": (davit.ChannelAttentionV2, davit.WindowAttention),
                 "eva02_tiny_patch14_224-gqa": AttentionRope, "maxvit_pico_rw_256": maxxvit.AttentionCl,
                 "maxvit_tiny_tf_224": maxxvit.AttentionCl,
-                "coatnet_nano_rw_224": maxxvit.Attention2d}  # by case, else by model
+                "coatnet_nano_rw_224": maxxvit.Attention2d,
+                "mvitv2_tiny": mvitv2.MultiScaleAttention}  # by case, else by model
 
 
 def _kinds(kinds) -> tuple:
