@@ -38,7 +38,7 @@ from timm.layers import Attention, AttentionRope, RelPosBias, RelPosBiasTf, RelP
 from timm.models import (beit, cait, davit, edgenext, eva, hiera, levit, maxxvit, pvt_v2, swin_transformer,
                          swin_transformer_v2, swin_transformer_v2_cr as swin_cr, tiny_vit, twins,
                          vision_transformer_relpos as relpos, vision_transformer_sam as sam, xcit)
-from timm.models import convit, mvitv2, nest
+from timm.models import convit, gcvit, mvitv2, nest
 
 from .adapters import multihead  # noqa: F401  registers nn.MultiheadAttention's slim forward (or why none)
 from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
@@ -132,6 +132,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _nest(module)
     if kind is mvitv2.MultiScaleAttention:
         return _mvitv2(module)
+    if kind is gcvit.WindowAttentionGlobal:
+        return _gcvit(module, model)
     return None
 
 
@@ -239,6 +241,10 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
     elif kind is nest.Attention:  # scale: head_dim ** -0.5
         module.num_heads = _heads(name, _columns(module.proj), round(module.scale ** -2))
         _check(name, "qkv rows", _rows(module.qkv), 3 * _columns(module.proj))
+    elif kind is gcvit.WindowAttentionGlobal:  # its global blocks keep their heads: kv rows, the q from the stage
+        module.num_heads = _heads(name, _columns(module.proj), module.head_dim)
+        _check(name, "qkv rows", _rows(module.qkv), (2 if module.use_global else 3) * _columns(module.proj))
+        _refresh_rel_pos(module.rel_pos, name, module.num_heads)
     elif kind is mvitv2.MultiScaleAttention:  # dim_out: the heads' width its forward reshapes to
         module.num_heads = _heads(name, _columns(module.proj), module.head_dim)
         module.dim_out = _columns(module.proj)
@@ -488,6 +494,19 @@ def _mvitv2(module: nn.Module) -> HeadSpec:
         "pools its heads with convs over the whole attention width (mode conv_unshared)")
     pools = tuple(p for p in ("pool_q", "pool_k", "pool_v") if isinstance(getattr(module, p), nn.Conv2d))
     return HeadSpec(heads, hd, tuple(slices), reason, shared=pools)
+
+
+def _gcvit(module: nn.Module, model: Optional[nn.Module]) -> HeadSpec:
+    """GCViT's WindowAttentionGlobal: a local block is a fused qkv with a RelPosBias (as MaxViT's); a global block
+    computes only k and v (``qkv``: k block, then v block) and takes its queries from the stage's global query,
+    which is the stage's stream split into heads: its heads and that stream stay."""
+    if not module.use_global:
+        return _rel_pos_attention(module, model)
+    heads, hd = module.num_heads, module.head_dim
+    kv = _linear_slices("qkv", module.qkv, _cat(_blocks(heads, hd), _blocks(heads, hd, heads * hd)))
+    why = ("takes its queries from the stage's global query (GlobalContext), the stage's stream split into its "
+           "heads, so neither a head nor a stream channel can go from one block alone")
+    return HeadSpec(heads, hd, tuple(kv), why, why)
 
 
 def _class_attention(module: nn.Module) -> HeadSpec:

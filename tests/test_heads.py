@@ -36,7 +36,7 @@ from timm.layers import AttentionRope
 from timm.models import (beit, cait, davit, edgenext, eva, hiera, maxxvit, pvt_v2, swin_transformer_v2,
                          swin_transformer_v2_cr as swin_cr, tiny_vit, twins, vision_transformer_relpos as relpos,
                          vision_transformer_sam as sam, xcit)
-from timm.models import convit, mvitv2, nest
+from timm.models import convit, gcvit, mvitv2, nest
 
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
 # layer scales at 1 so no block's output vanishes under the shortcut in float32 (the export check could not fail)
@@ -97,6 +97,9 @@ SMALL = {
     # MViTv2: pooled attention (q pooled by 2 entering stages 1-3, k/v pooled to 2x2 / 1x1 maps) with residual
     # pooling and decomposed relative positions; built from MVITV2_TINY (below: its entrypoint takes no widths)
     "mvitv2_tiny": {"img_size": 32},
+    # GCViT: local window attention (RelPosBias) alternating with global-query blocks, whose heads stay; windows of 4
+    # on the 8x8 and 4x4 maps, 2 on 2x2 (gcvit_xxtiny's entrypoint fixes depths and heads: 2, 4, 8, 16 of 16 channels)
+    "gcvit_xxtiny": {"img_size": 32, "embed_dim": 32, "mlp_ratio": 2.0, "window_size": (4, 4, 2, 1)},
 }
 # mvitv2_tiny's entrypoint reads its widths from timm's model_cfgs: the fixture swaps in this cfg (2, 4, 8, 16 heads
 # of 8 channels, a stage with two blocks), for the reload through local-dir: too
@@ -177,7 +180,7 @@ def _heads_removed(removed: dict) -> dict:
                                   "davit_tiny", "davit_tiny-v2", "samvit_base_patch16_224",
                                   "samvit_base_patch16_224-rope", "maxvit_pico_rw_256", "maxvit_tiny_tf_224",
                                   "coatnet_nano_rw_224", "coatnet_nano_rw_224-mlp", "vit_relpos_small_patch16_224",
-                                  "vit_relpos_small_patch16_224-bias", "convit_tiny", "nest_tiny", "mvitv2_tiny"])
+                                  "vit_relpos_small_patch16_224-bias", "convit_tiny", "nest_tiny", "mvitv2_tiny", "gcvit_xxtiny"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     with float64():
@@ -312,6 +315,8 @@ LEFT_WHOLE = [  # (model, build kwargs on top of SMALL, module, entries of its h
      "shares BEiT's model-level relative position bias"),
     ("vit_relpos_small_patch16_224", {"shared_rel_pos": True}, "blocks.0.attn", 3,  # the vit_srelpos models
      "shares the model-level relative position module (shared_rel_pos"),
+    ("gcvit_xxtiny", {}, "stages.0.blocks.1.attn", 2,  # a global block: its queries are the stage's stream
+     "takes its queries from the stage's global query (GlobalContext)"),
 ]
 
 
@@ -388,7 +393,8 @@ SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_2
                 "davit_tiny-v2": davit.ChannelAttentionV2,
                 "vit_relpos_small_patch16_224": relpos.RelPosAttention,
                 "convit_tiny": (convit.GPSA, convit.MHSA),
-                "nest_tiny": nest.Attention}  # by case (a VARIANTS name or a model)
+                "nest_tiny": nest.Attention,
+                "gcvit_xxtiny": gcvit.WindowAttentionGlobal}  # by case (a VARIANTS name or a model)
 CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention,
                 "hiera_tiny_224": hiera.MaskUnitAttention,
                 "davit_tiny-v2": (davit.ChannelAttentionV2, davit.WindowAttention),

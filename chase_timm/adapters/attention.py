@@ -32,7 +32,7 @@ import timm
 import torch.nn as nn
 from timm.models import (beit, cait, davit, edgenext, eva, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr,
                          twins, vision_transformer_relpos as relpos, xcit)
-from timm.models import convit, nest
+from timm.models import convit, gcvit, nest
 
 from . import require
 
@@ -42,7 +42,8 @@ __all__ = ["check_version", "SLIM", "REFUSED", "edited", "slim_subclass", "regis
            "SlimCrossCovarianceAttn", "SlimXCA", "SlimPvtV2Attention",
            "SlimGlobalSubSampleAttn", "SlimLocallyGroupedAttn", "SlimChannelAttention",
            "SlimChannelAttentionV2", "SlimDavitWindowAttention", "SlimWindowMultiHeadAttention",
-           "SlimRelPosAttention", "SlimGPSA", "SlimMHSA", "SlimNestAttention"]
+           "SlimRelPosAttention", "SlimGPSA", "SlimMHSA", "SlimNestAttention",
+           "SlimWindowAttentionGlobal"]
 
 Edit = tuple[str, str, int]  # (the library's text, replacement, how many times it must occur)
 
@@ -163,6 +164,8 @@ SlimMHSA = register(convit.MHSA, "SlimMHSA", [_HEADS_SPLIT, _TO_HEADS], methods=
 # NesT (nest): its Attention splits heads with C // self.num_heads over (B, T, N, C) blocks and reshapes to C
 SlimNestAttention = register(nest.Attention, "SlimNestAttention",
                              [_HEADS_SPLIT, ("reshape(B, T, N, C)", "reshape(B, T, N, -1)", 1)])
+# GCViT (gcvit): WindowAttentionGlobal reshapes its heads' output to the input width C
+SlimWindowAttentionGlobal = register(gcvit.WindowAttentionGlobal, "SlimWindowAttentionGlobal", [_TO_HEADS])
 
 
 def timm_class(kind: type) -> type:
