@@ -12,11 +12,12 @@ column keeps out too, and its zeroed ``proj_w`` row and bias zero its attention 
 ``scaled_dot_product_attention`` path and the eager path alike: ``head_dim`` does not change, so neither does the
 scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``).
 
-EVA, BEiT, ViT-RelPos, Swin V2, CaiT's class and talking-heads attention, PVT-v2, Twins, DaViT and the
-cross-covariance attention of EdgeNeXt and XCiT reshape their heads' output to the input width in timm's forward
-(Swin V2-CR splits its heads with it); a resized one switches to its slim subclass
+EVA, BEiT, ViT-RelPos, Swin V2, CaiT's class and talking-heads attention, PVT-v2, Twins, DaViT, ConViT, NesT,
+GCViT and the cross-covariance attention of EdgeNeXt and XCiT reshape their heads' output to the input width in
+timm's forward (Swin V2-CR splits its heads with it); a resized one switches to its slim subclass
 (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left). Hiera's forward
-reads its widths from ``heads`` and ``dim_out``, MaxViT's / CoAtNet's from ``num_heads`` and ``dim_head``, which
+reads its widths from ``heads`` and ``dim_out``, MViTv2's from ``num_heads`` and ``dim_out``, MaxViT's / CoAtNet's
+from ``num_heads`` and ``dim_head``, which
 :func:`refresh_heads` re-derives. torch's ``nn.MultiheadAttention`` takes its attention width
 from the input as well and gets one too (:mod:`chase_timm.adapters.multihead`), as do ``nn.TransformerEncoderLayer``
 and ``nn.TransformerEncoder`` holding it (torch's forward without the inference fast path that bypasses the

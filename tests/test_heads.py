@@ -1,11 +1,11 @@
 """Attention heads as channel groups: whole heads are removed exactly, on the fused and the eager attention path.
 
 For every timm family in ``SMALL`` (ViT, Swin V1/V2/V2-CR, Hiera, LeViT, EVA, BEiT, CaiT, XCiT, EdgeNeXt, PVT-v2,
-Twins, TinyViT, DaViT, SAM ViT, MaxViT, CoAtNet, ViT-RelPos) and its ``VARIANTS``: a float64 shrinking run equals its
-masking twin (``recipes/shrink_equivalence.py`` at ``TOLERANCE = 1e-9``) with heads actually removed from each
-attention class of the case; the float32 export matches the masked model (<= 1e-4 relative); ``save_pretrained`` ->
-``local-dir:`` reloads the same outputs with the same ``num_heads`` per block; and the slim model's fused (SDPA) and
-eager attention paths agree. torch's ``nn.MultiheadAttention`` (on a ``test_vit`` backbone, as users wrap timm
+Twins, TinyViT, DaViT, SAM ViT, MaxViT, CoAtNet, ViT-RelPos, ConViT, NesT, MViTv2, GCViT) and its ``VARIANTS``: a
+float64 shrinking run equals its masking twin (``recipes/shrink_equivalence.py`` at ``TOLERANCE = 1e-9``) with
+heads actually removed from each attention class of the case; the float32 export matches the masked model (<= 1e-4
+relative); ``save_pretrained`` -> ``local-dir:`` reloads the same outputs with the same ``num_heads`` per block; and
+the slim model's fused (SDPA) and eager attention paths agree. torch's ``nn.MultiheadAttention`` (on a ``test_vit`` backbone, as users wrap timm
 models): the same twin and export checks, a width plan + state_dict round trip, and the module itself under every
 mask and ``need_weights`` option.
 """
@@ -180,7 +180,8 @@ def _heads_removed(removed: dict) -> dict:
                                   "davit_tiny", "davit_tiny-v2", "samvit_base_patch16_224",
                                   "samvit_base_patch16_224-rope", "maxvit_pico_rw_256", "maxvit_tiny_tf_224",
                                   "coatnet_nano_rw_224", "coatnet_nano_rw_224-mlp", "vit_relpos_small_patch16_224",
-                                  "vit_relpos_small_patch16_224-bias", "convit_tiny", "nest_tiny", "mvitv2_tiny", "gcvit_xxtiny"])
+                                  "vit_relpos_small_patch16_224-bias",
+                                  "convit_tiny", "nest_tiny", "mvitv2_tiny", "gcvit_xxtiny"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     with float64():
