@@ -444,6 +444,25 @@ def test_slim_forwards_are_timm_forwards_and_a_changed_timm_forward_gets_none(mo
     assert reason.startswith("has no slim forward: the source of") and "unavailable" in reason, reason
 
 
+def test_a_slim_subclass_edits_the_methods_its_forward_calls_and_a_changed_one_names_itself():
+    # ConViT's GPSA splits its q/k heads in get_attention (called by forward), MHSA in get_attention_map (a
+    # diagnostic): a model that lost heads runs both
+    model = zoo_coverage.build("convit_tiny").eval()
+    found = {g.name: g for g in find_channel_groups(model, torch.randn(1, 3, 32, 32))}
+    attentions = ("blocks.0.attn", "blocks.2.attn")  # GPSA, MHSA
+    slim = slim_copy(model, tensor_removals([found[a] for a in attentions], {a: [1] for a in attentions}))
+    tokens = torch.randn(2, 16, 48)  # a 4x4 map (GPSA's relative positions) of the 48-wide stream
+    for name in attentions:
+        module = slim.get_submodule(name)
+        assert type(module) is SLIM[timm_class(type(module))] and module.num_heads == 2
+        assert module.get_attention_map(tokens).shape == (2,) and module(tokens).shape == (2, 16, 48)
+    assert SLIM[convit.GPSA].get_attention.__qualname__ == "SlimGPSA.get_attention"
+    reason = slim_subclass(convit.GPSA, "Changed", [("C // self.num_heads", "-1", 1)],
+                           methods={"get_attention": [("C // self.num_heads", "-1", 2)]})
+    assert reason == ("has no slim forward: timm.models.convit.GPSA.get_attention holds 'C // self.num_heads' 1 "
+                      "times, not 2 (this timm changed it)")
+
+
 def test_a_plan_resizing_a_class_this_timm_has_no_slim_forward_for_names_the_reason(monkeypatch):
     model = zoo_coverage.build("eva02_tiny_patch14_224")
     attn = model.blocks[0].attn
