@@ -5,10 +5,10 @@ V2's ``WindowAttention``, CaiT's ``ClassAttn`` and ``TalkingHeadAttn``, PVT-v2's
 ``GlobalSubSampleAttn`` and ``LocallyGroupedAttn``, DaViT's ``ChannelAttention`` (V1 and V2) and
 ``WindowAttention``, ConViT's ``GPSA`` and ``MHSA``, NesT's and GCViT's attention and the cross-covariance attention
 of EdgeNeXt and XCiT end with ``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape`` (CaiT's two
-classes, XCiT, Twins, DaViT, ConViT and NesT also split heads with ``C // self.num_heads``, DaViT's V2 with ``C // self.groups``; Swin V2-CR's
-``WindowMultiHeadAttention`` only splits them so, its output reshape already holds a ``-1``), so a module that lost a
-head (or whose input stream lost a channel) no longer runs; PVT-v2 and Twins' GSA also flatten their spatial
-reduction's output with the input width, ``self.sr(x).reshape(B, C, -1)``, so a narrower ``sr`` conv does not run
+classes, XCiT, Twins, DaViT, ConViT and NesT also split heads with ``C // self.num_heads``, DaViT's V2 with
+``C // self.groups``; Swin V2-CR's ``WindowMultiHeadAttention`` only splits them so, its output reshape already
+holds a ``-1``), so a module that lost a head (or whose input stream lost a channel) no longer runs; PVT-v2 and
+Twins' GSA also flatten their spatial reduction's output with the input width, ``self.sr(x).reshape(B, C, -1)``, so a narrower ``sr`` conv does not run
 either. Each gets a *slim* subclass whose ``forward`` is timm's own, compiled from timm's source with a short edit list
 (``reshape(B, N, C)`` -> ``reshape(B, N, -1)``, ``sr(x).reshape(B, C, -1)`` -> ``sr(x).flatten(2)``, ...): the same
 computation, with the widths taken from the heads (and the ``sr`` channels) left. Every edit must match its expected
