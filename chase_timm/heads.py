@@ -16,10 +16,10 @@ EVA, BEiT, ViT-RelPos, Swin V2, CaiT's class and talking-heads attention, PVT-v2
 cross-covariance attention of EdgeNeXt and XCiT reshape their heads' output to the input width in timm's forward
 (Swin V2-CR splits its heads with it); a resized one switches to its slim subclass
 (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left). Hiera's forward
-reads its widths from ``heads`` and ``dim_out``, MaxViT's / CoAtNet's from ``num_heads`` and ``dim_head``, which
-:func:`refresh_heads` re-derives. torch's ``nn.MultiheadAttention`` takes its attention width
-from the input as well and gets one too (:mod:`chase_timm.adapters.multihead`), as do ``nn.TransformerEncoderLayer``
-and ``nn.TransformerEncoder`` holding it (torch's forward without the inference fast path that bypasses the
+reads its widths from ``heads`` and ``dim_out``, SAM2's Hiera's from ``num_heads``, MaxViT's / CoAtNet's from
+``num_heads`` and ``dim_head``, which :func:`refresh_heads` re-derives. torch's ``nn.MultiheadAttention`` takes its
+attention width from the input as well and gets one too (:mod:`chase_timm.adapters.multihead`), as do
+``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` holding it (torch's forward without the inference fast path that bypasses the
 attention's forward).
 
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), and
@@ -35,9 +35,9 @@ from typing import Iterator, Optional
 
 import torch.nn as nn
 from timm.layers import Attention, AttentionRope, RelPosBias, RelPosBiasTf, RelPosMlp
-from timm.models import (beit, cait, davit, edgenext, eva, hiera, levit, maxxvit, pvt_v2, swin_transformer,
-                         swin_transformer_v2, swin_transformer_v2_cr as swin_cr, tiny_vit, twins,
-                         vision_transformer_relpos as relpos, vision_transformer_sam as sam, xcit)
+from timm.models import (beit, cait, davit, edgenext, eva, hiera, hieradet_sam2 as sam2, levit,
+                         maxxvit, pvt_v2, swin_transformer, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
+                         tiny_vit, twins, vision_transformer_relpos as relpos, vision_transformer_sam as sam, xcit)
 
 from .adapters import multihead  # noqa: F401  registers nn.MultiheadAttention's slim forward (or why none)
 from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
@@ -49,8 +49,8 @@ __all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "heads_resized", "
 # classes whose forward reshapes the heads' output to the input width are resizable through their slim subclass
 # (chase_timm.adapters.attention, SLIM) and left whole when this timm's forward did not match its edits (REFUSED)
 _RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention, levit.AttentionDownsample,
-              tiny_vit.Attention, sam.Attention, hiera.MaskUnitAttention, maxxvit.Attention2d, maxxvit.AttentionCl,
-              *SLIM)
+              tiny_vit.Attention, sam.Attention, hiera.MaskUnitAttention, sam2.MultiScaleAttention,
+              maxxvit.Attention2d, maxxvit.AttentionCl, *SLIM)
 # torch containers whose inference fast path bypasses their MultiheadAttention's forward: resized, they switch to
 # their slim subclass (torch's forward without that fast path), else their attention's heads stay
 _CONTAINERS = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
@@ -110,7 +110,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _timm_attention(module)
     if kind in (swin_transformer.WindowAttention, swin_transformer_v2.WindowAttention, beit.Attention,
                 cait.TalkingHeadAttn, twins.LocallyGroupedAttn, sam.Attention, davit.ChannelAttentionV2, *_DAVIT,
-                *_XCA, swin_cr.WindowMultiHeadAttention, hiera.MaskUnitAttention):  # one fused qkv
+                *_XCA, swin_cr.WindowMultiHeadAttention, hiera.MaskUnitAttention,
+                sam2.MultiScaleAttention):  # one fused qkv
         shared = kind is beit.Attention and model is not None and any(
             isinstance(m, beit.RelativePositionBias) for m in model.modules())
         return _fused(module, module.proj.in_features // _num_heads(module), _SHARED_BIAS if shared else "")
@@ -182,6 +183,10 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         _check(name, "relative position bias rows", _rows(module.meta_mlp.fc2), module.num_heads)
     elif kind is hiera.MaskUnitAttention:  # its heads: heads; dim_out: the heads' width its forward reshapes to
         module.heads = _heads(name, module.proj.in_features, module.head_dim)
+        module.dim, module.dim_out = module.qkv.in_features, module.proj.in_features
+        _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
+    elif kind is sam2.MultiScaleAttention:  # SAM2's Hiera: its forward reads num_heads; scale: head_dim ** -0.5
+        module.num_heads = _heads(name, module.proj.in_features, round(module.scale ** -2))
         module.dim, module.dim_out = module.qkv.in_features, module.proj.in_features
         _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
     elif kind is davit.ChannelAttentionV2:  # its heads: groups
@@ -366,7 +371,8 @@ def _fused(module: nn.Module, hd: int, reason: str = "") -> HeadSpec:
     relative position bias column (V1) or logit scale and bias-MLP output row (V2; V2-CR: its weight and bias),
     BEiT's relative position bias column, the temperature of EdgeNeXt's and XCiT's cross-covariance attention, the
     row, column and bias of CaiT's head-mixing proj_l / proj_w (Twins' LocallyGroupedAttn, DaViT's two classes,
-    Hiera: none; SAM's rel_pos_h / rel_pos_w are (positions, head_dim), read by every head: they stay)."""
+    Hiera, SAM2's Hiera: none; SAM's rel_pos_h / rel_pos_w are (positions, head_dim), read by every head: they
+    stay)."""
     heads = _num_heads(module)
     slices = _linear_slices("qkv", module.qkv, _qkv_rows(heads, hd)) + _qkv_biases(module, heads, hd)
     slices.append(HeadSlice("proj.weight", 1, "consumer", _blocks(heads, hd)))

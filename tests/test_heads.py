@@ -1,13 +1,13 @@
 """Attention heads as channel groups: whole heads are removed exactly, on the fused and the eager attention path.
 
-For every timm family in ``SMALL`` (ViT, Swin V1/V2/V2-CR, Hiera, LeViT, EVA, BEiT, CaiT, XCiT, EdgeNeXt, PVT-v2,
-Twins, TinyViT, DaViT, SAM ViT, MaxViT, CoAtNet, ViT-RelPos) and its ``VARIANTS``: a float64 shrinking run equals its
-masking twin (``recipes/shrink_equivalence.py`` at ``TOLERANCE = 1e-9``) with heads actually removed from each
-attention class of the case; the float32 export matches the masked model (<= 1e-4 relative); ``save_pretrained`` ->
-``local-dir:`` reloads the same outputs with the same ``num_heads`` per block; and the slim model's fused (SDPA) and
-eager attention paths agree. torch's ``nn.MultiheadAttention`` (on a ``test_vit`` backbone, as users wrap timm
-models): the same twin and export checks, a width plan + state_dict round trip, and the module itself under every
-mask and ``need_weights`` option.
+For every timm family in ``SMALL`` (ViT, Swin V1/V2/V2-CR, Hiera, SAM2's Hiera, LeViT, EVA, BEiT, CaiT, XCiT,
+EdgeNeXt, PVT-v2, Twins, TinyViT, DaViT, SAM ViT, MaxViT, CoAtNet, ViT-RelPos) and its ``VARIANTS``: a float64
+shrinking run equals its masking twin (``recipes/shrink_equivalence.py`` at ``TOLERANCE = 1e-9``) with heads actually
+removed from each attention class of the case; the float32 export matches the masked model (<= 1e-4 relative);
+``save_pretrained`` -> ``local-dir:`` reloads the same outputs with the same ``num_heads`` per block; and the slim
+model's fused (SDPA) and eager attention paths agree. torch's ``nn.MultiheadAttention`` (on a ``test_vit`` backbone,
+as users wrap timm models): the same twin and export checks, a width plan + state_dict round trip, and the module
+itself under every mask and ``need_weights`` option.
 """
 import copy
 import json
@@ -33,9 +33,9 @@ import shrink_equivalence
 import zoo_coverage
 from shrink_equivalence import compare, float64
 from timm.layers import AttentionRope
-from timm.models import (beit, cait, davit, edgenext, eva, hiera, maxxvit, pvt_v2, swin_transformer_v2,
-                         swin_transformer_v2_cr as swin_cr, tiny_vit, twins, vision_transformer_relpos as relpos,
-                         vision_transformer_sam as sam, xcit)
+from timm.models import (beit, cait, davit, edgenext, eva, hiera, hieradet_sam2 as sam2, maxxvit,
+                         pvt_v2, swin_transformer_v2, swin_transformer_v2_cr as swin_cr, tiny_vit, twins,
+                         vision_transformer_relpos as relpos, vision_transformer_sam as sam, xcit)
 
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
 # layer scales at 1 so no block's output vanishes under the shortcut in float32 (the export check could not fail)
@@ -54,6 +54,9 @@ SMALL = {
     # Hiera: mask-unit attention on 64-token units, then with q pooling (stride 4) into 16, then global attention
     "hiera_tiny_224": {"img_size": 32, "embed_dim": 32, "num_heads": 2, "stages": (1, 2), "q_pool": 1,
                        "mask_unit_attn": (True, False), "mlp_ratio": 2.0},
+    # SAM2's Hiera: windows of 4 on the 8x8 map, then q pooling (stride 2) into windows of 2 on 4x4, then global
+    "sam2_hiera_tiny": {"embed_dim": 32, "num_heads": 2, "stages": (1, 2), "q_pool": 1, "window_spec": (4, 2),
+                        "global_att_blocks": (2,)},
     "cait_xxs24_224": {"img_size": 32, "depth": 1, "depth_token_only": 2, "embed_dim": 96, "num_heads": 3,
                        "init_values": 1.0},  # heads of TalkingHeadAttn (proj_l / proj_w) and the class attention
     "xcit_nano_12_p16_224": {"img_size": 32, "depth": 2, "embed_dim": 96, "num_heads": 3, "eta": 1.0},  # XCA
@@ -156,6 +159,7 @@ def _heads_removed(removed: dict) -> dict:
                                   "eva02_tiny_patch14_224-qkv_split", "eva02_tiny_patch14_224-gqa",
                                   "edgenext_xx_small", "beit_base_patch16_224",
                                   "swinv2_tiny_window16_256", "swinv2_cr_tiny_224", "hiera_tiny_224",
+                                  "sam2_hiera_tiny",
                                   "cait_xxs24_224", "xcit_nano_12_p16_224",
                                   "pvt_v2_b0", "twins_svt_small", "twins_pcpvt_small", "tiny_vit_5m_224",
                                   "davit_tiny", "davit_tiny-v2", "samvit_base_patch16_224",
@@ -372,7 +376,7 @@ SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_2
                 "davit_tiny-v2": davit.ChannelAttentionV2,
                 "vit_relpos_small_patch16_224": relpos.RelPosAttention}  # by case (a VARIANTS name or a model)
 CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention,
-                "hiera_tiny_224": hiera.MaskUnitAttention,
+                "hiera_tiny_224": hiera.MaskUnitAttention, "sam2_hiera_tiny": sam2.MultiScaleAttention,
                 "davit_tiny-v2": (davit.ChannelAttentionV2, davit.WindowAttention),
                 "eva02_tiny_patch14_224-gqa": AttentionRope, "maxvit_pico_rw_256": maxxvit.AttentionCl,
                 "maxvit_tiny_tf_224": maxxvit.AttentionCl,
