@@ -19,8 +19,8 @@ cross-covariance attention of EdgeNeXt and XCiT reshape their heads' output to t
 reads its widths from ``heads`` and ``dim_out``, SAM2's Hiera's from ``num_heads``, MaxViT's / CoAtNet's from
 ``num_heads`` and ``dim_head``, which :func:`refresh_heads` re-derives. torch's ``nn.MultiheadAttention`` takes its
 attention width from the input as well and gets one too (:mod:`chase_timm.adapters.multihead`), as do
-``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` holding it (torch's forward without the inference fast path that bypasses the
-attention's forward).
+``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` holding it (torch's forward without the inference fast
+path that bypasses the attention's forward).
 
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), and
 :func:`refresh_heads` re-derives a resized module's attributes (``num_heads``, ``attn_dim``, ...) from its tensor
@@ -35,7 +35,7 @@ from typing import Iterator, Optional
 
 import torch.nn as nn
 from timm.layers import Attention, AttentionRope, RelPosBias, RelPosBiasTf, RelPosMlp
-from timm.models import (beit, cait, davit, edgenext, eva, hiera, hieradet_sam2 as sam2, levit,
+from timm.models import (beit, cait, davit, edgenext, efficientformer, eva, hiera, hieradet_sam2 as sam2, levit,
                          maxxvit, pvt_v2, swin_transformer, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
                          tiny_vit, twins, vision_transformer_relpos as relpos, vision_transformer_sam as sam, xcit)
 
@@ -50,14 +50,15 @@ __all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "heads_resized", "
 # (chase_timm.adapters.attention, SLIM) and left whole when this timm's forward did not match its edits (REFUSED)
 _RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention, levit.AttentionDownsample,
               tiny_vit.Attention, sam.Attention, hiera.MaskUnitAttention, sam2.MultiScaleAttention,
-              maxxvit.Attention2d, maxxvit.AttentionCl, *SLIM)
+              maxxvit.Attention2d, maxxvit.AttentionCl, efficientformer.Attention, *SLIM)
 # torch containers whose inference fast path bypasses their MultiheadAttention's forward: resized, they switch to
 # their slim subclass (torch's forward without that fast path), else their attention's heads stay
 _CONTAINERS = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
 _XCA = (edgenext.CrossCovarianceAttn, xcit.XCA)  # cross-covariance attention: one temperature per head
 _TWINS = (twins.GlobalSubSampleAttn, twins.LocallyGroupedAttn)
 _DAVIT = (davit.ChannelAttention, davit.WindowAttention)
-_LEVIT = (levit.Attention, levit.AttentionDownsample, tiny_vit.Attention)  # q, k, v interleaved per head
+_PLAIN_LEVIT = (tiny_vit.Attention, efficientformer.Attention)  # LeViT-like with a plain qkv Linear and projection
+_LEVIT = (levit.Attention, levit.AttentionDownsample, *_PLAIN_LEVIT)  # q, k, v interleaved per head
 _MAXXVIT = (maxxvit.Attention2d, maxxvit.AttentionCl)  # MaxViT, CoAtNet, MaxxViT: NCHW (1x1 convs), channels-last
 _REL_POS = (RelPosBias, RelPosBiasTf, RelPosMlp)  # timm.layers' relative position modules (``rel_pos``)
 _LEFT_WHOLE = {kind: reason for kind, reason in REFUSED.items() if kind not in _CONTAINERS}
@@ -234,11 +235,13 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         module.num_heads = heads
         module.attention_bias_cache = {}  # eval-mode cache of the old (num_heads, N, N) biases
         per_head = module.val_dim + module.key_dim * (1 if kind is levit.AttentionDownsample else 2)
-        if kind is tiny_vit.Attention:  # plain Linears; out_dim: the heads' output width
+        if kind is tiny_vit.Attention:  # out_dim: the heads' output width
             module.out_dim = module.val_dim * heads
+        else:  # EfficientFormer's forward reshapes its heads' output to val_attn_dim
+            module.key_attn_dim, module.val_attn_dim = module.key_dim * heads, module.val_dim * heads
+        if kind in _PLAIN_LEVIT:
             qkv, proj = module.qkv, module.proj
         else:
-            module.key_attn_dim, module.val_attn_dim = module.key_dim * heads, module.val_dim * heads
             qkv = (module.qkv if kind is levit.Attention else module.kv).linear
             proj = module.proj.ln.linear
         _check(name, "qkv rows", _rows(qkv), heads * per_head)
@@ -441,13 +444,13 @@ def _q_kv(module: nn.Module, hd: int) -> HeadSpec:
 
 
 def _levit(module: nn.Module) -> HeadSpec:
-    """LeViT Attention / AttentionDownsample and TinyViT's Attention: q, k, v interleaved per head, one
-    attention-bias row per head. LeViT: one LinearNorm/ConvNorm (with its BatchNorm) and an activation with
-    act(0) = 0 before the projection; TinyViT: a plain qkv Linear (with bias) and projection."""
+    """LeViT Attention / AttentionDownsample, TinyViT's and EfficientFormer's Attention: q, k, v interleaved per
+    head, one attention-bias row per head. LeViT: one LinearNorm/ConvNorm (with its BatchNorm) and an activation
+    with act(0) = 0 before the projection; TinyViT, EfficientFormer: a plain qkv Linear (with bias) and projection."""
     heads, kd, vd = module.num_heads, module.key_dim, module.val_dim
     kind = timm_class(type(module))
     bias = HeadSlice("attention_biases", 0, "free", _blocks(heads, 1))
-    if kind is tiny_vit.Attention:
+    if kind in _PLAIN_LEVIT:
         slices = _linear_slices("qkv", module.qkv, _blocks(heads, 2 * kd + vd))
         slices += [HeadSlice("proj.weight", 1, "consumer", _blocks(heads, vd)), bias]
         return HeadSpec(heads, vd, tuple(slices))
