@@ -515,6 +515,7 @@ def _conv_norm(module: nn.Module, prefix: str, index: tuple) -> list[HeadSlice]:
 
 
 def _bn(prefix: str, index: tuple) -> list[HeadSlice]:
+    """A BatchNorm's per-channel tensors at ``index`` (LeViT's and EfficientFormer-V2's norms after q, k, v)."""
     return [HeadSlice(f"{prefix}.bn.{t}", 0, "norm", index) for t in ("weight", "bias", "running_mean", "running_var")]
 
 
