@@ -1,12 +1,13 @@
 """Attention heads as channel groups: which tensor positions belong to each head of timm's attention modules.
 
 A head is removed whole: its q, k and v rows (with biases and per-row norms), the output projection's columns,
-per-head tables (Swin's relative position bias column, LeViT's and TinyViT's attention-bias row, the head's slice
-of the ``rel_pos`` module of MaxViT / CoAtNet / ViT-RelPos: a table column or row, a bias-MLP output), gate rows and
-the head's row, column and bias of CaiT's head-mixing ``proj_l`` / ``proj_w`` (talking heads). Zeroing a head's v
-rows (and v bias) makes its attention output exactly zero whatever q and k (and q_norm / k_norm) do (DaViT's
-channel attention, ``softmax(k^T v) q^T``: its q rows), and its projection columns are zero too, so the masked
-model computes what the model without the head computes (talking heads: the zeroed ``proj_l`` column keeps its
+per-head tables (Swin's relative position bias column, the attention-bias row of LeViT, TinyViT and EfficientFormer
+V1/V2, the head's slice of the ``rel_pos`` module of MaxViT / CoAtNet / ViT-RelPos: a table column or row, a bias-MLP
+output), gate rows, EfficientFormer-V2's depthwise ``v_local`` rows and the head's row, column and bias of CaiT's
+head-mixing ``proj_l`` / ``proj_w`` (talking heads; EfficientFormer-V2's ``talking_head1`` / ``talking_head2``).
+Zeroing a head's v rows (and v bias) makes its attention output exactly zero whatever q and k (and q_norm / k_norm)
+do (DaViT's channel attention, ``softmax(k^T v) q^T``: its q rows), and its projection columns are zero too, so the
+masked model computes what the model without the head computes (talking heads: the zeroed ``proj_l`` column keeps its
 logits out of the other heads, its zeroed ``proj_l`` row gives it a uniform softmax, which the zeroed ``proj_w``
 column keeps out too, and its zeroed ``proj_w`` row and bias zero its attention map), on the fused
 ``scaled_dot_product_attention`` path and the eager path alike: ``head_dim`` does not change, so neither does the
@@ -16,12 +17,12 @@ EVA, BEiT, ViT-RelPos, Swin V2, CaiT's class and talking-heads attention, PVT-v2
 GCViT and the cross-covariance attention of EdgeNeXt and XCiT reshape their heads' output to the input width in
 timm's forward (Swin V2-CR splits its heads with it); a resized one switches to its slim subclass
 (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left). Hiera's forward
-reads its widths from ``heads`` and ``dim_out``, MViTv2's from ``num_heads`` and ``dim_out``, MaxViT's / CoAtNet's
-from ``num_heads`` and ``dim_head``, which
-:func:`refresh_heads` re-derives. torch's ``nn.MultiheadAttention`` takes its attention width
-from the input as well and gets one too (:mod:`chase_timm.adapters.multihead`), as do ``nn.TransformerEncoderLayer``
-and ``nn.TransformerEncoder`` holding it (torch's forward without the inference fast path that bypasses the
-attention's forward).
+reads its widths from ``heads`` and ``dim_out``, SAM2's Hiera's from ``num_heads``, EfficientFormer's from
+``num_heads`` and ``val_attn_dim``, EfficientFormer-V2's from ``num_heads`` and ``dh``, MViTv2's from ``num_heads``
+and ``dim_out``, MaxViT's / CoAtNet's from ``num_heads`` and ``dim_head``, which :func:`refresh_heads` re-derives.
+torch's ``nn.MultiheadAttention`` takes its attention width from the input as well and gets one too
+(:mod:`chase_timm.adapters.multihead`), as do ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` holding
+it (torch's forward without the inference fast path that bypasses the attention's forward).
 
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), and
 :func:`refresh_heads` re-derives a resized module's attributes (``num_heads``, ``attn_dim``, ...) from its tensor
@@ -36,9 +37,10 @@ from typing import Iterator, Optional
 
 import torch.nn as nn
 from timm.layers import Attention, AttentionRope, RelPosBias, RelPosBiasTf, RelPosMlp
-from timm.models import (beit, cait, davit, edgenext, eva, hiera, levit, maxxvit, pvt_v2, swin_transformer,
-                         swin_transformer_v2, swin_transformer_v2_cr as swin_cr, tiny_vit, twins,
-                         vision_transformer_relpos as relpos, vision_transformer_sam as sam, xcit)
+from timm.models import (beit, cait, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
+                         hieradet_sam2 as sam2, levit, maxxvit, pvt_v2, swin_transformer, swin_transformer_v2,
+                         swin_transformer_v2_cr as swin_cr, tiny_vit, twins, vision_transformer_relpos as relpos,
+                         vision_transformer_sam as sam, xcit)
 from timm.models import convit, gcvit, mvitv2, nest
 
 from .adapters import multihead  # noqa: F401  registers nn.MultiheadAttention's slim forward (or why none)
@@ -48,19 +50,22 @@ from .norms import covers
 __all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "heads_resized", "refresh_heads", "head_counts",
            "qkv_as_modules"]
 
+# EfficientFormer-V2: separate q, k, v ConvNorms, a depthwise v_local, per-head attention biases (and talking heads)
+_EFFICIENTFORMER_V2 = (efficientformer_v2.Attention2d, efficientformer_v2.Attention2dDownsample)
 # classes whose forward reshapes the heads' output to the input width are resizable through their slim subclass
 # (chase_timm.adapters.attention, SLIM) and left whole when this timm's forward did not match its edits (REFUSED)
 _RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention, levit.AttentionDownsample,
-              tiny_vit.Attention, sam.Attention, hiera.MaskUnitAttention, maxxvit.Attention2d, maxxvit.AttentionCl,
-              mvitv2.MultiScaleAttention,
-              *SLIM)
+              tiny_vit.Attention, sam.Attention, hiera.MaskUnitAttention, sam2.MultiScaleAttention,
+              maxxvit.Attention2d, maxxvit.AttentionCl, efficientformer.Attention, *_EFFICIENTFORMER_V2,
+              mvitv2.MultiScaleAttention, *SLIM)
 # torch containers whose inference fast path bypasses their MultiheadAttention's forward: resized, they switch to
 # their slim subclass (torch's forward without that fast path), else their attention's heads stay
 _CONTAINERS = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
 _XCA = (edgenext.CrossCovarianceAttn, xcit.XCA)  # cross-covariance attention: one temperature per head
 _TWINS = (twins.GlobalSubSampleAttn, twins.LocallyGroupedAttn)
 _DAVIT = (davit.ChannelAttention, davit.WindowAttention)
-_LEVIT = (levit.Attention, levit.AttentionDownsample, tiny_vit.Attention)  # q, k, v interleaved per head
+_PLAIN_LEVIT = (tiny_vit.Attention, efficientformer.Attention)  # LeViT-like with a plain qkv Linear and projection
+_LEVIT = (levit.Attention, levit.AttentionDownsample, *_PLAIN_LEVIT)  # q, k, v interleaved per head
 _MAXXVIT = (maxxvit.Attention2d, maxxvit.AttentionCl)  # MaxViT, CoAtNet, MaxxViT: NCHW (1x1 convs), channels-last
 _REL_POS = (RelPosBias, RelPosBiasTf, RelPosMlp)  # timm.layers' relative position modules (``rel_pos``)
 _CONVIT = (convit.GPSA, convit.MHSA)  # ConViT: gated positional self-attention (qk and v apart), plain attention
@@ -115,7 +120,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _timm_attention(module)
     if kind in (swin_transformer.WindowAttention, swin_transformer_v2.WindowAttention, beit.Attention,
                 cait.TalkingHeadAttn, twins.LocallyGroupedAttn, sam.Attention, davit.ChannelAttentionV2, *_DAVIT,
-                *_XCA, swin_cr.WindowMultiHeadAttention, hiera.MaskUnitAttention):  # one fused qkv
+                *_XCA, swin_cr.WindowMultiHeadAttention, hiera.MaskUnitAttention,
+                sam2.MultiScaleAttention):  # one fused qkv
         shared = kind is beit.Attention and model is not None and any(
             isinstance(m, beit.RelativePositionBias) for m in model.modules())
         return _fused(module, module.proj.in_features // _num_heads(module), _SHARED_BIAS if shared else "")
@@ -125,6 +131,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _rel_pos_attention(module, model)
     if kind in _LEVIT:
         return _levit(module)
+    if kind in _EFFICIENTFORMER_V2:
+        return _efficientformer_v2(module)
     if kind is cait.ClassAttn:
         return _class_attention(module)
     if kind in _CONVIT:
@@ -197,6 +205,10 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         module.heads = _heads(name, module.proj.in_features, module.head_dim)
         module.dim, module.dim_out = module.qkv.in_features, module.proj.in_features
         _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
+    elif kind is sam2.MultiScaleAttention:  # SAM2's Hiera: its forward reads num_heads; scale: head_dim ** -0.5
+        module.num_heads = _heads(name, module.proj.in_features, round(module.scale ** -2))
+        module.dim, module.dim_out = module.qkv.in_features, module.proj.in_features
+        _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
     elif kind is davit.ChannelAttentionV2:  # its heads: groups
         module.groups = _heads(name, module.proj.in_features, module.head_dim)
         _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
@@ -255,15 +267,32 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         module.num_heads = heads
         module.attention_bias_cache = {}  # eval-mode cache of the old (num_heads, N, N) biases
         per_head = module.val_dim + module.key_dim * (1 if kind is levit.AttentionDownsample else 2)
-        if kind is tiny_vit.Attention:  # plain Linears; out_dim: the heads' output width
+        if kind is tiny_vit.Attention:  # out_dim: the heads' output width
             module.out_dim = module.val_dim * heads
+        else:  # EfficientFormer's forward reshapes its heads' output to val_attn_dim
+            module.key_attn_dim, module.val_attn_dim = module.key_dim * heads, module.val_dim * heads
+        if kind in _PLAIN_LEVIT:
             qkv, proj = module.qkv, module.proj
         else:
-            module.key_attn_dim, module.val_attn_dim = module.key_dim * heads, module.val_dim * heads
             qkv = (module.qkv if kind is levit.Attention else module.kv).linear
             proj = module.proj.ln.linear
         _check(name, "qkv rows", _rows(qkv), heads * per_head)
         _check(name, "proj columns", _columns(proj), module.val_dim * heads)
+    elif kind in _EFFICIENTFORMER_V2:  # dh: the heads' value width its forward reshapes to; d: one head's
+        heads = module.attention_biases.shape[0]
+        module.num_heads, module.dh = heads, module.d * heads
+        module.attention_bias_cache = {}  # eval-mode cache of the old (num_heads, N2, N) biases
+        q = module.q.proj if kind is efficientformer_v2.Attention2dDownsample else module.q
+        for what, actual, expected in (("q rows", _rows(q.conv), module.key_dim * heads),
+                                       ("k rows", _rows(module.k.conv), module.key_dim * heads),
+                                       ("v rows", _rows(module.v.conv), module.dh),
+                                       ("v_local rows", _rows(module.v_local.conv), module.dh),
+                                       ("proj columns", _columns(module.proj.conv), module.dh)):
+            _check(name, what, actual, expected)
+        for mixing in (getattr(module, f"talking_head{i}", None) for i in (1, 2)):
+            if mixing is not None:
+                _check(name, "talking-head rows", _rows(mixing), heads)
+                _check(name, "talking-head columns", _columns(mixing), heads)
     use_slim_forward(module)
 
 
@@ -407,7 +436,8 @@ def _fused(module: nn.Module, hd: int, reason: str = "") -> HeadSpec:
     relative position bias column (V1) or logit scale and bias-MLP output row (V2; V2-CR: its weight and bias),
     BEiT's relative position bias column, the temperature of EdgeNeXt's and XCiT's cross-covariance attention, the
     row, column and bias of CaiT's head-mixing proj_l / proj_w (Twins' LocallyGroupedAttn, DaViT's two classes,
-    Hiera: none; SAM's rel_pos_h / rel_pos_w are (positions, head_dim), read by every head: they stay)."""
+    Hiera, SAM2's Hiera: none; SAM's rel_pos_h / rel_pos_w are (positions, head_dim), read by every head: they
+    stay)."""
     heads = _num_heads(module)
     slices = _linear_slices("qkv", module.qkv, _qkv_rows(heads, hd)) + _qkv_biases(module, heads, hd)
     slices.append(HeadSlice("proj.weight", 1, "consumer", _blocks(heads, hd)))
@@ -426,8 +456,7 @@ def _fused(module: nn.Module, hd: int, reason: str = "") -> HeadSpec:
     if isinstance(module, cait.TalkingHeadAttn):
         if _rows(module.proj_l) != heads:  # fewer mixed heads than heads: a plan of an earlier release
             return HeadSpec(heads, hd, tuple(slices), _NARROW_MIXING)
-        slices += [HeadSlice(f"{mix}.{t}", dim, role, one) for mix in ("proj_l", "proj_w")
-                   for t, dim, role in (("weight", 0, "free"), ("weight", 1, "consumer"), ("bias", 0, "bias"))]
+        slices += _mixing(("proj_l", "proj_w"), one)
     return HeadSpec(heads, hd, tuple(slices), reason)
 
 
@@ -532,13 +561,13 @@ def _q_kv(module: nn.Module, hd: int) -> HeadSpec:
 
 
 def _levit(module: nn.Module) -> HeadSpec:
-    """LeViT Attention / AttentionDownsample and TinyViT's Attention: q, k, v interleaved per head, one
-    attention-bias row per head. LeViT: one LinearNorm/ConvNorm (with its BatchNorm) and an activation with
-    act(0) = 0 before the projection; TinyViT: a plain qkv Linear (with bias) and projection."""
+    """LeViT Attention / AttentionDownsample, TinyViT's and EfficientFormer's Attention: q, k, v interleaved per
+    head, one attention-bias row per head. LeViT: one LinearNorm/ConvNorm (with its BatchNorm) and an activation
+    with act(0) = 0 before the projection; TinyViT, EfficientFormer: a plain qkv Linear (with bias) and projection."""
     heads, kd, vd = module.num_heads, module.key_dim, module.val_dim
     kind = timm_class(type(module))
     bias = HeadSlice("attention_biases", 0, "free", _blocks(heads, 1))
-    if kind is tiny_vit.Attention:
+    if kind in _PLAIN_LEVIT:
         slices = _linear_slices("qkv", module.qkv, _blocks(heads, 2 * kd + vd))
         slices += [HeadSlice("proj.weight", 1, "consumer", _blocks(heads, vd)), bias]
         return HeadSpec(heads, vd, tuple(slices))
@@ -552,10 +581,43 @@ def _levit(module: nn.Module) -> HeadSpec:
     return HeadSpec(heads, vd, tuple(slices), reason)
 
 
+def _mixing(layers: tuple[str, ...], one: tuple) -> list[HeadSlice]:
+    """Talking heads (CaiT's proj_l / proj_w, EfficientFormer-V2's talking_head1/2: Linears or 1x1 convs over the
+    heads axis): row, column and bias ``h`` of each go with head ``h``."""
+    return [HeadSlice(f"{mix}.{t}", dim, role, one) for mix in layers
+            for t, dim, role in (("weight", 0, "free"), ("weight", 1, "consumer"), ("bias", 0, "bias"))]
+
+
+def _efficientformer_v2(module: nn.Module) -> HeadSpec:
+    """EfficientFormer-V2's Attention2d / Attention2dDownsample: the head's rows of the q, k and v ConvNorms (1x1 conv
+    with bias, then BatchNorm; the downsampling query's after its local and pooled sum, ``q.proj``) and of the
+    depthwise ``v_local`` ConvNorm added to its output, ``proj`` columns (so whatever its activation gives a zeroed
+    head, none of it reaches the output), row ``h`` of ``attention_biases``, and Attention2d's talking heads
+    (``talking_head1`` / ``talking_head2``: 1x1 convs over the heads axis, as CaiT's)."""
+    heads, kd, vd = module.num_heads, module.key_dim, module.d
+    keys, values, one = _blocks(heads, kd), _blocks(heads, vd), _blocks(heads, 1)
+    downsample = timm_class(type(module)) is efficientformer_v2.Attention2dDownsample
+    slices = [*_conv_norm(module, "q.proj" if downsample else "q", keys), *_conv_norm(module, "k", keys),
+              *_conv_norm(module, "v", values), *_conv_norm(module, "v_local", values),
+              HeadSlice("proj.conv.weight", 1, "consumer", values), HeadSlice("attention_biases", 0, "free", one)]
+    if not downsample:
+        slices += _mixing(("talking_head1", "talking_head2"), one)
+    return HeadSpec(heads, vd, tuple(slices))
+
+
+def _conv_norm(module: nn.Module, prefix: str, index: tuple) -> list[HeadSlice]:
+    """EfficientFormer-V2's ConvNorm: conv weight rows and bias plus the BatchNorm's per-channel tensors."""
+    return [*_linear_slices(f"{prefix}.conv", module.get_submodule(prefix).conv, index), *_bn(prefix, index)]
+
+
+def _bn(prefix: str, index: tuple) -> list[HeadSlice]:
+    """A BatchNorm's per-channel tensors at ``index`` (LeViT's and EfficientFormer-V2's norms after q, k, v)."""
+    return [HeadSlice(f"{prefix}.bn.{t}", 0, "norm", index) for t in ("weight", "bias", "running_mean", "running_var")]
+
+
 def _norm_linear(prefix: str, index: tuple) -> list[HeadSlice]:
     """LeViT's LinearNorm / ConvNorm: bias-free weight rows plus the BatchNorm's per-channel tensors."""
-    return [HeadSlice(f"{prefix}.linear.weight", 0, "producer", index),
-            *(HeadSlice(f"{prefix}.bn.{t}", 0, "norm", index) for t in ("weight", "bias", "running_mean", "running_var"))]
+    return [HeadSlice(f"{prefix}.linear.weight", 0, "producer", index), *_bn(prefix, index)]
 
 
 def _acts_keep_zero(act: nn.Module) -> bool:

@@ -1,13 +1,14 @@
 """Attention heads as channel groups: whole heads are removed exactly, on the fused and the eager attention path.
 
-For every timm family in ``SMALL`` (ViT, Swin V1/V2/V2-CR, Hiera, LeViT, EVA, BEiT, CaiT, XCiT, EdgeNeXt, PVT-v2,
-Twins, TinyViT, DaViT, SAM ViT, MaxViT, CoAtNet, ViT-RelPos, ConViT, NesT, MViTv2, GCViT) and its ``VARIANTS``: a
-float64 shrinking run equals its masking twin (``recipes/shrink_equivalence.py`` at ``TOLERANCE = 1e-9``) with
-heads actually removed from each attention class of the case; the float32 export matches the masked model (<= 1e-4
-relative); ``save_pretrained`` -> ``local-dir:`` reloads the same outputs with the same ``num_heads`` per block; and
-the slim model's fused (SDPA) and eager attention paths agree. torch's ``nn.MultiheadAttention`` (on a ``test_vit`` backbone, as users wrap timm
-models): the same twin and export checks, a width plan + state_dict round trip, and the module itself under every
-mask and ``need_weights`` option.
+For every timm family in ``SMALL`` (ViT, Swin V1/V2/V2-CR, Hiera, SAM2's Hiera, LeViT, EVA, BEiT, CaiT, XCiT,
+EdgeNeXt, PVT-v2, Twins, TinyViT, EfficientFormer (V1, V2), DaViT, SAM ViT, MaxViT, CoAtNet, ViT-RelPos, ConViT,
+NesT, MViTv2, GCViT) and its ``VARIANTS``: a float64 shrinking run equals its masking twin
+(``recipes/shrink_equivalence.py`` at ``TOLERANCE = 1e-9``) with heads actually removed from each attention class of
+the case; the float32 export matches the masked model (<= 1e-4 relative); ``save_pretrained`` -> ``local-dir:``
+reloads the same outputs with the same ``num_heads`` per block; and the slim model's fused (SDPA) and eager attention
+paths agree. torch's ``nn.MultiheadAttention`` (on a ``test_vit`` backbone, as users wrap timm models): the same twin
+and export checks, a width plan + state_dict round trip, and the module itself under every mask and ``need_weights``
+option.
 """
 import copy
 import json
@@ -33,9 +34,9 @@ import shrink_equivalence
 import zoo_coverage
 from shrink_equivalence import compare, float64
 from timm.layers import AttentionRope
-from timm.models import (beit, cait, davit, edgenext, eva, hiera, maxxvit, pvt_v2, swin_transformer_v2,
-                         swin_transformer_v2_cr as swin_cr, tiny_vit, twins, vision_transformer_relpos as relpos,
-                         vision_transformer_sam as sam, xcit)
+from timm.models import (beit, cait, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
+                         hieradet_sam2 as sam2, maxxvit, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
+                         tiny_vit, twins, vision_transformer_relpos as relpos, vision_transformer_sam as sam, xcit)
 from timm.models import convit, gcvit, mvitv2, nest
 
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
@@ -55,6 +56,16 @@ SMALL = {
     # Hiera: mask-unit attention on 64-token units, then with q pooling (stride 4) into 16, then global attention
     "hiera_tiny_224": {"img_size": 32, "embed_dim": 32, "num_heads": 2, "stages": (1, 2), "q_pool": 1,
                        "mask_unit_attn": (True, False), "mlp_ratio": 2.0},
+    # SAM2's Hiera: windows of 4 on the 8x8 map, then q pooling (stride 2) into windows of 2 on 4x4, then global
+    "sam2_hiera_tiny": {"embed_dim": 32, "num_heads": 2, "stages": (1, 2), "q_pool": 1, "window_spec": (4, 2),
+                        "global_att_blocks": (2,)},
+    # EfficientFormer: its attention biases are fixed at 7x7 tokens, so 2 stages at 56 px, the last block attention
+    "efficientformer_l1": {"depths": (1, 2), "embed_dims": (16, 32), "num_vit": 1, "img_size": 56,
+                           "layer_scale_init_value": 1.0},
+    # EfficientFormer-V2 at 64 px: stage 2's attention (talking heads) with its stride-2 conv on a 4x4 map (2x2
+    # tokens, upsampled back), stage 3's downsampling attention (16 keys, 4 queries) and attention on 2x2 tokens
+    "efficientformerv2_s0": {"depths": (1, 1, 2, 2), "embed_dims": (16, 16, 32, 32), "num_vit": 1, "mlp_ratios": 2,
+                             "img_size": 64, "layer_scale_init_value": 1.0},
     "cait_xxs24_224": {"img_size": 32, "depth": 1, "depth_token_only": 2, "embed_dim": 96, "num_heads": 3,
                        "init_values": 1.0},  # heads of TalkingHeadAttn (proj_l / proj_w) and the class attention
     "xcit_nano_12_p16_224": {"img_size": 32, "depth": 2, "embed_dim": 96, "num_heads": 3, "eta": 1.0},  # XCA
@@ -101,6 +112,10 @@ SMALL = {
     # on the 8x8 and 4x4 maps, 2 on 2x2 (gcvit_xxtiny's entrypoint fixes depths and heads: 2, 4, 8, 16 of 16 channels)
     "gcvit_xxtiny": {"img_size": 32, "embed_dim": 32, "mlp_ratio": 2.0, "window_size": (4, 4, 2, 1)},
 }
+SIZES = {"efficientformer_l1": 56, "efficientformerv2_s0": 64}  # input side where it is not 32 px
+# EfficientFormer-V2's convs have biases ahead of a training-mode BatchNorm, which cancels them: their gradients are
+# rounding noise, which AdamW normalises into full steps (float64 twin 2e-8 apart with its heads left whole); SGD
+OPTIMIZER = {"efficientformerv2_s0": "sgd"}
 # mvitv2_tiny's entrypoint reads its widths from timm's model_cfgs: the fixture swaps in this cfg (2, 4, 8, 16 heads
 # of 8 channels, a stage with two blocks), for the reload through local-dir: too
 MVITV2_TINY = mvitv2.MultiScaleVitCfg(depths=(1, 2, 1, 1), embed_dim=16, num_heads=2, mlp_ratio=2.0)
@@ -155,6 +170,9 @@ def _small_models(monkeypatch):
             monkeypatch.setitem(zoo_coverage.SMALLER, name, kwargs)
     monkeypatch.setattr(zoo_coverage, "build", _build)
     monkeypatch.setattr(shrink_equivalence, "tiny_model", _build)
+    size = zoo_coverage.input_size
+    for harness in (zoo_coverage, shrink_equivalence):
+        monkeypatch.setattr(harness, "input_size", lambda name: SIZES.get(name) or size(name))
     monkeypatch.setitem(mvitv2.model_cfgs, "mvitv2_tiny", MVITV2_TINY)
 
 
@@ -167,7 +185,8 @@ def _model(case: str, monkeypatch) -> str:
 
 def _heads_removed(removed: dict) -> dict:
     """Removed channels of head groups (named after their attention module)."""
-    return {name: heads for name, heads in removed.items() if name.endswith((".attn", ".attn_downsample", ".xca"))}
+    return {name: heads for name, heads in removed.items()
+            if name.endswith((".attn", ".attn_downsample", ".xca", ".token_mixer"))}
 
 
 @pytest.mark.parametrize("case", ["vit_tiny_patch16_224", pytest.param("swin_tiny_patch4_window7_224"),
@@ -175,6 +194,7 @@ def _heads_removed(removed: dict) -> dict:
                                   "eva02_tiny_patch14_224-qkv_split", "eva02_tiny_patch14_224-gqa",
                                   "edgenext_xx_small", "beit_base_patch16_224",
                                   "swinv2_tiny_window16_256", "swinv2_cr_tiny_224", "hiera_tiny_224",
+                                  "sam2_hiera_tiny", "efficientformer_l1", "efficientformerv2_s0",
                                   "cait_xxs24_224", "xcit_nano_12_p16_224",
                                   "pvt_v2_b0", "twins_svt_small", "twins_pcpvt_small", "tiny_vit_5m_224",
                                   "davit_tiny", "davit_tiny-v2", "samvit_base_patch16_224",
@@ -185,7 +205,7 @@ def _heads_removed(removed: dict) -> dict:
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     with float64():
-        result = compare(name, "adamw", channel_sparsity=0.6)
+        result = compare(name, OPTIMIZER.get(name, "adamw"), channel_sparsity=0.6)
     assert result.refused is None and result.error is None, (result.refused, result.error)
     _assert_each_class_lost_heads(case, result.run[0], _heads_removed(result.removed))
     assert result.removed == result.twin_removed and result.masks_equal
@@ -215,7 +235,7 @@ def test_slim_heads_export_reload_and_agree_on_fused_and_eager_attention(case, p
     rows = {r["group"]: r for r in chase.report()}
     assert {b: rows[b]["width_after"] * per[b] for b in slim_heads} == slim_heads  # report rows count entries
 
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, SIZES.get(name, 32), SIZES.get(name, 32))
     chase_timm.save_pretrained(slim, tmp_path / "slim")
     loaded = timm.create_model(f"local-dir:{tmp_path / 'slim'}", pretrained=True).eval()
     assert head_counts(loaded) == slim_heads
@@ -397,7 +417,9 @@ SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_2
                 "nest_tiny": nest.Attention,
                 "gcvit_xxtiny": gcvit.WindowAttentionGlobal}  # by case (a VARIANTS name or a model)
 CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention,
-                "hiera_tiny_224": hiera.MaskUnitAttention,
+                "hiera_tiny_224": hiera.MaskUnitAttention, "sam2_hiera_tiny": sam2.MultiScaleAttention,
+                "efficientformer_l1": efficientformer.Attention,
+                "efficientformerv2_s0": (efficientformer_v2.Attention2d, efficientformer_v2.Attention2dDownsample),
                 "davit_tiny-v2": (davit.ChannelAttentionV2, davit.WindowAttention),
                 "eva02_tiny_patch14_224-gqa": AttentionRope, "maxvit_pico_rw_256": maxxvit.AttentionCl,
                 "maxvit_tiny_tf_224": maxxvit.AttentionCl,
