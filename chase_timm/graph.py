@@ -367,6 +367,9 @@ def _head_draft(ctx: _Context, name: str, module: nn.Module, spec: HeadSpec,
                 ctx.tied_inputs[owner] = spec.stream
             if owner not in ctx.graph.module2node and not spec.reason:
                 draft.problem("not used in the traced forward pass", 0)
+    for path in spec.shared:  # e.g. MViTv2's pooling convs: head_dim channels, run on every head
+        layer = module.get_submodule(path)
+        covered.setdefault(layer, set()).update(range(_out_channels(layer)))
     if spec.reason:
         draft.problem(spec.reason, 0)
     elif spec.heads == 1:

@@ -3,12 +3,12 @@
 ``EvaAttention`` (EVA, EVA-02), BEiT's ``Attention``, ``RelPosAttention`` (``vision_transformer_relpos``), Swin
 V2's ``WindowAttention``, CaiT's ``ClassAttn`` and ``TalkingHeadAttn``, PVT-v2's ``Attention``, Twins'
 ``GlobalSubSampleAttn`` and ``LocallyGroupedAttn``, DaViT's ``ChannelAttention`` (V1 and V2) and
-``WindowAttention`` and the cross-covariance attention of EdgeNeXt and XCiT end with
-``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape`` (CaiT's two classes, XCiT, Twins and DaViT
-also split heads with ``C // self.num_heads``, DaViT's V2 with ``C // self.groups``; Swin V2-CR's
-``WindowMultiHeadAttention`` only splits them so, its output reshape already holds a ``-1``), so a module that lost a
-head (or whose input stream lost a channel) no longer runs; PVT-v2 and Twins' GSA also flatten their spatial
-reduction's output with the input width, ``self.sr(x).reshape(B, C, -1)``, so a narrower ``sr`` conv does not run
+``WindowAttention``, ConViT's ``GPSA`` and ``MHSA``, NesT's and GCViT's attention and the cross-covariance attention
+of EdgeNeXt and XCiT end with ``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape`` (CaiT's two
+classes, XCiT, Twins, DaViT, ConViT and NesT also split heads with ``C // self.num_heads``, DaViT's V2 with
+``C // self.groups``; Swin V2-CR's ``WindowMultiHeadAttention`` only splits them so, its output reshape already
+holds a ``-1``), so a module that lost a head (or whose input stream lost a channel) no longer runs; PVT-v2 and
+Twins' GSA also flatten their spatial reduction's output with the input width, ``self.sr(x).reshape(B, C, -1)``, so a narrower ``sr`` conv does not run
 either. Each gets a *slim* subclass whose ``forward`` is timm's own, compiled from timm's source with a short edit list
 (``reshape(B, N, C)`` -> ``reshape(B, N, -1)``, ``sr(x).reshape(B, C, -1)`` -> ``sr(x).flatten(2)``, ...): the same
 computation, with the widths taken from the heads (and the ``sr`` channels) left. Every edit must match its expected
@@ -32,6 +32,7 @@ import timm
 import torch.nn as nn
 from timm.models import (beit, cait, davit, edgenext, eva, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr,
                          twins, vision_transformer_relpos as relpos, xcit)
+from timm.models import convit, gcvit, nest
 
 from . import require
 
@@ -41,7 +42,8 @@ __all__ = ["check_version", "SLIM", "REFUSED", "edited", "slim_subclass", "regis
            "SlimCrossCovarianceAttn", "SlimXCA", "SlimPvtV2Attention",
            "SlimGlobalSubSampleAttn", "SlimLocallyGroupedAttn", "SlimChannelAttention",
            "SlimChannelAttentionV2", "SlimDavitWindowAttention", "SlimWindowMultiHeadAttention",
-           "SlimRelPosAttention"]
+           "SlimRelPosAttention", "SlimGPSA", "SlimMHSA", "SlimNestAttention",
+           "SlimWindowAttentionGlobal"]
 
 Edit = tuple[str, str, int]  # (the library's text, replacement, how many times it must occur)
 
@@ -91,22 +93,28 @@ def edited(function: Callable, edits: Sequence[Edit], names: Optional[Mapping[st
 
 
 def slim_subclass(base: type, name: str, edits: Sequence[Edit], names: Optional[Mapping[str, Any]] = None,
-                  module: str = __name__) -> Union[type, str]:
+                  module: str = __name__, methods: Optional[Mapping[str, Sequence[Edit]]] = None
+                  ) -> Union[type, str]:
     """A subclass of ``base`` named ``name`` (a module-level name of ``module``) whose forward is ``base.forward``
-    :func:`edited` with ``edits`` (and ``names``), or why there is none (``"has no slim forward: ..."``)."""
-    forward = edited(base.forward, edits, names)
-    if isinstance(forward, str):
-        return f"has no slim forward: {forward}"
-    forward.__qualname__, forward.__module__ = f"{name}.forward", module
+    :func:`edited` with ``edits`` (and ``names``), and each other method named in ``methods`` edited with its edits
+    (helpers the forward calls, e.g. ConViT's ``get_attention``), or why there is none (``"has no slim forward:
+    ..."``)."""
+    body = {}
+    for method, method_edits in {"forward": edits, **(methods or {})}.items():
+        made = edited(getattr(base, method), method_edits, names)
+        if isinstance(made, str):
+            return f"has no slim forward: {made}"
+        made.__qualname__, made.__module__ = f"{name}.{method}", module
+        body[method] = made
     doc = f"{base.__qualname__} running with its resized widths (its forward: the library's, edited)."
-    return type(name, (base,), {"forward": forward, "__module__": module, "__qualname__": name, "__doc__": doc})
+    return type(name, (base,), {**body, "__module__": module, "__qualname__": name, "__doc__": doc})
 
 
 def register(base: type, name: str, edits: Sequence[Edit], names: Optional[Mapping[str, Any]] = None,
-             module: str = __name__) -> Optional[type]:
+             module: str = __name__, methods: Optional[Mapping[str, Sequence[Edit]]] = None) -> Optional[type]:
     """:func:`slim_subclass`, recorded in :data:`SLIM` or (its reason) :data:`REFUSED`; at import only
     (:mod:`chase_timm.heads` reads both once, when it is imported)."""
-    made = slim_subclass(base, name, edits, names, module)
+    made = slim_subclass(base, name, edits, names, module, methods)
     if isinstance(made, str):
         REFUSED[base] = made
         return None
@@ -147,6 +155,17 @@ SlimDavitWindowAttention = register(davit.WindowAttention, "SlimDavitWindowAtten
 # Swin V2-CR splits heads with C // self.num_heads (C: the input width; its output reshape already has a -1)
 SlimWindowMultiHeadAttention = register(swin_transformer_v2_cr.WindowMultiHeadAttention,
                                         "SlimWindowMultiHeadAttention", [("C // self.num_heads", "-1", 1)])
+
+# ConViT (convit): GPSA and MHSA split heads with C // self.num_heads (C: the input width) and reshape their output to
+# C; GPSA splits its qk heads in get_attention, which its forward calls; MHSA's get_attention_map (a diagnostic) too
+_HEADS_SPLIT = ("C // self.num_heads", "-1", 1)
+SlimGPSA = register(convit.GPSA, "SlimGPSA", [_HEADS_SPLIT, _TO_HEADS], methods={"get_attention": [_HEADS_SPLIT]})
+SlimMHSA = register(convit.MHSA, "SlimMHSA", [_HEADS_SPLIT, _TO_HEADS], methods={"get_attention_map": [_HEADS_SPLIT]})
+# NesT (nest): its Attention splits heads with C // self.num_heads over (B, T, N, C) blocks and reshapes to C
+SlimNestAttention = register(nest.Attention, "SlimNestAttention",
+                             [_HEADS_SPLIT, ("reshape(B, T, N, C)", "reshape(B, T, N, -1)", 1)])
+# GCViT (gcvit): WindowAttentionGlobal reshapes its heads' output to the input width C
+SlimWindowAttentionGlobal = register(gcvit.WindowAttentionGlobal, "SlimWindowAttentionGlobal", [_TO_HEADS])
 
 
 def timm_class(kind: type) -> type:
