@@ -1,19 +1,16 @@
 """timm attention forwards that reshape the heads' output back to the *input* width, made to follow the heads left.
 
-``EvaAttention`` (EVA, EVA-02), BEiT's ``Attention``, ``RelPosAttention`` (``vision_transformer_relpos``), Swin
-V2's ``WindowAttention``, CaiT's ``ClassAttn`` and ``TalkingHeadAttn``, PVT-v2's ``Attention``, Twins'
-``GlobalSubSampleAttn`` and ``LocallyGroupedAttn``, DaViT's ``ChannelAttention`` (V1 and V2) and
-``WindowAttention``, ConViT's ``GPSA`` and ``MHSA``, NesT's and GCViT's attention and the cross-covariance attention
-of EdgeNeXt and XCiT end with ``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape`` (CaiT's two
-classes, XCiT, Twins, DaViT, ConViT and NesT also split heads with ``C // self.num_heads``, DaViT's V2 with
-``C // self.groups``; Swin V2-CR's ``WindowMultiHeadAttention`` only splits them so, its output reshape already
-holds a ``-1``), so a module that lost a head (or whose input stream lost a channel) no longer runs; PVT-v2 and
-Twins' GSA also flatten their spatial reduction's output with the input width, ``self.sr(x).reshape(B, C, -1)``, so a narrower ``sr`` conv does not run
-either. Each gets a *slim* subclass whose ``forward`` is timm's own, compiled from timm's source with a short edit list
-(``reshape(B, N, C)`` -> ``reshape(B, N, -1)``, ``sr(x).reshape(B, C, -1)`` -> ``sr(x).flatten(2)``, ...): the same
-computation, with the widths taken from the heads (and the ``sr`` channels) left. Every edit must match its expected
-number of times; when a timm release changed the forward and one does not, the class gets no slim subclass and
-:data:`REFUSED` says why (its heads, and its ``sr`` channels, then stay whole).
+Many timm attention classes (the ``Slim*`` names below: EVA, BEiT, ViT-RelPos, Swin V2 and V2-CR, CaiT, PVT-v2,
+Twins, DaViT, ConViT, NesT, GCViT, EdgeNeXt's and XCiT's cross-covariance attention) take a width from their *input*
+in the forward: they reshape the heads' output back to it (``x.transpose(1, 2).reshape(B, N, C)`` where
+``B, N, C = x.shape``), split heads with ``C // self.num_heads``, or (PVT-v2, Twins' GSA) flatten the spatial
+reduction's output with it (``self.sr(x).reshape(B, C, -1)``). A module that lost a head, or whose input stream or
+``sr`` conv lost a channel, then no longer runs. Each gets a *slim* subclass whose ``forward`` (and any method it
+calls that does the same, e.g. ConViT's ``get_attention``) is timm's own, compiled from timm's source with a short
+edit list (``reshape(B, N, C)`` -> ``reshape(B, N, -1)``, ``sr(x).reshape(B, C, -1)`` -> ``sr(x).flatten(2)``, ...):
+the same computation, with the widths taken from the tensors left. Every edit must match its expected number of
+times; when a timm release changed the forward and one does not, the class gets no slim subclass and :data:`REFUSED`
+says why (its heads, and its ``sr`` channels, then stay whole).
 
 Nothing in timm is patched: only a resized instance changes class (``module.__class__ = slim``, done by
 :func:`chase_timm.heads.refresh_heads`), to a subclass, so ``isinstance`` still holds, parameters (and optimizer
@@ -30,9 +27,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import timm
 import torch.nn as nn
-from timm.models import (beit, cait, davit, edgenext, eva, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr,
-                         twins, vision_transformer_relpos as relpos, xcit)
-from timm.models import convit, gcvit, nest
+from timm.models import (beit, cait, convit, davit, edgenext, eva, gcvit, nest, pvt_v2, swin_transformer_v2,
+                         swin_transformer_v2_cr, twins, vision_transformer_relpos as relpos, xcit)
 
 from . import require
 
