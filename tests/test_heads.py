@@ -860,3 +860,13 @@ def test_a_tensor_subclass_runs_the_slim_multihead_forward():
         assert type(out) is _Traced
         torch.testing.assert_close(out.as_subclass(torch.Tensor), slim(x, x, x)[0], rtol=0, atol=0)
         torch.testing.assert_close(out.as_subclass(torch.Tensor), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_a_levit_deep_copies_after_chase_and_count_flops():
+    # LeViT caches its attention biases in eval mode; Chase's eval-mode trace and the FLOP count (grad on) left a
+    # non-leaf tensor in that cache, which deepcopy refuses: timm's ModelEmaV3 failed after Chase(...)
+    model = timm.create_model("levit_128s", num_classes=10, **SMALL["levit_128s"])
+    chase_timm.Chase(model, chase_timm.ChaseConfig(total_steps=10), example_inputs=torch.randn(1, 3, 32, 32))
+    chase_timm.metrics.count_flops(model, 32)
+    ema = timm.utils.ModelEmaV3(model)  # deep-copies the model
+    assert sum(p.numel() for p in ema.parameters()) == sum(p.numel() for p in model.parameters())
