@@ -358,6 +358,9 @@ def _verify(model: nn.Module, folder: Path, input_size: tuple) -> None:
     param = next(model.parameters())
     # built in the saved dtype: float32 weights cast back to float64 would lose bits the saved ones have
     loaded = timm.create_model(f"local-dir:{folder}", pretrained=True, dtype=param.dtype).eval()
+    for name, module in model.named_modules():  # runtime switches the user set (fused_attn): the same kernels
+        if hasattr(module, "fused_attn"):
+            loaded.get_submodule(name).fused_attn = module.fused_attn
     x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     was_training = model.training
     model.eval()
