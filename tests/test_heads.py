@@ -37,7 +37,7 @@ from timm.layers import AttentionRope
 from timm.models import (beit, cait, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
                          hieradet_sam2 as sam2, maxxvit, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
                          tiny_vit, twins, vision_transformer_relpos as relpos, vision_transformer_sam as sam, xcit)
-from timm.models import convit, gcvit, mvitv2, nest
+from timm.models import build_model_with_cfg, convit, gcvit, mvitv2, nest
 
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
 # layer scales at 1 so no block's output vanishes under the shortcut in float32 (the export check could not fail)
@@ -119,6 +119,11 @@ OPTIMIZER = {"efficientformerv2_s0": "sgd"}
 # mvitv2_tiny's entrypoint reads its widths from timm's model_cfgs: the fixture swaps in this cfg (2, 4, 8, 16 heads
 # of 8 channels, a stage with two blocks), for the reload through local-dir: too
 MVITV2_TINY = mvitv2.MultiScaleVitCfg(depths=(1, 2, 1, 1), embed_dim=16, num_heads=2, mlp_ratio=2.0)
+# NesT and GCViT for the twin test, built by timm's builder from the class: their entrypoints fix the depths (NesT's
+# widths too), and the twin needs one NesT block per level and one local + one global-query GCViT block per stage
+# (12 of each before). The export test keeps the entrypoints' models: its reload through local-dir: calls them
+TWIN_CLASSES = {"nest_tiny": (nest.Nest, {"embed_dims": (48, 96, 192), "num_heads": (3, 6, 12), "depths": (1, 1, 1)}),
+                "gcvit_xxtiny": (gcvit.GlobalContextVit, {"depths": (2, 2, 2, 2), "num_heads": (2, 4, 8, 16)})}
 # the same models built another way: name -> (model, extra kwargs)
 VARIANTS = {"eva02_tiny_patch14_224-qkv_split": ("eva02_tiny_patch14_224", {"qkv_fused": False}),
             "davit_tiny-v2": ("davit_tiny", {"channel_attn_v2": True}),  # the *_fl models' ChannelAttentionV2
@@ -143,6 +148,7 @@ NO_META = {"samvit_base_patch16_224-rope"}
 
 
 BUILD = zoo_coverage.build  # the fixture replaces it with _build
+CLASS_BUILDS: dict = {}  # name -> (class, kwargs) that _build builds from the class (the twin test sets TWIN_CLASSES')
 
 
 def _build(name: str, **overrides) -> torch.nn.Module:
@@ -150,7 +156,13 @@ def _build(name: str, **overrides) -> torch.nn.Module:
     models' attention barely moves the logits (zeroing all of small DaViT's: 2%; at this std: 57%), so the export
     and fused-vs-eager checks could not see it computed wrong. Dropout off: Swin V2-CR's meta MLP has a fixed
     p = 0.125, and a run that shrank draws other random numbers than its masking twin (as any dropout would)."""
-    model = BUILD(name, **overrides)
+    if name in CLASS_BUILDS:
+        cls, kwargs = CLASS_BUILDS[name]
+        torch.manual_seed(0)
+        model = build_model_with_cfg(cls, name, False, **{"num_classes": 10, **zoo_coverage.SMALLER.get(name, {}),
+                                                          **kwargs, **overrides})
+    else:
+        model = BUILD(name, **overrides)
     for layer in model.modules():
         if isinstance(layer, torch.nn.Dropout):
             layer.p = 0.0
@@ -204,6 +216,8 @@ def _heads_removed(removed: dict) -> dict:
                                   "convit_tiny", "nest_tiny", "mvitv2_tiny", "gcvit_xxtiny"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
+    if name in TWIN_CLASSES:
+        monkeypatch.setitem(CLASS_BUILDS, name, TWIN_CLASSES[name])
     with float64():
         result = compare(name, OPTIMIZER.get(name, "adamw"), channel_sparsity=0.6)
     assert result.refused is None and result.error is None, (result.refused, result.error)
