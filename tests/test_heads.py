@@ -22,6 +22,7 @@ import torch
 import chase_timm
 from chase_timm._timm import named_tensors
 from chase_timm.adapters import multihead
+from chase_timm.adapters.timm import record_model_args
 from chase_timm.adapters.attention import REFUSED, SLIM, edited, slim_subclass, timm_class, use_slim_forward
 from chase_timm.adapters.multihead import SlimMultiheadAttention, SlimTransformerEncoder, SlimTransformerEncoderLayer
 from chase_timm.channels import ChannelState, select_channels
@@ -156,11 +157,12 @@ def _build(name: str, **overrides) -> torch.nn.Module:
     models' attention barely moves the logits (zeroing all of small DaViT's: 2%; at this std: 57%), so the export
     and fused-vs-eager checks could not see it computed wrong. Dropout off: Swin V2-CR's meta MLP has a fixed
     p = 0.125, and a run that shrank draws other random numbers than its masking twin (as any dropout would)."""
-    if name in CLASS_BUILDS:
+    if name in CLASS_BUILDS:  # as timm.create_model builds it, its build arguments recorded as create_model does
         cls, kwargs = CLASS_BUILDS[name]
+        kwargs = {"num_classes": 10, **zoo_coverage.SMALLER.get(name, {}), **kwargs, **overrides}
         torch.manual_seed(0)
-        model = build_model_with_cfg(cls, name, False, **{"num_classes": 10, **zoo_coverage.SMALLER.get(name, {}),
-                                                          **kwargs, **overrides})
+        model = build_model_with_cfg(cls, name, False, **kwargs)
+        record_model_args(model, kwargs)
     else:
         model = BUILD(name, **overrides)
     for layer in model.modules():
