@@ -13,7 +13,8 @@ column keeps out too, and its zeroed ``proj_w`` row and bias zero its attention 
 ``scaled_dot_product_attention`` path and the eager path alike: ``head_dim`` does not change, so neither does the
 scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``).
 
-EVA, BEiT, ViT-RelPos, Swin V2, CaiT's class and talking-heads attention, PVT-v2, Twins, DaViT and the
+EVA, BEiT, ViT-RelPos, Swin V2, CaiT's class and talking-heads attention, CrossViT's cross-attention, PVT-v2,
+Twins, DaViT and the
 cross-covariance attention of EdgeNeXt and XCiT reshape their heads' output to the input width in timm's forward
 (Swin V2-CR splits its heads with it); a resized one switches to its slim subclass
 (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left). Hiera's forward
@@ -37,7 +38,7 @@ from typing import Iterator, Optional
 
 import torch.nn as nn
 from timm.layers import Attention, AttentionRope, RelPosBias, RelPosBiasTf, RelPosMlp
-from timm.models import (beit, cait, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
+from timm.models import (beit, cait, crossvit, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
                          hieradet_sam2 as sam2, levit, maxxvit, pvt_v2, swin_transformer, swin_transformer_v2,
                          swin_transformer_v2_cr as swin_cr, tiny_vit, twins, vision_transformer_relpos as relpos,
                          vision_transformer_sam as sam, xcit)
@@ -131,6 +132,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _efficientformer_v2(module)
     if kind is cait.ClassAttn:
         return _class_attention(module)
+    if kind is crossvit.CrossAttention:  # CaiT's ClassAttn with wq, wk, wv
+        return _class_attention(module, "w")
     return None
 
 
@@ -225,6 +228,10 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         module.num_heads, module.dim = _heads(name, module.proj.in_features, module.head_dim), module.proj.out_features
         _check(name, "q rows", module.q.out_features, module.proj.in_features)
         _check(name, "kv rows", module.kv.out_features, 2 * module.proj.in_features)
+    elif kind is crossvit.CrossAttention:  # scale: head_dim ** -0.5
+        module.num_heads = _heads(name, module.proj.in_features, round(module.scale ** -2))
+        for layer in ("wq", "wk", "wv"):
+            _check(name, f"{layer} rows", _rows(getattr(module, layer)), module.proj.in_features)
     elif kind in _XCA:
         module.num_heads = module.temperature.shape[0]
         _check(name, "proj columns", module.proj.in_features,
@@ -443,11 +450,12 @@ def _rel_pos_attention(module: nn.Module, model: Optional[nn.Module]) -> HeadSpe
     return HeadSpec(heads, hd, tuple(slices), reason)
 
 
-def _class_attention(module: nn.Module) -> HeadSpec:
-    """CaiT's ClassAttn: separate q (class token only), k and v projections."""
+def _class_attention(module: nn.Module, prefix: str = "") -> HeadSpec:
+    """CaiT's ClassAttn and (``prefix`` "w": wq, wk, wv) CrossViT's CrossAttention: separate q (class token only),
+    k and v projections."""
     heads = module.num_heads
-    per_head = _blocks(heads, module.q.out_features // heads)
-    slices = [s for p in ("q", "k", "v") for s in _linear_slices(p, getattr(module, p), per_head)]
+    per_head = _blocks(heads, getattr(module, f"{prefix}q").out_features // heads)
+    slices = [s for p in ("q", "k", "v") for s in _linear_slices(prefix + p, getattr(module, prefix + p), per_head)]
     slices.append(HeadSlice("proj.weight", 1, "consumer", per_head))
     return HeadSpec(heads, len(per_head[0]), tuple(slices))
 

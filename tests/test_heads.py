@@ -32,8 +32,8 @@ from chase_timm.slim import apply_width_plan, slice_in_place, slim_copy, width_p
 import shrink_equivalence
 import zoo_coverage
 from shrink_equivalence import compare, float64
-from timm.layers import AttentionRope
-from timm.models import (beit, cait, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
+from timm.layers import Attention, AttentionRope
+from timm.models import (beit, cait, crossvit, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
                          hieradet_sam2 as sam2, maxxvit, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
                          tiny_vit, twins, vision_transformer_relpos as relpos, vision_transformer_sam as sam, xcit)
 
@@ -95,6 +95,10 @@ SMALL = {
                             "transformer_dim_head": 16},
     # vision_transformer_relpos: a RelPosMlp per block (its last Linear outputs one bias per head)
     "vit_relpos_small_patch16_224": {"img_size": 32, "depth": 2, "embed_dim": 96, "num_heads": 3},
+    # CrossViT: two branches (patches of 8 and 16: 4x4 and 2x2 tokens), each with timm's Attention, and the fusion's
+    # CrossAttention (wq / wk / wv: the class token attends to the other branch's tokens), two multi-scale blocks
+    "crossvit_tiny_240": {"img_size": 32, "img_scale": (1.0, 1.0), "patch_size": (8, 16), "embed_dim": (48, 96),
+                          "depth": ((1, 1, 0), (1, 1, 0)), "num_heads": (3, 3), "mlp_ratio": (2, 2, 1)},
 }
 SIZES = {"efficientformer_l1": 56, "efficientformerv2_s0": 64}  # input side where it is not 32 px
 # EfficientFormer-V2's convs have biases ahead of a training-mode BatchNorm, which cancels them: their gradients are
@@ -180,7 +184,7 @@ def _heads_removed(removed: dict) -> dict:
                                   "davit_tiny", "davit_tiny-v2", "samvit_base_patch16_224",
                                   "samvit_base_patch16_224-rope", "maxvit_pico_rw_256", "maxvit_tiny_tf_224",
                                   "coatnet_nano_rw_224", "coatnet_nano_rw_224-mlp", "vit_relpos_small_patch16_224",
-                                  "vit_relpos_small_patch16_224-bias"])
+                                  "vit_relpos_small_patch16_224-bias", "crossvit_tiny_240"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     with float64():
@@ -389,7 +393,8 @@ SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_2
                 "twins_pcpvt_small": twins.GlobalSubSampleAttn,
                 "davit_tiny": (davit.ChannelAttention, davit.WindowAttention),
                 "davit_tiny-v2": davit.ChannelAttentionV2,
-                "vit_relpos_small_patch16_224": relpos.RelPosAttention}  # by case (a VARIANTS name or a model)
+                "vit_relpos_small_patch16_224": relpos.RelPosAttention,
+                "crossvit_tiny_240": crossvit.CrossAttention}  # by case (a VARIANTS name or a model)
 CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention,
                 "hiera_tiny_224": hiera.MaskUnitAttention, "sam2_hiera_tiny": sam2.MultiScaleAttention,
                 "efficientformer_l1": efficientformer.Attention,
@@ -397,7 +402,8 @@ CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_b
                 "davit_tiny-v2": (davit.ChannelAttentionV2, davit.WindowAttention),
                 "eva02_tiny_patch14_224-gqa": AttentionRope, "maxvit_pico_rw_256": maxxvit.AttentionCl,
                 "maxvit_tiny_tf_224": maxxvit.AttentionCl,
-                "coatnet_nano_rw_224": maxxvit.Attention2d}  # by case, else by model
+                "coatnet_nano_rw_224": maxxvit.Attention2d,
+                "crossvit_tiny_240": (Attention, crossvit.CrossAttention)}  # by case, else by model
 
 
 def _kinds(kinds) -> tuple:

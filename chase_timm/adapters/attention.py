@@ -1,10 +1,11 @@
 """timm attention forwards that reshape the heads' output back to the *input* width, made to follow the heads left.
 
 ``EvaAttention`` (EVA, EVA-02), BEiT's ``Attention``, ``RelPosAttention`` (``vision_transformer_relpos``), Swin
-V2's ``WindowAttention``, CaiT's ``ClassAttn`` and ``TalkingHeadAttn``, PVT-v2's ``Attention``, Twins'
+V2's ``WindowAttention``, CaiT's ``ClassAttn`` and ``TalkingHeadAttn``, CrossViT's ``CrossAttention``,
+PVT-v2's ``Attention``, Twins'
 ``GlobalSubSampleAttn`` and ``LocallyGroupedAttn``, DaViT's ``ChannelAttention`` (V1 and V2) and
 ``WindowAttention`` and the cross-covariance attention of EdgeNeXt and XCiT end with
-``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape`` (CaiT's two classes, XCiT, Twins and DaViT
+``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape`` (CaiT's two classes, CrossViT, XCiT, Twins and DaViT
 also split heads with ``C // self.num_heads``, DaViT's V2 with ``C // self.groups``; Swin V2-CR's
 ``WindowMultiHeadAttention`` only splits them so, its output reshape already holds a ``-1``), so a module that lost a
 head (or whose input stream lost a channel) no longer runs; PVT-v2 and Twins' GSA also flatten their spatial
@@ -30,8 +31,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import timm
 import torch.nn as nn
-from timm.models import (beit, cait, davit, edgenext, eva, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr,
-                         twins, vision_transformer_relpos as relpos, xcit)
+from timm.models import (beit, cait, crossvit, davit, edgenext, eva, pvt_v2, swin_transformer_v2,
+                         swin_transformer_v2_cr, twins, vision_transformer_relpos as relpos, xcit)
 
 from . import require
 
@@ -41,7 +42,7 @@ __all__ = ["check_version", "SLIM", "REFUSED", "edited", "slim_subclass", "regis
            "SlimCrossCovarianceAttn", "SlimXCA", "SlimPvtV2Attention",
            "SlimGlobalSubSampleAttn", "SlimLocallyGroupedAttn", "SlimChannelAttention",
            "SlimChannelAttentionV2", "SlimDavitWindowAttention", "SlimWindowMultiHeadAttention",
-           "SlimRelPosAttention"]
+           "SlimRelPosAttention", "SlimCrossAttention"]
 
 Edit = tuple[str, str, int]  # (the library's text, replacement, how many times it must occur)
 
@@ -147,6 +148,11 @@ SlimDavitWindowAttention = register(davit.WindowAttention, "SlimDavitWindowAtten
 # Swin V2-CR splits heads with C // self.num_heads (C: the input width; its output reshape already has a -1)
 SlimWindowMultiHeadAttention = register(swin_transformer_v2_cr.WindowMultiHeadAttention,
                                         "SlimWindowMultiHeadAttention", [("C // self.num_heads", "-1", 1)])
+
+# CrossViT's CrossAttention (separate wq / wk / wv, the class token attends to all tokens) splits heads with the
+# input width and reshapes the class token's output to it, as CaiT's ClassAttn
+SlimCrossAttention = register(crossvit.CrossAttention, "SlimCrossAttention",
+                              [("C // self.num_heads", "-1", 3), ("reshape(B, 1, C)", "reshape(B, 1, -1)", 1)])
 
 
 def timm_class(kind: type) -> type:
