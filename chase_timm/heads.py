@@ -40,8 +40,8 @@ import torch.nn as nn
 from timm.layers import Attention, AttentionRope, RelPosBias, RelPosBiasTf, RelPosMlp
 from timm.models import (beit, cait, crossvit, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
                          hieradet_sam2 as sam2, levit, maxxvit, pvt_v2, swin_transformer, swin_transformer_v2,
-                         swin_transformer_v2_cr as swin_cr, tiny_vit, twins, vision_transformer_relpos as relpos,
-                         vision_transformer_sam as sam, xcit)
+                         swin_transformer_v2_cr as swin_cr, tiny_vit, twins, visformer,
+                         vision_transformer_relpos as relpos, vision_transformer_sam as sam, xcit)
 
 from .adapters import multihead  # noqa: F401  registers nn.MultiheadAttention's slim forward (or why none)
 from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
@@ -56,7 +56,8 @@ _EFFICIENTFORMER_V2 = (efficientformer_v2.Attention2d, efficientformer_v2.Attent
 # (chase_timm.adapters.attention, SLIM) and left whole when this timm's forward did not match its edits (REFUSED)
 _RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention, levit.AttentionDownsample,
               tiny_vit.Attention, sam.Attention, hiera.MaskUnitAttention, sam2.MultiScaleAttention,
-              maxxvit.Attention2d, maxxvit.AttentionCl, efficientformer.Attention, *_EFFICIENTFORMER_V2, *SLIM)
+              maxxvit.Attention2d, maxxvit.AttentionCl, efficientformer.Attention, *_EFFICIENTFORMER_V2, *SLIM,
+              visformer.Attention)
 # torch containers whose inference fast path bypasses their MultiheadAttention's forward: resized, they switch to
 # their slim subclass (torch's forward without that fast path), else their attention's heads stay
 _CONTAINERS = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
@@ -134,6 +135,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _class_attention(module)
     if kind is crossvit.CrossAttention:  # CaiT's ClassAttn with wq, wk, wv
         return _class_attention(module, "w")
+    if kind is visformer.Attention:  # a fused qkv 1x1 conv (q | k | v blocks) on NCHW maps, a 1x1 conv projection
+        return _fused(module, module.head_dim)
     return None
 
 
@@ -232,6 +235,10 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         module.num_heads = _heads(name, module.proj.in_features, round(module.scale ** -2))
         for layer in ("wq", "wk", "wv"):
             _check(name, f"{layer} rows", _rows(getattr(module, layer)), module.proj.in_features)
+    elif kind is visformer.Attention:  # its forward reads num_heads and head_dim; dim: the input width
+        module.num_heads = _heads(name, _columns(module.proj), module.head_dim)
+        module.dim = module.qkv.in_channels
+        _check(name, "qkv rows", _rows(module.qkv), 3 * _columns(module.proj))
     elif kind in _XCA:
         module.num_heads = module.temperature.shape[0]
         _check(name, "proj columns", module.proj.in_features,

@@ -35,7 +35,8 @@ from shrink_equivalence import compare, float64
 from timm.layers import Attention, AttentionRope
 from timm.models import (beit, cait, crossvit, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
                          hieradet_sam2 as sam2, maxxvit, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
-                         tiny_vit, twins, vision_transformer_relpos as relpos, vision_transformer_sam as sam, xcit)
+                         tiny_vit, twins, visformer, vision_transformer_relpos as relpos, vision_transformer_sam as sam,
+                         xcit)
 
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
 # layer scales at 1 so no block's output vanishes under the shortcut in float32 (the export check could not fail)
@@ -99,6 +100,8 @@ SMALL = {
     # CrossAttention (wq / wk / wv: the class token attends to the other branch's tokens), two multi-scale blocks
     "crossvit_tiny_240": {"img_size": 32, "img_scale": (1.0, 1.0), "patch_size": (8, 16), "embed_dim": (48, 96),
                           "depth": ((1, 1, 0), (1, 1, 0)), "num_heads": (3, 3), "mlp_ratio": (2, 2, 1)},
+    # Visformer: NCHW attention (1x1 conv qkv and projection) in stages 2-3 on 4x4 and 2x2 maps, 3 heads of 16 and 32
+    "visformer_tiny": {"img_size": 32, "embed_dim": 48, "depth": (1, 1, 1), "mlp_ratio": 2.0},
 }
 SIZES = {"efficientformer_l1": 56, "efficientformerv2_s0": 64}  # input side where it is not 32 px
 # EfficientFormer-V2's convs have biases ahead of a training-mode BatchNorm, which cancels them: their gradients are
@@ -184,7 +187,7 @@ def _heads_removed(removed: dict) -> dict:
                                   "davit_tiny", "davit_tiny-v2", "samvit_base_patch16_224",
                                   "samvit_base_patch16_224-rope", "maxvit_pico_rw_256", "maxvit_tiny_tf_224",
                                   "coatnet_nano_rw_224", "coatnet_nano_rw_224-mlp", "vit_relpos_small_patch16_224",
-                                  "vit_relpos_small_patch16_224-bias", "crossvit_tiny_240"])
+                                  "vit_relpos_small_patch16_224-bias", "crossvit_tiny_240", "visformer_tiny"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     with float64():
@@ -403,7 +406,8 @@ CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_b
                 "eva02_tiny_patch14_224-gqa": AttentionRope, "maxvit_pico_rw_256": maxxvit.AttentionCl,
                 "maxvit_tiny_tf_224": maxxvit.AttentionCl,
                 "coatnet_nano_rw_224": maxxvit.Attention2d,
-                "crossvit_tiny_240": (Attention, crossvit.CrossAttention)}  # by case, else by model
+                "crossvit_tiny_240": (Attention, crossvit.CrossAttention),
+                "visformer_tiny": visformer.Attention}  # by case, else by model
 
 
 def _kinds(kinds) -> tuple:
