@@ -14,7 +14,7 @@ column keeps out too, and its zeroed ``proj_w`` row and bias zero its attention 
 scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``).
 
 EVA, BEiT, ViT-RelPos, Swin V2, CaiT's class and talking-heads attention, CrossViT's cross-attention, PVT-v2,
-Twins, DaViT and the
+Twins, DaViT, VOLO's self- and outlook attention and the
 cross-covariance attention of EdgeNeXt and XCiT reshape their heads' output to the input width in timm's forward
 (Swin V2-CR splits its heads with it); a resized one switches to its slim subclass
 (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left). Hiera's forward
@@ -41,7 +41,7 @@ from timm.layers import Attention, AttentionRope, RelPosBias, RelPosBiasTf, RelP
 from timm.models import (beit, cait, crossvit, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
                          hieradet_sam2 as sam2, levit, maxxvit, pvt_v2, swin_transformer, swin_transformer_v2,
                          swin_transformer_v2_cr as swin_cr, tiny_vit, twins, visformer,
-                         vision_transformer_relpos as relpos, vision_transformer_sam as sam, xcit)
+                         vision_transformer_relpos as relpos, vision_transformer_sam as sam, volo, xcit)
 
 from .adapters import multihead  # noqa: F401  registers nn.MultiheadAttention's slim forward (or why none)
 from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
@@ -57,7 +57,7 @@ _EFFICIENTFORMER_V2 = (efficientformer_v2.Attention2d, efficientformer_v2.Attent
 _RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention, levit.AttentionDownsample,
               tiny_vit.Attention, sam.Attention, hiera.MaskUnitAttention, sam2.MultiScaleAttention,
               maxxvit.Attention2d, maxxvit.AttentionCl, efficientformer.Attention, *_EFFICIENTFORMER_V2, *SLIM,
-              visformer.Attention)
+              visformer.Attention, volo.ClassAttention)
 # torch containers whose inference fast path bypasses their MultiheadAttention's forward: resized, they switch to
 # their slim subclass (torch's forward without that fast path), else their attention's heads stay
 _CONTAINERS = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
@@ -137,6 +137,12 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _class_attention(module, "w")
     if kind is visformer.Attention:  # a fused qkv 1x1 conv (q | k | v blocks) on NCHW maps, a 1x1 conv projection
         return _fused(module, module.head_dim)
+    if kind is volo.Attention:  # a fused qkv on channels-last maps
+        return _fused(module, module.proj.in_features // module.num_heads)
+    if kind is volo.ClassAttention:  # the class token's q, and kv (k block, then v block) over every token
+        return _q_kv(module, module.head_dim)
+    if kind is volo.OutlookAttention:
+        return _outlook(module)
     return None
 
 
@@ -239,6 +245,17 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         module.num_heads = _heads(name, _columns(module.proj), module.head_dim)
         module.dim = module.qkv.in_channels
         _check(name, "qkv rows", _rows(module.qkv), 3 * _columns(module.proj))
+    elif kind in (volo.Attention, volo.OutlookAttention):  # scale: head_dim ** -0.5
+        module.num_heads = _heads(name, module.proj.in_features, round(module.scale ** -2))
+        if kind is volo.Attention:
+            _check(name, "qkv rows", _rows(module.qkv), 3 * module.proj.in_features)
+        else:
+            _check(name, "v rows", _rows(module.v), module.proj.in_features)
+            _check(name, "attn rows", _rows(module.attn), module.num_heads * module.kernel_size ** 4)
+    elif kind is volo.ClassAttention:  # its forward reads num_heads and head_dim
+        module.num_heads = _heads(name, module.proj.in_features, module.head_dim)
+        _check(name, "q rows", _rows(module.q), module.proj.in_features)
+        _check(name, "kv rows", _rows(module.kv), 2 * module.proj.in_features)
     elif kind in _XCA:
         module.num_heads = module.temperature.shape[0]
         _check(name, "proj columns", module.proj.in_features,
@@ -477,6 +494,17 @@ def _q_kv(module: nn.Module, hd: int) -> HeadSpec:
     slices = _linear_slices("q", module.q, per_head) + _linear_slices("kv", module.kv, kv)
     slices.append(HeadSlice("proj.weight", 1, "consumer", per_head))
     return HeadSpec(heads, hd, tuple(slices))
+
+
+def _outlook(module: nn.Module) -> HeadSpec:
+    """VOLO's OutlookAttention: the head's rows of ``v`` (its channels, unfolded over each k x k window), its
+    ``kernel_size ** 4`` rows of ``attn`` (each position's k^2 x k^2 attention weights, computed from the pooled
+    input, not from q and k), ``proj`` columns."""
+    heads, window = module.num_heads, module.kernel_size ** 4
+    per_head = _blocks(heads, module.v.out_features // heads)
+    slices = _linear_slices("v", module.v, per_head) + _linear_slices("attn", module.attn, _blocks(heads, window))
+    slices.append(HeadSlice("proj.weight", 1, "consumer", per_head))
+    return HeadSpec(heads, len(per_head[0]), tuple(slices))
 
 
 def _levit(module: nn.Module) -> HeadSpec:

@@ -36,7 +36,7 @@ from timm.layers import Attention, AttentionRope
 from timm.models import (beit, cait, crossvit, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
                          hieradet_sam2 as sam2, maxxvit, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
                          tiny_vit, twins, visformer, vision_transformer_relpos as relpos, vision_transformer_sam as sam,
-                         xcit)
+                         volo, xcit)
 
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
 # layer scales at 1 so no block's output vanishes under the shortcut in float32 (the export check could not fail)
@@ -138,7 +138,11 @@ def _build(name: str, **overrides) -> torch.nn.Module:
     models' attention barely moves the logits (zeroing all of small DaViT's: 2%; at this std: 57%), so the export
     and fused-vs-eager checks could not see it computed wrong. Dropout off: Swin V2-CR's meta MLP has a fixed
     p = 0.125, and a run that shrank draws other random numbers than its masking twin (as any dropout would)."""
-    model = BUILD(name, **overrides)
+    return _attention_std(BUILD(name, **overrides))
+
+
+def _attention_std(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with dropout off and its attention modules' weights at std fan_in ** -0.5 (:func:`_build`)."""
     for layer in model.modules():
         if isinstance(layer, torch.nn.Dropout):
             layer.p = 0.0
@@ -407,7 +411,8 @@ CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_b
                 "maxvit_tiny_tf_224": maxxvit.AttentionCl,
                 "coatnet_nano_rw_224": maxxvit.Attention2d,
                 "crossvit_tiny_240": (Attention, crossvit.CrossAttention),
-                "visformer_tiny": visformer.Attention}  # by case, else by model
+                "visformer_tiny": visformer.Attention,
+                "volo": (volo.OutlookAttention, volo.Attention, volo.ClassAttention)}  # by case, else by model
 
 
 def _kinds(kinds) -> tuple:
@@ -420,6 +425,59 @@ def _assert_each_class_lost_heads(case: str, model: torch.nn.Module, removed: di
     assert removed, "no attention head was removed"
     for kind in _kinds(CASE_CLASSES.get(case, CASE_CLASSES.get(VARIANTS.get(case, (case,))[0], ()))):
         assert any(isinstance(model.get_submodule(b), kind) for b in removed), (kind, removed.keys())
+
+
+# VOLO: timm's volo_* functions fix their layers and widths, so the test builds the class (as the nn.MultiheadAttention
+# models below): outlook attention on a 4x4 map (windows of 3, stride 2), self-attention on 2x2 tokens in stages
+# 2-4, one class-attention block; 4 heads each (of 8 channels, then 16)
+VOLO_SMALL = {"img_size": 32, "layers": (1, 1, 1, 1), "embed_dims": (32, 64, 64, 64), "num_heads": (4, 4, 4, 4),
+              "post_layers": ("ca",), "mlp_ratio": 2.0, "num_classes": 10}
+
+
+def _volo(*_, **__) -> torch.nn.Module:
+    """The small VOLO, seeded as zoo_coverage.build seeds (so the twin runs start alike), weights as :func:`_build`."""
+    torch.manual_seed(0)
+    return _attention_std(volo.VOLO(**VOLO_SMALL))
+
+
+def test_volo_outlook_self_and_class_attention_lose_whole_heads_exactly(monkeypatch):
+    monkeypatch.setattr(shrink_equivalence, "tiny_model", _volo)
+    monkeypatch.setattr(zoo_coverage, "build", _volo)
+    x = torch.randn(2, 3, 32, 32)
+    whole = _volo().eval()  # unshrunk, the slim forwards compute what timm's do, bit for bit, on both paths
+    with torch.no_grad():
+        expected = {fused: _with_fused(whole, fused)(x) for fused in (True, False)}
+        for module in whole.modules():
+            use_slim_forward(module)
+        assert {type(m) for m in whole.modules()} >= {SLIM[volo.Attention], SLIM[volo.OutlookAttention]}
+        whole = pickle.loads(pickle.dumps(whole))
+        for fused in (True, False):
+            torch.testing.assert_close(_with_fused(whole, fused)(x), expected[fused], rtol=0, atol=0)
+    with float64():
+        result = compare("volo", "adamw", channel_sparsity=0.6)
+    assert result.refused is None and result.error is None, (result.refused, result.error)
+    _assert_each_class_lost_heads("volo", result.run[0], _heads_removed(result.removed))
+    assert result.removed == result.twin_removed and result.masks_equal
+    assert result.worst()[1] <= 1e-9, (result.worst(), result.diffs)
+
+    row = zoo_coverage.check_model("volo", prune_skip=False, channel_sparsity=0.6, keep_models=True)
+    assert row["rel_diff"] <= 1e-4, row["rel_diff"]  # float32 export == masked training model
+    chase, slim = row["chase"], row["slim"].eval()
+    removed = _heads_removed(chase.removed_channels())
+    _assert_each_class_lost_heads("volo", chase.module, removed)
+    base_heads, slim_heads = head_counts(chase.module), head_counts(slim)
+    for block, heads in removed.items():
+        assert slim_heads[block] == base_heads[block] - len(heads) >= 1
+    # no hub for a model timm can't build by name: the width plan (as JSON) + state_dict round trip
+    plan = json.loads(json.dumps(width_plan(slim, volo.VOLO(**VOLO_SMALL))))
+    loaded = apply_width_plan(volo.VOLO(**VOLO_SMALL), plan).eval()
+    loaded.load_state_dict(slim.state_dict())
+    assert head_counts(loaded) == slim_heads
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in slim.modules()]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), slim(x), rtol=0, atol=0)
+        outputs = [_with_fused(slim, fused)(x) for fused in (True, False)]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5 * float(outputs[1].abs().max()))
 
 
 def test_slim_forwards_are_timm_forwards_and_a_changed_timm_forward_gets_none(monkeypatch):

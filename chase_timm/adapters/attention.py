@@ -2,7 +2,8 @@
 
 ``EvaAttention`` (EVA, EVA-02), BEiT's ``Attention``, ``RelPosAttention`` (``vision_transformer_relpos``), Swin
 V2's ``WindowAttention``, CaiT's ``ClassAttn`` and ``TalkingHeadAttn``, CrossViT's ``CrossAttention``,
-PVT-v2's ``Attention``, Twins'
+PVT-v2's ``Attention``, VOLO's ``Attention`` (``reshape(B, H, W, C)``; its ``OutlookAttention`` folds
+``C * kernel_size ** 2`` channels), Twins'
 ``GlobalSubSampleAttn`` and ``LocallyGroupedAttn``, DaViT's ``ChannelAttention`` (V1 and V2) and
 ``WindowAttention`` and the cross-covariance attention of EdgeNeXt and XCiT end with
 ``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape`` (CaiT's two classes, CrossViT, XCiT, Twins and DaViT
@@ -32,7 +33,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import timm
 import torch.nn as nn
 from timm.models import (beit, cait, crossvit, davit, edgenext, eva, pvt_v2, swin_transformer_v2,
-                         swin_transformer_v2_cr, twins, vision_transformer_relpos as relpos, xcit)
+                         swin_transformer_v2_cr, twins, vision_transformer_relpos as relpos, volo, xcit)
 
 from . import require
 
@@ -42,7 +43,7 @@ __all__ = ["check_version", "SLIM", "REFUSED", "edited", "slim_subclass", "regis
            "SlimCrossCovarianceAttn", "SlimXCA", "SlimPvtV2Attention",
            "SlimGlobalSubSampleAttn", "SlimLocallyGroupedAttn", "SlimChannelAttention",
            "SlimChannelAttentionV2", "SlimDavitWindowAttention", "SlimWindowMultiHeadAttention",
-           "SlimRelPosAttention", "SlimCrossAttention"]
+           "SlimRelPosAttention", "SlimCrossAttention", "SlimVoloAttention", "SlimOutlookAttention"]
 
 Edit = tuple[str, str, int]  # (the library's text, replacement, how many times it must occur)
 
@@ -153,6 +154,14 @@ SlimWindowMultiHeadAttention = register(swin_transformer_v2_cr.WindowMultiHeadAt
 # input width and reshapes the class token's output to it, as CaiT's ClassAttn
 SlimCrossAttention = register(crossvit.CrossAttention, "SlimCrossAttention",
                               [("C // self.num_heads", "-1", 3), ("reshape(B, 1, C)", "reshape(B, 1, -1)", 1)])
+# VOLO's Attention (on channels-last maps) splits heads with C // self.num_heads and reshapes to (B, H, W, C); its
+# OutlookAttention splits the unfolded v per head likewise and folds C * kernel_size ** 2 channels back
+SlimVoloAttention = register(volo.Attention, "SlimVoloAttention",
+                             [("C // self.num_heads", "-1", 1), ("reshape(B, H, W, C)", "reshape(B, H, W, -1)", 1)])
+SlimOutlookAttention = register(volo.OutlookAttention, "SlimOutlookAttention",
+                                [("C // self.num_heads", "-1", 1),
+                                 ("reshape(B, C * self.kernel_size * self.kernel_size, h * w)", "reshape(B, -1, h * w)",
+                                  1)])
 
 
 def timm_class(kind: type) -> type:
