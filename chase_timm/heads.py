@@ -40,7 +40,7 @@ import torch.nn as nn
 from timm.layers import Attention, AttentionRope, RelPosBias, RelPosBiasTf, RelPosMlp
 from timm.models import (beit, cait, crossvit, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
                          hieradet_sam2 as sam2, levit, maxxvit, pvt_v2, swin_transformer, swin_transformer_v2,
-                         swin_transformer_v2_cr as swin_cr, tiny_vit, twins, visformer,
+                         swin_transformer_v2_cr as swin_cr, tiny_vit, tnt, twins, visformer,
                          vision_transformer_relpos as relpos, vision_transformer_sam as sam, volo, xcit)
 
 from .adapters import multihead  # noqa: F401  registers nn.MultiheadAttention's slim forward (or why none)
@@ -57,7 +57,7 @@ _EFFICIENTFORMER_V2 = (efficientformer_v2.Attention2d, efficientformer_v2.Attent
 _RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention, levit.AttentionDownsample,
               tiny_vit.Attention, sam.Attention, hiera.MaskUnitAttention, sam2.MultiScaleAttention,
               maxxvit.Attention2d, maxxvit.AttentionCl, efficientformer.Attention, *_EFFICIENTFORMER_V2, *SLIM,
-              visformer.Attention, volo.ClassAttention)
+              visformer.Attention, volo.ClassAttention, tnt.Attention)
 # torch containers whose inference fast path bypasses their MultiheadAttention's forward: resized, they switch to
 # their slim subclass (torch's forward without that fast path), else their attention's heads stay
 _CONTAINERS = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
@@ -143,6 +143,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _q_kv(module, module.head_dim)
     if kind is volo.OutlookAttention:
         return _outlook(module)
+    if kind is tnt.Attention:
+        return _tnt(module)
     return None
 
 
@@ -256,6 +258,12 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         module.num_heads = _heads(name, module.proj.in_features, module.head_dim)
         _check(name, "q rows", _rows(module.q), module.proj.in_features)
         _check(name, "kv rows", _rows(module.kv), 2 * module.proj.in_features)
+    elif kind is tnt.Attention:  # its forward reads num_heads and head_dim (of q and k; v's heads are wider or not)
+        module.num_heads = _heads(name, _rows(module.qk) // 2, module.head_dim)
+        module.hidden_dim = _rows(module.qk) // 2
+        _check(name, "v rows", _rows(module.v), _columns(module.proj))
+        if _rows(module.v) % module.num_heads:
+            raise ValueError(f"{name}: v rows ({_rows(module.v)}) are not {module.num_heads} whole heads")
     elif kind in _XCA:
         module.num_heads = module.temperature.shape[0]
         _check(name, "proj columns", module.proj.in_features,
@@ -505,6 +513,17 @@ def _outlook(module: nn.Module) -> HeadSpec:
     slices = _linear_slices("v", module.v, per_head) + _linear_slices("attn", module.attn, _blocks(heads, window))
     slices.append(HeadSlice("proj.weight", 1, "consumer", per_head))
     return HeadSpec(heads, len(per_head[0]), tuple(slices))
+
+
+def _tnt(module: nn.Module) -> HeadSpec:
+    """TNT's Attention (inner and outer): a qk projection (q block, then k block, of ``head_dim`` per head) and a
+    v projection whose heads are ``v.out_features // num_heads`` wide, as are the projection's columns."""
+    heads, hd = module.num_heads, module.head_dim
+    values = _blocks(heads, _rows(module.v) // heads)
+    slices = _linear_slices("qk", module.qk, _cat(_blocks(heads, hd), _blocks(heads, hd, heads * hd)))
+    slices += _linear_slices("v", module.v, values)
+    slices.append(HeadSlice("proj.weight", 1, "consumer", values))
+    return HeadSpec(heads, len(values[0]), tuple(slices))
 
 
 def _levit(module: nn.Module) -> HeadSpec:

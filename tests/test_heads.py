@@ -35,8 +35,8 @@ from shrink_equivalence import compare, float64
 from timm.layers import Attention, AttentionRope
 from timm.models import (beit, cait, crossvit, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
                          hieradet_sam2 as sam2, maxxvit, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
-                         tiny_vit, twins, visformer, vision_transformer_relpos as relpos, vision_transformer_sam as sam,
-                         volo, xcit)
+                         tiny_vit, tnt, twins, visformer, vision_transformer_relpos as relpos,
+                         vision_transformer_sam as sam, volo, xcit)
 
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
 # layer scales at 1 so no block's output vanishes under the shortcut in float32 (the export check could not fail)
@@ -102,6 +102,10 @@ SMALL = {
                           "depth": ((1, 1, 0), (1, 1, 0)), "num_heads": (3, 3), "mlp_ratio": (2, 2, 1)},
     # Visformer: NCHW attention (1x1 conv qkv and projection) in stages 2-3 on 4x4 and 2x2 maps, 3 heads of 16 and 32
     "visformer_tiny": {"img_size": 32, "embed_dim": 48, "depth": (1, 1, 1), "mlp_ratio": 2.0},
+    # TNT: inner attention over each patch's 4x4 pixels (4 heads of 6) and outer attention over the 2x2 patches and
+    # the class token (3 heads: q and k of 32, v of 32)
+    "tnt_s_legacy_patch16_224": {"img_size": 32, "embed_dim": 96, "inner_dim": 24, "depth": 2, "num_heads_outer": 3,
+                                 "num_heads_inner": 4, "mlp_ratio": 2.0},
 }
 SIZES = {"efficientformer_l1": 56, "efficientformerv2_s0": 64}  # input side where it is not 32 px
 # EfficientFormer-V2's convs have biases ahead of a training-mode BatchNorm, which cancels them: their gradients are
@@ -124,7 +128,8 @@ VARIANTS = {"eva02_tiny_patch14_224-qkv_split": ("eva02_tiny_patch14_224", {"qkv
             # a class token (RelPosBias with a prefix token: 3 more table rows) and qk_norm
             "vit_relpos_small_patch16_224-bias": ("vit_relpos_small_patch16_224",
                                                   {"rel_pos_type": "bias", "class_token": True,
-                                                   "global_pool": "token", "qk_norm": True})}
+                                                   "global_pool": "token", "qk_norm": True}),
+            "tnt_s_legacy_patch16_224-new": ("tnt_s_legacy_patch16_224", {"legacy": False})}  # tnt_s_patch16_224
 # no slim_summary / `chase-timm info`: timm builds SAM's rope tables without its device argument, so on "meta" they
 # stay on the CPU and the FLOPs count fails (no registered SAM model uses rope)
 NO_META = {"samvit_base_patch16_224-rope"}
@@ -177,7 +182,7 @@ def _model(case: str, monkeypatch) -> str:
 def _heads_removed(removed: dict) -> dict:
     """Removed channels of head groups (named after their attention module)."""
     return {name: heads for name, heads in removed.items()
-            if name.endswith((".attn", ".attn_downsample", ".xca", ".token_mixer"))}
+            if name.endswith((".attn", ".attn_downsample", ".xca", ".token_mixer", ".attn_in", ".attn_out"))}
 
 
 @pytest.mark.parametrize("case", ["vit_tiny_patch16_224", pytest.param("swin_tiny_patch4_window7_224"),
@@ -191,7 +196,8 @@ def _heads_removed(removed: dict) -> dict:
                                   "davit_tiny", "davit_tiny-v2", "samvit_base_patch16_224",
                                   "samvit_base_patch16_224-rope", "maxvit_pico_rw_256", "maxvit_tiny_tf_224",
                                   "coatnet_nano_rw_224", "coatnet_nano_rw_224-mlp", "vit_relpos_small_patch16_224",
-                                  "vit_relpos_small_patch16_224-bias", "crossvit_tiny_240", "visformer_tiny"])
+                                  "vit_relpos_small_patch16_224-bias", "crossvit_tiny_240", "visformer_tiny",
+                                  "tnt_s_legacy_patch16_224", "tnt_s_legacy_patch16_224-new"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     with float64():
@@ -412,7 +418,8 @@ CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_b
                 "coatnet_nano_rw_224": maxxvit.Attention2d,
                 "crossvit_tiny_240": (Attention, crossvit.CrossAttention),
                 "visformer_tiny": visformer.Attention,
-                "volo": (volo.OutlookAttention, volo.Attention, volo.ClassAttention)}  # by case, else by model
+                "volo": (volo.OutlookAttention, volo.Attention, volo.ClassAttention),
+                "tnt_s_legacy_patch16_224": tnt.Attention}  # by case, else by model
 
 
 def _kinds(kinds) -> tuple:
