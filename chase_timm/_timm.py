@@ -17,7 +17,7 @@ from timm.layers import to_2tuple
 from .adapters.timm import recorded_model_args
 
 __all__ = ["unwrap_model", "model_input_size", "default_example_input", "deepcopy_model", "named_tensors", "classifier_modules",
-           "classifier_tensor_names"]
+           "classifier_tensor_names", "clear_eval_caches"]
 
 
 def model_input_size(model: nn.Module) -> tuple[int, int, int]:
@@ -58,6 +58,16 @@ def deepcopy_model(model: nn.Module, memo: Optional[dict] = None) -> nn.Module:
                 if isinstance(tensor, torch.Tensor) and tensor.grad_fn is not None:
                     memo.setdefault(id(tensor), tensor.detach().clone())
     return copy.deepcopy(model, memo)
+
+
+def clear_eval_caches(model: nn.Module) -> None:
+    """Empty the eval-mode caches timm models fill from their parameters (``attention_bias_cache``: LeViT, TinyViT,
+    EfficientFormer V1/V2, EfficientViT-MSRA), as their ``train()`` / ``eval()`` do. Call after running the user's
+    model in eval mode and restoring its training flags directly: a forward with grad on leaves a non-leaf tensor
+    there, which ``copy.deepcopy`` (timm's ``ModelEmaV3``) refuses, and a stale one in any case."""
+    for module in model.modules():
+        if isinstance(getattr(module, "attention_bias_cache", None), dict) and module.attention_bias_cache:
+            module.attention_bias_cache = {}
 
 
 def named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

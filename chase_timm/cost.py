@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ._timm import named_tensors
+from ._timm import clear_eval_caches, named_tensors
 from .channels import alive_positions
 from .graph import ChannelGroup
 from .norms import remove_hooks
@@ -48,6 +48,7 @@ def module_flops(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Tuple[int,
     finally:
         for module, flag in flags.items():
             module.training = flag
+        clear_eval_caches(model)  # LeViT's attention-bias cache, filled with grad on: deepcopy would refuse it
     prefix = type(model).__name__ + "."  # FlopCounterMode keys modules as "<RootClass>.<qualified name>"
     per_module = {key[len(prefix):]: int(sum(ops.values())) for key, ops in counter.get_flop_counts().items()
                   if key.startswith(prefix)}

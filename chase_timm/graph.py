@@ -28,7 +28,7 @@ import torch_pruning as tp
 from torch_pruning import ops
 
 from . import norms
-from ._timm import classifier_modules, deepcopy_model, default_example_input
+from ._timm import classifier_modules, clear_eval_caches, deepcopy_model, default_example_input
 from .adapters.autograd import (input_shapes, new_forward_hooks_removed, result_shape, saved_dim, saved_input_shape,
                                 saved_permutation)
 from .adapters.torch_pruning import (flatten_stride, is_interleave, map_concat, map_interleave, map_split,
@@ -214,7 +214,8 @@ def _check_runs(model: nn.Module, inputs: tuple, default: bool) -> None:
 
 @contextmanager
 def _quiet(model: nn.Module) -> Iterator[None]:
-    """Warnings silenced; every module's training flag restored afterwards (also after an exception)."""
+    """Warnings silenced; every module's training flag restored afterwards (also after an exception), and the
+    eval-mode caches the forward filled emptied."""
     flags = {m: m.training for m in model.modules()}
     try:
         with warnings.catch_warnings():
@@ -223,6 +224,7 @@ def _quiet(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags.items():
             m.training = flag
+        clear_eval_caches(model)
 
 
 @contextmanager
@@ -367,6 +369,9 @@ def _head_draft(ctx: _Context, name: str, module: nn.Module, spec: HeadSpec,
                 ctx.tied_inputs[owner] = spec.stream
             if owner not in ctx.graph.module2node and not spec.reason:
                 draft.problem("not used in the traced forward pass", 0)
+    for path in spec.shared:  # e.g. MViTv2's pooling convs: head_dim channels, run on every head
+        layer = module.get_submodule(path)
+        covered.setdefault(layer, set()).update(range(_out_channels(layer)))
     if spec.reason:
         draft.problem(spec.reason, 0)
     elif spec.heads == 1:

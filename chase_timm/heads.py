@@ -13,17 +13,17 @@ column keeps out too, and its zeroed ``proj_w`` row and bias zero its attention 
 ``scaled_dot_product_attention`` path and the eager path alike: ``head_dim`` does not change, so neither does the
 scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``).
 
-EVA, BEiT, ViT-RelPos, Swin V2, CaiT's class and talking-heads attention, CrossViT's cross-attention, PVT-v2,
-Twins, DaViT, VOLO's self- and outlook attention and the
-cross-covariance attention of EdgeNeXt and XCiT reshape their heads' output to the input width in timm's forward
-(Swin V2-CR splits its heads with it); a resized one switches to its slim subclass
-(:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left). Hiera's forward
-reads its widths from ``heads`` and ``dim_out``, SAM2's Hiera's from ``num_heads``, EfficientFormer's from
-``num_heads`` and ``val_attn_dim``, EfficientFormer-V2's from ``num_heads`` and ``dh``, MaxViT's / CoAtNet's from
-``num_heads`` and ``dim_head``, which :func:`refresh_heads` re-derives. torch's ``nn.MultiheadAttention`` takes its
-attention width from the input as well and gets one too (:mod:`chase_timm.adapters.multihead`), as do
-``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` holding it (torch's forward without the inference fast
-path that bypasses the attention's forward).
+EVA, BEiT, ViT-RelPos, Swin V2, CaiT's class and talking-heads attention, PVT-v2, Twins, DaViT, ConViT, NesT, GCViT,
+CrossViT's cross-attention, VOLO's self- and outlook attention and the cross-covariance attention of EdgeNeXt and
+XCiT reshape their heads' output to the input width in timm's forward (Swin V2-CR splits its heads with it); a
+resized one switches to its slim subclass (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape
+taken from the heads left). Hiera's forward reads its widths from ``heads`` and ``dim_out``, SAM2's Hiera's from
+``num_heads``, EfficientFormer's from ``num_heads`` and ``val_attn_dim``, EfficientFormer-V2's from ``num_heads``
+and ``dh``, MViTv2's from ``num_heads`` and ``dim_out``, MaxViT's / CoAtNet's from ``num_heads`` and ``dim_head``,
+which :func:`refresh_heads` re-derives. torch's ``nn.MultiheadAttention`` takes its attention width from the input
+as well and gets one too (:mod:`chase_timm.adapters.multihead`), as do ``nn.TransformerEncoderLayer`` and
+``nn.TransformerEncoder`` holding it (torch's forward without the inference fast path that bypasses the attention's
+forward).
 
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), and
 :func:`refresh_heads` re-derives a resized module's attributes (``num_heads``, ``attn_dim``, ...) from its tensor
@@ -42,6 +42,7 @@ from timm.models import (beit, cait, crossvit, davit, edgenext, efficientformer,
                          hieradet_sam2 as sam2, levit, maxxvit, pvt_v2, swin_transformer, swin_transformer_v2,
                          swin_transformer_v2_cr as swin_cr, tiny_vit, tnt, twins, visformer,
                          vision_transformer_relpos as relpos, vision_transformer_sam as sam, volo, xcit)
+from timm.models import convit, gcvit, mvitv2, nest
 
 from .adapters import multihead  # noqa: F401  registers nn.MultiheadAttention's slim forward (or why none)
 from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
@@ -56,8 +57,9 @@ _EFFICIENTFORMER_V2 = (efficientformer_v2.Attention2d, efficientformer_v2.Attent
 # (chase_timm.adapters.attention, SLIM) and left whole when this timm's forward did not match its edits (REFUSED)
 _RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention, levit.AttentionDownsample,
               tiny_vit.Attention, sam.Attention, hiera.MaskUnitAttention, sam2.MultiScaleAttention,
-              maxxvit.Attention2d, maxxvit.AttentionCl, efficientformer.Attention, *_EFFICIENTFORMER_V2, *SLIM,
-              visformer.Attention, volo.ClassAttention, tnt.Attention)
+              maxxvit.Attention2d, maxxvit.AttentionCl, efficientformer.Attention, *_EFFICIENTFORMER_V2,
+              mvitv2.MultiScaleAttention, *SLIM, visformer.Attention, volo.ClassAttention,
+              tnt.Attention)
 # torch containers whose inference fast path bypasses their MultiheadAttention's forward: resized, they switch to
 # their slim subclass (torch's forward without that fast path), else their attention's heads stay
 _CONTAINERS = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
@@ -68,6 +70,7 @@ _PLAIN_LEVIT = (tiny_vit.Attention, efficientformer.Attention)  # LeViT-like wit
 _LEVIT = (levit.Attention, levit.AttentionDownsample, *_PLAIN_LEVIT)  # q, k, v interleaved per head
 _MAXXVIT = (maxxvit.Attention2d, maxxvit.AttentionCl)  # MaxViT, CoAtNet, MaxxViT: NCHW (1x1 convs), channels-last
 _REL_POS = (RelPosBias, RelPosBiasTf, RelPosMlp)  # timm.layers' relative position modules (``rel_pos``)
+_CONVIT = (convit.GPSA, convit.MHSA)  # ConViT: gated positional self-attention (qk and v apart), plain attention
 _LEFT_WHOLE = {kind: reason for kind, reason in REFUSED.items() if kind not in _CONTAINERS}
 # modules whose input width is their attention width when their class has no slim forward: the stream feeding
 # them stays whole too, and why
@@ -103,6 +106,7 @@ class HeadSpec:
     slices: tuple[HeadSlice, ...]
     reason: str = ""  # non-empty: the heads must stay, and why
     stream: str = ""  # non-empty: the channels the q/k/v producers read (the input stream) must stay too, and why
+    shared: tuple[str, ...] = ()  # convs inside the module that act within head_dim on every head: no group's root
 
 
 def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[HeadSpec]:
@@ -133,6 +137,14 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _efficientformer_v2(module)
     if kind is cait.ClassAttn:
         return _class_attention(module)
+    if kind in _CONVIT:
+        return _convit(module)
+    if kind is nest.Attention:
+        return _nest(module)
+    if kind is mvitv2.MultiScaleAttention:
+        return _mvitv2(module)
+    if kind is gcvit.WindowAttentionGlobal:
+        return _gcvit(module, model)
     if kind is crossvit.CrossAttention:  # CaiT's ClassAttn with wq, wk, wv
         return _class_attention(module, "w")
     if kind is visformer.Attention:  # a fused qkv 1x1 conv (q | k | v blocks) on NCHW maps, a 1x1 conv projection
@@ -276,6 +288,19 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         _check(name, "q/k/v rows", rows, 3 * module.out_proj.in_features)
         if module.in_proj_bias is not None:
             _check(name, "q/k/v bias", module.in_proj_bias.shape[0], rows)
+    elif kind in _CONVIT:  # GPSA: one gating parameter and pos_proj row per head; MHSA: scale = head_dim ** -0.5
+        _refresh_convit(module, name)
+    elif kind is nest.Attention:  # scale: head_dim ** -0.5
+        module.num_heads = _heads(name, _columns(module.proj), round(module.scale ** -2))
+        _check(name, "qkv rows", _rows(module.qkv), 3 * _columns(module.proj))
+    elif kind is gcvit.WindowAttentionGlobal:  # its global blocks keep their heads: kv rows, the q from the stage
+        module.num_heads = _heads(name, _columns(module.proj), module.head_dim)
+        _check(name, "qkv rows", _rows(module.qkv), (2 if module.use_global else 3) * _columns(module.proj))
+        _refresh_rel_pos(module.rel_pos, name, module.num_heads)
+    elif kind is mvitv2.MultiScaleAttention:  # dim_out: the heads' width its forward reshapes to
+        module.num_heads = _heads(name, _columns(module.proj), module.head_dim)
+        module.dim_out = _columns(module.proj)
+        _check(name, "qkv rows", _rows(module.qkv), 3 * module.dim_out)
     elif kind in _LEVIT:
         heads = module.attention_biases.shape[0]
         module.num_heads = heads
@@ -323,6 +348,21 @@ def _refresh_rel_pos(rel_pos: nn.Module, name: str, heads: int) -> None:
     else:  # RelPosBias: table (positions, heads)
         _check(name, "rel_pos table columns", rel_pos.relative_position_bias_table.shape[1], heads)
     rel_pos.bias_shape = (*rel_pos.bias_shape[:2], heads)
+
+
+def _refresh_convit(module: nn.Module, name: str) -> None:
+    """ConViT's GPSA and MHSA: ``num_heads`` from the ``scale`` they keep (``head_dim ** -0.5``); GPSA's ``dim``
+    (the input width, read by its ``local_init``) from ``qk``."""
+    attn_dim = _columns(module.proj)
+    module.num_heads = _heads(name, attn_dim, round(module.scale ** -2))
+    if timm_class(type(module)) is convit.GPSA:
+        module.dim = module.qk.in_features
+        _check(name, "gating parameters", module.gating_param.shape[0], module.num_heads)
+        _check(name, "pos_proj rows", _rows(module.pos_proj), module.num_heads)
+        _check(name, "qk rows", _rows(module.qk), 2 * attn_dim)
+        _check(name, "v rows", _rows(module.v), attn_dim)
+    else:
+        _check(name, "qkv rows", _rows(module.qkv), 3 * attn_dim)
 
 
 def head_counts(model: nn.Module) -> dict[str, int]:
@@ -480,6 +520,62 @@ def _rel_pos_attention(module: nn.Module, model: Optional[nn.Module]) -> HeadSpe
     if model is not None and any(isinstance(getattr(m, "shared_rel_pos", None), nn.Module) for m in model.modules()):
         reason = _SHARED_REL_POS
     return HeadSpec(heads, hd, tuple(slices), reason)
+
+
+def _convit(module: nn.Module) -> HeadSpec:
+    """ConViT's GPSA: a qk projection (q | k blocks) and a v projection, the projection's columns, and per head one
+    row (and bias) of ``pos_proj`` (its positional attention logits) and one ``gating_param`` (the mix of patch and
+    positional attention); MHSA: a fused qkv and the projection."""
+    heads = module.num_heads
+    hd = _columns(module.proj) // heads
+    per_head, one = _blocks(heads, hd), _blocks(heads, 1)
+    if timm_class(type(module)) is convit.MHSA:
+        slices = _linear_slices("qkv", module.qkv, _qkv_rows(heads, hd))
+    else:
+        slices = _linear_slices("qk", module.qk, _cat(per_head, _blocks(heads, hd, heads * hd)))
+        slices += _linear_slices("v", module.v, per_head)
+        slices += [HeadSlice("pos_proj.weight", 0, "free", one), HeadSlice("gating_param", 0, "free", one)]
+        slices += [HeadSlice("pos_proj.bias", 0, "bias", one)] if module.pos_proj.bias is not None else []
+    slices.append(HeadSlice("proj.weight", 1, "consumer", per_head))
+    return HeadSpec(heads, hd, tuple(slices))
+
+
+def _nest(module: nn.Module) -> HeadSpec:
+    """NesT's Attention: a fused qkv (q | k | v blocks); its forward orders the heads' output (head_dim, heads), so
+    head h's projection columns are h, h + heads, h + 2 * heads, ..."""
+    heads = module.num_heads
+    hd = _columns(module.proj) // heads
+    slices = _linear_slices("qkv", module.qkv, _qkv_rows(heads, hd))
+    interleaved = tuple(tuple(range(h, heads * hd, heads)) for h in range(heads))
+    slices.append(HeadSlice("proj.weight", 1, "consumer", interleaved))
+    return HeadSpec(heads, hd, tuple(slices))
+
+
+def _mvitv2(module: nn.Module) -> HeadSpec:
+    """MViTv2's MultiScaleAttention: a fused qkv (q | k | v blocks) and the projection's columns. Its pooling convs
+    and norms (``mode="conv"``: ``head_dim`` channels, run on every head) and ``rel_pos_h`` / ``rel_pos_w``
+    ((positions, ``head_dim``)) are shared by the heads and stay; ``conv_unshared`` pools all heads' channels at once
+    (its convs' channels are the attention width): those heads stay."""
+    heads, hd = module.num_heads, module.head_dim
+    slices = _linear_slices("qkv", module.qkv, _qkv_rows(heads, hd))
+    slices.append(HeadSlice("proj.weight", 1, "consumer", _blocks(heads, hd)))
+    reason = "" if module.mode != "conv_unshared" else (
+        "pools its heads with convs over the whole attention width (mode conv_unshared)")
+    pools = tuple(p for p in ("pool_q", "pool_k", "pool_v") if isinstance(getattr(module, p), nn.Conv2d))
+    return HeadSpec(heads, hd, tuple(slices), reason, shared=pools)
+
+
+def _gcvit(module: nn.Module, model: Optional[nn.Module]) -> HeadSpec:
+    """GCViT's WindowAttentionGlobal: a local block is a fused qkv with a RelPosBias (as MaxViT's); a global block
+    computes only k and v (``qkv``: k block, then v block) and takes its queries from the stage's global query,
+    which is the stage's stream split into heads: its heads and that stream stay."""
+    if not module.use_global:
+        return _rel_pos_attention(module, model)
+    heads, hd = module.num_heads, module.head_dim
+    kv = _linear_slices("qkv", module.qkv, _cat(_blocks(heads, hd), _blocks(heads, hd, heads * hd)))
+    why = ("takes its queries from the stage's global query (GlobalContext), the stage's stream split into its "
+           "heads, so neither a head nor a stream channel can go from one block alone")
+    return HeadSpec(heads, hd, tuple(kv), why, why)
 
 
 def _class_attention(module: nn.Module, prefix: str = "") -> HeadSpec:

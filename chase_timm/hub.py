@@ -355,15 +355,19 @@ def _complete_metrics(model: nn.Module, base: nn.Module, input_size: tuple, metr
 
 def _verify(model: nn.Module, folder: Path, input_size: tuple) -> None:
     """Reload through the user path (``local-dir:``) and compare a forward pass; a mismatch is an error."""
-    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    param = next(model.parameters())
+    # built in the saved dtype: float32 weights cast back to float64 would lose bits the saved ones have
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True, dtype=param.dtype).eval()
+    for name, module in model.named_modules():  # runtime switches the user set (fused_attn): the same kernels
+        if hasattr(module, "fused_attn"):
+            loaded.get_submodule(name).fused_attn = module.fused_attn
     x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            param = next(model.parameters())
             expected = model(x.to(param.device, param.dtype)).float().cpu()
-            got = loaded.to(param.dtype)(x.to(param.dtype)).float()
+            got = loaded(x.to(param.dtype)).float()
     finally:
         model.train(was_training)
     exact = param.device.type == "cpu"

@@ -514,11 +514,14 @@ def _rescaled(old: Any, key: str, before: dict, after: dict) -> Any:
 
 
 def _refresh_timm_attrs(model: nn.Module, before: dict, after: dict) -> None:
-    """num_features (and a token model's embed_dim, which reset_classifier reads), head_hidden_size, feature_info
-    num_chs and head in_features/num_features/hidden_size."""
-    for attr in ("num_features", "embed_dim"):
-        if hasattr(model, attr):
-            setattr(model, attr, _rescaled(getattr(model, attr), "features", before, after))
+    """num_features, a token model's embed_dim (reset_classifier builds the classifier on it: the head's input,
+    i.e. the pre-logits width, which an attention-pool head's own stream makes differ from the features'),
+    head_hidden_size, feature_info num_chs and head in_features/num_features/hidden_size."""
+    if hasattr(model, "num_features"):
+        model.num_features = _rescaled(model.num_features, "features", before, after)
+    if hasattr(model, "embed_dim"):  # the pre-logits width where embed_dim is one of its dims, else the features'
+        located = "pre_logits" in before and _channel_dim(before["pre_logits"], model.embed_dim) is not None
+        model.embed_dim = _rescaled(model.embed_dim, "pre_logits" if located else "features", before, after)
     if hasattr(model, "head_hidden_size"):
         model.head_hidden_size = _rescaled(model.head_hidden_size, "pre_logits", before, after)
     infos = _feature_infos(model)

@@ -1,13 +1,14 @@
 """Attention heads as channel groups: whole heads are removed exactly, on the fused and the eager attention path.
 
 For every timm family in ``SMALL`` (ViT, Swin V1/V2/V2-CR, Hiera, SAM2's Hiera, LeViT, EVA, BEiT, CaiT, XCiT,
-EdgeNeXt, PVT-v2, Twins, TinyViT, EfficientFormer (V1, V2), DaViT, SAM ViT, MaxViT, CoAtNet, ViT-RelPos) and its
-``VARIANTS``: a float64 shrinking run equals its masking twin (``recipes/shrink_equivalence.py`` at ``TOLERANCE =
-1e-9``) with heads actually removed from each attention class of the case; the float32 export matches the masked
-model (<= 1e-4 relative); ``save_pretrained`` -> ``local-dir:`` reloads the same outputs with the same ``num_heads``
-per block; and the slim model's fused (SDPA) and eager attention paths agree. torch's ``nn.MultiheadAttention`` (on a
-``test_vit`` backbone, as users wrap timm models): the same twin and export checks, a width plan + state_dict round
-trip, and the module itself under every mask and ``need_weights`` option.
+EdgeNeXt, PVT-v2, Twins, TinyViT, EfficientFormer (V1, V2), DaViT, SAM ViT, MaxViT, CoAtNet, ViT-RelPos, ConViT,
+NesT, MViTv2, GCViT) and its ``VARIANTS``: a float64 shrinking run equals its masking twin
+(``recipes/shrink_equivalence.py`` at ``TOLERANCE = 1e-9``) with heads actually removed from each attention class of
+the case; the float32 export matches the masked model (<= 1e-4 relative); ``save_pretrained`` -> ``local-dir:``
+reloads the same outputs with the same ``num_heads`` per block; and the slim model's fused (SDPA) and eager attention
+paths agree. torch's ``nn.MultiheadAttention`` (on a ``test_vit`` backbone, as users wrap timm models): the same twin
+and export checks, a width plan + state_dict round trip, and the module itself under every mask and ``need_weights``
+option.
 """
 import copy
 import json
@@ -37,6 +38,7 @@ from timm.models import (beit, cait, crossvit, davit, edgenext, efficientformer,
                          hieradet_sam2 as sam2, maxxvit, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
                          tiny_vit, tnt, twins, visformer, vision_transformer_relpos as relpos,
                          vision_transformer_sam as sam, volo, xcit)
+from timm.models import convit, gcvit, mvitv2, nest
 
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
 # layer scales at 1 so no block's output vanishes under the shortcut in float32 (the export check could not fail)
@@ -96,6 +98,20 @@ SMALL = {
                             "transformer_dim_head": 16},
     # vision_transformer_relpos: a RelPosMlp per block (its last Linear outputs one bias per head)
     "vit_relpos_small_patch16_224": {"img_size": 32, "depth": 2, "embed_dim": 96, "num_heads": 3},
+    # ConViT: two GPSA blocks (gated positional attention on a 4x4 map, no class token), then an MHSA block with the
+    # class token; embed_dim is per head (3 heads of 16)
+    "convit_tiny": {"img_size": 32, "patch_size": 8, "depth": 3, "local_up_to_layer": 2, "embed_dim": 16,
+                    "num_heads": 3},
+    # NesT: attention within image blocks (16 blocks of 1 token, 4 of 1, 1 of 4 at 32 px with patches of 8); its
+    # heads' output is ordered (head_dim, heads), so a head's proj columns are strided. nest_tiny's entrypoint fixes
+    # its widths and depths (it takes no overrides), so the MLPs are narrowed instead
+    "nest_tiny": {"img_size": 32, "patch_size": 8, "mlp_ratio": 1.0},
+    # MViTv2: pooled attention (q pooled by 2 entering stages 1-3, k/v pooled to 2x2 / 1x1 maps) with residual
+    # pooling and decomposed relative positions; built from MVITV2_TINY (below: its entrypoint takes no widths)
+    "mvitv2_tiny": {"img_size": 32},
+    # GCViT: local window attention (RelPosBias) alternating with global-query blocks, whose heads stay; windows of 4
+    # on the 8x8 and 4x4 maps, 2 on 2x2 (gcvit_xxtiny's entrypoint fixes depths and heads: 2, 4, 8, 16 of 16 channels)
+    "gcvit_xxtiny": {"img_size": 32, "embed_dim": 32, "mlp_ratio": 2.0, "window_size": (4, 4, 2, 1)},
     # CrossViT: two branches (patches of 8 and 16: 4x4 and 2x2 tokens), each with timm's Attention, and the fusion's
     # CrossAttention (wq / wk / wv: the class token attends to the other branch's tokens), two multi-scale blocks
     "crossvit_tiny_240": {"img_size": 32, "img_scale": (1.0, 1.0), "patch_size": (8, 16), "embed_dim": (48, 96),
@@ -111,6 +127,9 @@ SIZES = {"efficientformer_l1": 56, "efficientformerv2_s0": 64}  # input side whe
 # EfficientFormer-V2's convs have biases ahead of a training-mode BatchNorm, which cancels them: their gradients are
 # rounding noise, which AdamW normalises into full steps (float64 twin 2e-8 apart with its heads left whole); SGD
 OPTIMIZER = {"efficientformerv2_s0": "sgd"}
+# mvitv2_tiny's entrypoint reads its widths from timm's model_cfgs: the fixture swaps in this cfg (2, 4, 8, 16 heads
+# of 8 channels, a stage with two blocks), for the reload through local-dir: too
+MVITV2_TINY = mvitv2.MultiScaleVitCfg(depths=(1, 2, 1, 1), embed_dim=16, num_heads=2, mlp_ratio=2.0)
 # the same models built another way: name -> (model, extra kwargs)
 VARIANTS = {"eva02_tiny_patch14_224-qkv_split": ("eva02_tiny_patch14_224", {"qkv_fused": False}),
             "davit_tiny-v2": ("davit_tiny", {"channel_attn_v2": True}),  # the *_fl models' ChannelAttentionV2
@@ -170,6 +189,7 @@ def _small_models(monkeypatch):
     size = zoo_coverage.input_size
     for harness in (zoo_coverage, shrink_equivalence):
         monkeypatch.setattr(harness, "input_size", lambda name: SIZES.get(name) or size(name))
+    monkeypatch.setitem(mvitv2.model_cfgs, "mvitv2_tiny", MVITV2_TINY)
 
 
 def _model(case: str, monkeypatch) -> str:
@@ -196,8 +216,10 @@ def _heads_removed(removed: dict) -> dict:
                                   "davit_tiny", "davit_tiny-v2", "samvit_base_patch16_224",
                                   "samvit_base_patch16_224-rope", "maxvit_pico_rw_256", "maxvit_tiny_tf_224",
                                   "coatnet_nano_rw_224", "coatnet_nano_rw_224-mlp", "vit_relpos_small_patch16_224",
-                                  "vit_relpos_small_patch16_224-bias", "crossvit_tiny_240", "visformer_tiny",
-                                  "tnt_s_legacy_patch16_224", "tnt_s_legacy_patch16_224-new"])
+                                  "vit_relpos_small_patch16_224-bias",
+                                  "convit_tiny", "nest_tiny", "mvitv2_tiny", "gcvit_xxtiny",
+                                  "crossvit_tiny_240", "visformer_tiny", "tnt_s_legacy_patch16_224",
+                                  "tnt_s_legacy_patch16_224-new"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     with float64():
@@ -212,7 +234,7 @@ def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
 
 @pytest.mark.parametrize("case, prune_skip", [*((c, False) for c in [*SMALL, *VARIANTS]),
                                               ("eva02_tiny_patch14_224", True), ("swinv2_tiny_window16_256", True),
-                                              ("cait_xxs24_224", True)])
+                                              ("cait_xxs24_224", True), ("convit_tiny", True)])
 def test_slim_heads_export_reload_and_agree_on_fused_and_eager_attention(case, prune_skip, tmp_path, capsys,
                                                                           monkeypatch):
     name = _model(case, monkeypatch)
@@ -332,6 +354,8 @@ LEFT_WHOLE = [  # (model, build kwargs on top of SMALL, module, entries of its h
      "shares BEiT's model-level relative position bias"),
     ("vit_relpos_small_patch16_224", {"shared_rel_pos": True}, "blocks.0.attn", 3,  # the vit_srelpos models
      "shares the model-level relative position module (shared_rel_pos"),
+    ("gcvit_xxtiny", {}, "stages.0.blocks.1.attn", 2,  # a global block: its queries are the stage's stream
+     "takes its queries from the stage's global query (GlobalContext)"),
 ]
 
 
@@ -407,6 +431,9 @@ SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_2
                 "davit_tiny": (davit.ChannelAttention, davit.WindowAttention),
                 "davit_tiny-v2": davit.ChannelAttentionV2,
                 "vit_relpos_small_patch16_224": relpos.RelPosAttention,
+                "convit_tiny": (convit.GPSA, convit.MHSA),
+                "nest_tiny": nest.Attention,
+                "gcvit_xxtiny": gcvit.WindowAttentionGlobal,
                 "crossvit_tiny_240": crossvit.CrossAttention}  # by case (a VARIANTS name or a model)
 CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention,
                 "hiera_tiny_224": hiera.MaskUnitAttention, "sam2_hiera_tiny": sam2.MultiScaleAttention,
@@ -416,6 +443,7 @@ CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_b
                 "eva02_tiny_patch14_224-gqa": AttentionRope, "maxvit_pico_rw_256": maxxvit.AttentionCl,
                 "maxvit_tiny_tf_224": maxxvit.AttentionCl,
                 "coatnet_nano_rw_224": maxxvit.Attention2d,
+                "mvitv2_tiny": mvitv2.MultiScaleAttention,
                 "crossvit_tiny_240": (Attention, crossvit.CrossAttention),
                 "visformer_tiny": visformer.Attention,
                 "volo": (volo.OutlookAttention, volo.Attention, volo.ClassAttention),
@@ -512,6 +540,25 @@ def test_slim_forwards_are_timm_forwards_and_a_changed_timm_forward_gets_none(mo
     exec("import torch.nn as nn\nclass NoSource(nn.Module):\n    def forward(self, x):\n        return x\n", namespace)
     reason = slim_subclass(namespace["NoSource"], "Changed", [])
     assert reason.startswith("has no slim forward: the source of") and "unavailable" in reason, reason
+
+
+def test_a_slim_subclass_edits_the_methods_its_forward_calls_and_a_changed_one_names_itself():
+    # ConViT's GPSA splits its q/k heads in get_attention (called by forward), MHSA in get_attention_map (a
+    # diagnostic): a model that lost heads runs both
+    model = zoo_coverage.build("convit_tiny").eval()
+    found = {g.name: g for g in find_channel_groups(model, torch.randn(1, 3, 32, 32))}
+    attentions = ("blocks.0.attn", "blocks.2.attn")  # GPSA, MHSA
+    slim = slim_copy(model, tensor_removals([found[a] for a in attentions], {a: [1] for a in attentions}))
+    tokens = torch.randn(2, 16, 48)  # a 4x4 map (GPSA's relative positions) of the 48-wide stream
+    for name in attentions:
+        module = slim.get_submodule(name)
+        assert type(module) is SLIM[timm_class(type(module))] and module.num_heads == 2
+        assert module.get_attention_map(tokens).shape == (2,) and module(tokens).shape == (2, 16, 48)
+    assert SLIM[convit.GPSA].get_attention.__qualname__ == "SlimGPSA.get_attention"
+    reason = slim_subclass(convit.GPSA, "Changed", [("C // self.num_heads", "-1", 1)],
+                           methods={"get_attention": [("C // self.num_heads", "-1", 2)]})
+    assert reason == ("has no slim forward: timm.models.convit.GPSA.get_attention holds 'C // self.num_heads' 1 "
+                      "times, not 2 (this timm changed it)")
 
 
 def test_a_plan_resizing_a_class_this_timm_has_no_slim_forward_for_names_the_reason(monkeypatch):
@@ -889,3 +936,13 @@ def test_a_tensor_subclass_runs_the_slim_multihead_forward():
         assert type(out) is _Traced
         torch.testing.assert_close(out.as_subclass(torch.Tensor), slim(x, x, x)[0], rtol=0, atol=0)
         torch.testing.assert_close(out.as_subclass(torch.Tensor), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_a_levit_deep_copies_after_chase_and_count_flops():
+    # LeViT caches its attention biases in eval mode; Chase's eval-mode trace and the FLOP count (grad on) left a
+    # non-leaf tensor in that cache, which deepcopy refuses: timm's ModelEmaV3 failed after Chase(...)
+    model = timm.create_model("levit_128s", num_classes=10, **SMALL["levit_128s"])
+    chase_timm.Chase(model, chase_timm.ChaseConfig(total_steps=10), example_inputs=torch.randn(1, 3, 32, 32))
+    chase_timm.metrics.count_flops(model, 32)
+    ema = timm.utils.ModelEmaV3(model)  # deep-copies the model
+    assert sum(p.numel() for p in ema.parameters()) == sum(p.numel() for p in model.parameters())

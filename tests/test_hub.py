@@ -289,6 +289,29 @@ def test_a_channels_last_model_saves_and_reloads_with_the_same_weights(tmp_path)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in slim.state_dict().items())
 
 
+def test_a_float64_model_saves_and_reloads_in_float64_bit_for_bit(tmp_path):
+    # trained in float64 its weights have bits float32 lacks: verification must reload in float64, not cast back
+    model = timm.create_model("test_vit", num_classes=5).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    folder = chase_timm.save_pretrained(model, tmp_path / "f64")
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True, dtype=torch.float64).eval()
+    x = torch.randn(2, 3, 160, 160, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_a_model_whose_attention_path_the_user_switched_saves(tmp_path):
+    # fused_attn is a runtime switch, not saved: verification must run the reloaded model on the same path
+    model = timm.create_model("test_vit", num_classes=5).eval()
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = not module.fused_attn
+    folder = chase_timm.save_pretrained(model, tmp_path / "switched")
+    assert (folder / "model.safetensors").exists()
+
+
 @pytest.mark.parametrize("base", ["vit_tiny_patch16_224", "mixer_s16_224"])
 def test_a_model_built_at_another_size_is_saved_and_described_at_that_size(base, tmp_path):
     """Built with img_size=32 while pretrained_cfg says 224: FLOPs, verification, config and info use 32."""

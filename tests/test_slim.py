@@ -9,7 +9,7 @@ import torch
 from chase_timm.graph import tensor_removals
 from chase_timm.norms import follow_masks, removal_masks
 from chase_timm.slim import apply_width_plan, recalibrate_batchnorm, slim_copy, width_plan
-from helpers import coverage_params, coverage_row, input_size, tiny_model
+from helpers import check_model, coverage_params, coverage_row, input_size, tiny_model
 
 TOLERANCE = 1e-4
 
@@ -95,6 +95,17 @@ def test_slim_model_keeps_timm_interface(arch):
         assert features.shape[channel_dim] == slim.num_features
         slim.reset_classifier(5)
         assert slim(x).shape == (1, 5)
+
+
+def test_reset_classifier_of_an_attention_pool_vit_builds_on_the_pooled_width():
+    # SigLIP-style MAP head: attn_pool has its own stream (proj -> mlp), cut under prune_skip while the blocks' stream
+    # stays; reset_classifier builds nn.Linear(embed_dim, n), so embed_dim must be the pooled (pre-logits) width
+    row = check_model("vit_tiny_patch16_224", prune_skip=True, keep_models=True, depth=1, global_pool="map")
+    slim = row["slim"].eval()
+    assert slim.head.in_features < slim.num_features == 192  # the pool's stream lost channels, the blocks' did not
+    slim.reset_classifier(5)
+    with torch.no_grad():
+        assert slim(torch.randn(2, 3, 32, 32)).shape == (2, 5)
 
 
 @pytest.mark.xdist_group("coverage-resnet18")

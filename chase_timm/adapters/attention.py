@@ -1,21 +1,17 @@
 """timm attention forwards that reshape the heads' output back to the *input* width, made to follow the heads left.
 
-``EvaAttention`` (EVA, EVA-02), BEiT's ``Attention``, ``RelPosAttention`` (``vision_transformer_relpos``), Swin
-V2's ``WindowAttention``, CaiT's ``ClassAttn`` and ``TalkingHeadAttn``, CrossViT's ``CrossAttention``,
-PVT-v2's ``Attention``, VOLO's ``Attention`` (``reshape(B, H, W, C)``; its ``OutlookAttention`` folds
-``C * kernel_size ** 2`` channels), Twins'
-``GlobalSubSampleAttn`` and ``LocallyGroupedAttn``, DaViT's ``ChannelAttention`` (V1 and V2) and
-``WindowAttention`` and the cross-covariance attention of EdgeNeXt and XCiT end with
-``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape`` (CaiT's two classes, CrossViT, XCiT, Twins and DaViT
-also split heads with ``C // self.num_heads``, DaViT's V2 with ``C // self.groups``; Swin V2-CR's
-``WindowMultiHeadAttention`` only splits them so, its output reshape already holds a ``-1``), so a module that lost a
-head (or whose input stream lost a channel) no longer runs; PVT-v2 and Twins' GSA also flatten their spatial
-reduction's output with the input width, ``self.sr(x).reshape(B, C, -1)``, so a narrower ``sr`` conv does not run
-either. Each gets a *slim* subclass whose ``forward`` is timm's own, compiled from timm's source with a short edit list
-(``reshape(B, N, C)`` -> ``reshape(B, N, -1)``, ``sr(x).reshape(B, C, -1)`` -> ``sr(x).flatten(2)``, ...): the same
-computation, with the widths taken from the heads (and the ``sr`` channels) left. Every edit must match its expected
-number of times; when a timm release changed the forward and one does not, the class gets no slim subclass and
-:data:`REFUSED` says why (its heads, and its ``sr`` channels, then stay whole).
+Many timm attention classes (the ``Slim*`` names below: EVA, BEiT, ViT-RelPos, Swin V2 and V2-CR, CaiT, PVT-v2,
+Twins, DaViT, ConViT, NesT, GCViT, CrossViT, VOLO (its outlook attention also folds ``C * kernel_size ** 2``
+channels back), EdgeNeXt's and XCiT's cross-covariance attention) take a width from their *input* in the forward:
+they reshape the heads' output back to it (``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape``),
+split heads with ``C // self.num_heads``, or (PVT-v2, Twins' GSA) flatten the spatial reduction's output with it
+(``self.sr(x).reshape(B, C, -1)``). A module that lost a head, or whose input stream or ``sr`` conv lost a channel,
+then no longer runs. Each gets a *slim* subclass whose ``forward`` (and any method it calls that does the same, e.g.
+ConViT's ``get_attention``) is timm's own, compiled from timm's source with a short edit list (``reshape(B, N, C)``
+-> ``reshape(B, N, -1)``, ``sr(x).reshape(B, C, -1)`` -> ``sr(x).flatten(2)``, ...): the same computation, with the
+widths taken from the tensors left. Every edit must match its expected number of times; when a timm release changed
+the forward and one does not, the class gets no slim subclass and :data:`REFUSED` says why (its heads, and its
+``sr`` channels, then stay whole).
 
 Nothing in timm is patched: only a resized instance changes class (``module.__class__ = slim``, done by
 :func:`chase_timm.heads.refresh_heads`), to a subclass, so ``isinstance`` still holds, parameters (and optimizer
@@ -32,8 +28,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import timm
 import torch.nn as nn
-from timm.models import (beit, cait, crossvit, davit, edgenext, eva, pvt_v2, swin_transformer_v2,
-                         swin_transformer_v2_cr, twins, vision_transformer_relpos as relpos, volo, xcit)
+from timm.models import (beit, cait, convit, crossvit, davit, edgenext, eva, gcvit, nest, pvt_v2,
+                         swin_transformer_v2, swin_transformer_v2_cr, twins, vision_transformer_relpos as relpos, volo,
+                         xcit)
 
 from . import require
 
@@ -43,7 +40,9 @@ __all__ = ["check_version", "SLIM", "REFUSED", "edited", "slim_subclass", "regis
            "SlimCrossCovarianceAttn", "SlimXCA", "SlimPvtV2Attention",
            "SlimGlobalSubSampleAttn", "SlimLocallyGroupedAttn", "SlimChannelAttention",
            "SlimChannelAttentionV2", "SlimDavitWindowAttention", "SlimWindowMultiHeadAttention",
-           "SlimRelPosAttention", "SlimCrossAttention", "SlimVoloAttention", "SlimOutlookAttention"]
+           "SlimRelPosAttention", "SlimGPSA", "SlimMHSA", "SlimNestAttention",
+           "SlimWindowAttentionGlobal", "SlimCrossAttention", "SlimVoloAttention",
+           "SlimOutlookAttention"]
 
 Edit = tuple[str, str, int]  # (the library's text, replacement, how many times it must occur)
 
@@ -93,22 +92,28 @@ def edited(function: Callable, edits: Sequence[Edit], names: Optional[Mapping[st
 
 
 def slim_subclass(base: type, name: str, edits: Sequence[Edit], names: Optional[Mapping[str, Any]] = None,
-                  module: str = __name__) -> Union[type, str]:
+                  module: str = __name__, methods: Optional[Mapping[str, Sequence[Edit]]] = None
+                  ) -> Union[type, str]:
     """A subclass of ``base`` named ``name`` (a module-level name of ``module``) whose forward is ``base.forward``
-    :func:`edited` with ``edits`` (and ``names``), or why there is none (``"has no slim forward: ..."``)."""
-    forward = edited(base.forward, edits, names)
-    if isinstance(forward, str):
-        return f"has no slim forward: {forward}"
-    forward.__qualname__, forward.__module__ = f"{name}.forward", module
+    :func:`edited` with ``edits`` (and ``names``), and each other method named in ``methods`` edited with its edits
+    (helpers the forward calls, e.g. ConViT's ``get_attention``), or why there is none (``"has no slim forward:
+    ..."``)."""
+    body = {}
+    for method, method_edits in {"forward": edits, **(methods or {})}.items():
+        made = edited(getattr(base, method), method_edits, names)
+        if isinstance(made, str):
+            return f"has no slim forward: {made}"
+        made.__qualname__, made.__module__ = f"{name}.{method}", module
+        body[method] = made
     doc = f"{base.__qualname__} running with its resized widths (its forward: the library's, edited)."
-    return type(name, (base,), {"forward": forward, "__module__": module, "__qualname__": name, "__doc__": doc})
+    return type(name, (base,), {**body, "__module__": module, "__qualname__": name, "__doc__": doc})
 
 
 def register(base: type, name: str, edits: Sequence[Edit], names: Optional[Mapping[str, Any]] = None,
-             module: str = __name__) -> Optional[type]:
+             module: str = __name__, methods: Optional[Mapping[str, Sequence[Edit]]] = None) -> Optional[type]:
     """:func:`slim_subclass`, recorded in :data:`SLIM` or (its reason) :data:`REFUSED`; at import only
     (:mod:`chase_timm.heads` reads both once, when it is imported)."""
-    made = slim_subclass(base, name, edits, names, module)
+    made = slim_subclass(base, name, edits, names, module, methods)
     if isinstance(made, str):
         REFUSED[base] = made
         return None
@@ -150,6 +155,16 @@ SlimDavitWindowAttention = register(davit.WindowAttention, "SlimDavitWindowAtten
 SlimWindowMultiHeadAttention = register(swin_transformer_v2_cr.WindowMultiHeadAttention,
                                         "SlimWindowMultiHeadAttention", [("C // self.num_heads", "-1", 1)])
 
+# ConViT (convit): GPSA and MHSA split heads with C // self.num_heads (C: the input width) and reshape their output to
+# C; GPSA splits its qk heads in get_attention, which its forward calls; MHSA's get_attention_map (a diagnostic) too
+_HEADS_SPLIT = ("C // self.num_heads", "-1", 1)
+SlimGPSA = register(convit.GPSA, "SlimGPSA", [_HEADS_SPLIT, _TO_HEADS], methods={"get_attention": [_HEADS_SPLIT]})
+SlimMHSA = register(convit.MHSA, "SlimMHSA", [_HEADS_SPLIT, _TO_HEADS], methods={"get_attention_map": [_HEADS_SPLIT]})
+# NesT (nest): its Attention splits heads with C // self.num_heads over (B, T, N, C) blocks and reshapes to C
+SlimNestAttention = register(nest.Attention, "SlimNestAttention",
+                             [_HEADS_SPLIT, ("reshape(B, T, N, C)", "reshape(B, T, N, -1)", 1)])
+# GCViT (gcvit): WindowAttentionGlobal reshapes its heads' output to the input width C
+SlimWindowAttentionGlobal = register(gcvit.WindowAttentionGlobal, "SlimWindowAttentionGlobal", [_TO_HEADS])
 # CrossViT's CrossAttention (separate wq / wk / wv, the class token attends to all tokens) splits heads with the
 # input width and reshapes the class token's output to it, as CaiT's ClassAttn
 SlimCrossAttention = register(crossvit.CrossAttention, "SlimCrossAttention",
@@ -157,9 +172,9 @@ SlimCrossAttention = register(crossvit.CrossAttention, "SlimCrossAttention",
 # VOLO's Attention (on channels-last maps) splits heads with C // self.num_heads and reshapes to (B, H, W, C); its
 # OutlookAttention splits the unfolded v per head likewise and folds C * kernel_size ** 2 channels back
 SlimVoloAttention = register(volo.Attention, "SlimVoloAttention",
-                             [("C // self.num_heads", "-1", 1), ("reshape(B, H, W, C)", "reshape(B, H, W, -1)", 1)])
+                             [_HEADS_SPLIT, ("reshape(B, H, W, C)", "reshape(B, H, W, -1)", 1)])
 SlimOutlookAttention = register(volo.OutlookAttention, "SlimOutlookAttention",
-                                [("C // self.num_heads", "-1", 1),
+                                [_HEADS_SPLIT,
                                  ("reshape(B, C * self.kernel_size * self.kernel_size, h * w)", "reshape(B, -1, h * w)",
                                   1)])
 
