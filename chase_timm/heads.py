@@ -694,7 +694,8 @@ def _left_whole(module: nn.Module, reason: str) -> HeadSpec:
         hd = qkv.out_features // 3 // heads
         slices = [HeadSlice("qkv.weight", 0, "producer", _qkv_rows(heads, hd))]
     else:
-        layers = [(p, getattr(module, p, None)) for p in ("q_proj", "k_proj", "v_proj", "q", "k", "v")]
+        names = ("q_proj", "k_proj", "v_proj", "q", "k", "v", "wq", "wk", "wv")  # wq, wk, wv: CrossViT
+        layers = [(p, getattr(module, p, None)) for p in names]
         layers = [(p, m) for p, m in layers if isinstance(m, nn.Linear)]
         hd = layers[0][1].out_features // heads
         slices = [HeadSlice(f"{p}.weight", 0, "producer", _blocks(heads, hd)) for p, _ in layers]

@@ -20,6 +20,7 @@ import timm
 import torch
 
 import chase_timm
+from chase_timm import heads as heads_module
 from chase_timm._timm import named_tensors
 from chase_timm.adapters import multihead
 from chase_timm.adapters.attention import REFUSED, SLIM, edited, slim_subclass, timm_class, use_slim_forward
@@ -574,6 +575,19 @@ def test_a_plan_resizing_a_class_this_timm_has_no_slim_forward_for_names_the_rea
     monkeypatch.setitem(REFUSED, eva.EvaAttention, "has no slim forward: (a timm that changed it)")
     with pytest.raises(ValueError, match=r"blocks.0.attn: EvaAttention has no slim forward.*timm release it was saved"):
         refresh_heads(attn, "blocks.0.attn")
+
+
+def test_crossvit_and_volo_heads_stay_whole_with_the_reason_where_this_timm_has_no_slim_forward(monkeypatch):
+    # a timm whose CrossAttention / VOLO forwards no longer match their edits: the groups name the reason
+    for kind in (crossvit.CrossAttention, volo.Attention, volo.OutlookAttention):
+        monkeypatch.setitem(heads_module._LEFT_WHOLE, kind, "has no slim forward: (a timm that changed it)")
+    for model, blocks in ((zoo_coverage.build("crossvit_tiny_240"), ("blocks.0.fusion.0.attn",)),
+                          (_volo(), ("network.0.0.attn", "network.2.0.attn"))):
+        groups = {g.name: g for g in find_channel_groups(model, torch.randn(1, 3, 32, 32))}
+        for block in blocks:
+            kind = type(model.get_submodule(block)).__name__
+            assert not groups[block].prunable, block
+            assert groups[block].reason == f"{kind} has no slim forward: (a timm that changed it)", groups[block].reason
 
 
 def _with_fused(model: torch.nn.Module, fused: bool) -> torch.nn.Module:
