@@ -388,7 +388,7 @@ def _unreached(name: str, channels: list[int], reason: str) -> _Draft:
 def _draft(ctx: _Context, name: str, module: nn.Module, todo: list[int], deadline: float) -> _Draft:
     """Collect the group rooted at ``module``'s output channels ``todo`` and translate every item."""
     try:
-        group, mixed, ties = _coupled(ctx.graph, module, todo, deadline, ctx.unmapped)
+        group, mixed, ties = _coupled(ctx.graph, module, todo, deadline, ctx.unmapped, ctx.module_names)
     except TimeoutError:
         return _unreached(name, todo, TIMEOUT_REASON)
     except Exception as err:
@@ -426,8 +426,8 @@ class _Item:
     root_idxs: list[int]
 
 
-def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int],
-             deadline: float, unmapped: set) -> tuple[list[_Item], list[str], list[tuple[int, int]]]:
+def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int], deadline: float, unmapped: set,
+             module_names: Mapping[nn.Module, str]) -> tuple[list[_Item], list[str], list[tuple[int, int]]]:
     """Everything coupled to ``module``'s output ``channels`` by torch-pruning's dependency rules and index
     mappings. Each (node, function, position) is visited once, by its first root channel. A position reached
     again from another channel is not walked again, which keeps ECA/ReXNet-style graphs linear instead of
@@ -435,7 +435,9 @@ def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int],
     ``_channel_wise``) the two root channels become one removable class (third return value: tied pairs), as
     are the channels at the same place of every piece of an equal-piece channel split (Res2Net's
     ``torch.split(x, width)``, GLU's ``chunk(2)``); anywhere else (a layer, a reshape, a matmul) the op mixes
-    channels and is reported (second return value). Positions arriving at a node that is already queued join
+    channels and is reported (second return value). A depthwise conv with channel multiplier k (``_multiplier``)
+    takes its input channel c and its output channels c*k .. c*k+k-1 together (one group), whichever side the walk
+    arrives at. Positions arriving at a node that is already queued join
     its queued batch, and a walk that visits more than ``_MAX_POSITIONS`` per channel (chained reshapes, e.g.
     EfficientViT-MSRA's cascaded attention) stops as not prunable."""
     root = graph.module2node[module]
@@ -480,6 +482,11 @@ def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int],
             arrive(root_dependency(dep.target, tp.prune_conv_out_channels),
                    walk_positions((i.idx * multiplier + j, i.root_idx) for i in fresh for j in range(multiplier)))
         elif multiplier and dep.handler == tp.prune_conv_out_channels:
+            if not dep.target.inputs:  # the model's input: its channels can't go
+                layer = dep.target.module
+                mixed[f"the depthwise convolution {module_names.get(layer, type(layer).__name__)} "
+                      f"({layer.in_channels}->{layer.out_channels}, groups={layer.groups}) removes output channels "
+                      "a whole group at a time, with its input channel, and its input is the model input"] = None
             arrive(root_dependency(dep.target, tp.prune_conv_in_channels),
                    walk_positions((i.idx // multiplier, i.root_idx) for i in fresh))
 

@@ -325,6 +325,7 @@ def test_fastvit_streams_shrink_with_the_multiplier_downsample_exactly():
 def test_fastvit_exports_reloads_and_the_slim_model_reparameterizes():
     row = _export_and_reload("fastvit_t8", True)
     slim = row["slim"].eval()
+    assert slim.stages[1].downsample.proj[0].in_chs < 48  # the stem / stage-0 stream (48 wide) shrank
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         reference = slim(x)
