@@ -310,7 +310,7 @@ def test_selective_kernel_paths_and_split_input_shrink_exactly():
 def test_fastvit_streams_shrink_with_the_multiplier_downsample_exactly():
     """FastViT's downsampling conv is depthwise with channel multiplier 2 (Conv2d(C, 2C, groups=C)): a stream channel
     c leaves with its output channels 2c and 2c + 1 (one group), so ``groups`` follows the stream (docs/blocks.md)."""
-    result, cut = _twin("fastvit_t8", prune_skip=True, channel_sparsity=0.3)
+    result, cut = _twin("fastvit_t8", prune_skip=True, channel_sparsity=0.3, steps=2)
     dense, slim = result.twin_run[0], result.run[0]
     conv = "stages.1.downsample.proj.0.large_conv.conv"
     rows = cut[f"{conv}.weight"][0]
