@@ -4,7 +4,8 @@ GluMlp (EVA-02's packed SwiGLU: a hidden channel and its gate partner ``c + H`` 
 ``torch.split(x, width)`` (every piece loses the same places and ``width`` follows) and MobileOne's multi-branch
 blocks (one index set for every branch, identity BatchNorm included; ``reparameterize_model`` still fuses the slim
 model). Each: the float64 shrink-vs-mask twin run (``recipes/shrink_equivalence.py``, 1e-9 relative), the float32
-export check (1e-4 relative) and a ``save_pretrained`` -> ``local-dir:`` round trip.
+export check (1e-4 relative) and a ``save_pretrained`` -> ``local-dir:`` round trip. FastViT: a stream feeding a
+depthwise conv with channel multiplier 2 loses whole groups of it.
 """
 import collections
 
