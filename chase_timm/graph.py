@@ -32,7 +32,8 @@ from ._timm import classifier_modules, clear_eval_caches, deepcopy_model, defaul
 from .adapters.autograd import (input_shapes, new_forward_hooks_removed, result_shape, saved_dim, saved_input_shape,
                                 saved_permutation)
 from .adapters.torch_pruning import (flatten_stride, is_interleave, map_concat, map_interleave, map_split,
-                                     root_dependency, root_positions, split_layout, tolerant_index_mapping)
+                                     root_dependency, root_positions, split_layout, tolerant_index_mapping,
+                                     walk_positions)
 from .heads import HeadSpec, head_spec, qkv_as_modules
 from .slim import slice_in_place
 
@@ -387,7 +388,7 @@ def _unreached(name: str, channels: list[int], reason: str) -> _Draft:
 def _draft(ctx: _Context, name: str, module: nn.Module, todo: list[int], deadline: float) -> _Draft:
     """Collect the group rooted at ``module``'s output channels ``todo`` and translate every item."""
     try:
-        group, mixed, ties = _coupled(ctx.graph, module, todo, deadline, ctx.unmapped)
+        group, mixed, ties = _coupled(ctx.graph, module, todo, deadline, ctx.unmapped, ctx.module_names)
     except TimeoutError:
         return _unreached(name, todo, TIMEOUT_REASON)
     except Exception as err:
@@ -401,8 +402,19 @@ def _draft(ctx: _Context, name: str, module: nn.Module, todo: list[int], deadlin
     _check_skip(draft, group)
     _form_classes(draft)
     if len(draft.classes) == 1:
-        draft.problem("a single removable channel (removing it would delete the layer)", 6)
+        draft.problem(_single_class(draft), 6)
     return draft
+
+
+def _single_class(draft: _Draft) -> str:
+    """Why a group's channels form one removable class (removing it would delete the layer)."""
+    width = len(draft.classes[0])
+    if width == 1:
+        return "a single removable channel (removing it would delete the layer)"
+    tying = next((r.tensor for r in draft.raws if r.balance and r.size > r.balance), None)
+    why = (f"{tying} (a grouped convolution or GroupNorm) must lose the same channels in each of its groups"
+           if tying else "elementwise joins or equal splits tie them")
+    return f"its {width} channels are one removable class: {why} (removing it would delete the layer)"
 
 
 @dataclass
@@ -414,8 +426,8 @@ class _Item:
     root_idxs: list[int]
 
 
-def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int],
-             deadline: float, unmapped: set) -> tuple[list[_Item], list[str], list[tuple[int, int]]]:
+def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int], deadline: float, unmapped: set,
+             module_names: Mapping[nn.Module, str]) -> tuple[list[_Item], list[str], list[tuple[int, int]]]:
     """Everything coupled to ``module``'s output ``channels`` by torch-pruning's dependency rules and index
     mappings. Each (node, function, position) is visited once, by its first root channel. A position reached
     again from another channel is not walked again, which keeps ECA/ReXNet-style graphs linear instead of
@@ -423,21 +435,63 @@ def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int],
     ``_channel_wise``) the two root channels become one removable class (third return value: tied pairs), as
     are the channels at the same place of every piece of an equal-piece channel split (Res2Net's
     ``torch.split(x, width)``, GLU's ``chunk(2)``); anywhere else (a layer, a reshape, a matmul) the op mixes
-    channels and is reported (second return value). Positions arriving at a node that is already queued join
+    channels and is reported (second return value). A depthwise conv with channel multiplier k (``_multiplier``)
+    takes its input channel c and its output channels c*k .. c*k+k-1 together (one group), whichever side the walk
+    arrives at. Positions arriving at a node that is already queued join
     its queued batch, and a walk that visits more than ``_MAX_POSITIONS`` per channel (chained reshapes, e.g.
     EfficientViT-MSRA's cascaded attention) stops as not prunable."""
     root = graph.module2node[module]
     fn = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
     if root.type == ops.OPTYPE.DEPTHWISE_CONV:
         fn = tp.prune_depthwise_conv_out_channels
-    deps = {(root, fn): root_dependency(root, fn)}
-    owners = {(root, fn): {i: i for i in channels}}  # position -> root channel, per (node, function)
+    deps: dict = {}
+    owners: dict = {}  # position -> root channel, per (node, function)
     mixed: dict[str, None] = {}
     mixed_at: set = set()
     ties: list[tuple[int, int]] = []
-    pending = {(root, fn): root_positions(channels)}  # positions not walked yet; arrivals merge while queued
-    stack = [(root, fn)]
-    budget = _MAX_POSITIONS * len(channels)
+    pending: dict = {}  # positions not walked yet; arrivals merge while queued
+    stack: list = []
+
+    def arrive(dep: Any, positions: list) -> None:
+        """Record positions reaching (dep.target, dep.handler) and queue the new ones; a multiplier conv's input
+        channel c and its output channels c*k .. c*k+k-1 (one group) arrive together, tied."""
+        key = (dep.target, dep.handler)
+        known = owners.setdefault(key, {})
+        fresh = []
+        multiplier = _multiplier(dep.target.module)
+        for i in positions:
+            if i.idx not in known:
+                known[i.idx] = i.root_idx
+                fresh.append(i)
+            elif known[i.idx] != i.root_idx and (multiplier or _channel_wise(dep.target)):
+                ties.append((known[i.idx], i.root_idx))
+            elif known[i.idx] != i.root_idx and key not in mixed_at:
+                mixed_at.add(key)
+                mixed[f"channels are mixed at {dep.target.name} (position {i.idx} carries several), so "
+                      "masking is not equivalent to removal"] = None
+        if not fresh:
+            return
+        deps.setdefault(key, dep)
+        if key in pending:
+            pending[key].extend(fresh)
+        else:
+            pending[key] = fresh
+            stack.append(key)
+        if multiplier and dep.handler == tp.prune_conv_in_channels:
+            budget[0] += _MAX_POSITIONS * len(fresh) * (multiplier - 1)  # each new output channel walks on its own
+            arrive(root_dependency(dep.target, tp.prune_conv_out_channels),
+                   walk_positions((i.idx * multiplier + j, i.root_idx) for i in fresh for j in range(multiplier)))
+        elif multiplier and dep.handler == tp.prune_conv_out_channels:
+            if not dep.target.inputs:  # the model's input: its channels can't go
+                layer = dep.target.module
+                mixed[f"the depthwise convolution {module_names.get(layer, type(layer).__name__)} "
+                      f"({layer.in_channels}->{layer.out_channels}, groups={layer.groups}) removes output channels "
+                      "a whole group at a time, with its input channel, and its input is the model input"] = None
+            arrive(root_dependency(dep.target, tp.prune_conv_in_channels),
+                   walk_positions((i.idx // multiplier, i.root_idx) for i in fresh))
+
+    budget = [_MAX_POSITIONS * len(channels)]
+    arrive(root_dependency(root, fn), root_positions(channels))
     while stack:
         if time.monotonic() > deadline:
             raise TimeoutError
@@ -451,34 +505,15 @@ def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int],
                       "prunable"] = None
                 continue
             mapped = _mapped(dep, idxs, _MAX_EXPANSION * len(channels))
-            budget -= len(mapped or ())
-            if mapped is None or budget < 0:
+            budget[0] -= len(mapped or ())
+            if mapped is None or budget[0] < 0:
                 mixed[f"torch-pruning's index mapping explodes at {dep.target.name} (repeated flatten/reshape), "
                       "so the group is not prunable"] = None
-                if budget < 0:
+                if budget[0] < 0:
                     stack.clear()  # what was reached so far still marks the layers as covered
                     break
                 continue
-            key = (dep.target, dep.handler)
-            known = owners.setdefault(key, {})
-            fresh = []
-            for i in mapped:
-                if i.idx not in known:
-                    known[i.idx] = i.root_idx
-                    fresh.append(i)
-                elif known[i.idx] != i.root_idx and _channel_wise(dep.target):
-                    ties.append((known[i.idx], i.root_idx))
-                elif known[i.idx] != i.root_idx and key not in mixed_at:
-                    mixed_at.add(key)
-                    mixed[f"channels are mixed at {dep.target.name} (position {i.idx} carries several), so "
-                          "masking is not equivalent to removal"] = None
-            if fresh:
-                deps.setdefault(key, dep)
-                if key in pending:
-                    pending[key].extend(fresh)
-                else:
-                    pending[key] = fresh
-                    stack.append(key)
+            arrive(dep, mapped)
     items = [_Item(deps[key], list(pos), list(pos.values())) for key, pos in owners.items() if pos]
     for (node, _), positions in owners.items():
         if node.type == ops.OPTYPE.SPLIT and positions:
@@ -698,7 +733,13 @@ def _layer_slices(ctx: _Context, draft: _Draft, layer: nn.Module, handler: Any, 
             _add_tensors(ctx, draft, layer, ("weight",), "consumer", by_root, dim=1)
         return
     groups, cin, cout = layer.groups, layer.in_channels, layer.out_channels
-    if groups > 1 and groups == cin == cout:
+    multiplier = _multiplier(layer)
+    if multiplier and is_out:  # whole groups: the walk reached them through their input channels (_coupled)
+        _add_tensors(ctx, draft, layer, ("weight",), "producer", by_root)
+        _add_tensors(ctx, draft, layer, ("bias",), "bias", by_root)
+    elif multiplier:
+        pass  # one input channel per group: its weight rows are the output slice's, taken with them
+    elif groups > 1 and groups == cin == cout:
         _add_tensors(ctx, draft, layer, ("weight",), "producer", by_root)
         _add_tensors(ctx, draft, layer, ("bias",), "bias", by_root)
     elif groups > 1 and (layer.transposed or handler == tp.prune_depthwise_conv_out_channels):
@@ -712,6 +753,15 @@ def _layer_slices(ctx: _Context, draft: _Draft, layer: nn.Module, handler: Any, 
         local = cin // groups if groups > 1 else 0
         _add_tensors(ctx, draft, layer, ("weight",), "consumer", by_root, dim=0 if layer.transposed else 1,
                      size=cin, local=local, balance=local)
+
+
+def _multiplier(layer: nn.Module) -> int:
+    """k of a depthwise convolution with channel multiplier k > 1 (one input and k outputs per group: groups =
+    in_channels, out_channels = k x in_channels, e.g. FastViT's downsampling conv); 0 for any other layer."""
+    if not isinstance(layer, nn.modules.conv._ConvNd) or layer.transposed or not 1 < layer.groups == layer.in_channels:
+        return 0
+    k = layer.out_channels // layer.groups
+    return k if k > 1 else 0
 
 
 def _standardised_weight(ctx: _Context, layer: nn.Module) -> bool:

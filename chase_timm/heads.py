@@ -13,16 +13,17 @@ column keeps out too, and its zeroed ``proj_w`` row and bias zero its attention 
 ``scaled_dot_product_attention`` path and the eager path alike: ``head_dim`` does not change, so neither does the
 scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``).
 
-EVA, BEiT, ViT-RelPos, Swin V2, CaiT's class and talking-heads attention, PVT-v2, Twins, DaViT, ConViT, NesT,
-GCViT and the cross-covariance attention of EdgeNeXt and XCiT reshape their heads' output to the input width in
-timm's forward (Swin V2-CR splits its heads with it); a resized one switches to its slim subclass
-(:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left). Hiera's forward
-reads its widths from ``heads`` and ``dim_out``, SAM2's Hiera's from ``num_heads``, EfficientFormer's from
-``num_heads`` and ``val_attn_dim``, EfficientFormer-V2's from ``num_heads`` and ``dh``, MViTv2's from ``num_heads``
-and ``dim_out``, MaxViT's / CoAtNet's from ``num_heads`` and ``dim_head``, which :func:`refresh_heads` re-derives.
-torch's ``nn.MultiheadAttention`` takes its attention width from the input as well and gets one too
-(:mod:`chase_timm.adapters.multihead`), as do ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` holding
-it (torch's forward without the inference fast path that bypasses the attention's forward).
+EVA, BEiT, ViT-RelPos, Swin V2, CaiT's class and talking-heads attention, PVT-v2, Twins, DaViT, ConViT, NesT, GCViT,
+CrossViT's cross-attention, VOLO's self- and outlook attention and the cross-covariance attention of EdgeNeXt and
+XCiT reshape their heads' output to the input width in timm's forward (Swin V2-CR splits its heads with it); a
+resized one switches to its slim subclass (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape
+taken from the heads left). Hiera's forward reads its widths from ``heads`` and ``dim_out``, SAM2's Hiera's from
+``num_heads``, EfficientFormer's from ``num_heads`` and ``val_attn_dim``, EfficientFormer-V2's from ``num_heads``
+and ``dh``, MViTv2's from ``num_heads`` and ``dim_out``, MaxViT's / CoAtNet's from ``num_heads`` and ``dim_head``,
+which :func:`refresh_heads` re-derives. torch's ``nn.MultiheadAttention`` takes its attention width from the input
+as well and gets one too (:mod:`chase_timm.adapters.multihead`), as do ``nn.TransformerEncoderLayer`` and
+``nn.TransformerEncoder`` holding it (torch's forward without the inference fast path that bypasses the attention's
+forward).
 
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), and
 :func:`refresh_heads` re-derives a resized module's attributes (``num_heads``, ``attn_dim``, ...) from its tensor
@@ -37,10 +38,10 @@ from typing import Iterator, Optional
 
 import torch.nn as nn
 from timm.layers import Attention, AttentionRope, RelPosBias, RelPosBiasTf, RelPosMlp
-from timm.models import (beit, cait, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
+from timm.models import (beit, cait, crossvit, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
                          hieradet_sam2 as sam2, levit, maxxvit, pvt_v2, swin_transformer, swin_transformer_v2,
-                         swin_transformer_v2_cr as swin_cr, tiny_vit, twins, vision_transformer_relpos as relpos,
-                         vision_transformer_sam as sam, xcit)
+                         swin_transformer_v2_cr as swin_cr, tiny_vit, tnt, twins, visformer,
+                         vision_transformer_relpos as relpos, vision_transformer_sam as sam, volo, xcit)
 from timm.models import convit, gcvit, mvitv2, nest
 
 from .adapters import multihead  # noqa: F401  registers nn.MultiheadAttention's slim forward (or why none)
@@ -57,7 +58,8 @@ _EFFICIENTFORMER_V2 = (efficientformer_v2.Attention2d, efficientformer_v2.Attent
 _RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention, levit.AttentionDownsample,
               tiny_vit.Attention, sam.Attention, hiera.MaskUnitAttention, sam2.MultiScaleAttention,
               maxxvit.Attention2d, maxxvit.AttentionCl, efficientformer.Attention, *_EFFICIENTFORMER_V2,
-              mvitv2.MultiScaleAttention, *SLIM)
+              mvitv2.MultiScaleAttention, *SLIM, visformer.Attention, volo.ClassAttention,
+              tnt.Attention)
 # torch containers whose inference fast path bypasses their MultiheadAttention's forward: resized, they switch to
 # their slim subclass (torch's forward without that fast path), else their attention's heads stay
 _CONTAINERS = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
@@ -143,6 +145,18 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _mvitv2(module)
     if kind is gcvit.WindowAttentionGlobal:
         return _gcvit(module, model)
+    if kind is crossvit.CrossAttention:  # CaiT's ClassAttn with wq, wk, wv
+        return _class_attention(module, "w")
+    if kind is visformer.Attention:  # a fused qkv 1x1 conv (q | k | v blocks) on NCHW maps, a 1x1 conv projection
+        return _fused(module, module.head_dim)
+    if kind is volo.Attention:  # a fused qkv on channels-last maps
+        return _fused(module, module.proj.in_features // module.num_heads)
+    if kind is volo.ClassAttention:  # the class token's q, and kv (k block, then v block) over every token
+        return _q_kv(module, module.head_dim)
+    if kind is volo.OutlookAttention:
+        return _outlook(module)
+    if kind is tnt.Attention:
+        return _tnt(module)
     return None
 
 
@@ -237,6 +251,31 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         module.num_heads, module.dim = _heads(name, module.proj.in_features, module.head_dim), module.proj.out_features
         _check(name, "q rows", module.q.out_features, module.proj.in_features)
         _check(name, "kv rows", module.kv.out_features, 2 * module.proj.in_features)
+    elif kind is crossvit.CrossAttention:  # scale: head_dim ** -0.5
+        module.num_heads = _heads(name, module.proj.in_features, round(module.scale ** -2))
+        for layer in ("wq", "wk", "wv"):
+            _check(name, f"{layer} rows", _rows(getattr(module, layer)), module.proj.in_features)
+    elif kind is visformer.Attention:  # its forward reads num_heads and head_dim; dim: the input width
+        module.num_heads = _heads(name, _columns(module.proj), module.head_dim)
+        module.dim = module.qkv.in_channels
+        _check(name, "qkv rows", _rows(module.qkv), 3 * _columns(module.proj))
+    elif kind in (volo.Attention, volo.OutlookAttention):  # scale: head_dim ** -0.5
+        module.num_heads = _heads(name, module.proj.in_features, round(module.scale ** -2))
+        if kind is volo.Attention:
+            _check(name, "qkv rows", _rows(module.qkv), 3 * module.proj.in_features)
+        else:
+            _check(name, "v rows", _rows(module.v), module.proj.in_features)
+            _check(name, "attn rows", _rows(module.attn), module.num_heads * module.kernel_size ** 4)
+    elif kind is volo.ClassAttention:  # its forward reads num_heads and head_dim
+        module.num_heads = _heads(name, module.proj.in_features, module.head_dim)
+        _check(name, "q rows", _rows(module.q), module.proj.in_features)
+        _check(name, "kv rows", _rows(module.kv), 2 * module.proj.in_features)
+    elif kind is tnt.Attention:  # its forward reads num_heads and head_dim (of q and k; v's heads are wider or not)
+        module.num_heads = _heads(name, _rows(module.qk) // 2, module.head_dim)
+        module.hidden_dim = _rows(module.qk) // 2
+        _check(name, "v rows", _rows(module.v), _columns(module.proj))
+        if _rows(module.v) % module.num_heads:
+            raise ValueError(f"{name}: v rows ({_rows(module.v)}) are not {module.num_heads} whole heads")
     elif kind in _XCA:
         module.num_heads = module.temperature.shape[0]
         _check(name, "proj columns", module.proj.in_features,
@@ -539,11 +578,12 @@ def _gcvit(module: nn.Module, model: Optional[nn.Module]) -> HeadSpec:
     return HeadSpec(heads, hd, tuple(kv), why, why)
 
 
-def _class_attention(module: nn.Module) -> HeadSpec:
-    """CaiT's ClassAttn: separate q (class token only), k and v projections."""
+def _class_attention(module: nn.Module, prefix: str = "") -> HeadSpec:
+    """CaiT's ClassAttn and (``prefix`` "w": wq, wk, wv) CrossViT's CrossAttention: separate q (class token only),
+    k and v projections."""
     heads = module.num_heads
-    per_head = _blocks(heads, module.q.out_features // heads)
-    slices = [s for p in ("q", "k", "v") for s in _linear_slices(p, getattr(module, p), per_head)]
+    per_head = _blocks(heads, getattr(module, f"{prefix}q").out_features // heads)
+    slices = [s for p in ("q", "k", "v") for s in _linear_slices(prefix + p, getattr(module, prefix + p), per_head)]
     slices.append(HeadSlice("proj.weight", 1, "consumer", per_head))
     return HeadSpec(heads, len(per_head[0]), tuple(slices))
 
@@ -558,6 +598,28 @@ def _q_kv(module: nn.Module, hd: int) -> HeadSpec:
     slices = _linear_slices("q", module.q, per_head) + _linear_slices("kv", module.kv, kv)
     slices.append(HeadSlice("proj.weight", 1, "consumer", per_head))
     return HeadSpec(heads, hd, tuple(slices))
+
+
+def _outlook(module: nn.Module) -> HeadSpec:
+    """VOLO's OutlookAttention: the head's rows of ``v`` (its channels, unfolded over each k x k window), its
+    ``kernel_size ** 4`` rows of ``attn`` (each position's k^2 x k^2 attention weights, computed from the pooled
+    input, not from q and k), ``proj`` columns."""
+    heads, window = module.num_heads, module.kernel_size ** 4
+    per_head = _blocks(heads, module.v.out_features // heads)
+    slices = _linear_slices("v", module.v, per_head) + _linear_slices("attn", module.attn, _blocks(heads, window))
+    slices.append(HeadSlice("proj.weight", 1, "consumer", per_head))
+    return HeadSpec(heads, len(per_head[0]), tuple(slices))
+
+
+def _tnt(module: nn.Module) -> HeadSpec:
+    """TNT's Attention (inner and outer): a qk projection (q block, then k block, of ``head_dim`` per head) and a
+    v projection whose heads are ``v.out_features // num_heads`` wide, as are the projection's columns."""
+    heads, hd = module.num_heads, module.head_dim
+    values = _blocks(heads, _rows(module.v) // heads)
+    slices = _linear_slices("qk", module.qk, _cat(_blocks(heads, hd), _blocks(heads, hd, heads * hd)))
+    slices += _linear_slices("v", module.v, values)
+    slices.append(HeadSlice("proj.weight", 1, "consumer", values))
+    return HeadSpec(heads, len(values[0]), tuple(slices))
 
 
 def _levit(module: nn.Module) -> HeadSpec:
@@ -632,7 +694,8 @@ def _left_whole(module: nn.Module, reason: str) -> HeadSpec:
         hd = qkv.out_features // 3 // heads
         slices = [HeadSlice("qkv.weight", 0, "producer", _qkv_rows(heads, hd))]
     else:
-        layers = [(p, getattr(module, p, None)) for p in ("q_proj", "k_proj", "v_proj", "q", "k", "v")]
+        names = ("q_proj", "k_proj", "v_proj", "q", "k", "v", "wq", "wk", "wv")  # wq, wk, wv: CrossViT
+        layers = [(p, getattr(module, p, None)) for p in names]
         layers = [(p, m) for p, m in layers if isinstance(m, nn.Linear)]
         hd = layers[0][1].out_features // heads
         slices = [HeadSlice(f"{p}.weight", 0, "producer", _blocks(heads, hd)) for p, _ in layers]

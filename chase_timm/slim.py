@@ -286,7 +286,7 @@ def _block_size_links(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module,
     ``torch.split(x, self.in_channels // self.num_paths)``: ``num_paths`` times the first path's input when each
     path takes a piece) and the sizes a re-parameterisable block (one with ``reparameterize``) builds its fused conv
     and identity kernel from (``in_chs``, ``out_chs``, ``groups``, ``dim``): the first conv inside it whose sizes
-    all equal them."""
+    all equal them, else (a block with only an identity BatchNorm: FastViT's ``RepMixer.norm``) its norm."""
     links = []
     for block in model.modules():
         convs = getattr(block, "convs", None)
@@ -304,7 +304,12 @@ def _block_size_links(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module,
         sizes = {a: c for a, c in _REPARAM_SIZES.items() if isinstance(getattr(block, a, None), int)}
         conv = next((m for m in block.modules() if isinstance(m, nn.modules.conv._ConvNd) and sizes and
                      all(getattr(m, c) == getattr(block, a) for a, c in sizes.items())), None)
-        links += [(block, a, conv, c, 1) for a, c in sizes.items()] if conv is not None else []
+        if conv is not None:
+            links += [(block, a, conv, c, 1) for a, c in sizes.items()]
+            continue
+        norm = next((m for m in block.modules() if isinstance(m, _NORMS) and sizes and  # identity-only (FastViT)
+                     all(m.num_features == getattr(block, a) for a in sizes)), None)
+        links += [(block, a, norm, "num_features", 1) for a in sizes] if norm is not None else []
     return links
 
 
@@ -331,6 +336,10 @@ def _fix_conv(conv: nn.modules.conv._ConvNd, name: str) -> None:
     shape = conv.weight.shape
     if conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels:
         conv.in_channels = conv.out_channels = conv.groups = shape[0]
+    elif 1 < conv.groups == conv.in_channels < conv.out_channels and not conv.transposed:
+        # depthwise with channel multiplier k: channels leave a whole group (1 input, k outputs) at a time
+        conv.in_channels = conv.groups = shape[0] * conv.in_channels // conv.out_channels
+        conv.out_channels = shape[0]
     elif conv.transposed:
         conv.in_channels, conv.out_channels = shape[0], shape[1] * conv.groups
     else:

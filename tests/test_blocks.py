@@ -4,7 +4,8 @@ GluMlp (EVA-02's packed SwiGLU: a hidden channel and its gate partner ``c + H`` 
 ``torch.split(x, width)`` (every piece loses the same places and ``width`` follows) and MobileOne's multi-branch
 blocks (one index set for every branch, identity BatchNorm included; ``reparameterize_model`` still fuses the slim
 model). Each: the float64 shrink-vs-mask twin run (``recipes/shrink_equivalence.py``, 1e-9 relative), the float32
-export check (1e-4 relative) and a ``save_pretrained`` -> ``local-dir:`` round trip.
+export check (1e-4 relative) and a ``save_pretrained`` -> ``local-dir:`` round trip. FastViT: a stream feeding a
+depthwise conv with channel multiplier 2 loses whole groups of it.
 """
 import collections
 
@@ -313,3 +314,29 @@ def test_selective_kernel_paths_and_split_input_shrink_exactly(monkeypatch):
     assert any(b.in_channels < d.in_channels for b, d in zip(blocks, (m for m in result.twin_run[0].modules()
                                                                           if type(m).__name__ == "SelectiveKernel")))
     assert roundtrip(slim.float(), 32) == 0.0
+
+
+def test_fastvit_streams_shrink_with_the_multiplier_downsample_exactly():
+    """FastViT's downsampling conv is depthwise with channel multiplier 2 (Conv2d(C, 2C, groups=C)): a stream channel
+    c leaves with its output channels 2c and 2c + 1 (one group), so ``groups`` follows the stream (docs/blocks.md)."""
+    result, cut = _twin("fastvit_t8", prune_skip=True, channel_sparsity=0.3, steps=2)
+    dense, slim = result.twin_run[0], result.run[0]
+    conv = "stages.1.downsample.proj.0.large_conv.conv"
+    rows = cut[f"{conv}.weight"][0]
+    assert rows and all(r % 2 == 0 and r + 1 in rows for r in rows[::2]), rows  # whole groups of 2 outputs
+    lost = dense.get_submodule(conv).groups - slim.get_submodule(conv).groups
+    assert lost == len(rows) // 2 > 0
+    block = slim.stages[1].downsample.proj[0]
+    assert block.groups == block.in_chs == slim.stem[2].conv_kxk[0].conv.out_channels
+    assert block.out_chs == 2 * block.in_chs
+
+
+def test_fastvit_exports_reloads_and_the_slim_model_reparameterizes():
+    row = _export_and_reload("fastvit_t8", True)
+    slim = row["slim"].eval()
+    assert slim.stages[1].downsample.proj[0].in_chs < 48  # the stem / stage-0 stream (48 wide) shrank
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = slim(x)
+        output = timm.utils.reparameterize_model(slim)(x)
+    assert float((output - reference).abs().max() / reference.abs().max()) <= 1e-5

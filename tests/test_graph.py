@@ -170,6 +170,33 @@ def test_grouped_conv_channels_are_removed_in_balanced_classes():
     assert rows.index[0] == tuple(range(0, 56, 8)) and columns.index[0] == (0,)
 
 
+def test_a_depthwise_conv_with_channel_multiplier_removes_whole_groups_with_its_input():
+    """Conv2d(4, 8, groups=4): input channel c goes with output channels 2c, 2c + 1 (FastViT's downsampling); one fed
+    by the image stays whole and says why."""
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, groups=3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1), nn.ReLU(),
+                          nn.Conv2d(4, 8, 3, groups=4), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 5, 1)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    groups = {g.name: g for g in find_channel_groups(model, x)}
+    group = groups["3"]
+    assert group.prunable and group.width == 4 and group.unit == 1, group.reason
+    index = {(s.tensor, s.dim): s.index for s in group.slices}
+    assert index[("5.weight", 0)] == index[("6.weight", 0)] == index[("8.weight", 1)] == ((0, 1), (2, 3), (4, 5), (6, 7))
+    assert ("5.weight", 1) not in index  # one input per group: the rows are the group
+    assert not groups["0"].prunable and "its input is the model input" in groups["0"].reason
+    slim = slim_copy(model, tensor_removals(list(groups.values()), {"3": [1, 2]}))
+    conv = slim[5]
+    assert (conv.in_channels, conv.out_channels, conv.groups) == (2, 4, 2)
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer, rows in ((masked[3], [1, 2]), (masked[5], [2, 3, 4, 5])):
+            layer.weight[rows] = 0
+            layer.bias[rows] = 0
+        masked[6].bias[[2, 3, 4, 5]] = 0  # a removed channel's BN output is its bias: zero it like the mask does
+        masked[6].running_mean[[2, 3, 4, 5]] = 0
+        assert torch.allclose(slim(x), masked(x), atol=1e-6)
+        assert slim[6].num_features == 4
+
+
 def test_flatten_to_linear_expands_each_channel_to_its_positions():
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 5)).eval()
     x = torch.randn(1, 3, 6, 6)

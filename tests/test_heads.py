@@ -20,6 +20,7 @@ import timm
 import torch
 
 import chase_timm
+from chase_timm import heads as heads_module
 from chase_timm._timm import named_tensors
 from chase_timm.adapters import multihead
 from chase_timm.adapters.timm import record_model_args
@@ -34,10 +35,11 @@ from chase_timm.slim import apply_width_plan, slice_in_place, slim_copy, width_p
 import shrink_equivalence
 import zoo_coverage
 from shrink_equivalence import compare, float64
-from timm.layers import AttentionRope
-from timm.models import (beit, cait, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
+from timm.layers import Attention, AttentionRope
+from timm.models import (beit, cait, crossvit, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
                          hieradet_sam2 as sam2, maxxvit, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
-                         tiny_vit, twins, vision_transformer_relpos as relpos, vision_transformer_sam as sam, xcit)
+                         tiny_vit, tnt, twins, visformer, vision_transformer_relpos as relpos,
+                         vision_transformer_sam as sam, volo, xcit)
 from timm.models import build_model_with_cfg, convit, gcvit, mvitv2, nest
 
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
@@ -112,11 +114,23 @@ SMALL = {
     # GCViT: local window attention (RelPosBias) alternating with global-query blocks, whose heads stay; windows of 4
     # on the 8x8 and 4x4 maps, 2 on 2x2 (gcvit_xxtiny's entrypoint fixes depths and heads: 2, 4, 8, 16 of 16 channels)
     "gcvit_xxtiny": {"img_size": 32, "embed_dim": 32, "mlp_ratio": 2.0, "window_size": (4, 4, 2, 1)},
+    # CrossViT: two branches (patches of 8 and 16: 4x4 and 2x2 tokens), each with timm's Attention, and the fusion's
+    # CrossAttention (wq / wk / wv: the class token attends to the other branch's tokens), two multi-scale blocks
+    "crossvit_tiny_240": {"img_size": 32, "img_scale": (1.0, 1.0), "patch_size": (8, 16), "embed_dim": (48, 96),
+                          "depth": ((1, 1, 0), (1, 1, 0)), "num_heads": (3, 3), "mlp_ratio": (2, 2, 1)},
+    # Visformer: NCHW attention (1x1 conv qkv and projection) in stages 2-3 on 4x4 and 2x2 maps, 3 heads of 16 and 32
+    "visformer_tiny": {"img_size": 32, "embed_dim": 48, "depth": (1, 1, 1), "mlp_ratio": 2.0},
+    # TNT: inner attention over each patch's 4x4 pixels (4 heads of 6) and outer attention over the 2x2 patches and
+    # the class token (3 heads: q and k of 32, v of 32)
+    "tnt_s_legacy_patch16_224": {"img_size": 32, "embed_dim": 96, "inner_dim": 24, "depth": 2, "num_heads_outer": 3,
+                                 "num_heads_inner": 4, "mlp_ratio": 2.0},
 }
 SIZES = {"efficientformer_l1": 56, "efficientformerv2_s0": 64}  # input side where it is not 32 px
 # EfficientFormer-V2's convs have biases ahead of a training-mode BatchNorm, which cancels them: their gradients are
 # rounding noise, which AdamW normalises into full steps (float64 twin 2e-8 apart with its heads left whole); SGD
-OPTIMIZER = {"efficientformerv2_s0": "sgd"}
+# Visformer likewise (its patch embeddings' conv biases ahead of a BatchNorm2d): 6.6e-10 apart with AdamW and its
+# heads whole, 1e-15 with SGD
+OPTIMIZER = {"efficientformerv2_s0": "sgd", "visformer_tiny": "sgd"}
 # mvitv2_tiny's entrypoint reads its widths from timm's model_cfgs: the fixture swaps in this cfg (2, 4, 8, 16 heads
 # of 8 channels, a stage with two blocks), for the reload through local-dir: too
 MVITV2_TINY = mvitv2.MultiScaleVitCfg(depths=(1, 2, 1, 1), embed_dim=16, num_heads=2, mlp_ratio=2.0)
@@ -142,7 +156,8 @@ VARIANTS = {"eva02_tiny_patch14_224-qkv_split": ("eva02_tiny_patch14_224", {"qkv
             # a class token (RelPosBias with a prefix token: 3 more table rows) and qk_norm
             "vit_relpos_small_patch16_224-bias": ("vit_relpos_small_patch16_224",
                                                   {"rel_pos_type": "bias", "class_token": True,
-                                                   "global_pool": "token", "qk_norm": True})}
+                                                   "global_pool": "token", "qk_norm": True}),
+            "tnt_s_legacy_patch16_224-new": ("tnt_s_legacy_patch16_224", {"legacy": False})}  # tnt_s_patch16_224
 # no slim_summary / `chase-timm info`: timm builds SAM's rope tables without its device argument, so on "meta" they
 # stay on the CPU and the FLOPs count fails (no registered SAM model uses rope)
 NO_META = {"samvit_base_patch16_224-rope"}
@@ -157,14 +172,18 @@ def _build(name: str, **overrides) -> torch.nn.Module:
     models' attention barely moves the logits (zeroing all of small DaViT's: 2%; at this std: 57%), so the export
     and fused-vs-eager checks could not see it computed wrong. Dropout off: Swin V2-CR's meta MLP has a fixed
     p = 0.125, and a run that shrank draws other random numbers than its masking twin (as any dropout would)."""
-    if name in CLASS_BUILDS:  # as timm.create_model builds it, its build arguments recorded as create_model does
-        cls, kwargs = CLASS_BUILDS[name]
-        kwargs = {"num_classes": 10, **zoo_coverage.SMALLER.get(name, {}), **kwargs, **overrides}
-        torch.manual_seed(0)
-        model = build_model_with_cfg(cls, name, False, **kwargs)
-        record_model_args(model, kwargs)
-    else:
-        model = BUILD(name, **overrides)
+    if name not in CLASS_BUILDS:
+        return _attention_std(BUILD(name, **overrides))
+    cls, kwargs = CLASS_BUILDS[name]  # as timm.create_model builds it, its build arguments recorded as it does
+    kwargs = {"num_classes": 10, **zoo_coverage.SMALLER.get(name, {}), **kwargs, **overrides}
+    torch.manual_seed(0)
+    model = build_model_with_cfg(cls, name, False, **kwargs)
+    record_model_args(model, kwargs)
+    return _attention_std(model)
+
+
+def _attention_std(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with dropout off and its attention modules' weights at std fan_in ** -0.5 (:func:`_build`)."""
     for layer in model.modules():
         if isinstance(layer, torch.nn.Dropout):
             layer.p = 0.0
@@ -200,7 +219,7 @@ def _model(case: str, monkeypatch) -> str:
 def _heads_removed(removed: dict) -> dict:
     """Removed channels of head groups (named after their attention module)."""
     return {name: heads for name, heads in removed.items()
-            if name.endswith((".attn", ".attn_downsample", ".xca", ".token_mixer"))}
+            if name.endswith((".attn", ".attn_downsample", ".xca", ".token_mixer", ".attn_in", ".attn_out"))}
 
 
 @pytest.mark.parametrize("case", ["vit_tiny_patch16_224", pytest.param("swin_tiny_patch4_window7_224"),
@@ -215,7 +234,9 @@ def _heads_removed(removed: dict) -> dict:
                                   "samvit_base_patch16_224-rope", "maxvit_pico_rw_256", "maxvit_tiny_tf_224",
                                   "coatnet_nano_rw_224", "coatnet_nano_rw_224-mlp", "vit_relpos_small_patch16_224",
                                   "vit_relpos_small_patch16_224-bias",
-                                  "convit_tiny", "nest_tiny", "mvitv2_tiny", "gcvit_xxtiny"])
+                                  "convit_tiny", "nest_tiny", "mvitv2_tiny", "gcvit_xxtiny",
+                                  "crossvit_tiny_240", "visformer_tiny", "tnt_s_legacy_patch16_224",
+                                  "tnt_s_legacy_patch16_224-new"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     if name in TWIN_CLASSES:
@@ -431,7 +452,8 @@ SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_2
                 "vit_relpos_small_patch16_224": relpos.RelPosAttention,
                 "convit_tiny": (convit.GPSA, convit.MHSA),
                 "nest_tiny": nest.Attention,
-                "gcvit_xxtiny": gcvit.WindowAttentionGlobal}  # by case (a VARIANTS name or a model)
+                "gcvit_xxtiny": gcvit.WindowAttentionGlobal,
+                "crossvit_tiny_240": crossvit.CrossAttention}  # by case (a VARIANTS name or a model)
 CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention,
                 "hiera_tiny_224": hiera.MaskUnitAttention, "sam2_hiera_tiny": sam2.MultiScaleAttention,
                 "efficientformer_l1": efficientformer.Attention,
@@ -440,7 +462,11 @@ CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_b
                 "eva02_tiny_patch14_224-gqa": AttentionRope, "maxvit_pico_rw_256": maxxvit.AttentionCl,
                 "maxvit_tiny_tf_224": maxxvit.AttentionCl,
                 "coatnet_nano_rw_224": maxxvit.Attention2d,
-                "mvitv2_tiny": mvitv2.MultiScaleAttention}  # by case, else by model
+                "mvitv2_tiny": mvitv2.MultiScaleAttention,
+                "crossvit_tiny_240": (Attention, crossvit.CrossAttention),
+                "visformer_tiny": visformer.Attention,
+                "volo": (volo.OutlookAttention, volo.Attention, volo.ClassAttention),
+                "tnt_s_legacy_patch16_224": tnt.Attention}  # by case, else by model
 
 
 def _kinds(kinds) -> tuple:
@@ -453,6 +479,59 @@ def _assert_each_class_lost_heads(case: str, model: torch.nn.Module, removed: di
     assert removed, "no attention head was removed"
     for kind in _kinds(CASE_CLASSES.get(case, CASE_CLASSES.get(VARIANTS.get(case, (case,))[0], ()))):
         assert any(isinstance(model.get_submodule(b), kind) for b in removed), (kind, removed.keys())
+
+
+# VOLO: timm's volo_* functions fix their layers and widths, so the test builds the class (as the nn.MultiheadAttention
+# models below): outlook attention on a 4x4 map (windows of 3, stride 2), self-attention on 2x2 tokens in stages
+# 2-4, one class-attention block; 4 heads each (of 8 channels, then 16)
+VOLO_SMALL = {"img_size": 32, "layers": (1, 1, 1, 1), "embed_dims": (32, 64, 64, 64), "num_heads": (4, 4, 4, 4),
+              "post_layers": ("ca",), "mlp_ratio": 2.0, "num_classes": 10}
+
+
+def _volo(*_, **__) -> torch.nn.Module:
+    """The small VOLO, seeded as zoo_coverage.build seeds (so the twin runs start alike), weights as :func:`_build`."""
+    torch.manual_seed(0)
+    return _attention_std(volo.VOLO(**VOLO_SMALL))
+
+
+def test_volo_outlook_self_and_class_attention_lose_whole_heads_exactly(monkeypatch):
+    monkeypatch.setattr(shrink_equivalence, "tiny_model", _volo)
+    monkeypatch.setattr(zoo_coverage, "build", _volo)
+    x = torch.randn(2, 3, 32, 32)
+    whole = _volo().eval()  # unshrunk, the slim forwards compute what timm's do, bit for bit, on both paths
+    with torch.no_grad():
+        expected = {fused: _with_fused(whole, fused)(x) for fused in (True, False)}
+        for module in whole.modules():
+            use_slim_forward(module)
+        assert {type(m) for m in whole.modules()} >= {SLIM[volo.Attention], SLIM[volo.OutlookAttention]}
+        whole = pickle.loads(pickle.dumps(whole))
+        for fused in (True, False):
+            torch.testing.assert_close(_with_fused(whole, fused)(x), expected[fused], rtol=0, atol=0)
+    with float64():
+        result = compare("volo", "adamw", channel_sparsity=0.6)
+    assert result.refused is None and result.error is None, (result.refused, result.error)
+    _assert_each_class_lost_heads("volo", result.run[0], _heads_removed(result.removed))
+    assert result.removed == result.twin_removed and result.masks_equal
+    assert result.worst()[1] <= 1e-9, (result.worst(), result.diffs)
+
+    row = zoo_coverage.check_model("volo", prune_skip=False, channel_sparsity=0.6, keep_models=True)
+    assert row["rel_diff"] <= 1e-4, row["rel_diff"]  # float32 export == masked training model
+    chase, slim = row["chase"], row["slim"].eval()
+    removed = _heads_removed(chase.removed_channels())
+    _assert_each_class_lost_heads("volo", chase.module, removed)
+    base_heads, slim_heads = head_counts(chase.module), head_counts(slim)
+    for block, heads in removed.items():
+        assert slim_heads[block] == base_heads[block] - len(heads) >= 1
+    # no hub for a model timm can't build by name: the width plan (as JSON) + state_dict round trip
+    plan = json.loads(json.dumps(width_plan(slim, volo.VOLO(**VOLO_SMALL))))
+    loaded = apply_width_plan(volo.VOLO(**VOLO_SMALL), plan).eval()
+    loaded.load_state_dict(slim.state_dict())
+    assert head_counts(loaded) == slim_heads
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in slim.modules()]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), slim(x), rtol=0, atol=0)
+        outputs = [_with_fused(slim, fused)(x) for fused in (True, False)]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5 * float(outputs[1].abs().max()))
 
 
 def test_slim_forwards_are_timm_forwards_and_a_changed_timm_forward_gets_none(monkeypatch):
@@ -512,6 +591,19 @@ def test_a_plan_resizing_a_class_this_timm_has_no_slim_forward_for_names_the_rea
     monkeypatch.setitem(REFUSED, eva.EvaAttention, "has no slim forward: (a timm that changed it)")
     with pytest.raises(ValueError, match=r"blocks.0.attn: EvaAttention has no slim forward.*timm release it was saved"):
         refresh_heads(attn, "blocks.0.attn")
+
+
+def test_crossvit_and_volo_heads_stay_whole_with_the_reason_where_this_timm_has_no_slim_forward(monkeypatch):
+    # a timm whose CrossAttention / VOLO forwards no longer match their edits: the groups name the reason
+    for kind in (crossvit.CrossAttention, volo.Attention, volo.OutlookAttention):
+        monkeypatch.setitem(heads_module._LEFT_WHOLE, kind, "has no slim forward: (a timm that changed it)")
+    for model, blocks in ((zoo_coverage.build("crossvit_tiny_240"), ("blocks.0.fusion.0.attn",)),
+                          (_volo(), ("network.0.0.attn", "network.2.0.attn"))):
+        groups = {g.name: g for g in find_channel_groups(model, torch.randn(1, 3, 32, 32))}
+        for block in blocks:
+            kind = type(model.get_submodule(block)).__name__
+            assert not groups[block].prunable, block
+            assert groups[block].reason == f"{kind} has no slim forward: (a timm that changed it)", groups[block].reason
 
 
 def _with_fused(model: torch.nn.Module, fused: bool) -> torch.nn.Module:

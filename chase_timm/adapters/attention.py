@@ -1,16 +1,17 @@
 """timm attention forwards that reshape the heads' output back to the *input* width, made to follow the heads left.
 
 Many timm attention classes (the ``Slim*`` names below: EVA, BEiT, ViT-RelPos, Swin V2 and V2-CR, CaiT, PVT-v2,
-Twins, DaViT, ConViT, NesT, GCViT, EdgeNeXt's and XCiT's cross-covariance attention) take a width from their *input*
-in the forward: they reshape the heads' output back to it (``x.transpose(1, 2).reshape(B, N, C)`` where
-``B, N, C = x.shape``), split heads with ``C // self.num_heads``, or (PVT-v2, Twins' GSA) flatten the spatial
-reduction's output with it (``self.sr(x).reshape(B, C, -1)``). A module that lost a head, or whose input stream or
-``sr`` conv lost a channel, then no longer runs. Each gets a *slim* subclass whose ``forward`` (and any method it
-calls that does the same, e.g. ConViT's ``get_attention``) is timm's own, compiled from timm's source with a short
-edit list (``reshape(B, N, C)`` -> ``reshape(B, N, -1)``, ``sr(x).reshape(B, C, -1)`` -> ``sr(x).flatten(2)``, ...):
-the same computation, with the widths taken from the tensors left. Every edit must match its expected number of
-times; when a timm release changed the forward and one does not, the class gets no slim subclass and :data:`REFUSED`
-says why (its heads, and its ``sr`` channels, then stay whole).
+Twins, DaViT, ConViT, NesT, GCViT, CrossViT, VOLO (its outlook attention also folds ``C * kernel_size ** 2``
+channels back), EdgeNeXt's and XCiT's cross-covariance attention) take a width from their *input* in the forward:
+they reshape the heads' output back to it (``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape``),
+split heads with ``C // self.num_heads``, or (PVT-v2, Twins' GSA) flatten the spatial reduction's output with it
+(``self.sr(x).reshape(B, C, -1)``). A module that lost a head, or whose input stream or ``sr`` conv lost a channel,
+then no longer runs. Each gets a *slim* subclass whose ``forward`` (and any method it calls that does the same, e.g.
+ConViT's ``get_attention``) is timm's own, compiled from timm's source with a short edit list (``reshape(B, N, C)``
+-> ``reshape(B, N, -1)``, ``sr(x).reshape(B, C, -1)`` -> ``sr(x).flatten(2)``, ...): the same computation, with the
+widths taken from the tensors left. Every edit must match its expected number of times; when a timm release changed
+the forward and one does not, the class gets no slim subclass and :data:`REFUSED` says why (its heads, and its
+``sr`` channels, then stay whole).
 
 Nothing in timm is patched: only a resized instance changes class (``module.__class__ = slim``, done by
 :func:`chase_timm.heads.refresh_heads`), to a subclass, so ``isinstance`` still holds, parameters (and optimizer
@@ -27,8 +28,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import timm
 import torch.nn as nn
-from timm.models import (beit, cait, convit, davit, edgenext, eva, gcvit, nest, pvt_v2, swin_transformer_v2,
-                         swin_transformer_v2_cr, twins, vision_transformer_relpos as relpos, xcit)
+from timm.models import (beit, cait, convit, crossvit, davit, edgenext, eva, gcvit, nest, pvt_v2,
+                         swin_transformer_v2, swin_transformer_v2_cr, twins, vision_transformer_relpos as relpos, volo,
+                         xcit)
 
 from . import require
 
@@ -39,7 +41,8 @@ __all__ = ["check_version", "SLIM", "REFUSED", "edited", "slim_subclass", "regis
            "SlimGlobalSubSampleAttn", "SlimLocallyGroupedAttn", "SlimChannelAttention",
            "SlimChannelAttentionV2", "SlimDavitWindowAttention", "SlimWindowMultiHeadAttention",
            "SlimRelPosAttention", "SlimGPSA", "SlimMHSA", "SlimNestAttention",
-           "SlimWindowAttentionGlobal"]
+           "SlimWindowAttentionGlobal", "SlimCrossAttention", "SlimVoloAttention",
+           "SlimOutlookAttention"]
 
 Edit = tuple[str, str, int]  # (the library's text, replacement, how many times it must occur)
 
@@ -162,6 +165,18 @@ SlimNestAttention = register(nest.Attention, "SlimNestAttention",
                              [_HEADS_SPLIT, ("reshape(B, T, N, C)", "reshape(B, T, N, -1)", 1)])
 # GCViT (gcvit): WindowAttentionGlobal reshapes its heads' output to the input width C
 SlimWindowAttentionGlobal = register(gcvit.WindowAttentionGlobal, "SlimWindowAttentionGlobal", [_TO_HEADS])
+# CrossViT's CrossAttention (separate wq / wk / wv, the class token attends to all tokens) splits heads with the
+# input width and reshapes the class token's output to it, as CaiT's ClassAttn
+SlimCrossAttention = register(crossvit.CrossAttention, "SlimCrossAttention",
+                              [("C // self.num_heads", "-1", 3), ("reshape(B, 1, C)", "reshape(B, 1, -1)", 1)])
+# VOLO's Attention (on channels-last maps) splits heads with C // self.num_heads and reshapes to (B, H, W, C); its
+# OutlookAttention splits the unfolded v per head likewise and folds C * kernel_size ** 2 channels back
+SlimVoloAttention = register(volo.Attention, "SlimVoloAttention",
+                             [_HEADS_SPLIT, ("reshape(B, H, W, C)", "reshape(B, H, W, -1)", 1)])
+SlimOutlookAttention = register(volo.OutlookAttention, "SlimOutlookAttention",
+                                [_HEADS_SPLIT,
+                                 ("reshape(B, C * self.kernel_size * self.kernel_size, h * w)", "reshape(B, -1, h * w)",
+                                  1)])
 
 
 def timm_class(kind: type) -> type:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from importlib.metadata import version
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch_pruning as tp
 from torch_pruning import ops
@@ -22,7 +22,7 @@ from torch_pruning import ops
 from . import require
 from .autograd import saved_dim
 
-__all__ = ["check_version", "root_dependency", "root_positions", "flatten_stride", "tolerant_index_mapping",
+__all__ = ["check_version", "root_dependency", "root_positions", "walk_positions", "flatten_stride", "tolerant_index_mapping",
            "split_layout", "map_split", "map_concat", "map_interleave", "is_interleave"]
 
 
@@ -42,7 +42,12 @@ def root_dependency(node: Any, handler: Callable) -> Any:
 
 def root_positions(channels: Sequence[int]) -> list:
     """Walk positions for ``channels`` of the root: each is its own root channel (``.idx``, ``.root_idx``)."""
-    return [tp._helpers._HybridIndex(idx=i, root_idx=i) for i in channels]
+    return walk_positions((i, i) for i in channels)
+
+
+def walk_positions(pairs: Iterable[tuple[int, int]]) -> list:
+    """Walk positions from (position, root channel) pairs (``.idx``, ``.root_idx``)."""
+    return [tp._helpers._HybridIndex(idx=i, root_idx=r) for i, r in pairs]
 
 
 def flatten_stride(mapping: Any) -> Optional[int]:
