@@ -147,10 +147,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _gcvit(module, model)
     if kind is crossvit.CrossAttention:  # CaiT's ClassAttn with wq, wk, wv
         return _class_attention(module, "w")
-    if kind is visformer.Attention:  # a fused qkv 1x1 conv (q | k | v blocks) on NCHW maps, a 1x1 conv projection
-        return _fused(module, module.head_dim)
-    if kind is fastvit.Attention:  # a fused qkv Linear (q | k | v blocks) over NCHW maps flattened to tokens
-        return _fused(module, module.head_dim)
+    if kind in (visformer.Attention, fastvit.Attention):  # a fused qkv (q | k | v blocks) on NCHW maps: Visformer's
+        return _fused(module, module.head_dim)  # 1x1 convs, FastViT's Linears over the map flattened to tokens
     if kind is volo.Attention:  # a fused qkv on channels-last maps
         return _fused(module, module.proj.in_features // module.num_heads)
     if kind is volo.ClassAttention:  # the class token's q, and kv (k block, then v block) over every token
