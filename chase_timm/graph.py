@@ -708,7 +708,7 @@ def _translate(ctx: _Context, draft: _Draft, item: _Item) -> None:
         if _is_add(node) and not _response_norm_add(node):
             draft.joins.add(node)
     else:
-        _shape_op(draft, node, item.dep)
+        _shape_op(draft, node, item)
 
 
 def _layer_slices(ctx: _Context, draft: _Draft, layer: nn.Module, handler: Any, by_root: dict) -> None:
@@ -915,8 +915,10 @@ def _response_norm_add(node: Any) -> bool:
                and any(p.type == ops.OPTYPE.PARAMETER for v in n.inputs for p in v.inputs) for n in node.inputs)
 
 
-def _shape_op(draft: _Draft, node: Any, dep: Any) -> None:
-    """Reshape/split/unbind/slice/expand: fine only when they don't regroup the channel dim."""
+def _shape_op(draft: _Draft, node: Any, item: _Item) -> None:
+    """Reshape/split/unbind/slice/expand: fine only when they don't regroup the channel dim. The width a token
+    tensor is told apart by is the positions reaching it (past a multiplier conv: k per requested channel)."""
+    dep = item.dep
     fn = node.grad_fn
     name = fn.name() if hasattr(fn, "name") else type(fn).__name__
     before, after = saved_input_shape(fn), result_shape(fn)
@@ -924,7 +926,7 @@ def _shape_op(draft: _Draft, node: Any, dep: Any) -> None:
     if kind == ops.OPTYPE.RESHAPE and (_keeps_channels(before, after) or _flatten(before, after, dep)
                                        or any(map(is_interleave, (dep, *node.dependencies)))
                                        or _keeps_last(before, after, node)
-                                       or _unflattens_tokens(before, after, len(draft.requested))):
+                                       or _unflattens_tokens(before, after, len(item.idxs))):
         return
     if kind == ops.OPTYPE.EXPAND and before and len(before) == len(after) and \
             before[_channel_dim(len(before))] == after[_channel_dim(len(after))]:

@@ -42,7 +42,7 @@ from timm.models import (beit, cait, crossvit, davit, edgenext, efficientformer,
                          hieradet_sam2 as sam2, levit, maxxvit, pvt_v2, swin_transformer, swin_transformer_v2,
                          swin_transformer_v2_cr as swin_cr, tiny_vit, tnt, twins, visformer,
                          vision_transformer_relpos as relpos, vision_transformer_sam as sam, volo, xcit)
-from timm.models import convit, gcvit, mvitv2, nest
+from timm.models import convit, fastvit, gcvit, mvitv2, nest
 
 from .adapters import multihead  # noqa: F401  registers nn.MultiheadAttention's slim forward (or why none)
 from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
@@ -147,8 +147,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _gcvit(module, model)
     if kind is crossvit.CrossAttention:  # CaiT's ClassAttn with wq, wk, wv
         return _class_attention(module, "w")
-    if kind is visformer.Attention:  # a fused qkv 1x1 conv (q | k | v blocks) on NCHW maps, a 1x1 conv projection
-        return _fused(module, module.head_dim)
+    if kind in (visformer.Attention, fastvit.Attention):  # a fused qkv (q | k | v blocks) on NCHW maps: Visformer's
+        return _fused(module, module.head_dim)  # 1x1 convs, FastViT's Linears over the map flattened to tokens
     if kind is volo.Attention:  # a fused qkv on channels-last maps
         return _fused(module, module.proj.in_features // module.num_heads)
     if kind is volo.ClassAttention:  # the class token's q, and kv (k block, then v block) over every token
@@ -266,6 +266,9 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         else:
             _check(name, "v rows", _rows(module.v), module.proj.in_features)
             _check(name, "attn rows", _rows(module.attn), module.num_heads * module.kernel_size ** 4)
+    elif kind is fastvit.Attention:  # its forward reads num_heads and head_dim
+        module.num_heads = _heads(name, module.proj.in_features, module.head_dim)
+        _check(name, "qkv rows", _rows(module.qkv), 3 * module.proj.in_features)
     elif kind is volo.ClassAttention:  # its forward reads num_heads and head_dim
         module.num_heads = _heads(name, module.proj.in_features, module.head_dim)
         _check(name, "q rows", _rows(module.q), module.proj.in_features)

@@ -275,7 +275,8 @@ def _fix_module(module: nn.Module, name: str) -> None:
         module.shape = (module.scale.numel(), *module.shape[1:])  # MetaFormer's Scale: x * scale.view(self.shape)
 
 
-_REPARAM_SIZES = {"in_chs": "in_channels", "out_chs": "out_channels", "groups": "groups", "dim": "in_channels"}
+_REPARAM_SIZES = {"in_chs": "in_channels", "out_chs": "out_channels", "groups": "groups", "dim": "in_channels",
+                  "dim_out": "out_channels"}
 
 
 def _block_size_links(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module, str, int]]:
@@ -285,8 +286,8 @@ def _block_size_links(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module,
     halves), a multi-path block's ``in_channels`` / ``out_channels`` (SelectiveKernel's
     ``torch.split(x, self.in_channels // self.num_paths)``: ``num_paths`` times the first path's input when each
     path takes a piece) and the sizes a re-parameterisable block (one with ``reparameterize``) builds its fused conv
-    and identity kernel from (``in_chs``, ``out_chs``, ``groups``, ``dim``): the first conv inside it whose sizes
-    all equal them, else (a block with only an identity BatchNorm: FastViT's ``RepMixer.norm``) its norm."""
+    and identity kernel from (``in_chs``, ``out_chs``, ``groups``, ``dim``, ``dim_out``): the first conv inside it
+    whose sizes all equal them, else (a block with only an identity BatchNorm: FastViT's ``RepMixer.norm``) its norm."""
     links = []
     for block in model.modules():
         convs = getattr(block, "convs", None)

@@ -17,6 +17,7 @@ import pickle
 
 import pytest
 import timm
+import timm.utils
 import torch
 
 import chase_timm
@@ -34,13 +35,14 @@ from chase_timm.hub import slim_summary
 from chase_timm.slim import apply_width_plan, slice_in_place, slim_copy, width_plan
 import shrink_equivalence
 import zoo_coverage
+from prunability_table import roundtrip
 from shrink_equivalence import compare, float64
 from timm.layers import Attention, AttentionRope
 from timm.models import (beit, cait, crossvit, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
                          hieradet_sam2 as sam2, maxxvit, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
                          tiny_vit, tnt, twins, visformer, vision_transformer_relpos as relpos,
                          vision_transformer_sam as sam, volo, xcit)
-from timm.models import build_model_with_cfg, convit, gcvit, mvitv2, nest
+from timm.models import build_model_with_cfg, convit, fastvit, gcvit, mvitv2, nest
 
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
 # layer scales at 1 so no block's output vanishes under the shortcut in float32 (the export check could not fail)
@@ -124,8 +126,11 @@ SMALL = {
     # the class token (3 heads: q and k of 32, v of 32)
     "tnt_s_legacy_patch16_224": {"img_size": 32, "embed_dim": 96, "inner_dim": 24, "depth": 2, "num_heads_outer": 3,
                                  "num_heads_inner": 4, "mlp_ratio": 2.0},
+    # FastViT-SA: RepMixer stages 0-2, then stage 3's Attention (NCHW maps flattened to tokens, 4 heads of 32) on the
+    # 2x2 map at 64 px; each downsampling is a depthwise conv with channel multiplier 2
+    "fastvit_sa12": {"layers": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 128), "mlp_ratios": (2, 2, 2, 2)},
 }
-SIZES = {"efficientformer_l1": 56, "efficientformerv2_s0": 64}  # input side where it is not 32 px
+SIZES = {"efficientformer_l1": 56, "efficientformerv2_s0": 64, "fastvit_sa12": 64}  # input side where it is not 32 px
 # EfficientFormer-V2's convs have biases ahead of a training-mode BatchNorm, which cancels them: their gradients are
 # rounding noise, which AdamW normalises into full steps (float64 twin 2e-8 apart with its heads left whole); SGD
 # Visformer likewise (its patch embeddings' conv biases ahead of a BatchNorm2d): 6.6e-10 apart with AdamW and its
@@ -236,7 +241,7 @@ def _heads_removed(removed: dict) -> dict:
                                   "vit_relpos_small_patch16_224-bias",
                                   "convit_tiny", "nest_tiny", "mvitv2_tiny", "gcvit_xxtiny",
                                   "crossvit_tiny_240", "visformer_tiny", "tnt_s_legacy_patch16_224",
-                                  "tnt_s_legacy_patch16_224-new"])
+                                  "tnt_s_legacy_patch16_224-new", "fastvit_sa12"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     if name in TWIN_CLASSES:
@@ -322,6 +327,28 @@ def test_windowed_stage_streams_shrink_with_prune_skip_exactly(name, streams, tm
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), slim(x), rtol=0, atol=0)
+
+
+def test_fastvit_attention_loses_heads_and_its_stream_shrinks_with_prune_skip_exactly():
+    """FastViT-SA's Attention reshapes its heads' output to the input width C (slim forward: -1), so the stream
+    feeding it, tied to every stage's through the multiplier downsampling, shrinks under prune_skip; the slim model
+    reloads and re-parameterizes (RepConditionalPosEnc's dim, dim_out and groups follow its conv)."""
+    with float64():
+        result = compare("fastvit_sa12", "sgd", channel_sparsity=0.6, prune_skip=True, steps=2)
+    assert result.refused is None and result.error is None, (result.refused, result.error)
+    assert result.removed == result.twin_removed and result.worst()[1] <= 1e-9, (result.worst(), result.diffs)
+    assert _heads_removed(result.removed) and result.removed.get("stem.0.conv_kxk.0.conv"), result.removed.keys()
+    row = zoo_coverage.check_model("fastvit_sa12", prune_skip=True, channel_sparsity=0.6, keep_models=True)
+    assert row["rel_diff"] <= 1e-4, row["rel_diff"]
+    slim = row["slim"].eval()
+    stage = slim.stages[3]
+    assert stage.pos_emb.dim == stage.pos_emb.dim_out == stage.pos_emb.groups < 128  # the stage-3 stream shrank
+    assert stage.blocks[0].token_mixer.num_heads < 4 and roundtrip(slim, 64) == 0.0
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = slim(x)
+        output = timm.utils.reparameterize_model(slim)(x)
+    assert float((output - reference).abs().max() / reference.abs().max()) <= 1e-5
 
 
 SPATIAL_REDUCTION = [  # (model, build kwargs on top of SMALL, its attention modules with a spatial reduction)
@@ -453,7 +480,8 @@ SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_2
                 "convit_tiny": (convit.GPSA, convit.MHSA),
                 "nest_tiny": nest.Attention,
                 "gcvit_xxtiny": gcvit.WindowAttentionGlobal,
-                "crossvit_tiny_240": crossvit.CrossAttention}  # by case (a VARIANTS name or a model)
+                "crossvit_tiny_240": crossvit.CrossAttention,
+                "fastvit_sa12": fastvit.Attention}  # by case (a VARIANTS name or a model)
 CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention,
                 "hiera_tiny_224": hiera.MaskUnitAttention, "sam2_hiera_tiny": sam2.MultiScaleAttention,
                 "efficientformer_l1": efficientformer.Attention,

@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import timm
 import torch.nn as nn
-from timm.models import (beit, cait, convit, crossvit, davit, edgenext, eva, gcvit, nest, pvt_v2,
+from timm.models import (beit, cait, convit, crossvit, davit, edgenext, eva, fastvit, gcvit, nest, pvt_v2,
                          swin_transformer_v2, swin_transformer_v2_cr, twins, vision_transformer_relpos as relpos, volo,
                          xcit)
 
@@ -42,7 +42,7 @@ __all__ = ["check_version", "SLIM", "REFUSED", "edited", "slim_subclass", "regis
            "SlimChannelAttentionV2", "SlimDavitWindowAttention", "SlimWindowMultiHeadAttention",
            "SlimRelPosAttention", "SlimGPSA", "SlimMHSA", "SlimNestAttention",
            "SlimWindowAttentionGlobal", "SlimCrossAttention", "SlimVoloAttention",
-           "SlimOutlookAttention"]
+           "SlimOutlookAttention", "SlimFastVitAttention"]
 
 Edit = tuple[str, str, int]  # (the library's text, replacement, how many times it must occur)
 
@@ -177,6 +177,10 @@ SlimOutlookAttention = register(volo.OutlookAttention, "SlimOutlookAttention",
                                 [_HEADS_SPLIT,
                                  ("reshape(B, C * self.kernel_size * self.kernel_size, h * w)", "reshape(B, -1, h * w)",
                                   1)])
+
+# FastViT's Attention (stage 3 of the sa / ma models: NCHW maps flattened to tokens) reshapes its heads' output to
+# the input width C before proj (its head split and its proj output, back to (B, C, H, W), already follow the widths)
+SlimFastVitAttention = register(fastvit.Attention, "SlimFastVitAttention", [_TO_HEADS])
 
 
 def timm_class(kind: type) -> type:
