@@ -14,7 +14,7 @@ import timm
 import timm.utils
 import torch
 from timm.layers import ScaledStdConv2d
-from timm.models import pvt_v2
+from timm.models import byobnet, pvt_v2
 
 from chase_timm.adapters.attention import SLIM, slim_subclass
 from chase_timm.graph import find_channel_groups, tensor_removals
@@ -127,9 +127,13 @@ def test_mobileone_exports_reloads_and_the_slim_model_reparameterizes():
 
 
 @pytest.mark.slow
-def test_mobileone_branches_share_one_index_set():
+def test_mobileone_branches_share_one_index_set(monkeypatch):
     """Twin run over the first channel event (later ones diverge by BatchNorm rounding on the 1x1 last maps at
     32 px, as docs/shrinking.md notes for batch-2 ResNet-18): every kxk branch of a block loses the same rows."""
+    # two depthwise + pointwise block pairs in stages 1 and 2 (of 8 and 10), identity branches included: 14 blocks
+    blocks = byobnet.model_cfgs["mobileone_s0"].blocks
+    monkeypatch.setitem(zoo_coverage.SMALLER, "mobileone_s0", {"blocks": (blocks[0], blocks[1][:4], blocks[2][:4],
+                                                                          blocks[3])})
     _, cut = _twin("mobileone_s0", prune_skip=True, steps=2)
     rows = collections.defaultdict(list)  # block -> the rows each of its kxk branches lost
     for n, dims in cut.items():
@@ -272,10 +276,12 @@ def test_pvt_v2_exports_and_reloads(small_pvt):
 
 
 
-def test_nfnet_scaled_std_conv_gain_and_standardised_inputs_shrink_exactly():
+def test_nfnet_scaled_std_conv_gain_and_standardised_inputs_shrink_exactly(monkeypatch):
     """ScaledStdConv2d scales each output row by its own ``gain`` (sliced with the row) and standardises each row over
     all its input channels; Chase leaves masked inputs out of those statistics (``chase_timm.norms``), so the channels
     such convs consume shrink too, those of the grouped 3x3 convs included: the float64 twin, then export + reload."""
+    # one block per stage (4 of 16): every block is the same pre-activation bottleneck with a grouped 3x3 and SE
+    monkeypatch.setitem(zoo_coverage.SMALLER, "nf_regnet_b0", {"depths": (1, 1, 1, 1)})
     result, cut = _twin("nf_regnet_b0", prune_skip=True, channel_sparsity=0.7)
     model = result.twin_run[0]
     convs = {n.rsplit(".", 1)[0] for n, dims in cut.items() if n.endswith(".weight") and 1 in dims}
@@ -285,11 +291,13 @@ def test_nfnet_scaled_std_conv_gain_and_standardised_inputs_shrink_exactly():
     _export_and_reload("nf_regnet_b0", True)
 
 
-def test_selective_kernel_paths_and_split_input_shrink_exactly():
+def test_selective_kernel_paths_and_split_input_shrink_exactly(monkeypatch):
     """SelectiveKernel stacks its paths and views fc_select's output as (B, num_paths, C, 1, 1): channel c is row c
     of every path conv and rows c, C + c of fc_select. With prune_skip the stream into a block is split over the
     paths (``torch.split(x, self.in_channels // self.num_paths)``): both pieces lose the same channels and the
     block's in_channels follows."""
+    # one block per stage: the first conv of every block is a SelectiveKernel, stage 1's with an identity shortcut
+    monkeypatch.setitem(zoo_coverage.SMALLER, "skresnet18", {"layers": (1, 1, 1, 1)})
     result, cut = _twin("skresnet18", prune_skip=True, channel_sparsity=0.3, steps=4)
     paths = {n for n in result.removed if ".conv1.paths.0.conv" in n}
     assert paths, result.removed.keys()

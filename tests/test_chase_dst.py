@@ -10,14 +10,16 @@ from chase_timm import Chase, ChaseConfig
 from chase_timm.sparsity import allocate, erk_densities
 from helpers import batch, input_size, tiny_model, train
 from recipe_helpers import fresh_accelerate
+import zoo_coverage
 
 
 @pytest.fixture(autouse=True)
-def _smaller_resnet18(request):
-    """The behaviour tests (budgets, updates, EMA copies, warnings) on conftest's one-block-per-stage resnet18; the
-    model-coverage cases keep timm's resnet18."""
-    if request.node.originalname != "test_dst_budget_growth_and_masking":
-        request.getfixturevalue("resnet18_one_block_per_stage")
+def _smaller_resnets(resnet18_one_block_per_stage, monkeypatch):
+    """Conftest's one-block-per-stage resnet18 (the behaviour tests: budgets, updates, EMA copies, warnings; and
+    its model-coverage cases: BasicBlocks with an identity and with a downsampling shortcut) and resnet50 with one
+    Bottleneck per stage (8M parameters, not 23.5M; each with its downsampling shortcut): the layer kinds of the full
+    models, on which ERK, the budgets and the masking work layer by layer."""
+    monkeypatch.setitem(zoo_coverage.SMALLER, "resnet50", {"layers": (1, 1, 1, 1)})
 
 
 MODELS = ["resnet18", "resnet50", "mobilenetv3_small_050", "efficientnet_b0", "convnext_atto",

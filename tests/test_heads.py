@@ -24,6 +24,7 @@ import chase_timm
 from chase_timm import heads as heads_module
 from chase_timm._timm import named_tensors
 from chase_timm.adapters import multihead
+from chase_timm.adapters.timm import record_model_args
 from chase_timm.adapters.attention import REFUSED, SLIM, edited, slim_subclass, timm_class, use_slim_forward
 from chase_timm.adapters.multihead import SlimMultiheadAttention, SlimTransformerEncoder, SlimTransformerEncoderLayer
 from chase_timm.channels import ChannelState, select_channels
@@ -41,7 +42,7 @@ from timm.models import (beit, cait, crossvit, davit, edgenext, efficientformer,
                          hieradet_sam2 as sam2, maxxvit, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
                          tiny_vit, tnt, twins, visformer, vision_transformer_relpos as relpos,
                          vision_transformer_sam as sam, volo, xcit)
-from timm.models import convit, fastvit, gcvit, mvitv2, nest
+from timm.models import build_model_with_cfg, convit, fastvit, gcvit, mvitv2, nest
 
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
 # layer scales at 1 so no block's output vanishes under the shortcut in float32 (the export check could not fail)
@@ -138,6 +139,11 @@ OPTIMIZER = {"efficientformerv2_s0": "sgd", "visformer_tiny": "sgd"}
 # mvitv2_tiny's entrypoint reads its widths from timm's model_cfgs: the fixture swaps in this cfg (2, 4, 8, 16 heads
 # of 8 channels, a stage with two blocks), for the reload through local-dir: too
 MVITV2_TINY = mvitv2.MultiScaleVitCfg(depths=(1, 2, 1, 1), embed_dim=16, num_heads=2, mlp_ratio=2.0)
+# NesT and GCViT for the twin test, built by timm's builder from the class: their entrypoints fix the depths (NesT's
+# widths too), and the twin needs one NesT block per level and one local + one global-query GCViT block per stage
+# (12 of each before). The export test keeps the entrypoints' models: its reload through local-dir: calls them
+TWIN_CLASSES = {"nest_tiny": (nest.Nest, {"embed_dims": (48, 96, 192), "num_heads": (3, 6, 12), "depths": (1, 1, 1)}),
+                "gcvit_xxtiny": (gcvit.GlobalContextVit, {"depths": (2, 2, 2, 2), "num_heads": (2, 4, 8, 16)})}
 # the same models built another way: name -> (model, extra kwargs)
 VARIANTS = {"eva02_tiny_patch14_224-qkv_split": ("eva02_tiny_patch14_224", {"qkv_fused": False}),
             "davit_tiny-v2": ("davit_tiny", {"channel_attn_v2": True}),  # the *_fl models' ChannelAttentionV2
@@ -163,6 +169,7 @@ NO_META = {"samvit_base_patch16_224-rope"}
 
 
 BUILD = zoo_coverage.build  # the fixture replaces it with _build
+CLASS_BUILDS: dict = {}  # name -> (class, kwargs) that _build builds from the class (the twin test sets TWIN_CLASSES')
 
 
 def _build(name: str, **overrides) -> torch.nn.Module:
@@ -170,7 +177,14 @@ def _build(name: str, **overrides) -> torch.nn.Module:
     models' attention barely moves the logits (zeroing all of small DaViT's: 2%; at this std: 57%), so the export
     and fused-vs-eager checks could not see it computed wrong. Dropout off: Swin V2-CR's meta MLP has a fixed
     p = 0.125, and a run that shrank draws other random numbers than its masking twin (as any dropout would)."""
-    return _attention_std(BUILD(name, **overrides))
+    if name not in CLASS_BUILDS:
+        return _attention_std(BUILD(name, **overrides))
+    cls, kwargs = CLASS_BUILDS[name]  # as timm.create_model builds it, its build arguments recorded as it does
+    kwargs = {"num_classes": 10, **zoo_coverage.SMALLER.get(name, {}), **kwargs, **overrides}
+    torch.manual_seed(0)
+    model = build_model_with_cfg(cls, name, False, **kwargs)
+    record_model_args(model, kwargs)
+    return _attention_std(model)
 
 
 def _attention_std(model: torch.nn.Module) -> torch.nn.Module:
@@ -230,6 +244,8 @@ def _heads_removed(removed: dict) -> dict:
                                   "tnt_s_legacy_patch16_224-new", "fastvit_sa12"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
+    if name in TWIN_CLASSES:
+        monkeypatch.setitem(CLASS_BUILDS, name, TWIN_CLASSES[name])
     with float64():
         result = compare(name, OPTIMIZER.get(name, "adamw"), channel_sparsity=0.6)
     assert result.refused is None and result.error is None, (result.refused, result.error)
