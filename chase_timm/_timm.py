@@ -17,7 +17,7 @@ from timm.layers import to_2tuple
 from .adapters.timm import recorded_model_args
 
 __all__ = ["unwrap_model", "model_input_size", "default_example_input", "deepcopy_model", "named_tensors", "classifier_modules",
-           "classifier_tensor_names", "clear_eval_caches"]
+           "classifier_tensor_names", "clear_eval_caches", "conv_multiplier"]
 
 
 def model_input_size(model: nn.Module) -> tuple[int, int, int]:
@@ -58,6 +58,15 @@ def deepcopy_model(model: nn.Module, memo: Optional[dict] = None) -> nn.Module:
                 if isinstance(tensor, torch.Tensor) and tensor.grad_fn is not None:
                     memo.setdefault(id(tensor), tensor.detach().clone())
     return copy.deepcopy(model, memo)
+
+
+def conv_multiplier(layer: nn.Module) -> int:
+    """k of a depthwise convolution with channel multiplier k > 1 (one input and k outputs per group: groups =
+    in_channels, out_channels = k x in_channels, e.g. FastViT's downsampling conv); 0 for any other layer."""
+    if not isinstance(layer, nn.modules.conv._ConvNd) or layer.transposed or not 1 < layer.groups == layer.in_channels:
+        return 0
+    k = layer.out_channels // layer.groups
+    return k if k > 1 else 0
 
 
 def clear_eval_caches(model: nn.Module) -> None:

@@ -28,7 +28,7 @@ import torch_pruning as tp
 from torch_pruning import ops
 
 from . import norms
-from ._timm import classifier_modules, clear_eval_caches, deepcopy_model, default_example_input
+from ._timm import classifier_modules, clear_eval_caches, conv_multiplier, deepcopy_model, default_example_input
 from .adapters.autograd import (input_shapes, new_forward_hooks_removed, result_shape, saved_dim, saved_input_shape,
                                 saved_permutation)
 from .adapters.torch_pruning import (flatten_stride, is_interleave, map_concat, map_interleave, map_split,
@@ -435,7 +435,7 @@ def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int], 
     ``_channel_wise``) the two root channels become one removable class (third return value: tied pairs), as
     are the channels at the same place of every piece of an equal-piece channel split (Res2Net's
     ``torch.split(x, width)``, GLU's ``chunk(2)``); anywhere else (a layer, a reshape, a matmul) the op mixes
-    channels and is reported (second return value). A depthwise conv with channel multiplier k (``_multiplier``)
+    channels and is reported (second return value). A depthwise conv with channel multiplier k (``conv_multiplier``)
     takes its input channel c and its output channels c*k .. c*k+k-1 together (one group), whichever side the walk
     arrives at. Positions arriving at a node that is already queued join
     its queued batch, and a walk that visits more than ``_MAX_POSITIONS`` per channel (chained reshapes, e.g.
@@ -458,7 +458,7 @@ def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int], 
         key = (dep.target, dep.handler)
         known = owners.setdefault(key, {})
         fresh = []
-        multiplier = _multiplier(dep.target.module)
+        multiplier = conv_multiplier(dep.target.module)
         for i in positions:
             if i.idx not in known:
                 known[i.idx] = i.root_idx
@@ -733,13 +733,10 @@ def _layer_slices(ctx: _Context, draft: _Draft, layer: nn.Module, handler: Any, 
             _add_tensors(ctx, draft, layer, ("weight",), "consumer", by_root, dim=1)
         return
     groups, cin, cout = layer.groups, layer.in_channels, layer.out_channels
-    multiplier = _multiplier(layer)
-    if multiplier and is_out:  # whole groups: the walk reached them through their input channels (_coupled)
-        _add_tensors(ctx, draft, layer, ("weight",), "producer", by_root)
-        _add_tensors(ctx, draft, layer, ("bias",), "bias", by_root)
-    elif multiplier:
-        pass  # one input channel per group: its weight rows are the output slice's, taken with them
-    elif groups > 1 and groups == cin == cout:
+    multiplier = conv_multiplier(layer)
+    if multiplier and not is_out:
+        return  # one input channel per group: its weight rows are the output slice's, taken with them
+    if multiplier or groups > 1 and groups == cin == cout:  # whole groups (a multiplier's: reached via its inputs)
         _add_tensors(ctx, draft, layer, ("weight",), "producer", by_root)
         _add_tensors(ctx, draft, layer, ("bias",), "bias", by_root)
     elif groups > 1 and (layer.transposed or handler == tp.prune_depthwise_conv_out_channels):
@@ -753,15 +750,6 @@ def _layer_slices(ctx: _Context, draft: _Draft, layer: nn.Module, handler: Any, 
         local = cin // groups if groups > 1 else 0
         _add_tensors(ctx, draft, layer, ("weight",), "consumer", by_root, dim=0 if layer.transposed else 1,
                      size=cin, local=local, balance=local)
-
-
-def _multiplier(layer: nn.Module) -> int:
-    """k of a depthwise convolution with channel multiplier k > 1 (one input and k outputs per group: groups =
-    in_channels, out_channels = k x in_channels, e.g. FastViT's downsampling conv); 0 for any other layer."""
-    if not isinstance(layer, nn.modules.conv._ConvNd) or layer.transposed or not 1 < layer.groups == layer.in_channels:
-        return 0
-    k = layer.out_channels // layer.groups
-    return k if k > 1 else 0
 
 
 def _standardised_weight(ctx: _Context, layer: nn.Module) -> bool:

@@ -38,11 +38,11 @@ from typing import Iterator, Optional
 
 import torch.nn as nn
 from timm.layers import Attention, AttentionRope, RelPosBias, RelPosBiasTf, RelPosMlp
-from timm.models import (beit, cait, crossvit, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
-                         hieradet_sam2 as sam2, levit, maxxvit, pvt_v2, swin_transformer, swin_transformer_v2,
-                         swin_transformer_v2_cr as swin_cr, tiny_vit, tnt, twins, visformer,
-                         vision_transformer_relpos as relpos, vision_transformer_sam as sam, volo, xcit)
-from timm.models import convit, fastvit, gcvit, mvitv2, nest
+from timm.models import (beit, cait, convit, crossvit, davit, edgenext, efficientformer, efficientformer_v2, eva,
+                         fastvit, gcvit, hiera, hieradet_sam2 as sam2, levit, maxxvit, mvitv2, nest, pvt_v2,
+                         swin_transformer, swin_transformer_v2, swin_transformer_v2_cr as swin_cr, tiny_vit, tnt,
+                         twins, visformer, vision_transformer_relpos as relpos, vision_transformer_sam as sam, volo,
+                         xcit)
 
 from .adapters import multihead  # noqa: F401  registers nn.MultiheadAttention's slim forward (or why none)
 from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
@@ -220,14 +220,14 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         module.dim, module.dim_out = module.qkv.in_features, module.proj.in_features
         _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
     elif kind is sam2.MultiScaleAttention:  # SAM2's Hiera: its forward reads num_heads; scale: head_dim ** -0.5
-        module.num_heads = _heads(name, module.proj.in_features, round(module.scale ** -2))
+        module.num_heads = _heads(name, module.proj.in_features, _scale_head_dim(module))
         module.dim, module.dim_out = module.qkv.in_features, module.proj.in_features
         _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
     elif kind is davit.ChannelAttentionV2:  # its heads: groups
         module.groups = _heads(name, module.proj.in_features, module.head_dim)
         _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
     elif kind in (beit.Attention, cait.ClassAttn, cait.TalkingHeadAttn, *_TWINS, *_DAVIT):  # scale: hd ** -0.5
-        module.num_heads = _heads(name, module.proj.in_features, round(module.scale ** -2))
+        module.num_heads = _heads(name, module.proj.in_features, _scale_head_dim(module))
         if kind is cait.TalkingHeadAttn:  # proj_l / proj_w mix heads before / after the softmax; the mixed width
             # between them may be narrower (plans of chase_timm releases that removed proj_l rows as a channel group)
             _check(name, "proj_l columns", _columns(module.proj_l), module.num_heads)
@@ -252,7 +252,7 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         _check(name, "q rows", module.q.out_features, module.proj.in_features)
         _check(name, "kv rows", module.kv.out_features, 2 * module.proj.in_features)
     elif kind is crossvit.CrossAttention:  # scale: head_dim ** -0.5
-        module.num_heads = _heads(name, module.proj.in_features, round(module.scale ** -2))
+        module.num_heads = _heads(name, module.proj.in_features, _scale_head_dim(module))
         for layer in ("wq", "wk", "wv"):
             _check(name, f"{layer} rows", _rows(getattr(module, layer)), module.proj.in_features)
     elif kind is visformer.Attention:  # its forward reads num_heads and head_dim; dim: the input width
@@ -260,7 +260,7 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         module.dim = module.qkv.in_channels
         _check(name, "qkv rows", _rows(module.qkv), 3 * _columns(module.proj))
     elif kind in (volo.Attention, volo.OutlookAttention):  # scale: head_dim ** -0.5
-        module.num_heads = _heads(name, module.proj.in_features, round(module.scale ** -2))
+        module.num_heads = _heads(name, module.proj.in_features, _scale_head_dim(module))
         if kind is volo.Attention:
             _check(name, "qkv rows", _rows(module.qkv), 3 * module.proj.in_features)
         else:
@@ -294,7 +294,7 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
     elif kind in _CONVIT:  # GPSA: one gating parameter and pos_proj row per head; MHSA: scale = head_dim ** -0.5
         _refresh_convit(module, name)
     elif kind is nest.Attention:  # scale: head_dim ** -0.5
-        module.num_heads = _heads(name, _columns(module.proj), round(module.scale ** -2))
+        module.num_heads = _heads(name, _columns(module.proj), _scale_head_dim(module))
         _check(name, "qkv rows", _rows(module.qkv), 3 * _columns(module.proj))
     elif kind is gcvit.WindowAttentionGlobal:  # its global blocks keep their heads: kv rows, the q from the stage
         module.num_heads = _heads(name, _columns(module.proj), module.head_dim)
@@ -357,7 +357,7 @@ def _refresh_convit(module: nn.Module, name: str) -> None:
     """ConViT's GPSA and MHSA: ``num_heads`` from the ``scale`` they keep (``head_dim ** -0.5``); GPSA's ``dim``
     (the input width, read by its ``local_init``) from ``qk``."""
     attn_dim = _columns(module.proj)
-    module.num_heads = _heads(name, attn_dim, round(module.scale ** -2))
+    module.num_heads = _heads(name, attn_dim, _scale_head_dim(module))
     if timm_class(type(module)) is convit.GPSA:
         module.dim = module.qk.in_features
         _check(name, "gating parameters", module.gating_param.shape[0], module.num_heads)
@@ -707,6 +707,11 @@ def _left_whole(module: nn.Module, reason: str) -> HeadSpec:
 
 
 # ------------------------------------------------------------------------------------------------ checks
+
+def _scale_head_dim(module: nn.Module) -> int:
+    """``head_dim`` of a class that stores only its attention scale, ``head_dim ** -0.5``."""
+    return round(module.scale ** -2)
+
 
 def _num_heads(module: nn.Module) -> int:
     """An attention module's head count (DaViT's ChannelAttentionV2 calls it ``groups``, Hiera ``heads``)."""

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ._timm import classifier_tensor_names, deepcopy_model, default_example_input, named_tensors
+from ._timm import classifier_tensor_names, conv_multiplier, deepcopy_model, default_example_input, named_tensors
 from .adapters.autograd import non_persistent_buffer_names
 from .heads import has_heads, heads_resized, refresh_heads
 from .norms import follow_masks
@@ -83,7 +83,10 @@ def width_plan(model: nn.Module, base: nn.Module) -> dict:
         if any(size is not None for size in shape):
             tensors[name] = shape
             planned_base[name] = base_shapes[name]
-    return {"tensors": tensors, "classifier": sorted(classifier & tensors.keys()),
+    # a multiplier conv's weight (rows, 1, k, k) reads as fewer groups or as fewer outputs per group: say which
+    groups = {name: model.get_submodule(name).groups for name, conv in base.named_modules()
+              if conv_multiplier(conv) and f"{name}.weight" in tensors}
+    return {"tensors": tensors, "classifier": sorted(classifier & tensors.keys()), "conv_groups": groups,
             "base": {"names_sha256": _names_digest(base), "shapes": planned_base}}
 
 
@@ -110,7 +113,10 @@ def apply_width_plan(model: nn.Module, plan: Mapping, keep_values: bool = False)
             new[name] = old[tuple(slice(0, size) for size in target)].clone()
         else:
             new[name] = torch.empty(target, device=old.device, dtype=old.dtype)
-    _resize(model, new, slots, refresh=True)
+    # a plan without conv_groups (chase_timm before multiplier convs lost whole groups) kept every group
+    groups = plan.get("conv_groups") if "conv_groups" in plan else {
+        name: conv.groups for name, conv in model.named_modules() if conv_multiplier(conv)}
+    _resize(model, new, slots, refresh=True, conv_groups=groups)
     return model
 
 
@@ -210,8 +216,10 @@ def _planned_shape(name: str, old: torch.Tensor, shape: Any) -> list[int]:
     return target
 
 
-def _resize(model: nn.Module, new: Mapping[str, torch.Tensor], slots, refresh: bool) -> None:
-    """Swap in the new tensors, re-derive module attributes, then re-measure timm's model-level widths."""
+def _resize(model: nn.Module, new: Mapping[str, torch.Tensor], slots, refresh: bool,
+            conv_groups: Optional[Mapping[str, int]] = None) -> None:
+    """Swap in the new tensors, re-derive module attributes (``conv_groups``: the groups of named multiplier convs,
+    which their weight's shape leaves open), then re-measure timm's model-level widths."""
     before = _measure(model) if refresh and _has_timm_widths(model) else None
     links = _block_size_links(model)
     touched = []
@@ -226,7 +234,10 @@ def _resize(model: nn.Module, new: Mapping[str, torch.Tensor], slots, refresh: b
                 module._buffers[attr] = tensor
             touched.append(module)
     for module in dict.fromkeys(touched):
-        _fix_module(module, _module_name(model, module))
+        name = _module_name(model, module)
+        _fix_module(module, name)
+        if conv_groups and name in conv_groups and isinstance(module, nn.modules.conv._ConvNd):
+            _regroup(module, name, int(conv_groups[name]))
     resized = set(touched)
     for name, module in model.named_modules():  # attention modules re-derive num_heads etc. from their tensors
         if has_heads(module) and heads_resized(module, resized):
@@ -337,8 +348,7 @@ def _fix_conv(conv: nn.modules.conv._ConvNd, name: str) -> None:
     shape = conv.weight.shape
     if conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels:
         conv.in_channels = conv.out_channels = conv.groups = shape[0]
-    elif 1 < conv.groups == conv.in_channels < conv.out_channels and not conv.transposed:
-        # depthwise with channel multiplier k: channels leave a whole group (1 input, k outputs) at a time
+    elif conv_multiplier(conv):  # channels leave a whole group (1 input, k outputs) at a time
         conv.in_channels = conv.groups = shape[0] * conv.in_channels // conv.out_channels
         conv.out_channels = shape[0]
     elif conv.transposed:
@@ -350,6 +360,15 @@ def _fix_conv(conv: nn.modules.conv._ConvNd, name: str) -> None:
                          f"{conv.groups} equal groups")
     if conv.bias is not None and conv.bias.shape[0] != conv.out_channels:
         raise ValueError(f"{name}.bias has {conv.bias.shape[0]} entries for {conv.out_channels} output channels")
+
+
+def _regroup(conv: nn.modules.conv._ConvNd, name: str, groups: int) -> None:
+    """A depthwise-multiplier conv with ``groups`` groups of one input each (a width plan says how many)."""
+    rows = conv.weight.shape[0]
+    if groups < 1 or rows % groups:
+        raise ValueError(f"width plan: {name} has {rows} output channels, which do not split into {groups} groups")
+    conv.groups = conv.in_channels = groups
+    conv.out_channels = rows
 
 
 def _fix_linear(linear: nn.Linear, name: str) -> None:

@@ -14,7 +14,7 @@ from chase_timm import Chase, ChaseConfig, graph
 from chase_timm.graph import (
     RESIDUAL_REASON, TIMEOUT_REASON, ChannelGroup, find_channel_groups, tensor_removals,
 )
-from chase_timm.slim import slim_copy
+from chase_timm.slim import apply_width_plan, slim_copy, width_plan
 
 
 def _timm(arch: str, **kwargs) -> nn.Module:
@@ -195,6 +195,23 @@ def test_a_depthwise_conv_with_channel_multiplier_removes_whole_groups_with_its_
         masked[6].running_mean[[2, 3, 4, 5]] = 0
         assert torch.allclose(slim(x), masked(x), atol=1e-6)
         assert slim[6].num_features == 4
+    # the width plan says how many groups the multiplier conv has (its (4, 1, 3, 3) weight could be 4 groups of 1)
+    plan = json.loads(json.dumps(width_plan(slim, model)))
+    assert plan["conv_groups"] == {"5": 2}
+    replayed = apply_width_plan(copy.deepcopy(model), plan)
+    assert (replayed[5].in_channels, replayed[5].out_channels, replayed[5].groups) == (2, 4, 2)
+    replayed.load_state_dict(slim.state_dict())
+    assert torch.equal(replayed(x), slim(x))
+
+
+def test_a_width_plan_from_before_multiplier_groups_keeps_every_group():
+    """A plan without ``conv_groups`` (chase_timm before multiplier convs lost whole groups) cut one output of every
+    group of a multiplier conv: replayed today it keeps every group, as the release that wrote it did."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 8, 3, groups=4))
+    plan = {"tensors": {"2.weight": [4, None, None, None], "2.bias": [4]}}
+    conv = apply_width_plan(model, plan)[2]
+    assert (conv.in_channels, conv.out_channels, conv.groups) == (4, 4, 4)
+    assert model(torch.randn(1, 3, 12, 12)).shape == (1, 4, 8, 8)
 
 
 def test_flatten_to_linear_expands_each_channel_to_its_positions():

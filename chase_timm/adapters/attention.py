@@ -98,6 +98,8 @@ def slim_subclass(base: type, name: str, edits: Sequence[Edit], names: Optional[
     :func:`edited` with ``edits`` (and ``names``), and each other method named in ``methods`` edited with its edits
     (helpers the forward calls, e.g. ConViT's ``get_attention``), or why there is none (``"has no slim forward:
     ..."``)."""
+    if methods and "forward" in methods:
+        raise ValueError(f"{name}: give the forward's edits as edits, not in methods")
     body = {}
     for method, method_edits in {"forward": edits, **(methods or {})}.items():
         made = edited(getattr(base, method), method_edits, names)
