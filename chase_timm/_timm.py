@@ -23,16 +23,20 @@ __all__ = ["unwrap_model", "model_input_size", "default_example_input", "deepcop
 def model_input_size(model: nn.Module) -> tuple[int, int, int]:
     """(C, H, W) the model takes: the size it was built at (``img_size=...`` as timm recorded it at creation, or on
     its patch embedding or itself) wins over timm's ``pretrained_cfg`` size, which describes the default build;
-    channels from the first conv (honours ``in_chans`` overrides the cfg doesn't record)."""
+    channels: the ``in_chans`` it was built with (the cfg does not record an override), else its first conv's
+    input (a space-to-depth stem, TResNet's or CSATv2's DCT, feeds its first conv a multiple of them)."""
     channels, size = 3, (224, 224)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if len(cfg.get("input_size", ())) == 3:
         channels, size = cfg["input_size"][0], tuple(cfg["input_size"][1:])
-    for module in model.modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
-            channels = module.in_channels
-            break
-    built = recorded_model_args(model).get("img_size")  # e.g. GCViT, EfficientFormerV2 keep no img_size attribute
+    args = recorded_model_args(model)
+    in_chans = args.get("in_chans", getattr(model, "in_chans", None))
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if isinstance(in_chans, int) and not isinstance(in_chans, bool):
+        channels = in_chans
+    elif first_conv is not None:
+        channels = first_conv.in_channels
+    built = args.get("img_size")  # e.g. GCViT, EfficientFormerV2 keep no img_size attribute
     for img_size in itertools.chain([built], (getattr(module, "img_size", None) for module in model.modules())):
         if isinstance(img_size, int) or (isinstance(img_size, (tuple, list)) and len(img_size) == 2):
             size = tuple(to_2tuple(img_size))  # e.g. ViT, Mixer, Swin, PiT built with img_size=...

@@ -4,8 +4,10 @@ import functools
 import json
 
 import pytest
+import timm
 import torch
 
+from chase_timm._timm import default_example_input
 from chase_timm.graph import tensor_removals
 from chase_timm.norms import follow_masks, removal_masks
 from chase_timm.slim import apply_width_plan, recalibrate_batchnorm, slim_copy, width_plan
@@ -106,6 +108,17 @@ def test_reset_classifier_of_an_attention_pool_vit_builds_on_the_pooled_width():
     slim.reset_classifier(5)
     with torch.no_grad():
         assert slim(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+
+
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_the_default_example_input_has_the_image_channels_behind_a_space_to_depth_stem(in_chans):
+    # TResNet folds 4x4 pixels into 16x the channels before its first conv (48 for RGB): tracing, FLOP counting and
+    # the re-measuring of num_features after a shrink need an input with the image's channels, not the conv's
+    model = timm.create_model("tresnet_m", pretrained=False, num_classes=4, in_chans=in_chans).eval()
+    x = default_example_input(model)
+    assert x.shape == (1, in_chans, 224, 224)
+    with torch.no_grad():
+        assert model(x).shape == (1, 4)
 
 
 @pytest.mark.xdist_group("coverage-resnet18")
