@@ -20,10 +20,11 @@ resized one switches to its slim subclass (:mod:`chase_timm.adapters.attention`:
 taken from the heads left). Hiera's forward reads its widths from ``heads`` and ``dim_out``, SAM2's Hiera's from
 ``num_heads``, EfficientFormer's from ``num_heads`` and ``val_attn_dim``, EfficientFormer-V2's from ``num_heads``
 and ``dh``, MViTv2's from ``num_heads`` and ``dim_out``, MaxViT's / CoAtNet's from ``num_heads`` and ``dim_head``,
-which :func:`refresh_heads` re-derives. torch's ``nn.MultiheadAttention`` takes its attention width from the input
-as well and gets one too (:mod:`chase_timm.adapters.multihead`), as do ``nn.TransformerEncoderLayer`` and
-``nn.TransformerEncoder`` holding it (torch's forward without the inference fast path that bypasses the attention's
-forward).
+which :func:`refresh_heads` re-derives; EfficientViT's ``LiteMLA`` reads only ``dim`` and ``-1``, and the groups
+of its aggregation convs follow its heads (:func:`head_conv_groups`). torch's ``nn.MultiheadAttention`` takes its
+attention width from the input as well and gets one too (:mod:`chase_timm.adapters.multihead`), as do
+``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` holding it (torch's forward without the inference fast
+path that bypasses the attention's forward).
 
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), and
 :func:`refresh_heads` re-derives a resized module's attributes (``num_heads``, ``attn_dim``, ...) from its tensor
@@ -39,10 +40,10 @@ from typing import Iterator, Optional
 import torch.nn as nn
 from timm.layers import Attention, AttentionRope, RelPosBias, RelPosBiasTf, RelPosMlp
 from timm.models import (beit, cait, convit, crossvit, davit, edgenext, efficientformer, efficientformer_v2,
-                         efficientvit_mit, eva, fastvit, gcvit, hiera, hieradet_sam2 as sam2, levit, maxxvit, mvitv2, nest, pvt_v2,
-                         swin_transformer, swin_transformer_v2, swin_transformer_v2_cr as swin_cr, tiny_vit, tnt,
-                         twins, visformer, vision_transformer_relpos as relpos, vision_transformer_sam as sam, volo,
-                         xcit)
+                         efficientvit_mit, eva, fastvit, gcvit, hiera, hieradet_sam2 as sam2, levit, maxxvit, mvitv2,
+                         nest, pvt_v2, swin_transformer, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
+                         tiny_vit, tnt, twins, visformer, vision_transformer_relpos as relpos,
+                         vision_transformer_sam as sam, volo, xcit)
 
 from .adapters import multihead  # noqa: F401  registers nn.MultiheadAttention's slim forward (or why none)
 from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
@@ -647,10 +648,11 @@ def _tnt(module: nn.Module) -> HeadSpec:
 
 def _lite_mla(module: nn.Module) -> HeadSpec:
     """EfficientViT (MIT)'s LiteMLA: the head's ``[q k v]`` rows of the ``qkv`` conv (``3 * dim`` consecutive rows;
-    timm builds it without norm or activation), the same rows of each aggregation scale (a depthwise conv, then a 1x1 conv with three
-    groups per head: the head's q, k and v groups), and its ``proj`` columns: the forward concatenates ``qkv`` and
-    every scale's output and reshapes them to ``(B, -1, 3 * dim, H * W)``, so scale ``s`` of head ``h`` is head
-    ``s * heads + h`` of the ReLU linear attention, whose ``dim`` outputs are that head's ``proj`` columns."""
+    timm builds it without norm or activation), the same rows of each aggregation scale (a depthwise conv, then a
+    1x1 conv with three groups per head: the head's q, k and v), and its ``proj`` columns: the forward concatenates
+    ``qkv`` and every scale's output and reshapes them to ``(B, -1, 3 * dim, H * W)``, so scale ``s`` of head ``h``
+    is head ``s * heads + h`` of the ReLU linear attention, whose ``dim`` outputs are that head's ``proj``
+    columns."""
     heads, d = _lite_mla_heads(module), module.dim
     rows = _blocks(heads, 3 * d)
     slices = _linear_slices("qkv.conv", module.qkv.conv, rows)

@@ -133,7 +133,8 @@ SMALL = {
     # scale each: 2 x 16 proj columns per head) on the 4x4 and 2x2 maps at 64 px, a narrow classifier head
     "efficientvit_b0": {"depths": (1, 1, 1, 1, 1), "head_widths": (64, 80)},
 }
-SIZES = {"efficientformer_l1": 56, "efficientformerv2_s0": 64, "fastvit_sa12": 64, "efficientvit_b0": 64}  # input side where it is not 32 px
+# input side where it is not 32 px
+SIZES = {"efficientformer_l1": 56, "efficientformerv2_s0": 64, "fastvit_sa12": 64, "efficientvit_b0": 64}
 # EfficientFormer-V2's convs have biases ahead of a training-mode BatchNorm, which cancels them: their gradients are
 # rounding noise, which AdamW normalises into full steps (float64 twin 2e-8 apart with its heads left whole); SGD
 # Visformer likewise (its patch embeddings' conv biases ahead of a BatchNorm2d): 6.6e-10 apart with AdamW and its
