@@ -292,7 +292,7 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         for i, (spatial, grouped) in enumerate(module.aggreg):
             _check(name, f"aggreg.{i} depthwise rows", _rows(spatial), width)
             _check(name, f"aggreg.{i} grouped rows", _rows(grouped), width)
-            _check(name, f"aggreg.{i} groups", grouped.groups, 3 * heads)
+            _check(name, f"aggreg.{i} groups (three per head)", grouped.groups, 3 * heads)
         _check(name, "proj columns", _columns(module.proj.conv), (1 + len(module.aggreg)) * module.dim * heads)
     elif kind is tnt.Attention:  # its forward reads num_heads and head_dim (of q and k; v's heads are wider or not)
         module.num_heads = _heads(name, _rows(module.qk) // 2, module.head_dim)
