@@ -20,10 +20,11 @@ resized one switches to its slim subclass (:mod:`chase_timm.adapters.attention`:
 taken from the heads left). Hiera's forward reads its widths from ``heads`` and ``dim_out``, SAM2's Hiera's from
 ``num_heads``, EfficientFormer's from ``num_heads`` and ``val_attn_dim``, EfficientFormer-V2's from ``num_heads``
 and ``dh``, MViTv2's from ``num_heads`` and ``dim_out``, MaxViT's / CoAtNet's from ``num_heads`` and ``dim_head``,
-which :func:`refresh_heads` re-derives. torch's ``nn.MultiheadAttention`` takes its attention width from the input
-as well and gets one too (:mod:`chase_timm.adapters.multihead`), as do ``nn.TransformerEncoderLayer`` and
-``nn.TransformerEncoder`` holding it (torch's forward without the inference fast path that bypasses the attention's
-forward).
+which :func:`refresh_heads` re-derives; EfficientViT's ``LiteMLA`` reads only ``dim`` and ``-1``, and the groups
+of its aggregation convs follow its heads (:func:`head_conv_groups`). torch's ``nn.MultiheadAttention`` takes its
+attention width from the input as well and gets one too (:mod:`chase_timm.adapters.multihead`), as do
+``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` holding it (torch's forward without the inference fast
+path that bypasses the attention's forward).
 
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), and
 :func:`refresh_heads` re-derives a resized module's attributes (``num_heads``, ``attn_dim``, ...) from its tensor
@@ -38,18 +39,18 @@ from typing import Iterator, Optional
 
 import torch.nn as nn
 from timm.layers import Attention, AttentionRope, RelPosBias, RelPosBiasTf, RelPosMlp
-from timm.models import (beit, cait, convit, crossvit, davit, edgenext, efficientformer, efficientformer_v2, eva,
-                         fastvit, gcvit, hiera, hieradet_sam2 as sam2, levit, maxxvit, mvitv2, nest, pvt_v2,
-                         swin_transformer, swin_transformer_v2, swin_transformer_v2_cr as swin_cr, tiny_vit, tnt,
-                         twins, visformer, vision_transformer_relpos as relpos, vision_transformer_sam as sam, volo,
-                         xcit)
+from timm.models import (beit, cait, convit, crossvit, davit, edgenext, efficientformer, efficientformer_v2,
+                         efficientvit_mit, eva, fastvit, gcvit, hiera, hieradet_sam2 as sam2, levit, maxxvit, mvitv2,
+                         nest, pvt_v2, swin_transformer, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
+                         tiny_vit, tnt, twins, visformer, vision_transformer_relpos as relpos,
+                         vision_transformer_sam as sam, volo, xcit)
 
 from .adapters import multihead  # noqa: F401  registers nn.MultiheadAttention's slim forward (or why none)
 from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
 from .norms import covers
 
-__all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "heads_resized", "refresh_heads", "head_counts",
-           "qkv_as_modules"]
+__all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "heads_resized", "head_conv_groups", "refresh_heads",
+           "head_counts", "qkv_as_modules"]
 
 # EfficientFormer-V2: separate q, k, v ConvNorms, a depthwise v_local, per-head attention biases (and talking heads)
 _EFFICIENTFORMER_V2 = (efficientformer_v2.Attention2d, efficientformer_v2.Attention2dDownsample)
@@ -59,7 +60,7 @@ _RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.
               tiny_vit.Attention, sam.Attention, hiera.MaskUnitAttention, sam2.MultiScaleAttention,
               maxxvit.Attention2d, maxxvit.AttentionCl, efficientformer.Attention, *_EFFICIENTFORMER_V2,
               mvitv2.MultiScaleAttention, *SLIM, visformer.Attention, volo.ClassAttention,
-              tnt.Attention)
+              tnt.Attention, efficientvit_mit.LiteMLA)
 # torch containers whose inference fast path bypasses their MultiheadAttention's forward: resized, they switch to
 # their slim subclass (torch's forward without that fast path), else their attention's heads stay
 _CONTAINERS = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
@@ -157,6 +158,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _outlook(module)
     if kind is tnt.Attention:
         return _tnt(module)
+    if kind is efficientvit_mit.LiteMLA:
+        return _lite_mla(module)
     return None
 
 
@@ -174,6 +177,16 @@ def heads_resized(module: nn.Module, resized: set[nn.Module]) -> bool:
         return not resized.isdisjoint(module.modules())
     return any(not resized.isdisjoint(m.modules()) for m in module.modules()
                if timm_class(type(m)) is nn.MultiheadAttention)
+
+
+def head_conv_groups(module: nn.Module) -> dict[nn.Module, int]:
+    """Grouped convs inside a (resized) attention module whose group count follows its heads, with that count:
+    EfficientViT's LiteMLA aggregation 1x1 convs, three groups (q, k, v) of ``dim`` channels per head. Their weight's
+    shape can't tell losing whole groups from losing channels in every group, so a resize sets these first."""
+    if timm_class(type(module)) is not efficientvit_mit.LiteMLA:
+        return {}
+    groups = 3 * _lite_mla_heads(module)
+    return {branch[1]: groups for branch in module.aggreg}
 
 
 def refresh_heads(module: nn.Module, name: str = "attention") -> None:
@@ -273,6 +286,14 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         module.num_heads = _heads(name, module.proj.in_features, module.head_dim)
         _check(name, "q rows", _rows(module.q), module.proj.in_features)
         _check(name, "kv rows", _rows(module.kv), 2 * module.proj.in_features)
+    elif kind is efficientvit_mit.LiteMLA:  # its forward reads only dim (one head's q, k or v) and reshapes with -1
+        heads = _heads(name, _rows(module.qkv.conv), 3 * module.dim)
+        width = 3 * module.dim * heads
+        for i, (spatial, grouped) in enumerate(module.aggreg):
+            _check(name, f"aggreg.{i} depthwise rows", _rows(spatial), width)
+            _check(name, f"aggreg.{i} grouped rows", _rows(grouped), width)
+            _check(name, f"aggreg.{i} groups (three per head)", grouped.groups, 3 * heads)
+        _check(name, "proj columns", _columns(module.proj.conv), (1 + len(module.aggreg)) * module.dim * heads)
     elif kind is tnt.Attention:  # its forward reads num_heads and head_dim (of q and k; v's heads are wider or not)
         module.num_heads = _heads(name, _rows(module.qk) // 2, module.head_dim)
         module.hidden_dim = _rows(module.qk) // 2
@@ -625,6 +646,29 @@ def _tnt(module: nn.Module) -> HeadSpec:
     return HeadSpec(heads, len(values[0]), tuple(slices))
 
 
+def _lite_mla(module: nn.Module) -> HeadSpec:
+    """EfficientViT (MIT)'s LiteMLA: the head's ``[q k v]`` rows of the ``qkv`` conv (``3 * dim`` consecutive rows;
+    timm builds it without norm or activation), the same rows of each aggregation scale (a depthwise conv, then a
+    1x1 conv with three groups per head: the head's q, k and v), and its ``proj`` columns: the forward concatenates
+    ``qkv`` and every scale's output and reshapes them to ``(B, -1, 3 * dim, H * W)``, so scale ``s`` of head ``h``
+    is head ``s * heads + h`` of the ReLU linear attention, whose ``dim`` outputs are that head's ``proj``
+    columns."""
+    heads, d = _lite_mla_heads(module), module.dim
+    rows = _blocks(heads, 3 * d)
+    slices = _linear_slices("qkv.conv", module.qkv.conv, rows)
+    for i, branch in enumerate(module.aggreg):
+        slices += [s for j, conv in enumerate(branch) for s in _linear_slices(f"aggreg.{i}.{j}", conv, rows)]
+    scales = 1 + len(module.aggreg)
+    columns = _cat(*(_blocks(heads, d, s * heads * d) for s in range(scales)))
+    slices.append(HeadSlice("proj.conv.weight", 1, "consumer", columns))
+    return HeadSpec(heads, scales * d, tuple(slices))
+
+
+def _lite_mla_heads(module: nn.Module) -> int:
+    """LiteMLA's head count (it stores only ``dim``, one head's q, k or v width): its ``qkv`` rows over ``3 * dim``."""
+    return _rows(module.qkv.conv) // (3 * module.dim)
+
+
 def _levit(module: nn.Module) -> HeadSpec:
     """LeViT Attention / AttentionDownsample, TinyViT's and EfficientFormer's Attention: q, k, v interleaved per
     head, one attention-bias row per head. LeViT: one LinearNorm/ConvNorm (with its BatchNorm) and an activation
@@ -718,6 +762,8 @@ def _num_heads(module: nn.Module) -> int:
     kind = timm_class(type(module))
     if kind is davit.ChannelAttentionV2:
         return int(module.groups)
+    if kind is efficientvit_mit.LiteMLA:
+        return _lite_mla_heads(module)
     return int(module.heads if kind is hiera.MaskUnitAttention else module.num_heads)
 
 

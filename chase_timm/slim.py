@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ._timm import classifier_tensor_names, conv_multiplier, deepcopy_model, default_example_input, named_tensors
 from .adapters.autograd import non_persistent_buffer_names
-from .heads import has_heads, heads_resized, refresh_heads
+from .heads import has_heads, head_conv_groups, heads_resized, refresh_heads
 from .norms import follow_masks
 
 __all__ = ["slim_copy", "slice_in_place", "meta_clone", "sliced", "width_plan", "apply_width_plan", "recalibrate_batchnorm"]
@@ -233,15 +233,18 @@ def _resize(model: nn.Module, new: Mapping[str, torch.Tensor], slots, refresh: b
             else:
                 module._buffers[attr] = tensor
             touched.append(module)
+    resized = set(touched)
+    attentions = [(name, m) for name, m in model.named_modules() if has_heads(m) and heads_resized(m, resized)]
+    for _, attention in attentions:  # convs whose groups follow the heads (LiteMLA's): groups before the sizes
+        for conv, groups in head_conv_groups(attention).items():
+            conv.groups = groups
     for module in dict.fromkeys(touched):
         name = _module_name(model, module)
         _fix_module(module, name)
         if conv_groups and name in conv_groups and isinstance(module, nn.modules.conv._ConvNd):
             _regroup(module, name, int(conv_groups[name]))
-    resized = set(touched)
-    for name, module in model.named_modules():  # attention modules re-derive num_heads etc. from their tensors
-        if has_heads(module) and heads_resized(module, resized):
-            refresh_heads(module, name or "the model")
+    for name, module in attentions:  # attention modules re-derive num_heads etc. from their tensors
+        refresh_heads(module, name or "the model")
     for block, attr, conv, conv_attr, factor in links:
         setattr(block, attr, getattr(conv, conv_attr) * factor)
     if before is not None:

@@ -42,7 +42,7 @@ from timm.models import (beit, cait, crossvit, davit, edgenext, efficientformer,
                          hieradet_sam2 as sam2, maxxvit, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
                          tiny_vit, tnt, twins, visformer, vision_transformer_relpos as relpos,
                          vision_transformer_sam as sam, volo, xcit)
-from timm.models import build_model_with_cfg, convit, fastvit, gcvit, mvitv2, nest
+from timm.models import build_model_with_cfg, convit, efficientvit_mit, fastvit, gcvit, mvitv2, nest
 
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
 # layer scales at 1 so no block's output vanishes under the shortcut in float32 (the export check could not fail)
@@ -129,8 +129,12 @@ SMALL = {
     # FastViT-SA: RepMixer stages 0-2, then stage 3's Attention (NCHW maps flattened to tokens, 4 heads of 32) on the
     # 2x2 map at 64 px; each downsampling is a depthwise conv with channel multiplier 2
     "fastvit_sa12": {"layers": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 128), "mlp_ratios": (2, 2, 2, 2)},
+    # EfficientViT (MIT): one LiteMLA block in each of stages 3-4 (4 and 8 heads of 16 channels, a 5x5 aggregation
+    # scale each: 2 x 16 proj columns per head) on the 4x4 and 2x2 maps at 64 px, a narrow classifier head
+    "efficientvit_b0": {"depths": (1, 1, 1, 1, 1), "head_widths": (64, 80)},
 }
-SIZES = {"efficientformer_l1": 56, "efficientformerv2_s0": 64, "fastvit_sa12": 64}  # input side where it is not 32 px
+# input side where it is not 32 px
+SIZES = {"efficientformer_l1": 56, "efficientformerv2_s0": 64, "fastvit_sa12": 64, "efficientvit_b0": 64}
 # EfficientFormer-V2's convs have biases ahead of a training-mode BatchNorm, which cancels them: their gradients are
 # rounding noise, which AdamW normalises into full steps (float64 twin 2e-8 apart with its heads left whole); SGD
 # Visformer likewise (its patch embeddings' conv biases ahead of a BatchNorm2d): 6.6e-10 apart with AdamW and its
@@ -224,7 +228,8 @@ def _model(case: str, monkeypatch) -> str:
 def _heads_removed(removed: dict) -> dict:
     """Removed channels of head groups (named after their attention module)."""
     return {name: heads for name, heads in removed.items()
-            if name.endswith((".attn", ".attn_downsample", ".xca", ".token_mixer", ".attn_in", ".attn_out"))}
+            if name.endswith((".attn", ".attn_downsample", ".xca", ".token_mixer", ".attn_in", ".attn_out",
+                              ".context_module.main"))}
 
 
 @pytest.mark.parametrize("case", ["vit_tiny_patch16_224", pytest.param("swin_tiny_patch4_window7_224"),
@@ -241,7 +246,7 @@ def _heads_removed(removed: dict) -> dict:
                                   "vit_relpos_small_patch16_224-bias",
                                   "convit_tiny", "nest_tiny", "mvitv2_tiny", "gcvit_xxtiny",
                                   "crossvit_tiny_240", "visformer_tiny", "tnt_s_legacy_patch16_224",
-                                  "tnt_s_legacy_patch16_224-new", "fastvit_sa12"])
+                                  "tnt_s_legacy_patch16_224-new", "fastvit_sa12", "efficientvit_b0"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     if name in TWIN_CLASSES:
@@ -494,7 +499,8 @@ CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_b
                 "crossvit_tiny_240": (Attention, crossvit.CrossAttention),
                 "visformer_tiny": visformer.Attention,
                 "volo": (volo.OutlookAttention, volo.Attention, volo.ClassAttention),
-                "tnt_s_legacy_patch16_224": tnt.Attention}  # by case, else by model
+                "tnt_s_legacy_patch16_224": tnt.Attention,
+                "efficientvit_b0": efficientvit_mit.LiteMLA}  # by case, else by model
 
 
 def _kinds(kinds) -> tuple:
