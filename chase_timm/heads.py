@@ -11,20 +11,22 @@ masked model computes what the model without the head computes (talking heads: t
 logits out of the other heads, its zeroed ``proj_l`` row gives it a uniform softmax, which the zeroed ``proj_w``
 column keeps out too, and its zeroed ``proj_w`` row and bias zero its attention map), on the fused
 ``scaled_dot_product_attention`` path and the eager path alike: ``head_dim`` does not change, so neither does the
-scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``).
+scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``). Multi-query attention (MobileNetV5's
+``MultiQueryAttention2d``) shares one k/v head among its query heads, which stays: a query head is its q rows and
+projection columns, and those zeroed columns silence it (its zeroed q rows give it a uniform softmax).
 
 EVA, BEiT, ViT-RelPos, Swin V2, CaiT's class and talking-heads attention, PVT-v2, Twins, DaViT, ConViT, NesT, GCViT,
-CrossViT's cross-attention, VOLO's self- and outlook attention and the cross-covariance attention of EdgeNeXt and
-XCiT reshape their heads' output to the input width in timm's forward (Swin V2-CR splits its heads with it); a
-resized one switches to its slim subclass (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape
-taken from the heads left). Hiera's forward reads its widths from ``heads`` and ``dim_out``, SAM2's Hiera's from
-``num_heads``, EfficientFormer's from ``num_heads`` and ``val_attn_dim``, EfficientFormer-V2's from ``num_heads``
-and ``dh``, MViTv2's from ``num_heads`` and ``dim_out``, MaxViT's / CoAtNet's from ``num_heads`` and ``dim_head``,
-which :func:`refresh_heads` re-derives; EfficientViT's ``LiteMLA`` reads only ``dim`` and ``-1``, and the groups
-of its aggregation convs follow its heads (:func:`head_conv_groups`). torch's ``nn.MultiheadAttention`` takes its
-attention width from the input as well and gets one too (:mod:`chase_timm.adapters.multihead`), as do
-``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` holding it (torch's forward without the inference fast
-path that bypasses the attention's forward).
+CrossViT's cross-attention, VOLO's self- and outlook attention and the cross-covariance attention of EdgeNeXt and XCiT
+reshape their heads' output to the input width in timm's forward (Swin V2-CR splits its heads with it); a resized one
+switches to its slim subclass (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the
+heads left). Hiera's forward reads its widths from ``heads`` and ``dim_out``, SAM2's Hiera's from ``num_heads``,
+EfficientFormer's from ``num_heads`` and ``val_attn_dim``, EfficientFormer-V2's from ``num_heads`` and ``dh``, MViTv2's
+from ``num_heads`` and ``dim_out``, MaxViT's / CoAtNet's from ``num_heads`` and ``dim_head``, MobileNetV5's
+``MultiQueryAttention2d`` from ``num_heads``, which :func:`refresh_heads` re-derives; EfficientViT's ``LiteMLA``
+reads only ``dim`` and ``-1``, and the groups of its aggregation convs follow its heads (:func:`head_conv_groups`).
+torch's ``nn.MultiheadAttention`` takes its attention width from the input as well and gets one too
+(:mod:`chase_timm.adapters.multihead`), as do ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` holding
+it (torch's forward without the inference fast path that bypasses the attention's forward).
 
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), and
 :func:`refresh_heads` re-derives a resized module's attributes (``num_heads``, ``attn_dim``, ...) from its tensor
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch.nn as nn
-from timm.layers import Attention, AttentionRope, RelPosBias, RelPosBiasTf, RelPosMlp
+from timm.layers import Attention, AttentionRope, MultiQueryAttention2d, RelPosBias, RelPosBiasTf, RelPosMlp
 from timm.models import (beit, cait, convit, crossvit, davit, edgenext, efficientformer, efficientformer_v2,
                          efficientvit_mit, eva, fastvit, gcvit, hiera, hieradet_sam2 as sam2, levit, maxxvit, mvitv2,
                          nest, pvt_v2, swin_transformer, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
@@ -60,7 +62,7 @@ _RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.
               tiny_vit.Attention, sam.Attention, hiera.MaskUnitAttention, sam2.MultiScaleAttention,
               maxxvit.Attention2d, maxxvit.AttentionCl, efficientformer.Attention, *_EFFICIENTFORMER_V2,
               mvitv2.MultiScaleAttention, *SLIM, visformer.Attention, volo.ClassAttention,
-              tnt.Attention, efficientvit_mit.LiteMLA)
+              tnt.Attention, efficientvit_mit.LiteMLA, MultiQueryAttention2d)
 # torch containers whose inference fast path bypasses their MultiheadAttention's forward: resized, they switch to
 # their slim subclass (torch's forward without that fast path), else their attention's heads stay
 _CONTAINERS = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
@@ -160,6 +162,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _tnt(module)
     if kind is efficientvit_mit.LiteMLA:
         return _lite_mla(module)
+    if kind is MultiQueryAttention2d:
+        return _multi_query(module)
     return None
 
 
@@ -300,6 +304,9 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
         _check(name, "v rows", _rows(module.v), _columns(module.proj))
         if _rows(module.v) % module.num_heads:
             raise ValueError(f"{name}: v rows ({_rows(module.v)}) are not {module.num_heads} whole heads")
+    elif kind is MultiQueryAttention2d:  # its forward reads num_heads, key_dim (one query head's) and value_dim
+        module.num_heads = _heads(name, _rows(module.query.proj), module.key_dim)
+        _check(name, "output.proj columns", _columns(module.output.proj), module.num_heads * module.value_dim)
     elif kind in _XCA:
         module.num_heads = module.temperature.shape[0]
         _check(name, "proj columns", module.proj.in_features,
@@ -667,6 +674,17 @@ def _lite_mla(module: nn.Module) -> HeadSpec:
 def _lite_mla_heads(module: nn.Module) -> int:
     """LiteMLA's head count (it stores only ``dim``, one head's q, k or v width): its ``qkv`` rows over ``3 * dim``."""
     return _rows(module.qkv.conv) // (3 * module.dim)
+
+
+def _multi_query(module: nn.Module) -> HeadSpec:
+    """timm.layers' MultiQueryAttention2d (MobileNetV5, the MobileNetV4 hybrids): every query head reads one shared
+    key/value head. A query head is its ``key_dim`` rows of ``query.proj`` (a 1x1 conv) and its ``value_dim`` columns
+    of ``output.proj``; ``key.proj`` / ``value.proj`` (the shared head, ``key_dim`` / ``value_dim`` channels) and the
+    strided ``down_conv`` / ``norm`` / ``down_pool`` on the input stay."""
+    heads = module.num_heads
+    slices = _linear_slices("query.proj", module.query.proj, _blocks(heads, module.key_dim))
+    slices.append(HeadSlice("output.proj.weight", 1, "consumer", _blocks(heads, module.value_dim)))
+    return HeadSpec(heads, module.value_dim, tuple(slices), shared=("key.proj", "value.proj"))
 
 
 def _levit(module: nn.Module) -> HeadSpec:

@@ -140,11 +140,17 @@ def _feature_cfg(base: str, kwargs: Mapping) -> dict:
     skip = ("features_only", "out_indices", "feature_cls", "pretrained_model_args", "cache_dir",
             "pretrained_cfg_overlay", "device", "dtype")
     with torch.device("meta"):
-        probe = timm.create_model(base, pretrained=False, **{k: v for k, v in kwargs.items() if k not in skip})
+        probe = _create_base(base, **{k: v for k, v in kwargs.items() if k not in skip})
     if not hasattr(probe, "forward_intermediates"):
         return {"flatten_sequential": True}
     levels = len(getattr(probe, "feature_info", None) or ())
     return {"feature_cls": "getter", "out_indices": 3 if levels > 6 else tuple(range(levels))}
+
+
+def _create_base(base: str, **kwargs) -> nn.Module:
+    """``timm.create_model(base)`` from a copy of ``kwargs``: timm's EfficientNet-style builders (MobileNetV5's
+    ``block_args``) pop keys from the dicts they are given, which are the model args a slim model records."""
+    return timm.create_model(base, pretrained=False, **copy.deepcopy(kwargs))
 
 
 def _build(base: str, plan: Mapping, pretrained: bool, folded: list, device: Any = None, dtype: Any = None,
@@ -154,7 +160,7 @@ def _build(base: str, plan: Mapping, pretrained: bool, folded: list, device: Any
     the (conv, bn) pairs a folded model was saved with (:func:`chase_timm.fold_batchnorm`), folded first."""
     if pretrained:
         with torch.device("meta"):
-            model = timm.create_model(base, pretrained=False, **kwargs)
+            model = _create_base(base, **kwargs)
         if not has_non_persistent_buffers(model):  # weights restore everything else
             if folded:
                 fold_pairs(model, folded)
@@ -167,7 +173,7 @@ def _build(base: str, plan: Mapping, pretrained: bool, folded: list, device: Any
                     if hasattr(module, "reset_parameters"):
                         module.reset_parameters()
             return model
-    model = timm.create_model(base, pretrained=False, device=device, dtype=dtype, **kwargs)
+    model = _create_base(base, device=device, dtype=dtype, **kwargs)
     if folded:
         fold_pairs(model, folded)
     return apply_width_plan(model, plan, keep_values=True)
@@ -299,7 +305,7 @@ def _slim_spec(model: nn.Module) -> tuple[dict, nn.Module]:
     record_model_args(probe, saved)
     args = get_model_args(probe)
     with torch.device("meta"):
-        base = timm.create_model(arch, pretrained=False, **args)
+        base = _create_base(arch, **args)
     folded = folded_pairs(model)
     if folded:  # a folded model's plan is relative to the base folded the same way (the loader folds, then cuts)
         fold_pairs(base, folded)

@@ -1,14 +1,13 @@
 """Attention heads as channel groups: whole heads are removed exactly, on the fused and the eager attention path.
 
-For every timm family in ``SMALL`` (ViT, Swin V1/V2/V2-CR, Hiera, SAM2's Hiera, LeViT, EVA, BEiT, CaiT, XCiT,
-EdgeNeXt, PVT-v2, Twins, TinyViT, EfficientFormer (V1, V2), DaViT, SAM ViT, MaxViT, CoAtNet, ViT-RelPos, ConViT,
-NesT, MViTv2, GCViT) and its ``VARIANTS``: a float64 shrinking run equals its masking twin
-(``recipes/shrink_equivalence.py`` at ``TOLERANCE = 1e-9``) with heads actually removed from each attention class of
-the case; the float32 export matches the masked model (<= 1e-4 relative); ``save_pretrained`` -> ``local-dir:``
-reloads the same outputs with the same ``num_heads`` per block; and the slim model's fused (SDPA) and eager attention
-paths agree. torch's ``nn.MultiheadAttention`` (on a ``test_vit`` backbone, as users wrap timm models): the same twin
-and export checks, a width plan + state_dict round trip, and the module itself under every mask and ``need_weights``
-option.
+For every timm family in ``SMALL`` (ViT, Swin V1/V2/V2-CR, Hiera, SAM2's Hiera, LeViT, EVA, BEiT, CaiT, XCiT, EdgeNeXt,
+PVT-v2, Twins, TinyViT, EfficientFormer (V1, V2), DaViT, SAM ViT, MaxViT, CoAtNet, ViT-RelPos, ConViT, NesT, MViTv2,
+GCViT, MobileNetV5's multi-query attention) and its ``VARIANTS``: a float64 shrinking run equals its masking twin
+(``recipes/shrink_equivalence.py`` at ``TOLERANCE = 1e-9``) with heads actually removed from each attention class of the
+case; the float32 export matches the masked model (<= 1e-4 relative); ``save_pretrained`` -> ``local-dir:`` reloads the
+same outputs with the same ``num_heads`` per block; and the slim model's fused (SDPA) and eager attention paths agree.
+torch's ``nn.MultiheadAttention`` (on a ``test_vit`` backbone, as users wrap timm models): the same twin and export
+checks, a width plan + state_dict round trip, and the module itself under every mask and ``need_weights`` option.
 """
 import copy
 import json
@@ -24,7 +23,7 @@ import chase_timm
 from chase_timm import heads as heads_module
 from chase_timm._timm import named_tensors
 from chase_timm.adapters import multihead
-from chase_timm.adapters.timm import record_model_args
+from chase_timm.adapters.timm import record_model_args, recorded_model_args
 from chase_timm.adapters.attention import REFUSED, SLIM, edited, slim_subclass, timm_class, use_slim_forward
 from chase_timm.adapters.multihead import SlimMultiheadAttention, SlimTransformerEncoder, SlimTransformerEncoderLayer
 from chase_timm.channels import ChannelState, select_channels
@@ -37,12 +36,13 @@ import shrink_equivalence
 import zoo_coverage
 from prunability_table import roundtrip
 from shrink_equivalence import compare, float64
-from timm.layers import Attention, AttentionRope
+from timm.layers import Attention, AttentionRope, MultiQueryAttention2d
 from timm.models import (beit, cait, crossvit, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
                          hieradet_sam2 as sam2, maxxvit, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
                          tiny_vit, tnt, twins, visformer, vision_transformer_relpos as relpos,
                          vision_transformer_sam as sam, volo, xcit)
 from timm.models import build_model_with_cfg, convit, efficientvit_mit, fastvit, gcvit, mvitv2, nest
+from timm.models.mobilenetv5 import decode_arch_def  # timm builds its arch strings with it
 
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
 # layer scales at 1 so no block's output vanishes under the shortcut in float32 (the export check could not fail)
@@ -132,9 +132,18 @@ SMALL = {
     # EfficientViT (MIT): one LiteMLA block in each of stages 3-4 (4 and 8 heads of 16 channels, a 5x5 aggregation
     # scale each: 2 x 16 proj columns per head) on the 4x4 and 2x2 maps at 64 px, a narrow classifier head
     "efficientvit_b0": {"depths": (1, 1, 1, 1, 1), "head_widths": (64, 80)},
+    # MobileNetV5: multi-query attention (4 query heads of 8 on one shared k/v head) in stages 2-3 at 64 px, stage 2's
+    # with kv_stride 2 (k/v down_conv + norm: 4 keys on its 4x4 map), stage 3's on the 2x2 map; timm's entrypoint
+    # takes the block definitions (decoded arch strings, plain data), so the local-dir: reload rebuilds them
+    "mobilenetv5_base": {"block_args": decode_arch_def([
+        ["er_r1_k3_s2_e2_c16"], ["uir_r1_a3_k3_s2_e2_c24"],
+        ["uir_r1_a3_k3_s2_e2_c32", "mqa_r1_k3_h4_v2_s1_d8_c32", "uir_r1_a0_k0_s1_e2_c32"],
+        ["uir_r1_a3_k3_s2_e2_c48", "mqa_r1_k3_h4_s1_d8_c48", "uir_r1_a0_k0_s1_e2_c48"]]),
+        "stem_size": 16, "num_features": 64, "msfa_output_resolution": 4, "layer_scale_init_value": 1.0},
 }
 # input side where it is not 32 px
-SIZES = {"efficientformer_l1": 56, "efficientformerv2_s0": 64, "fastvit_sa12": 64, "efficientvit_b0": 64}
+SIZES = {"efficientformer_l1": 56, "efficientformerv2_s0": 64, "fastvit_sa12": 64, "efficientvit_b0": 64,
+         "mobilenetv5_base": 64}
 # EfficientFormer-V2's convs have biases ahead of a training-mode BatchNorm, which cancels them: their gradients are
 # rounding noise, which AdamW normalises into full steps (float64 twin 2e-8 apart with its heads left whole); SGD
 # Visformer likewise (its patch embeddings' conv biases ahead of a BatchNorm2d): 6.6e-10 apart with AdamW and its
@@ -182,7 +191,14 @@ def _build(name: str, **overrides) -> torch.nn.Module:
     and fused-vs-eager checks could not see it computed wrong. Dropout off: Swin V2-CR's meta MLP has a fixed
     p = 0.125, and a run that shrank draws other random numbers than its masking twin (as any dropout would)."""
     if name not in CLASS_BUILDS:
-        return _attention_std(BUILD(name, **overrides))
+        if "block_args" not in zoo_coverage.SMALLER.get(name, {}):
+            return _attention_std(BUILD(name, **overrides))
+        # timm's EfficientNet builder pops keys from the block_args dicts it builds from, and records those: build
+        # from a copy and record the definitions as given (what save_pretrained writes for the local-dir: reload)
+        block_args = zoo_coverage.SMALLER[name]["block_args"]
+        model = BUILD(name, **{"block_args": copy.deepcopy(block_args), **overrides})
+        record_model_args(model, {**recorded_model_args(model), "block_args": copy.deepcopy(block_args)})
+        return _attention_std(model)
     cls, kwargs = CLASS_BUILDS[name]  # as timm.create_model builds it, its build arguments recorded as it does
     kwargs = {"num_classes": 10, **zoo_coverage.SMALLER.get(name, {}), **kwargs, **overrides}
     torch.manual_seed(0)
@@ -246,7 +262,8 @@ def _heads_removed(removed: dict) -> dict:
                                   "vit_relpos_small_patch16_224-bias",
                                   "convit_tiny", "nest_tiny", "mvitv2_tiny", "gcvit_xxtiny",
                                   "crossvit_tiny_240", "visformer_tiny", "tnt_s_legacy_patch16_224",
-                                  "tnt_s_legacy_patch16_224-new", "fastvit_sa12", "efficientvit_b0"])
+                                  "tnt_s_legacy_patch16_224-new", "fastvit_sa12", "efficientvit_b0",
+                                  "mobilenetv5_base"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     if name in TWIN_CLASSES:
@@ -500,7 +517,8 @@ CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_b
                 "visformer_tiny": visformer.Attention,
                 "volo": (volo.OutlookAttention, volo.Attention, volo.ClassAttention),
                 "tnt_s_legacy_patch16_224": tnt.Attention,
-                "efficientvit_b0": efficientvit_mit.LiteMLA}  # by case, else by model
+                "efficientvit_b0": efficientvit_mit.LiteMLA,
+                "mobilenetv5_base": MultiQueryAttention2d}  # by case, else by model
 
 
 def _kinds(kinds) -> tuple:
