@@ -15,29 +15,29 @@ scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``). Multi-que
 ``MultiQueryAttention2d``) shares one k/v head among its query heads, which stays: a query head is its q rows and
 projection columns, and those zeroed columns silence it (its zeroed q rows give it a uniform softmax).
 
-EVA, BEiT, ViT-RelPos, Swin V2, CaiT's class and talking-heads attention, PVT-v2, Twins, DaViT, ConViT, NesT, GCViT,
-CrossViT's cross-attention, VOLO's self- and outlook attention and the cross-covariance attention of EdgeNeXt and XCiT
-reshape their heads' output to the input width in timm's forward (Swin V2-CR splits its heads with it); a resized one
-switches to its slim subclass (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the
-heads left). Hiera's forward reads its widths from ``heads`` and ``dim_out``, SAM2's Hiera's from ``num_heads``,
-EfficientFormer's from ``num_heads`` and ``val_attn_dim``, EfficientFormer-V2's from ``num_heads`` and ``dh``, MViTv2's
-from ``num_heads`` and ``dim_out``, MaxViT's / CoAtNet's from ``num_heads`` and ``dim_head``, MobileNetV5's
-``MultiQueryAttention2d`` from ``num_heads``, which :func:`refresh_heads` re-derives; EfficientViT's ``LiteMLA``
-reads only ``dim`` and ``-1``, and the groups of its aggregation convs follow its heads (:func:`head_conv_groups`).
-torch's ``nn.MultiheadAttention`` takes its attention width from the input as well and gets one too
-(:mod:`chase_timm.adapters.multihead`), as do ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` holding
-it (torch's forward without the inference fast path that bypasses the attention's forward).
+EVA, BEiT, ViT-RelPos, Swin V2 (V2-CR splits its heads with it), CaiT's class and talking-heads attention, PVT-v2,
+Twins, DaViT, ConViT, NesT, GCViT, CrossViT's cross-attention, VOLO's self- and outlook attention and the
+cross-covariance attention of EdgeNeXt and XCiT reshape their heads' output to the input width in timm's forward:
+resized, they switch to their slim subclass (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape
+taken from the heads left), as do torch's ``nn.MultiheadAttention``, which takes its attention width from the input
+too (:mod:`chase_timm.adapters.multihead`), and the ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder``
+holding it (torch's forward without the inference fast path that bypasses the attention's forward). Other forwards
+read their widths from attributes, which :func:`refresh_heads` re-derives (Hiera: ``heads``, ``dim_out``; SAM2's
+Hiera: ``num_heads``; EfficientFormer: ``num_heads``, ``val_attn_dim``; EfficientFormer-V2: ``num_heads``, ``dh``;
+MViTv2: ``num_heads``, ``dim_out``; MaxViT / CoAtNet: ``num_heads``, ``dim_head``;
+MobileNetV5's ``MultiQueryAttention2d``: ``num_heads``). EfficientViT's ``LiteMLA`` reads only ``dim``
+and ``-1``; the groups of its aggregation convs follow its heads (:func:`head_conv_groups`).
 
-Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), and
-:func:`refresh_heads` re-derives a resized module's attributes (``num_heads``, ``attn_dim``, ...) from its tensor
-shapes; :mod:`chase_timm.graph` turns the spec into a channel group with one channel per head and
-:mod:`chase_timm.slim` calls the refresh on every resize.
+Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), which
+:mod:`chase_timm.graph` turns into a channel group with one channel per head; :func:`refresh_heads`, called by
+:mod:`chase_timm.slim` on every resize, re-derives a resized module's attributes (``num_heads``, ``attn_dim``, ...)
+from its tensor shapes as its class's row of ``_REFRESH`` says (a function for the few that need more).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch.nn as nn
 from timm.layers import Attention, AttentionRope, MultiQueryAttention2d, RelPosBias, RelPosBiasTf, RelPosMlp
@@ -48,7 +48,7 @@ from timm.models import (beit, cait, convit, crossvit, davit, edgenext, efficien
                          vision_transformer_sam as sam, volo, xcit)
 
 from .adapters import multihead  # noqa: F401  registers nn.MultiheadAttention's slim forward (or why none)
-from .adapters.attention import REFUSED, SLIM, timm_class, use_slim_forward
+from .adapters.attention import REFUSED, timm_class, use_slim_forward
 from .norms import covers
 
 __all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "heads_resized", "head_conv_groups", "refresh_heads",
@@ -56,18 +56,10 @@ __all__ = ["HeadSlice", "HeadSpec", "head_spec", "has_heads", "heads_resized", "
 
 # EfficientFormer-V2: separate q, k, v ConvNorms, a depthwise v_local, per-head attention biases (and talking heads)
 _EFFICIENTFORMER_V2 = (efficientformer_v2.Attention2d, efficientformer_v2.Attention2dDownsample)
-# classes whose forward reshapes the heads' output to the input width are resizable through their slim subclass
-# (chase_timm.adapters.attention, SLIM) and left whole when this timm's forward did not match its edits (REFUSED)
-_RESIZABLE = (Attention, AttentionRope, swin_transformer.WindowAttention, levit.Attention, levit.AttentionDownsample,
-              tiny_vit.Attention, sam.Attention, hiera.MaskUnitAttention, sam2.MultiScaleAttention,
-              maxxvit.Attention2d, maxxvit.AttentionCl, efficientformer.Attention, *_EFFICIENTFORMER_V2,
-              mvitv2.MultiScaleAttention, *SLIM, visformer.Attention, volo.ClassAttention,
-              tnt.Attention, efficientvit_mit.LiteMLA, MultiQueryAttention2d)
 # torch containers whose inference fast path bypasses their MultiheadAttention's forward: resized, they switch to
 # their slim subclass (torch's forward without that fast path), else their attention's heads stay
 _CONTAINERS = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
 _XCA = (edgenext.CrossCovarianceAttn, xcit.XCA)  # cross-covariance attention: one temperature per head
-_TWINS = (twins.GlobalSubSampleAttn, twins.LocallyGroupedAttn)
 _DAVIT = (davit.ChannelAttention, davit.WindowAttention)
 _PLAIN_LEVIT = (tiny_vit.Attention, efficientformer.Attention)  # LeViT-like with a plain qkv Linear and projection
 _LEVIT = (levit.Attention, levit.AttentionDownsample, *_PLAIN_LEVIT)  # q, k, v interleaved per head
@@ -171,7 +163,7 @@ def has_heads(module: nn.Module) -> bool:
     """Whether ``module`` is an attention module (or a torch Transformer container of one) :func:`refresh_heads`
     re-derives after a resize (or refuses: a class this timm or torch gives no slim forward)."""
     kind = timm_class(type(module))
-    return kind in _RESIZABLE or kind in REFUSED
+    return kind in _REFRESH or kind in REFUSED
 
 
 def heads_resized(module: nn.Module, resized: set[nn.Module]) -> bool:
@@ -204,166 +196,46 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
     if kind in REFUSED:  # a width plan made where the class had a slim forward, replayed where it has none
         raise ValueError(f"{name}: {kind.__name__} {REFUSED[kind]}, so it cannot run with the widths it was "
                          f"saved with; load it with the {kind.__module__.split('.')[0]} release it was saved with")
-    if kind not in _RESIZABLE:
+    if kind not in _REFRESH:
         return
-    if kind in (Attention, AttentionRope, eva.EvaAttention):
-        attn_dim = module.proj.in_features
-        module.num_heads = _heads(name, attn_dim, module.head_dim)
-        if kind is not eva.EvaAttention:
-            module.attn_dim = attn_dim
-        if kind is AttentionRope:
-            module.kv_dim = attn_dim if module.qkv is not None else module.k_proj.out_features
-            module.num_kv_heads = _heads(name, module.kv_dim, module.head_dim)
-            if module.qkv is None:
-                _check(name, "v rows", module.v_proj.out_features, module.kv_dim)
-            _check(name, "query heads (a multiple of its k/v heads)",
-                   module.num_heads // module.num_kv_heads * module.num_kv_heads, module.num_heads)
-            module.num_kv_groups = module.num_heads // module.num_kv_heads
-        q_rows = module.qkv.out_features // 3 if module.qkv is not None else module.q_proj.out_features
-        _check(name, "q/k/v rows", q_rows, attn_dim)
-    elif kind is swin_transformer.WindowAttention:
-        module.num_heads = module.relative_position_bias_table.shape[1]
-        _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
-    elif kind is swin_transformer_v2.WindowAttention:
-        module.num_heads, module.dim = module.logit_scale.shape[0], module.qkv.in_features
-        _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
-        _check(name, "relative position bias rows", _rows(module.cpb_mlp[-1]), module.num_heads)
-    elif kind is swin_cr.WindowMultiHeadAttention:  # in_features: the input width
-        module.num_heads, module.in_features = module.logit_scale.shape[0], module.qkv.in_features
-        _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
-        _check(name, "relative position bias rows", _rows(module.meta_mlp.fc2), module.num_heads)
-    elif kind is hiera.MaskUnitAttention:  # its heads: heads; dim_out: the heads' width its forward reshapes to
-        module.heads = _heads(name, module.proj.in_features, module.head_dim)
-        module.dim, module.dim_out = module.qkv.in_features, module.proj.in_features
-        _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
-    elif kind is sam2.MultiScaleAttention:  # SAM2's Hiera: its forward reads num_heads; scale: head_dim ** -0.5
-        module.num_heads = _heads(name, module.proj.in_features, _scale_head_dim(module))
-        module.dim, module.dim_out = module.qkv.in_features, module.proj.in_features
-        _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
-    elif kind is davit.ChannelAttentionV2:  # its heads: groups
-        module.groups = _heads(name, module.proj.in_features, module.head_dim)
-        _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
-    elif kind in (beit.Attention, cait.ClassAttn, cait.TalkingHeadAttn, *_TWINS, *_DAVIT):  # scale: hd ** -0.5
-        module.num_heads = _heads(name, module.proj.in_features, _scale_head_dim(module))
-        if kind is cait.TalkingHeadAttn:  # proj_l / proj_w mix heads before / after the softmax; the mixed width
-            # between them may be narrower (plans of chase_timm releases that removed proj_l rows as a channel group)
-            _check(name, "proj_l columns", _columns(module.proj_l), module.num_heads)
-            _check(name, "proj_w rows", _rows(module.proj_w), module.num_heads)
-            if _columns(module.proj_w) != _rows(module.proj_l):
-                raise ValueError(f"{name}: proj_w columns ({_columns(module.proj_w)}) do not match proj_l rows "
-                                 f"({_rows(module.proj_l)}); a mixed head is removed from both")
-        q_rows = module.qkv.out_features // 3 if hasattr(module, "qkv") else module.q.out_features
-        _check(name, "q/k/v rows", q_rows, module.proj.in_features)
-        if kind in (*_TWINS, davit.WindowAttention):  # dim: the input width
-            module.dim = module.proj.out_features
-        if kind is twins.GlobalSubSampleAttn:
-            _check(name, "kv rows", module.kv.out_features, 2 * module.proj.in_features)
-    elif kind in (sam.Attention, relpos.RelPosAttention, *_MAXXVIT):  # maxxvit: dim_head; 1x1 convs in Attention2d
-        attn_dim = _columns(module.proj)
-        module.num_heads = _heads(name, attn_dim, module.dim_head if kind in _MAXXVIT else module.head_dim)
-        _check(name, "qkv rows", _rows(module.qkv), 3 * attn_dim)
-        if isinstance(getattr(module, "rel_pos", None), _REL_POS):
-            _refresh_rel_pos(module.rel_pos, name, module.num_heads)
-    elif kind is pvt_v2.Attention:  # dim: the input width
-        module.num_heads, module.dim = _heads(name, module.proj.in_features, module.head_dim), module.proj.out_features
-        _check(name, "q rows", module.q.out_features, module.proj.in_features)
-        _check(name, "kv rows", module.kv.out_features, 2 * module.proj.in_features)
-    elif kind is crossvit.CrossAttention:  # scale: head_dim ** -0.5
-        module.num_heads = _heads(name, module.proj.in_features, _scale_head_dim(module))
-        for layer in ("wq", "wk", "wv"):
-            _check(name, f"{layer} rows", _rows(getattr(module, layer)), module.proj.in_features)
-    elif kind is visformer.Attention:  # its forward reads num_heads and head_dim; dim: the input width
-        module.num_heads = _heads(name, _columns(module.proj), module.head_dim)
-        module.dim = module.qkv.in_channels
-        _check(name, "qkv rows", _rows(module.qkv), 3 * _columns(module.proj))
-    elif kind in (volo.Attention, volo.OutlookAttention):  # scale: head_dim ** -0.5
-        module.num_heads = _heads(name, module.proj.in_features, _scale_head_dim(module))
-        if kind is volo.Attention:
-            _check(name, "qkv rows", _rows(module.qkv), 3 * module.proj.in_features)
-        else:
-            _check(name, "v rows", _rows(module.v), module.proj.in_features)
-            _check(name, "attn rows", _rows(module.attn), module.num_heads * module.kernel_size ** 4)
-    elif kind is fastvit.Attention:  # its forward reads num_heads and head_dim
-        module.num_heads = _heads(name, module.proj.in_features, module.head_dim)
-        _check(name, "qkv rows", _rows(module.qkv), 3 * module.proj.in_features)
-    elif kind is volo.ClassAttention:  # its forward reads num_heads and head_dim
-        module.num_heads = _heads(name, module.proj.in_features, module.head_dim)
-        _check(name, "q rows", _rows(module.q), module.proj.in_features)
-        _check(name, "kv rows", _rows(module.kv), 2 * module.proj.in_features)
-    elif kind is efficientvit_mit.LiteMLA:  # its forward reads only dim (one head's q, k or v) and reshapes with -1
-        heads = _heads(name, _rows(module.qkv.conv), 3 * module.dim)
-        width = 3 * module.dim * heads
-        for i, (spatial, grouped) in enumerate(module.aggreg):
-            _check(name, f"aggreg.{i} depthwise rows", _rows(spatial), width)
-            _check(name, f"aggreg.{i} grouped rows", _rows(grouped), width)
-            _check(name, f"aggreg.{i} groups (three per head)", grouped.groups, 3 * heads)
-        _check(name, "proj columns", _columns(module.proj.conv), (1 + len(module.aggreg)) * module.dim * heads)
-    elif kind is tnt.Attention:  # its forward reads num_heads and head_dim (of q and k; v's heads are wider or not)
-        module.num_heads = _heads(name, _rows(module.qk) // 2, module.head_dim)
-        module.hidden_dim = _rows(module.qk) // 2
-        _check(name, "v rows", _rows(module.v), _columns(module.proj))
-        if _rows(module.v) % module.num_heads:
-            raise ValueError(f"{name}: v rows ({_rows(module.v)}) are not {module.num_heads} whole heads")
-    elif kind is MultiQueryAttention2d:  # its forward reads num_heads, key_dim (one query head's) and value_dim
-        module.num_heads = _heads(name, _rows(module.query.proj), module.key_dim)
-        _check(name, "output.proj columns", _columns(module.output.proj), module.num_heads * module.value_dim)
-    elif kind in _XCA:
-        module.num_heads = module.temperature.shape[0]
-        _check(name, "proj columns", module.proj.in_features,
-               module.proj.in_features // module.num_heads * module.num_heads)
-        _check(name, "qkv rows", module.qkv.out_features, 3 * module.proj.in_features)
-    elif kind is nn.MultiheadAttention:  # embed_dim, kdim and vdim are the input widths, which stay
-        module.num_heads = _heads(name, module.out_proj.in_features, module.head_dim)
-        layers = ("in_proj_weight",) if module.in_proj_weight is not None else tuple(f"{p}_proj_weight" for p in "qkv")
-        rows = sum(getattr(module, t).shape[0] for t in layers)
-        _check(name, "q/k/v rows", rows, 3 * module.out_proj.in_features)
-        if module.in_proj_bias is not None:
-            _check(name, "q/k/v bias", module.in_proj_bias.shape[0], rows)
-    elif kind in _CONVIT:  # GPSA: one gating parameter and pos_proj row per head; MHSA: scale = head_dim ** -0.5
-        _refresh_convit(module, name)
-    elif kind is nest.Attention:  # scale: head_dim ** -0.5
-        module.num_heads = _heads(name, _columns(module.proj), _scale_head_dim(module))
-        _check(name, "qkv rows", _rows(module.qkv), 3 * _columns(module.proj))
-    elif kind is gcvit.WindowAttentionGlobal:  # its global blocks keep their heads: kv rows, the q from the stage
-        module.num_heads = _heads(name, _columns(module.proj), module.head_dim)
-        _check(name, "qkv rows", _rows(module.qkv), (2 if module.use_global else 3) * _columns(module.proj))
-        _refresh_rel_pos(module.rel_pos, name, module.num_heads)
-    elif kind is mvitv2.MultiScaleAttention:  # dim_out: the heads' width its forward reshapes to
-        module.num_heads = _heads(name, _columns(module.proj), module.head_dim)
-        module.dim_out = _columns(module.proj)
-        _check(name, "qkv rows", _rows(module.qkv), 3 * module.dim_out)
-    elif kind in _LEVIT:
-        heads = module.attention_biases.shape[0]
-        module.num_heads = heads
-        module.attention_bias_cache = {}  # eval-mode cache of the old (num_heads, N, N) biases
-        per_head = module.val_dim + module.key_dim * (1 if kind is levit.AttentionDownsample else 2)
-        if kind is tiny_vit.Attention:  # out_dim: the heads' output width
-            module.out_dim = module.val_dim * heads
-        else:  # EfficientFormer's forward reshapes its heads' output to val_attn_dim
-            module.key_attn_dim, module.val_attn_dim = module.key_dim * heads, module.val_dim * heads
-        if kind in _PLAIN_LEVIT:
-            qkv, proj = module.qkv, module.proj
-        else:
-            qkv = (module.qkv if kind is levit.Attention else module.kv).linear
-            proj = module.proj.ln.linear
-        _check(name, "qkv rows", _rows(qkv), heads * per_head)
-        _check(name, "proj columns", _columns(proj), module.val_dim * heads)
-    elif kind in _EFFICIENTFORMER_V2:  # dh: the heads' value width its forward reshapes to; d: one head's
-        heads = module.attention_biases.shape[0]
-        module.num_heads, module.dh = heads, module.d * heads
-        module.attention_bias_cache = {}  # eval-mode cache of the old (num_heads, N2, N) biases
-        q = module.q.proj if kind is efficientformer_v2.Attention2dDownsample else module.q
-        for what, actual, expected in (("q rows", _rows(q.conv), module.key_dim * heads),
-                                       ("k rows", _rows(module.k.conv), module.key_dim * heads),
-                                       ("v rows", _rows(module.v.conv), module.dh),
-                                       ("v_local rows", _rows(module.v_local.conv), module.dh),
-                                       ("proj columns", _columns(module.proj.conv), module.dh)):
-            _check(name, what, actual, expected)
-        for mixing in (getattr(module, f"talking_head{i}", None) for i in (1, 2)):
-            if mixing is not None:
-                _check(name, "talking-head rows", _rows(mixing), heads)
-                _check(name, "talking-head columns", _columns(mixing), heads)
+    how = _REFRESH[kind]
+    if isinstance(how, _Refresh):
+        _refresh(module, name, how)
+    elif how is not None:  # None: a torch Transformer container, which only switches forward
+        how(module, name)
     use_slim_forward(module)
+
+
+@dataclass(frozen=True)
+class _Refresh:
+    """Where an attention class's head attributes come from (a row of ``_REFRESH``, read by :func:`_refresh`)."""
+
+    head_dim: str = "head_dim"  # attribute holding head_dim ("scale": only head_dim ** -0.5 is kept)
+    count: str = "num_heads"  # attribute set to the head count: the projection's columns // head_dim
+    count_from: Optional[tuple[str, int]] = None  # (tensor, dim): the head count is its size there instead
+    rows: tuple[tuple[str, int], ...] = (("qkv", 3),)  # (layer, m): its rows are m x the projection's columns
+    per_head: tuple[str, ...] = ()  # tensors with one row per head
+    widths: tuple[tuple[str, str, int], ...] = ()  # (attribute, tensor, dim): set to the tensor's size there
+
+
+def _refresh(module: nn.Module, name: str, how: _Refresh) -> None:
+    """Set ``module``'s head count and widths from its tensors as ``how`` says; check its q/k/v and per-head rows."""
+    width = _columns(module.proj)  # the heads' width
+    if how.count_from is None:
+        head_dim = _scale_head_dim(module) if how.head_dim == "scale" else getattr(module, how.head_dim)
+        heads = _heads(name, width, head_dim)
+    else:
+        heads = module.get_parameter(how.count_from[0]).shape[how.count_from[1]]
+        _check(name, "proj columns", width, width // max(heads, 1) * heads)
+    setattr(module, how.count, heads)
+    for attribute, tensor, dim in how.widths:
+        setattr(module, attribute, module.get_parameter(tensor).shape[dim])
+    for layer, times in how.rows:
+        _check(name, f"{layer} rows", _rows(getattr(module, layer)), times * width)
+    for tensor in how.per_head:
+        _check(name, f"{tensor} rows", module.get_parameter(tensor).shape[0], heads)
+    if isinstance(getattr(module, "rel_pos", None), _REL_POS):
+        _refresh_rel_pos(module.rel_pos, name, heads)
 
 
 def _refresh_rel_pos(rel_pos: nn.Module, name: str, heads: int) -> None:
@@ -381,19 +253,173 @@ def _refresh_rel_pos(rel_pos: nn.Module, name: str, heads: int) -> None:
     rel_pos.bias_shape = (*rel_pos.bias_shape[:2], heads)
 
 
-def _refresh_convit(module: nn.Module, name: str) -> None:
-    """ConViT's GPSA and MHSA: ``num_heads`` from the ``scale`` they keep (``head_dim ** -0.5``); GPSA's ``dim``
-    (the input width, read by its ``local_init``) from ``qk``."""
-    attn_dim = _columns(module.proj)
-    module.num_heads = _heads(name, attn_dim, _scale_head_dim(module))
-    if timm_class(type(module)) is convit.GPSA:
-        module.dim = module.qk.in_features
-        _check(name, "gating parameters", module.gating_param.shape[0], module.num_heads)
-        _check(name, "pos_proj rows", _rows(module.pos_proj), module.num_heads)
-        _check(name, "qk rows", _rows(module.qk), 2 * attn_dim)
-        _check(name, "v rows", _rows(module.v), attn_dim)
+def _refresh_timm_attention(module: nn.Module, name: str) -> None:
+    """timm.layers' Attention / AttentionRope (and its k/v heads) and EVA's EvaAttention: fused or separate q/k/v."""
+    kind = timm_class(type(module))
+    attn_dim = module.proj.in_features
+    module.num_heads = _heads(name, attn_dim, module.head_dim)
+    if kind is not eva.EvaAttention:
+        module.attn_dim = attn_dim
+    if kind is AttentionRope:
+        module.kv_dim = attn_dim if module.qkv is not None else module.k_proj.out_features
+        module.num_kv_heads = _heads(name, module.kv_dim, module.head_dim)
+        if module.qkv is None:
+            _check(name, "v rows", module.v_proj.out_features, module.kv_dim)
+        _check(name, "query heads (a multiple of its k/v heads)",
+               module.num_heads // module.num_kv_heads * module.num_kv_heads, module.num_heads)
+        module.num_kv_groups = module.num_heads // module.num_kv_heads
+    q_rows = module.qkv.out_features // 3 if module.qkv is not None else module.q_proj.out_features
+    _check(name, "q/k/v rows", q_rows, attn_dim)
+
+
+def _refresh_talking_heads(module: nn.Module, name: str) -> None:
+    """CaiT's TalkingHeadAttn: a fused qkv, and proj_l / proj_w mixing the heads before / after the softmax."""
+    _refresh(module, name, _SCALED)
+    _check(name, "proj_l columns", _columns(module.proj_l), module.num_heads)
+    _check(name, "proj_w rows", _rows(module.proj_w), module.num_heads)
+    # the mixed width between them may be narrower (plans of releases that removed proj_l rows as a channel group)
+    if _columns(module.proj_w) != _rows(module.proj_l):
+        raise ValueError(f"{name}: proj_w columns ({_columns(module.proj_w)}) do not match proj_l rows "
+                         f"({_rows(module.proj_l)}); a mixed head is removed from both")
+
+
+def _refresh_outlook(module: nn.Module, name: str) -> None:
+    """VOLO's OutlookAttention: ``v`` rows, and ``kernel_size ** 4`` rows of ``attn`` (attention weights) per head."""
+    _refresh(module, name, _Refresh(head_dim="scale", rows=(("v", 1),)))
+    _check(name, "attn rows", _rows(module.attn), module.num_heads * module.kernel_size ** 4)
+
+
+def _refresh_gcvit(module: nn.Module, name: str) -> None:
+    """GCViT's WindowAttentionGlobal: a global block's qkv computes k and v only (its q comes from the stage)."""
+    _refresh(module, name, _Refresh(rows=(("qkv", 2 if module.use_global else 3),)))
+
+
+def _refresh_tnt(module: nn.Module, name: str) -> None:
+    """TNT's Attention: ``num_heads`` and ``hidden_dim`` from qk (q and k heads); v's heads may be wider."""
+    module.num_heads = _heads(name, _rows(module.qk) // 2, module.head_dim)
+    module.hidden_dim = _rows(module.qk) // 2
+    _check(name, "v rows", _rows(module.v), _columns(module.proj))
+    if _rows(module.v) % module.num_heads:
+        raise ValueError(f"{name}: v rows ({_rows(module.v)}) are not {module.num_heads} whole heads")
+
+
+def _refresh_multihead(module: nn.Module, name: str) -> None:
+    """torch's nn.MultiheadAttention: ``num_heads``; embed_dim, kdim and vdim are the input widths, which stay."""
+    module.num_heads = _heads(name, module.out_proj.in_features, module.head_dim)
+    layers = ("in_proj_weight",) if module.in_proj_weight is not None else tuple(f"{p}_proj_weight" for p in "qkv")
+    rows = sum(getattr(module, t).shape[0] for t in layers)
+    _check(name, "q/k/v rows", rows, 3 * module.out_proj.in_features)
+    if module.in_proj_bias is not None:
+        _check(name, "q/k/v bias", module.in_proj_bias.shape[0], rows)
+
+
+def _refresh_levit(module: nn.Module, name: str) -> None:
+    """LeViT's, TinyViT's and EfficientFormer's attention: heads from ``attention_biases``, q/k/v interleaved."""
+    kind = timm_class(type(module))
+    heads = module.attention_biases.shape[0]
+    module.num_heads = heads
+    module.attention_bias_cache = {}  # eval-mode cache of the old (num_heads, N, N) biases
+    per_head = module.val_dim + module.key_dim * (1 if kind is levit.AttentionDownsample else 2)
+    if kind is tiny_vit.Attention:  # out_dim: the heads' output width
+        module.out_dim = module.val_dim * heads
+    else:  # EfficientFormer's forward reshapes its heads' output to val_attn_dim
+        module.key_attn_dim, module.val_attn_dim = module.key_dim * heads, module.val_dim * heads
+    if kind in _PLAIN_LEVIT:
+        qkv, proj = module.qkv, module.proj
     else:
-        _check(name, "qkv rows", _rows(module.qkv), 3 * attn_dim)
+        qkv = (module.qkv if kind is levit.Attention else module.kv).linear
+        proj = module.proj.ln.linear
+    _check(name, "qkv rows", _rows(qkv), heads * per_head)
+    _check(name, "proj columns", _columns(proj), module.val_dim * heads)
+
+
+def _refresh_efficientformer_v2(module: nn.Module, name: str) -> None:
+    """EfficientFormer-V2: heads from ``attention_biases``; ``dh`` (the heads' value width its forward reshapes to)."""
+    heads = module.attention_biases.shape[0]
+    module.num_heads, module.dh = heads, module.d * heads  # d: one head's value width
+    module.attention_bias_cache = {}  # eval-mode cache of the old (num_heads, N2, N) biases
+    q = module.q.proj if timm_class(type(module)) is efficientformer_v2.Attention2dDownsample else module.q
+    for what, actual, expected in (("q rows", _rows(q.conv), module.key_dim * heads),
+                                   ("k rows", _rows(module.k.conv), module.key_dim * heads),
+                                   ("v rows", _rows(module.v.conv), module.dh),
+                                   ("v_local rows", _rows(module.v_local.conv), module.dh),
+                                   ("proj columns", _columns(module.proj.conv), module.dh)):
+        _check(name, what, actual, expected)
+    for mixing in (getattr(module, f"talking_head{i}", None) for i in (1, 2)):
+        if mixing is not None:
+            _check(name, "talking-head rows", _rows(mixing), heads)
+            _check(name, "talking-head columns", _columns(mixing), heads)
+
+
+
+def _refresh_lite_mla(module: nn.Module, name: str) -> None:
+    """EfficientViT's LiteMLA: its forward reads only ``dim`` (one head's q, k or v) and reshapes with -1, so this
+    only checks every scale's rows, the grouped convs' groups (three per head) and the proj columns."""
+    heads = _heads(name, _rows(module.qkv.conv), 3 * module.dim)
+    width = 3 * module.dim * heads
+    for i, (spatial, grouped) in enumerate(module.aggreg):
+        _check(name, f"aggreg.{i} depthwise rows", _rows(spatial), width)
+        _check(name, f"aggreg.{i} grouped rows", _rows(grouped), width)
+        _check(name, f"aggreg.{i} groups (three per head)", grouped.groups, 3 * heads)
+    _check(name, "proj columns", _columns(module.proj.conv), (1 + len(module.aggreg)) * module.dim * heads)
+
+
+def _refresh_multi_query(module: nn.Module, name: str) -> None:
+    """MultiQueryAttention2d: ``num_heads`` from the query rows (``key_dim`` each; the shared k/v head stays);
+    its forward reads num_heads, key_dim and value_dim."""
+    module.num_heads = _heads(name, _rows(module.query.proj), module.key_dim)
+    _check(name, "output.proj columns", _columns(module.output.proj), module.num_heads * module.value_dim)
+
+_SCALED = _Refresh(head_dim="scale")  # a fused qkv; head_dim from the scale
+_Q_KV = (("q", 1), ("kv", 2))  # a q projection and a kv projection (k block, then v block)
+_DIM_IS_OUTPUT = (("dim", "proj.weight", 0),)  # dim: the input width, which the projection gives back
+_DIM_OUT = (("dim", "qkv.weight", 1), ("dim_out", "proj.weight", 1))  # dim_out: the heads' width (Hiera, SAM2)
+# how refresh_heads re-derives each class: a table row, a function for the special ones, None for torch's
+# Transformer containers. The classes whose timm forward reshapes the heads' output to the input width are resizable
+# through their slim subclass (chase_timm.adapters.attention, SLIM) and refused where this timm's forward did not
+# match its edits (REFUSED)
+_REFRESH: dict[type, Union[_Refresh, Callable[[nn.Module, str], None], None]] = {
+    **dict.fromkeys((Attention, AttentionRope, eva.EvaAttention), _refresh_timm_attention),
+    swin_transformer.WindowAttention: _Refresh(count_from=("relative_position_bias_table", 1)),
+    swin_transformer_v2.WindowAttention: _Refresh(count_from=("logit_scale", 0), per_head=("cpb_mlp.2.weight",),
+                                                  widths=(("dim", "qkv.weight", 1),)),
+    swin_cr.WindowMultiHeadAttention: _Refresh(count_from=("logit_scale", 0), per_head=("meta_mlp.fc2.weight",),
+                                               widths=(("in_features", "qkv.weight", 1),)),  # the input width
+    hiera.MaskUnitAttention: _Refresh(count="heads", widths=_DIM_OUT),
+    sam2.MultiScaleAttention: _Refresh(head_dim="scale", widths=_DIM_OUT),
+    davit.ChannelAttentionV2: _Refresh(count="groups"),
+    davit.ChannelAttention: _SCALED,
+    davit.WindowAttention: _Refresh(head_dim="scale", widths=_DIM_IS_OUTPUT),
+    beit.Attention: _SCALED,
+    cait.ClassAttn: _Refresh(head_dim="scale", rows=(("q", 1), ("k", 1), ("v", 1))),
+    cait.TalkingHeadAttn: _refresh_talking_heads,
+    twins.LocallyGroupedAttn: _Refresh(head_dim="scale", widths=_DIM_IS_OUTPUT),
+    twins.GlobalSubSampleAttn: _Refresh(head_dim="scale", rows=_Q_KV, widths=_DIM_IS_OUTPUT),
+    sam.Attention: _Refresh(),
+    relpos.RelPosAttention: _Refresh(),
+    **dict.fromkeys(_MAXXVIT, _Refresh(head_dim="dim_head")),
+    pvt_v2.Attention: _Refresh(rows=_Q_KV, widths=_DIM_IS_OUTPUT),
+    crossvit.CrossAttention: _Refresh(head_dim="scale", rows=(("wq", 1), ("wk", 1), ("wv", 1))),
+    visformer.Attention: _Refresh(widths=(("dim", "qkv.weight", 1),)),
+    volo.Attention: _SCALED,
+    volo.OutlookAttention: _refresh_outlook,
+    volo.ClassAttention: _Refresh(rows=_Q_KV),
+    fastvit.Attention: _Refresh(),
+    tnt.Attention: _refresh_tnt,
+    **dict.fromkeys(_XCA, _Refresh(count_from=("temperature", 0))),
+    convit.MHSA: _SCALED,
+    convit.GPSA: _Refresh(head_dim="scale", rows=(("qk", 2), ("v", 1)), per_head=("gating_param", "pos_proj.weight"),
+                          widths=(("dim", "qk.weight", 1),)),  # dim: the input width, read by its local_init
+    nest.Attention: _SCALED,
+    gcvit.WindowAttentionGlobal: _refresh_gcvit,
+    mvitv2.MultiScaleAttention: _Refresh(widths=(("dim_out", "proj.weight", 1),)),
+    **dict.fromkeys(_LEVIT, _refresh_levit),
+    **dict.fromkeys(_EFFICIENTFORMER_V2, _refresh_efficientformer_v2),
+    efficientvit_mit.LiteMLA: _refresh_lite_mla,
+    MultiQueryAttention2d: _refresh_multi_query,
+    nn.MultiheadAttention: _refresh_multihead,
+    **dict.fromkeys(_CONTAINERS),
+}
 
 
 def head_counts(model: nn.Module) -> dict[str, int]:
@@ -776,13 +802,13 @@ def _scale_head_dim(module: nn.Module) -> int:
 
 
 def _num_heads(module: nn.Module) -> int:
-    """An attention module's head count (DaViT's ChannelAttentionV2 calls it ``groups``, Hiera ``heads``)."""
+    """An attention module's head count (Hiera calls it ``heads``, DaViT's ChannelAttentionV2 ``groups``; LiteMLA
+    stores none)."""
     kind = timm_class(type(module))
-    if kind is davit.ChannelAttentionV2:
-        return int(module.groups)
     if kind is efficientvit_mit.LiteMLA:
         return _lite_mla_heads(module)
-    return int(module.heads if kind is hiera.MaskUnitAttention else module.num_heads)
+    how = _REFRESH.get(kind)
+    return int(getattr(module, how.count if isinstance(how, _Refresh) else "num_heads"))
 
 
 def _rows(layer: nn.Module) -> int:
