@@ -320,6 +320,7 @@ class _Context:
     unmapped: set        # nodes whose index mapping torch-pruning could not derive
     tied_inputs: dict[nn.Module, str] = field(default_factory=dict)  # layer -> why its input channels stay (heads)
     weight_path: set = field(default_factory=set)  # autograd nodes computing a covered standardised conv's weight
+    attention_inputs: dict[nn.Module, nn.Module] = field(default_factory=dict)  # q/k/v layer -> its attention module
 
 
 def _discover(graph: tp.DependencyGraph, model: nn.Module, deadline: float, unmapped: set) -> list[_Draft]:
@@ -366,6 +367,7 @@ def _head_draft(ctx: _Context, name: str, module: nn.Module, spec: HeadSpec,
         if piece.dim == 0 and isinstance(owner, (nn.modules.conv._ConvNd, nn.Linear)):  # e.g. Swin V2's cpb_mlp
             covered.setdefault(owner, set()).update(p for positions in piece.index for p in positions)
         if piece.role == "producer" and isinstance(owner, (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)):
+            ctx.attention_inputs[owner] = module
             if spec.stream:
                 ctx.tied_inputs[owner] = spec.stream
             if owner not in ctx.graph.module2node and not spec.reason:
@@ -398,7 +400,7 @@ def _draft(ctx: _Context, name: str, module: nn.Module, todo: list[int], deadlin
         draft.problem(reason, 4)
     for item in group:
         _translate(ctx, draft, item)
-    _check_shortcut(draft, group)
+    _check_shortcut(ctx, draft, group)
     _check_skip(draft, group)
     _form_classes(draft)
     if len(draft.classes) == 1:
@@ -983,11 +985,17 @@ def _prod(sizes: Sequence[int]) -> int:
     return out
 
 
-def _check_shortcut(draft: _Draft, group: list[_Item]) -> None:
-    """Also a residual stream: the tensor forks into a block and its projection shortcut (e.g. ResNet stem)."""
+def _check_shortcut(ctx: _Context, draft: _Draft, group: list[_Item]) -> None:
+    """Also a residual stream: the tensor forks into a block and its projection shortcut (e.g. ResNet stem). The q, k
+    and v layers of one attention module are one branch (HaloNet's q and kv: the logits' position bias is an add)."""
     members = {it.dep.target for it in group if it.dep.target.type in _LAYERS}
-    walks = [_walk(c, members - {c}) for c in _readers(group)]
-    leaving = [reaches_add for loops, reaches_add in walks if not loops]
+    branches: dict[Any, tuple[bool, bool]] = {}
+    for reader in _readers(group):
+        loops, reaches_add = _walk(reader, members - {reader})
+        branch = ctx.attention_inputs.get(reader.module, reader)
+        looped, added = branches.get(branch, (False, False))
+        branches[branch] = (looped or loops, added or reaches_add)
+    leaving = [reaches_add for loops, reaches_add in branches.values() if not loops]
     draft.residual |= len(leaving) >= 2 and any(leaving)
 
 

@@ -13,20 +13,24 @@ column keeps out too, and its zeroed ``proj_w`` row and bias zero its attention 
 ``scaled_dot_product_attention`` path and the eager path alike: ``head_dim`` does not change, so neither does the
 scale (SDPA's default 1/sqrt(head_dim) and the stored ``self.scale``). Multi-query attention (MobileNetV5's
 ``MultiQueryAttention2d``) shares one k/v head among its query heads, which stays: a query head is its q rows and
-projection columns, and those zeroed columns silence it (its zeroed q rows give it a uniform softmax).
+projection columns, and those zeroed columns silence it (its zeroed q rows give it a uniform softmax). The byoanet
+models' HaloAttn, BottleneckAttn and LambdaLayer have no projection: the byobnet ``SelfAttnBlock`` around one holds
+its heads (their output channels are its ``post_attn`` BatchNorm channels and ``conv3_1x1`` columns); LambdaLayer's
+one key and value serve every head, which is its query rows.
 
 EVA, BEiT, ViT-RelPos, Swin V2 (V2-CR splits its heads with it), CaiT's class and talking-heads attention, PVT-v2,
 Twins, DaViT, ConViT, NesT, GCViT, CrossViT's cross-attention, VOLO's self- and outlook attention and the
-cross-covariance attention of EdgeNeXt and XCiT reshape their heads' output to the input width in timm's forward:
-resized, they switch to their slim subclass (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape
-taken from the heads left), as do torch's ``nn.MultiheadAttention``, which takes its attention width from the input
-too (:mod:`chase_timm.adapters.multihead`), and the ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder``
-holding it (torch's forward without the inference fast path that bypasses the attention's forward). Other forwards
-read their widths from attributes, which :func:`refresh_heads` re-derives (Hiera: ``heads``, ``dim_out``; SAM2's
-Hiera: ``num_heads``; EfficientFormer: ``num_heads``, ``val_attn_dim``; EfficientFormer-V2: ``num_heads``, ``dh``;
-MViTv2: ``num_heads``, ``dim_out``; MaxViT / CoAtNet: ``num_heads``, ``dim_head``;
-MobileNetV5's ``MultiQueryAttention2d``: ``num_heads``). EfficientViT's ``LiteMLA`` reads only ``dim``
-and ``-1``; the groups of its aggregation convs follow its heads (:func:`head_conv_groups`).
+cross-covariance attention of EdgeNeXt and XCiT and timm.layers' LambdaLayer reshape their heads' output to the
+input width in timm's forward: resized, they switch to their slim subclass (:mod:`chase_timm.adapters.attention`:
+timm's forward with that reshape taken from the heads left), as do torch's ``nn.MultiheadAttention``, which takes
+its attention width from the input too (:mod:`chase_timm.adapters.multihead`), and the
+``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` holding it (torch's forward without the inference fast
+path that bypasses the attention's forward). Other forwards read their widths from attributes, which
+:func:`refresh_heads` re-derives (Hiera: ``heads``, ``dim_out``; SAM2's Hiera: ``num_heads``; EfficientFormer:
+``num_heads``, ``val_attn_dim``; EfficientFormer-V2: ``num_heads``, ``dh``; MViTv2: ``num_heads``, ``dim_out``;
+MaxViT / CoAtNet: ``num_heads``, ``dim_head``; MobileNetV5's ``MultiQueryAttention2d``: ``num_heads``; HaloAttn,
+BottleneckAttn: ``num_heads``, ``dim_out_qk``, ``dim_out_v``). EfficientViT's ``LiteMLA`` reads only ``dim`` and
+``-1``; the groups of its aggregation convs follow its heads (:func:`head_conv_groups`).
 
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), which
 :mod:`chase_timm.graph` turns into a channel group with one channel per head; :func:`refresh_heads`, called by
@@ -41,7 +45,10 @@ from typing import Callable, Iterator, Optional, Union
 
 import torch.nn as nn
 from timm.layers import Attention, AttentionRope, MultiQueryAttention2d, RelPosBias, RelPosBiasTf, RelPosMlp
-from timm.models import (beit, cait, convit, crossvit, davit, edgenext, efficientformer, efficientformer_v2,
+from timm.layers.bottleneck_attn import BottleneckAttn
+from timm.layers.halo_attn import HaloAttn
+from timm.layers.lambda_layer import LambdaLayer
+from timm.models import (beit, byobnet, cait, convit, crossvit, davit, edgenext, efficientformer, efficientformer_v2,
                          efficientvit_mit, eva, fastvit, gcvit, hiera, hieradet_sam2 as sam2, levit, maxxvit, mvitv2,
                          nest, pvt_v2, swin_transformer, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
                          tiny_vit, tnt, twins, visformer, vision_transformer_relpos as relpos,
@@ -66,7 +73,9 @@ _LEVIT = (levit.Attention, levit.AttentionDownsample, *_PLAIN_LEVIT)  # q, k, v 
 _MAXXVIT = (maxxvit.Attention2d, maxxvit.AttentionCl)  # MaxViT, CoAtNet, MaxxViT: NCHW (1x1 convs), channels-last
 _REL_POS = (RelPosBias, RelPosBiasTf, RelPosMlp)  # timm.layers' relative position modules (``rel_pos``)
 _CONVIT = (convit.GPSA, convit.MHSA)  # ConViT: gated positional self-attention (qk and v apart), plain attention
-_LEFT_WHOLE = {kind: reason for kind, reason in REFUSED.items() if kind not in _CONTAINERS}
+_BYOA = (HaloAttn, BottleneckAttn, LambdaLayer)  # byoanet's self-attention, inside byobnet's SelfAttnBlock
+# LambdaLayer without its slim forward: its block's spec says why its heads stay
+_LEFT_WHOLE = {kind: reason for kind, reason in REFUSED.items() if kind not in (*_CONTAINERS, LambdaLayer)}
 # modules whose input width is their attention width when their class has no slim forward: the stream feeding
 # them stays whole too, and why
 _INPUT_TIED = {
@@ -156,6 +165,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _lite_mla(module)
     if kind is MultiQueryAttention2d:
         return _multi_query(module)
+    if kind is byobnet.SelfAttnBlock and timm_class(type(module.self_attn)) in _BYOA:
+        return _self_attn_block(module)
     return None
 
 
@@ -364,6 +375,28 @@ def _refresh_lite_mla(module: nn.Module, name: str) -> None:
     _check(name, "proj columns", _columns(module.proj.conv), (1 + len(module.aggreg)) * module.dim * heads)
 
 
+def _refresh_halo(module: nn.Module, name: str) -> None:
+    """HaloAttn: ``num_heads``, ``dim_out_qk`` and ``dim_out_v`` (read by its forward) from the q rows and kv rows
+    (each head's k rows, then its v rows)."""
+    module.num_heads = _heads(name, _rows(module.q), module.dim_head_qk)
+    module.dim_out_qk, module.dim_out_v = _rows(module.q), module.num_heads * module.dim_head_v
+    _check(name, "kv rows", _rows(module.kv), module.dim_out_qk + module.dim_out_v)
+
+
+def _refresh_bottleneck(module: nn.Module, name: str) -> None:
+    """BottleneckAttn: ``num_heads``, ``dim_out_qk`` and ``dim_out_v`` (read by its forward) from the qkv rows
+    (q | k | v blocks)."""
+    module.num_heads = _heads(name, _rows(module.qkv), 2 * module.dim_head_qk + module.dim_head_v)
+    module.dim_out_qk, module.dim_out_v = module.num_heads * module.dim_head_qk, module.num_heads * module.dim_head_v
+
+
+def _refresh_lambda(module: nn.Module, name: str) -> None:
+    """LambdaLayer: ``num_heads`` (read by its forward) from the query rows of ``qkv`` (``dim_qk`` per head, then the
+    shared k and v rows) and ``norm_q``'s channels."""
+    module.num_heads = _heads(name, _rows(module.qkv) - module.dim_qk - module.dim_v, module.dim_qk)
+    _check(name, "norm_q channels", module.norm_q.weight.shape[0], module.num_heads * module.dim_qk)
+
+
 def _refresh_multi_query(module: nn.Module, name: str) -> None:
     """MultiQueryAttention2d: ``num_heads`` from the query rows (``key_dim`` each; the shared k/v head stays);
     its forward reads num_heads, key_dim and value_dim."""
@@ -417,6 +450,9 @@ _REFRESH: dict[type, Union[_Refresh, Callable[[nn.Module, str], None], None]] = 
     **dict.fromkeys(_EFFICIENTFORMER_V2, _refresh_efficientformer_v2),
     efficientvit_mit.LiteMLA: _refresh_lite_mla,
     MultiQueryAttention2d: _refresh_multi_query,
+    HaloAttn: _refresh_halo,
+    BottleneckAttn: _refresh_bottleneck,
+    LambdaLayer: _refresh_lambda,
     nn.MultiheadAttention: _refresh_multihead,
     **dict.fromkeys(_CONTAINERS),
 }
@@ -713,6 +749,45 @@ def _multi_query(module: nn.Module) -> HeadSpec:
     return HeadSpec(heads, module.value_dim, tuple(slices), shared=("key.proj", "value.proj"))
 
 
+def _self_attn_block(block: nn.Module) -> HeadSpec:
+    """byobnet's SelfAttnBlock (the byoanet models) with a HaloAttn, BottleneckAttn or LambdaLayer as its
+    ``self_attn``, the bottleneck's middle layer: the attention has no projection, so its heads' output channels
+    (``dim_head_v`` / ``dim_v`` each, the head's order) go through ``post_attn`` (a per-channel BatchNorm + act) into
+    ``conv3_1x1``'s columns, and the block holds the head. HaloAttn: the head's ``dim_head_qk`` rows of ``q`` and its
+    k rows then v rows of ``kv``; BottleneckAttn: its rows of the q, k and v blocks of ``qkv``. Their ``pos_embed``
+    tables ((positions, ``dim_head_qk``)) are shared by the heads and stay. LambdaLayer: the head's ``dim_qk`` query
+    rows of ``qkv`` and ``norm_q`` channels; the key and value rows (one k and v for all heads: the lambda), ``norm_v``
+    and ``conv_lambda`` / ``pos_emb`` stay."""
+    attn = block.self_attn
+    kind, heads = timm_class(type(attn)), attn.num_heads
+    if kind is HaloAttn:
+        qk, v = attn.dim_head_qk, attn.dim_head_v
+        slices = _linear_slices("self_attn.q", attn.q, _blocks(heads, qk))
+        slices += _linear_slices("self_attn.kv", attn.kv, _blocks(heads, qk + v))
+    elif kind is BottleneckAttn:
+        qk, v = attn.dim_head_qk, attn.dim_head_v
+        rows = _cat(_blocks(heads, qk), _blocks(heads, qk, heads * qk), _blocks(heads, v, 2 * heads * qk))
+        slices = _linear_slices("self_attn.qkv", attn.qkv, rows)
+    else:
+        v, queries = attn.dim_v, _blocks(heads, attn.dim_qk)
+        slices = _linear_slices("self_attn.qkv", attn.qkv, queries) + _norm("self_attn.norm_q", queries)
+    outputs = _blocks(heads, v)
+    reason = ""
+    if isinstance(block.post_attn, nn.BatchNorm2d):  # timm's BatchNormAct2d: its act comes after the norm
+        slices += _norm("post_attn", outputs)
+    elif not isinstance(block.post_attn, nn.Identity):
+        reason = f"its post_attn ({type(block.post_attn).__name__}) is not a per-channel BatchNorm"
+    conv = getattr(block.conv3_1x1, "conv", None)
+    if type(conv) is not nn.Conv2d or conv.groups != 1:  # e.g. a standardised conv, whose weight mixes its columns
+        reason = reason or f"its conv3_1x1 ({type(conv).__name__}) is not a plain ungrouped Conv2d"
+    else:
+        slices.append(HeadSlice("conv3_1x1.conv.weight", 1, "consumer", outputs))
+    why = f"LambdaLayer {REFUSED[LambdaLayer]}" if kind in REFUSED else ""
+    shared = ("self_attn.qkv", *(("self_attn.conv_lambda",) if attn.conv_lambda is not None else ())) \
+        if kind is LambdaLayer else ()
+    return HeadSpec(heads, v, tuple(slices), reason or why, why, shared)
+
+
 def _levit(module: nn.Module) -> HeadSpec:
     """LeViT Attention / AttentionDownsample, TinyViT's and EfficientFormer's Attention: q, k, v interleaved per
     head, one attention-bias row per head. LeViT: one LinearNorm/ConvNorm (with its BatchNorm) and an activation
@@ -765,7 +840,12 @@ def _conv_norm(module: nn.Module, prefix: str, index: tuple) -> list[HeadSlice]:
 
 def _bn(prefix: str, index: tuple) -> list[HeadSlice]:
     """A BatchNorm's per-channel tensors at ``index`` (LeViT's and EfficientFormer-V2's norms after q, k, v)."""
-    return [HeadSlice(f"{prefix}.bn.{t}", 0, "norm", index) for t in ("weight", "bias", "running_mean", "running_var")]
+    return _norm(f"{prefix}.bn", index)
+
+
+def _norm(prefix: str, index: tuple) -> list[HeadSlice]:
+    """The per-channel tensors of the BatchNorm at ``prefix`` at ``index``."""
+    return [HeadSlice(f"{prefix}.{t}", 0, "norm", index) for t in ("weight", "bias", "running_mean", "running_var")]
 
 
 def _norm_linear(prefix: str, index: tuple) -> list[HeadSlice]:
@@ -807,6 +887,8 @@ def _num_heads(module: nn.Module) -> int:
     kind = timm_class(type(module))
     if kind is efficientvit_mit.LiteMLA:
         return _lite_mla_heads(module)
+    if kind is byobnet.SelfAttnBlock:  # its self_attn's (HaloAttn, BottleneckAttn, LambdaLayer)
+        return int(module.self_attn.num_heads)
     how = _REFRESH.get(kind)
     return int(getattr(module, how.count if isinstance(how, _Refresh) else "num_heads"))
 

@@ -2,17 +2,19 @@
 
 For every timm family in ``SMALL`` (ViT, Swin V1/V2/V2-CR, Hiera, SAM2's Hiera, LeViT, EVA, BEiT, CaiT, XCiT, EdgeNeXt,
 PVT-v2, Twins, TinyViT, EfficientFormer (V1, V2), DaViT, SAM ViT, MaxViT, CoAtNet, ViT-RelPos, ConViT, NesT, MViTv2,
-GCViT, MobileNetV5's multi-query attention) and its ``VARIANTS``: a float64 shrinking run equals its masking twin
-(``recipes/shrink_equivalence.py`` at ``TOLERANCE = 1e-9``) with heads actually removed from each attention class of the
-case; the float32 export matches the masked model (<= 1e-4 relative); ``save_pretrained`` -> ``local-dir:`` reloads the
-same outputs with the same ``num_heads`` per block; and the slim model's fused (SDPA) and eager attention paths agree.
-torch's ``nn.MultiheadAttention`` (on a ``test_vit`` backbone, as users wrap timm models): the same twin and export
-checks, a width plan + state_dict round trip, and the module itself under every mask and ``need_weights`` option.
+GCViT, MobileNetV5's multi-query attention, byoanet's HaloAttn / BottleneckAttn / LambdaLayer) and its ``VARIANTS``: a
+float64 shrinking run equals its masking twin (``recipes/shrink_equivalence.py`` at ``TOLERANCE = 1e-9``) with heads
+actually removed from each attention class of the case; the float32 export matches the masked model (<= 1e-4 relative);
+``save_pretrained`` -> ``local-dir:`` reloads the same outputs with the same ``num_heads`` per block; and the slim
+model's fused (SDPA) and eager attention paths agree. torch's ``nn.MultiheadAttention`` (on a ``test_vit`` backbone, as
+users wrap timm models): the same twin and export checks, a width plan + state_dict round trip, and the module itself
+under every mask and ``need_weights`` option.
 """
 import copy
 import json
 import math
 import pickle
+import re
 
 import pytest
 import timm
@@ -37,11 +39,15 @@ import zoo_coverage
 from prunability_table import roundtrip
 from shrink_equivalence import compare, float64
 from timm.layers import Attention, AttentionRope, MultiQueryAttention2d
+from timm.layers.bottleneck_attn import BottleneckAttn
+from timm.layers.halo_attn import HaloAttn
+from timm.layers.lambda_layer import LambdaLayer
 from timm.models import (beit, cait, crossvit, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
                          hieradet_sam2 as sam2, maxxvit, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
                          tiny_vit, tnt, twins, visformer, vision_transformer_relpos as relpos,
                          vision_transformer_sam as sam, volo, xcit)
-from timm.models import build_model_with_cfg, convit, efficientvit_mit, fastvit, gcvit, mvitv2, nest
+from timm.models import build_model_with_cfg, byoanet, convit, efficientvit_mit, fastvit, gcvit, mvitv2, nest
+from timm.models.byobnet import ByoBlockCfg, ByoModelCfg
 from timm.models.mobilenetv5 import decode_arch_def  # timm builds its arch strings with it
 
 # small variants of each family at 32 px (Swin: windows of 4 on 8x8 and 4x4 maps, so stage 0 has shifted windows);
@@ -140,6 +146,8 @@ SMALL = {
         ["uir_r1_a3_k3_s2_e2_c32", "mqa_r1_k3_h4_v2_s1_d8_c32", "uir_r1_a0_k0_s1_e2_c32"],
         ["uir_r1_a3_k3_s2_e2_c48", "mqa_r1_k3_h4_s1_d8_c48", "uir_r1_a0_k0_s1_e2_c48"]]),
         "stem_size": 16, "num_features": 64, "msfa_output_resolution": 4, "layer_scale_init_value": 1.0},
+    # byoanet: one SelfAttnBlock of each attention (BYOANET_SMALL below, swapped in for halonet26t's cfg)
+    "halonet26t": {"img_size": 32},
 }
 # input side where it is not 32 px
 SIZES = {"efficientformer_l1": 56, "efficientformerv2_s0": 64, "fastvit_sa12": 64, "efficientvit_b0": 64,
@@ -152,6 +160,17 @@ OPTIMIZER = {"efficientformerv2_s0": "sgd", "visformer_tiny": "sgd"}
 # mvitv2_tiny's entrypoint reads its widths from timm's model_cfgs: the fixture swaps in this cfg (2, 4, 8, 16 heads
 # of 8 channels, a stage with two blocks), for the reload through local-dir: too
 MVITV2_TINY = mvitv2.MultiScaleVitCfg(depths=(1, 2, 1, 1), embed_dim=16, num_heads=2, mlp_ratio=2.0)
+# byoanet's entrypoints read their cfg from byoanet.model_cfgs: the fixture swaps this in for halonet26t's, one
+# SelfAttnBlock (16 or 32 channels in the middle, 4 heads) of each attention: HaloAttn (blocks of 4, halo 1, on the
+# 16x16 map), BottleneckAttn (stride 2 by its pool, 8x8 map) and LambdaLayer (q and k of 4 per head, r=9 lambda conv)
+BYOANET_SMALL = ByoModelCfg(
+    blocks=(ByoBlockCfg(type="self_attn", d=1, c=32, s=1, gs=0, br=0.5, self_attn_layer="halo",
+                        self_attn_kwargs=dict(block_size=4, halo_size=1, num_heads=4)),
+            ByoBlockCfg(type="self_attn", d=1, c=64, s=2, gs=0, br=0.5, self_attn_layer="bottleneck",
+                        self_attn_kwargs=dict(num_heads=4)),
+            ByoBlockCfg(type="self_attn", d=1, c=64, s=1, gs=0, br=0.5, self_attn_layer="lambda",
+                        self_attn_kwargs=dict(num_heads=4, dim_head=4))),
+    stem_chs=16, stem_type="tiered", stem_pool="", fixed_input_size=True)
 # NesT and GCViT for the twin test, built by timm's builder from the class: their entrypoints fix the depths (NesT's
 # widths too), and the twin needs one NesT block per level and one local + one global-query GCViT block per stage
 # (12 of each before). The export test keeps the entrypoints' models: its reload through local-dir: calls them
@@ -232,6 +251,7 @@ def _small_models(monkeypatch):
     for harness in (zoo_coverage, shrink_equivalence):
         monkeypatch.setattr(harness, "input_size", lambda name: SIZES.get(name) or size(name))
     monkeypatch.setitem(mvitv2.model_cfgs, "mvitv2_tiny", MVITV2_TINY)
+    monkeypatch.setitem(byoanet.model_cfgs, "halonet26t", BYOANET_SMALL)
 
 
 def _model(case: str, monkeypatch) -> str:
@@ -242,10 +262,10 @@ def _model(case: str, monkeypatch) -> str:
 
 
 def _heads_removed(removed: dict) -> dict:
-    """Removed channels of head groups (named after their attention module)."""
+    """Removed channels of head groups (named after their attention module; byoanet's after its SelfAttnBlock)."""
     return {name: heads for name, heads in removed.items()
             if name.endswith((".attn", ".attn_downsample", ".xca", ".token_mixer", ".attn_in", ".attn_out",
-                              ".context_module.main"))}
+                              ".context_module.main")) or re.fullmatch(r"stages\.\d+\.\d+", name)}
 
 
 @pytest.mark.parametrize("case", ["vit_tiny_patch16_224", pytest.param("swin_tiny_patch4_window7_224"),
@@ -263,7 +283,7 @@ def _heads_removed(removed: dict) -> dict:
                                   "convit_tiny", "nest_tiny", "mvitv2_tiny", "gcvit_xxtiny",
                                   "crossvit_tiny_240", "visformer_tiny", "tnt_s_legacy_patch16_224",
                                   "tnt_s_legacy_patch16_224-new", "fastvit_sa12", "efficientvit_b0",
-                                  "mobilenetv5_base"])
+                                  "mobilenetv5_base", "halonet26t"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     if name in TWIN_CLASSES:
@@ -503,7 +523,7 @@ SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_2
                 "nest_tiny": nest.Attention,
                 "gcvit_xxtiny": gcvit.WindowAttentionGlobal,
                 "crossvit_tiny_240": crossvit.CrossAttention,
-                "fastvit_sa12": fastvit.Attention}  # by case (a VARIANTS name or a model)
+                "fastvit_sa12": fastvit.Attention, "halonet26t": LambdaLayer}  # by case (a VARIANTS name or a model)
 CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention,
                 "hiera_tiny_224": hiera.MaskUnitAttention, "sam2_hiera_tiny": sam2.MultiScaleAttention,
                 "efficientformer_l1": efficientformer.Attention,
@@ -518,7 +538,8 @@ CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_b
                 "volo": (volo.OutlookAttention, volo.Attention, volo.ClassAttention),
                 "tnt_s_legacy_patch16_224": tnt.Attention,
                 "efficientvit_b0": efficientvit_mit.LiteMLA,
-                "mobilenetv5_base": MultiQueryAttention2d}  # by case, else by model
+                "mobilenetv5_base": MultiQueryAttention2d,
+                "halonet26t": (HaloAttn, BottleneckAttn, LambdaLayer)}  # by case, else by model
 
 
 def _kinds(kinds) -> tuple:
@@ -529,8 +550,10 @@ def _kinds(kinds) -> tuple:
 def _assert_each_class_lost_heads(case: str, model: torch.nn.Module, removed: dict) -> None:
     """Heads were removed (``removed``: :func:`_heads_removed`), from each attention class the case is for."""
     assert removed, "no attention head was removed"
+    blocks = [model.get_submodule(b) for b in removed]  # byoanet's: the SelfAttnBlock holding the attention
+    attentions = [getattr(block, "self_attn", block) for block in blocks]
     for kind in _kinds(CASE_CLASSES.get(case, CASE_CLASSES.get(VARIANTS.get(case, (case,))[0], ()))):
-        assert any(isinstance(model.get_submodule(b), kind) for b in removed), (kind, removed.keys())
+        assert any(isinstance(a, kind) for a in attentions), (kind, removed.keys())
 
 
 # VOLO: timm's volo_* functions fix their layers and widths, so the test builds the class (as the nn.MultiheadAttention
@@ -1030,3 +1053,49 @@ def test_a_levit_deep_copies_after_chase_and_count_flops():
     chase_timm.metrics.count_flops(model, 32)
     ema = timm.utils.ModelEmaV3(model)  # deep-copies the model
     assert sum(p.numel() for p in ema.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_byoanet_blocks_hold_their_heads_and_a_resize_rederives_what_the_attention_forwards_read():
+    # HaloAttn, BottleneckAttn and LambdaLayer have no projection: a head's output channels are its SelfAttnBlock's
+    # post_attn BatchNorm channels and conv3_1x1 columns, so the block's group holds the head; q/k/v get no group
+    model = zoo_coverage.build("halonet26t").eval()
+    x = torch.randn(2, 3, 32, 32)
+    found = {g.name: g for g in find_channel_groups(model, x)}
+    blocks = ("stages.0.0", "stages.1.0", "stages.2.0")  # HaloAttn, BottleneckAttn, LambdaLayer: 4 heads each
+    assert [(found[b].prunable, found[b].heads, found[b].width, found[b].unit) for b in blocks] == [
+        (True, True, 4, 4), (True, True, 4, 8), (True, True, 4, 8)]
+    assert not [n for n in found if ".self_attn." in n]
+    # the attention's input width (conv1_1x1's channels) shrinks too: HaloAttn's q and kv reading it are one branch,
+    # not a fork into a block and its shortcut (the logits' position bias is an add), and LambdaLayer's slim forward
+    # reshapes its output to its heads, not to that width
+    assert all(found[f"{b}.conv1_1x1.conv"].prunable for b in blocks)
+    head_1 = {(s.tensor, s.dim): s.index[1] for b in blocks for s in found[b].slices}
+    r = lambda start, n: tuple(range(start, start + n))  # noqa: E731
+    assert head_1[("stages.0.0.self_attn.q.weight", 0)] == r(4, 4)  # q rows of 4, kv: k then v rows, 4 + 4
+    assert head_1[("stages.0.0.self_attn.kv.weight", 0)] == r(8, 8)
+    assert head_1[("stages.1.0.self_attn.qkv.weight", 0)] == r(8, 8) + r(40, 8) + r(72, 8)  # q | k | v blocks of 32
+    lam = ("stages.2.0.self_attn.qkv.weight", "stages.2.0.self_attn.norm_q.weight")  # query rows of 4 (and norm)
+    assert head_1[(lam[0], 0)] == head_1[(lam[1], 0)] == r(4, 4)
+    for block, width in zip(blocks, (4, 8, 8)):  # the head's output channels
+        assert head_1[(f"{block}.post_attn.weight", 0)] == head_1[(f"{block}.conv3_1x1.conv.weight", 1)] == \
+            r(width, width)
+    # the lambda's shared key and value rows and its lambda conv are in no group
+    assert ("stages.2.0.self_attn.conv_lambda.weight", 0) not in head_1
+    masked = copy.deepcopy(model)  # heads 1 and 3 zeroed (in eval mode a zeroed BatchNorm weight and bias give 0)
+    removals = tensor_removals([found[b] for b in blocks], {b: [1, 3] for b in blocks})
+    parameters = dict(masked.named_parameters())
+    with torch.no_grad():
+        for tensor, dims in removals.items():
+            for dim, positions in dims.items():
+                if tensor in parameters:
+                    parameters[tensor].index_fill_(dim, torch.tensor(positions), 0.0)
+        expected = masked(x)
+    slim = slim_copy(model, removals)
+    halo, bottleneck, lam = (slim.get_submodule(f"{b}.self_attn") for b in blocks)
+    assert (halo.num_heads, halo.dim_out_qk, halo.dim_out_v) == (2, 8, 8)
+    assert (bottleneck.num_heads, bottleneck.dim_out_qk, bottleneck.dim_out_v) == (2, 16, 16)
+    assert lam.num_heads == 2 and type(lam) is SLIM[LambdaLayer]  # its output reshape follows the heads left
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    with pytest.raises(ValueError, match=r"stages.0.0.self_attn: kv rows \(15\) do not match the heads left \(16\)"):
+        slice_in_place(slim, {"stages.0.0.self_attn.kv.weight": {0: [0]}})
