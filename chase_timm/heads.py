@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch.nn as nn
-from timm.layers import Attention, AttentionRope, RelPosBias, RelPosBiasTf, RelPosMlp
+from timm.layers import Attention, AttentionPoolLatent, AttentionRope, RelPosBias, RelPosBiasTf, RelPosMlp
 from timm.models import (beit, cait, convit, crossvit, davit, edgenext, efficientformer, efficientformer_v2,
                          efficientvit_mit, eva, fastvit, gcvit, hiera, hieradet_sam2 as sam2, levit, maxxvit, mvitv2,
                          nest, pvt_v2, swin_transformer, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
@@ -160,6 +160,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _tnt(module)
     if kind is efficientvit_mit.LiteMLA:
         return _lite_mla(module)
+    if kind is AttentionPoolLatent:
+        return _attention_pool(module)
     return None
 
 
@@ -282,7 +284,7 @@ def refresh_heads(module: nn.Module, name: str = "attention") -> None:
     elif kind is fastvit.Attention:  # its forward reads num_heads and head_dim
         module.num_heads = _heads(name, module.proj.in_features, module.head_dim)
         _check(name, "qkv rows", _rows(module.qkv), 3 * module.proj.in_features)
-    elif kind is volo.ClassAttention:  # its forward reads num_heads and head_dim
+    elif kind in (volo.ClassAttention, AttentionPoolLatent):  # its forward reads num_heads and head_dim
         module.num_heads = _heads(name, module.proj.in_features, module.head_dim)
         _check(name, "q rows", _rows(module.q), module.proj.in_features)
         _check(name, "kv rows", _rows(module.kv), 2 * module.proj.in_features)
@@ -622,6 +624,20 @@ def _q_kv(module: nn.Module, hd: int) -> HeadSpec:
     slices = _linear_slices("q", module.q, per_head) + _linear_slices("kv", module.kv, kv)
     slices.append(HeadSlice("proj.weight", 1, "consumer", per_head))
     return HeadSpec(heads, hd, tuple(slices))
+
+
+def _attention_pool(module: nn.Module) -> HeadSpec:
+    """timm.layers' AttentionPoolLatent (the MAP head, ``global_pool="map"``): as PVT-v2's attention, ``q`` rows (``q``
+    projects the learned ``latent``, which stays), k and v rows of ``kv`` and ``proj`` columns; its heads stay
+    without ``q`` (``q_proj=False``: the latent is the query) or ``proj`` (``out_features=0``)."""
+    if isinstance(module.q, nn.Linear) and isinstance(module.proj, nn.Linear):
+        return _q_kv(module, module.head_dim)
+    heads, hd = module.num_heads, module.head_dim
+    kv = _linear_slices("kv", module.kv, _cat(_blocks(heads, hd), _blocks(heads, hd, heads * hd)))
+    why = ("takes its queries straight from its latent parameter (q_proj=False), which chase_timm does not slice"
+           if not isinstance(module.q, nn.Linear) else
+           "has no output projection (out_features=0): its heads' output is the pooled features")
+    return HeadSpec(heads, hd, tuple(kv), f"AttentionPoolLatent {why}")
 
 
 def _outlook(module: nn.Module) -> HeadSpec:
