@@ -36,9 +36,8 @@ class StreamSpec:
 def stream_spec(module: nn.Module) -> Optional[StreamSpec]:
     """The transformer stream of a MobileViT ``MobileVitBlock`` whose transformer is timm's pre-norm ViT ``Block``
     (``Attention``, ``Mlp``, no layer scale) with norms :mod:`chase_timm.norms` covers, else ``None``."""
-    if not isinstance(module, mobilevit.MobileVitBlock) or not all(map(_plain_block, module.transformer)):
-        return None
-    if not covers(module.norm):
+    if not isinstance(module, mobilevit.MobileVitBlock) or not covers(module.norm) or \
+            not all(map(_plain_block, module.transformer)):
         return None
     slices = [("conv_1x1.weight", 0, "producer")]
     writers = ["conv_1x1"]
