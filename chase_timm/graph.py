@@ -36,6 +36,7 @@ from .adapters.torch_pruning import (flatten_stride, is_interleave, map_concat, 
                                      walk_positions)
 from .heads import HeadSpec, head_spec, qkv_as_modules
 from .slim import slice_in_place
+from .streams import StreamSpec, stream_spec
 
 __all__ = ["ChannelSlice", "ChannelGroup", "find_channel_groups", "tensor_removals", "reindex_groups"]
 
@@ -333,6 +334,9 @@ def _discover(graph: tp.DependencyGraph, model: nn.Module, deadline: float, unma
         spec = head_spec(module, model)
         if spec is not None:
             drafts.append(_head_draft(ctx, name, module, spec, covered))
+        stream = stream_spec(module)
+        if stream is not None:
+            drafts.append(_stream_draft(ctx, name, module, stream, covered))
     for name, module in model.named_modules():
         if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or id(module) in ctx.heads:
             continue
@@ -377,6 +381,21 @@ def _head_draft(ctx: _Context, name: str, module: nn.Module, spec: HeadSpec,
         draft.problem(spec.reason, 0)
     elif spec.heads == 1:
         draft.problem("a single attention head (removing it would delete the attention)", 6)
+    return draft
+
+
+def _stream_draft(ctx: _Context, name: str, module: nn.Module, spec: StreamSpec,
+                  covered: dict[nn.Module, set[int]]) -> _Draft:
+    """A residual stream the walk can't follow (:mod:`chase_timm.streams`), one class per channel; named after
+    its first writer, whose rows (and the other writers') are marked covered."""
+    channels = list(range(spec.width))
+    draft = _Draft(f"{name}.{spec.writers[0]}", channels, residual=True, classes=[[c] for c in channels])
+    by_root = {c: [c] for c in channels}
+    for tensor, dim, role in spec.slices:
+        owner_name, _, attr = tensor.rpartition(".")
+        _add_tensors(ctx, draft, module.get_submodule(owner_name), (attr,), role, by_root, dim=dim)
+    for writer in spec.writers:
+        covered.setdefault(module.get_submodule(writer), set()).update(channels)
     return draft
 
 

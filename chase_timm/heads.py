@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
 import torch.nn as nn
-from timm.layers import Attention, AttentionRope, MultiQueryAttention2d, RelPosBias, RelPosBiasTf, RelPosMlp
+from timm.layers import (Attention, AttentionPoolLatent, AttentionRope, MultiQueryAttention2d, RelPosBias,
+                         RelPosBiasTf, RelPosMlp)
 from timm.models import (beit, cait, convit, crossvit, davit, edgenext, efficientformer, efficientformer_v2,
                          efficientvit_mit, eva, fastvit, gcvit, hiera, hieradet_sam2 as sam2, levit, maxxvit, mvitv2,
                          nest, pvt_v2, swin_transformer, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
@@ -156,6 +157,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _lite_mla(module)
     if kind is MultiQueryAttention2d:
         return _multi_query(module)
+    if kind is AttentionPoolLatent:
+        return _attention_pool(module)
     return None
 
 
@@ -404,6 +407,7 @@ _REFRESH: dict[type, Union[_Refresh, Callable[[nn.Module, str], None], None]] = 
     volo.Attention: _SCALED,
     volo.OutlookAttention: _refresh_outlook,
     volo.ClassAttention: _Refresh(rows=_Q_KV),
+    AttentionPoolLatent: _Refresh(rows=_Q_KV),  # the MAP pool: q projects its latent queries
     fastvit.Attention: _Refresh(),
     tnt.Attention: _refresh_tnt,
     **dict.fromkeys(_XCA, _Refresh(count_from=("temperature", 0))),
@@ -655,6 +659,20 @@ def _q_kv(module: nn.Module, hd: int) -> HeadSpec:
     slices = _linear_slices("q", module.q, per_head) + _linear_slices("kv", module.kv, kv)
     slices.append(HeadSlice("proj.weight", 1, "consumer", per_head))
     return HeadSpec(heads, hd, tuple(slices))
+
+
+def _attention_pool(module: nn.Module) -> HeadSpec:
+    """timm.layers' AttentionPoolLatent (the MAP head, ``global_pool="map"``): as PVT-v2's attention, ``q`` rows (``q``
+    projects the learned ``latent``, which stays), k and v rows of ``kv`` and ``proj`` columns; its heads stay
+    without ``q`` (``q_proj=False``: the latent is the query) or ``proj`` (``out_features=0``)."""
+    if isinstance(module.q, nn.Linear) and isinstance(module.proj, nn.Linear):
+        return _q_kv(module, module.head_dim)
+    heads, hd = module.num_heads, module.head_dim
+    kv = _linear_slices("kv", module.kv, _cat(_blocks(heads, hd), _blocks(heads, hd, heads * hd)))
+    why = ("takes its queries straight from its latent parameter (q_proj=False), which chase_timm does not slice"
+           if not isinstance(module.q, nn.Linear) else
+           "has no output projection (out_features=0): its heads' output is the pooled features")
+    return HeadSpec(heads, hd, tuple(kv), f"AttentionPoolLatent {why}")
 
 
 def _outlook(module: nn.Module) -> HeadSpec:
