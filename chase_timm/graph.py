@@ -32,8 +32,8 @@ from ._timm import classifier_modules, clear_eval_caches, conv_multiplier, deepc
 from .adapters.autograd import (input_shapes, new_forward_hooks_removed, result_shape, saved_dim, saved_input_shape,
                                 saved_permutation)
 from .adapters.torch_pruning import (flatten_stride, is_interleave, is_permutation, map_concat, map_interleave,
-                                     map_permutation, map_split, root_dependency, root_positions, split_layout, tolerant_index_mapping,
-                                     walk_positions)
+                                     map_permutation, map_split, root_dependency, root_positions, split_layout,
+                                     tolerant_index_mapping, walk_positions)
 from .heads import HeadSpec, head_spec, qkv_as_modules
 from .slim import slice_in_place
 from .streams import StreamSpec, stream_spec
@@ -453,7 +453,8 @@ def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int], 
     quadratic: at a channel-wise op (the product of a gate and its value, an activation, a BatchNorm, a split:
     ``_channel_wise``) the two root channels become one removable class (third return value: tied pairs), as
     are the channels at the same place of every piece of an equal-piece channel split (Res2Net's
-    ``torch.split(x, width)``, GLU's ``chunk(2)``); anywhere else (a layer, a reshape, a matmul) the op mixes
+    ``torch.split(x, width)``, GLU's ``chunk(2)``) and the pieces an interleave mapping merges into one channel
+    (SplitAttn's radix pieces, ``_map_channel_pieces``); anywhere else (a layer, a reshape, a matmul) the op mixes
     channels and is reported (second return value). A depthwise conv with channel multiplier k (``conv_multiplier``)
     takes its input channel c and its output channels c*k .. c*k+k-1 together (one group), whichever side the walk
     arrives at. Positions arriving at a node that is already queued join

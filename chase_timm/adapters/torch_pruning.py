@@ -9,6 +9,7 @@ map (a concat of input slices, a reshape to zero channels); ``tolerant_index_map
 graph be built and names the nodes left unmapped. It also reads the piece sizes a
 split saved for backward and installs split and concat index mappings from the sizes autograd recorded: Torch-Pruning
 maps dim-1 splits only (not the channel dim of (B, N, C) token tensors) and infers piece sizes by walking the graph.
+Interleave and permutation mappings carry channels through reshapes that Torch-Pruning reads as channel-first blocks.
 """
 from __future__ import annotations
 
