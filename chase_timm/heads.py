@@ -367,6 +367,15 @@ def _refresh_lite_mla(module: nn.Module, name: str) -> None:
     _check(name, "proj columns", _columns(module.proj.conv), (1 + len(module.aggreg)) * module.dim * heads)
 
 
+def _refresh_attention_pool(module: nn.Module, name: str) -> None:
+    """timm.layers' AttentionPoolLatent (the MAP pool): ``q`` projects its latent queries, a ``kv`` projection; one
+    without ``q`` or ``proj`` keeps its heads (:func:`_attention_pool`), so only its ``kv`` rows are checked."""
+    if isinstance(module.q, nn.Linear) and isinstance(module.proj, nn.Linear):
+        _refresh(module, name, _Refresh(rows=_Q_KV))
+    else:
+        _check(name, "kv rows", _rows(module.kv), 2 * module.num_heads * module.head_dim)
+
+
 def _refresh_multi_query(module: nn.Module, name: str) -> None:
     """MultiQueryAttention2d: ``num_heads`` from the query rows (``key_dim`` each; the shared k/v head stays);
     its forward reads num_heads, key_dim and value_dim."""
@@ -407,7 +416,7 @@ _REFRESH: dict[type, Union[_Refresh, Callable[[nn.Module, str], None], None]] = 
     volo.Attention: _SCALED,
     volo.OutlookAttention: _refresh_outlook,
     volo.ClassAttention: _Refresh(rows=_Q_KV),
-    AttentionPoolLatent: _Refresh(rows=_Q_KV),  # the MAP pool: q projects its latent queries
+    AttentionPoolLatent: _refresh_attention_pool,
     fastvit.Attention: _Refresh(),
     tnt.Attention: _refresh_tnt,
     **dict.fromkeys(_XCA, _Refresh(count_from=("temperature", 0))),

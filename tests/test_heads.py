@@ -450,9 +450,12 @@ def test_heads_that_cannot_be_removed_exactly_are_left_whole_with_a_reason(name,
 def test_an_attention_pool_without_its_q_or_proj_keeps_its_heads(kwargs, reason):
     model = zoo_coverage.build("vit_tiny_patch16_224", depth=1, global_pool="map")
     model.attn_pool = AttentionPoolLatent(192, num_heads=3, **kwargs)  # no timm model builds these
-    groups = {g.name: g for g in find_channel_groups(model, torch.randn(1, 3, 32, 32))}
+    groups = {g.name: g for g in find_channel_groups(model, torch.randn(1, 3, 32, 32), prune_skip=True)}
     assert not groups["attn_pool"].prunable and reason in groups["attn_pool"].reason, groups["attn_pool"].reason
     assert "attn_pool.kv" not in groups  # the head group owns the k/v rows
+    # its k/v input (the ViT's stream) and its MLP still shrink around the heads it keeps
+    assert groups["patch_embed.proj"].prunable, groups["patch_embed.proj"].reason
+    assert "attn_pool.mlp.fc1" not in groups or groups["attn_pool.mlp.fc1"].prunable, groups["attn_pool.mlp.fc1"].reason
 
 
 class _PerHeadBias(torch.nn.Module):
