@@ -40,6 +40,7 @@ def stream_spec(module: nn.Module) -> Optional[StreamSpec]:
             not all(map(_plain_block, module.transformer)):
         return None
     slices = [("conv_1x1.weight", 0, "producer")]
+    slices += [("conv_1x1.bias", 0, "bias")] if module.conv_1x1.bias is not None else []  # timm builds none
     writers = ["conv_1x1"]
     for i, block in enumerate(module.transformer):
         at = f"transformer.{i}"
