@@ -31,11 +31,12 @@ from . import norms
 from ._timm import classifier_modules, clear_eval_caches, conv_multiplier, deepcopy_model, default_example_input
 from .adapters.autograd import (input_shapes, new_forward_hooks_removed, result_shape, saved_dim, saved_input_shape,
                                 saved_permutation)
-from .adapters.torch_pruning import (flatten_stride, is_interleave, map_concat, map_interleave, map_split,
-                                     root_dependency, root_positions, split_layout, tolerant_index_mapping,
-                                     walk_positions)
+from .adapters.torch_pruning import (flatten_stride, is_interleave, is_permutation, map_concat, map_interleave,
+                                     map_permutation, map_split, root_dependency, root_positions, split_layout,
+                                     tolerant_index_mapping, walk_positions)
 from .heads import HeadSpec, head_spec, qkv_as_modules
 from .slim import slice_in_place
+from .streams import StreamSpec, stream_spec
 
 __all__ = ["ChannelSlice", "ChannelGroup", "find_channel_groups", "tensor_removals", "reindex_groups"]
 
@@ -334,6 +335,9 @@ def _discover(graph: tp.DependencyGraph, model: nn.Module, deadline: float, unma
         spec = head_spec(module, model)
         if spec is not None:
             drafts.append(_head_draft(ctx, name, module, spec, covered))
+        stream = stream_spec(module)
+        if stream is not None:
+            drafts.append(_stream_draft(ctx, name, module, stream, covered))
     for name, module in model.named_modules():
         if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or id(module) in ctx.heads:
             continue
@@ -379,6 +383,21 @@ def _head_draft(ctx: _Context, name: str, module: nn.Module, spec: HeadSpec,
         draft.problem(spec.reason, 0)
     elif spec.heads == 1:
         draft.problem("a single attention head (removing it would delete the attention)", 6)
+    return draft
+
+
+def _stream_draft(ctx: _Context, name: str, module: nn.Module, spec: StreamSpec,
+                  covered: dict[nn.Module, set[int]]) -> _Draft:
+    """A residual stream the walk can't follow (:mod:`chase_timm.streams`), one class per channel; named after
+    its first writer, whose rows (and the other writers') are marked covered."""
+    channels = list(range(spec.width))
+    draft = _Draft(f"{name}.{spec.writers[0]}", channels, residual=True, classes=[[c] for c in channels])
+    by_root = {c: [c] for c in channels}
+    for tensor, dim, role in spec.slices:
+        owner_name, _, attr = tensor.rpartition(".")
+        _add_tensors(ctx, draft, module.get_submodule(owner_name), (attr,), role, by_root, dim=dim)
+    for writer in spec.writers:
+        covered.setdefault(module.get_submodule(writer), set()).update(channels)
     return draft
 
 
@@ -436,7 +455,8 @@ def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int], 
     quadratic: at a channel-wise op (the product of a gate and its value, an activation, a BatchNorm, a split:
     ``_channel_wise``) the two root channels become one removable class (third return value: tied pairs), as
     are the channels at the same place of every piece of an equal-piece channel split (Res2Net's
-    ``torch.split(x, width)``, GLU's ``chunk(2)``); anywhere else (a layer, a reshape, a matmul) the op mixes
+    ``torch.split(x, width)``, GLU's ``chunk(2)``) and the pieces an interleave mapping merges into one channel
+    (SplitAttn's radix pieces, ``_map_channel_pieces``); anywhere else (a layer, a reshape, a matmul) the op mixes
     channels and is reported (second return value). A depthwise conv with channel multiplier k (``conv_multiplier``)
     takes its input channel c and its output channels c*k .. c*k+k-1 together (one group), whichever side the walk
     arrives at. Positions arriving at a node that is already queued join
@@ -465,7 +485,7 @@ def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int], 
             if i.idx not in known:
                 known[i.idx] = i.root_idx
                 fresh.append(i)
-            elif known[i.idx] != i.root_idx and (multiplier or _channel_wise(dep.target)):
+            elif known[i.idx] != i.root_idx and (multiplier or _channel_wise(dep.target) or is_interleave(dep)):
                 ties.append((known[i.idx], i.root_idx))
             elif known[i.idx] != i.root_idx and key not in mixed_at:
                 mixed_at.add(key)
@@ -556,6 +576,7 @@ def _map_channel_splits(graph: tp.DependencyGraph, unmapped: set) -> None:
         if node.type == ops.OPTYPE.RESHAPE:
             _map_channels_last_flatten(node)
             _map_channel_pieces(node)
+            _map_channel_permutation(node)
 
 
 def _map_channels_last_flatten(node: Any) -> None:
@@ -580,6 +601,35 @@ def _map_channel_pieces(node: Any) -> None:
         return
     if after[1] > 1 and after[2] > 1:
         map_interleave(node, after[2], after[1], pieces=True)
+
+
+def _map_channel_permutation(node: Any) -> None:
+    """A channel vector (B, N) or (B, N, 1, 1) unflattened, its dims permuted, and flattened back to its shape,
+    with single-input elementwise ops between (ResNeSt's RadixSoftmax: ``view(B, cardinality, radix, -1)
+    .transpose(1, 2)``, a softmax over the radix dim, ``reshape(B, -1)``, ``view(B, -1, 1, 1)``): a fixed
+    permutation of the N channels, mapped from the start to the end of the chain. A softmax mixes the positions
+    along its dim: exact only where they go together (a channel's radix pieces, tied where SplitAttn views the
+    attention as (B, radix, C, 1, 1) pieces), which the numerical check confirms."""
+    before, after = saved_input_shape(node.grad_fn), result_shape(node.grad_fn)
+    if len(before) < 2 or len(after) < 3 or any(s != 1 for s in before[2:]) or after[0] != before[0] or \
+            _prod(after[1:]) != before[1] or sum(s > 1 for s in after[1:]) < 2 or len(node.inputs) != 1:
+        return
+    index = torch.arange(before[1]).reshape(1, *after[1:])
+    chain = [node.inputs[0], node]
+    while len(chain[-1].outputs) == 1:
+        nxt = chain[-1].outputs[0]
+        shape = result_shape(nxt.grad_fn)
+        order = saved_permutation(nxt.grad_fn)
+        if not shape or shape[0] != before[0] or _prod(shape[1:]) != before[1] or len(nxt.inputs) != 1 or \
+                nxt.type not in (ops.OPTYPE.RESHAPE, ops.OPTYPE.ELEMENTWISE) or (order and order[0] != 0):
+            return
+        index = index.permute(order) if order else index.reshape(1, *shape[1:])
+        chain.append(nxt)
+        if tuple(shape) == tuple(before):
+            moved = torch.empty_like(index.flatten())
+            moved[index.flatten()] = torch.arange(before[1])
+            map_permutation(chain, moved.tolist())
+            return
 
 
 def _channels_last(node: Any, limit: int = 64) -> bool:
@@ -915,6 +965,7 @@ def _shape_op(draft: _Draft, node: Any, item: _Item) -> None:
     kind = node.type
     if kind == ops.OPTYPE.RESHAPE and (_keeps_channels(before, after) or _flatten(before, after, dep)
                                        or any(map(is_interleave, (dep, *node.dependencies)))
+                                       or any(map(is_permutation, node.dependencies))
                                        or _keeps_last(before, after, node)
                                        or _unflattens_tokens(before, after, len(item.idxs))):
         return

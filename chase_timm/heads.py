@@ -44,7 +44,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
 import torch.nn as nn
-from timm.layers import Attention, AttentionRope, MultiQueryAttention2d, RelPosBias, RelPosBiasTf, RelPosMlp
+from timm.layers import (Attention, AttentionPoolLatent, AttentionRope, MultiQueryAttention2d, RelPosBias,
+                         RelPosBiasTf, RelPosMlp)
 from timm.layers.bottleneck_attn import BottleneckAttn
 from timm.layers.halo_attn import HaloAttn
 from timm.layers.lambda_layer import LambdaLayer
@@ -167,6 +168,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _multi_query(module)
     if kind is byobnet.SelfAttnBlock and timm_class(type(module.self_attn)) in _BYOA:
         return _self_attn_block(module)
+    if kind is AttentionPoolLatent:
+        return _attention_pool(module)
     return None
 
 
@@ -397,6 +400,15 @@ def _refresh_lambda(module: nn.Module, name: str) -> None:
     _check(name, "norm_q channels", module.norm_q.weight.shape[0], module.num_heads * module.dim_qk)
 
 
+def _refresh_attention_pool(module: nn.Module, name: str) -> None:
+    """timm.layers' AttentionPoolLatent (the MAP pool): ``q`` projects its latent queries, a ``kv`` projection; one
+    without ``q`` or ``proj`` keeps its heads (:func:`_attention_pool`), so only its ``kv`` rows are checked."""
+    if isinstance(module.q, nn.Linear) and isinstance(module.proj, nn.Linear):
+        _refresh(module, name, _Refresh(rows=_Q_KV))
+    else:
+        _check(name, "kv rows", _rows(module.kv), 2 * module.num_heads * module.head_dim)
+
+
 def _refresh_multi_query(module: nn.Module, name: str) -> None:
     """MultiQueryAttention2d: ``num_heads`` from the query rows (``key_dim`` each; the shared k/v head stays);
     its forward reads num_heads, key_dim and value_dim."""
@@ -437,6 +449,7 @@ _REFRESH: dict[type, Union[_Refresh, Callable[[nn.Module, str], None], None]] = 
     volo.Attention: _SCALED,
     volo.OutlookAttention: _refresh_outlook,
     volo.ClassAttention: _Refresh(rows=_Q_KV),
+    AttentionPoolLatent: _refresh_attention_pool,
     fastvit.Attention: _Refresh(),
     tnt.Attention: _refresh_tnt,
     **dict.fromkeys(_XCA, _Refresh(count_from=("temperature", 0))),
@@ -691,6 +704,20 @@ def _q_kv(module: nn.Module, hd: int) -> HeadSpec:
     slices = _linear_slices("q", module.q, per_head) + _linear_slices("kv", module.kv, kv)
     slices.append(HeadSlice("proj.weight", 1, "consumer", per_head))
     return HeadSpec(heads, hd, tuple(slices))
+
+
+def _attention_pool(module: nn.Module) -> HeadSpec:
+    """timm.layers' AttentionPoolLatent (the MAP head, ``global_pool="map"``): as PVT-v2's attention, ``q`` rows (``q``
+    projects the learned ``latent``, which stays), k and v rows of ``kv`` and ``proj`` columns; its heads stay
+    without ``q`` (``q_proj=False``: the latent is the query) or ``proj`` (``out_features=0``)."""
+    if isinstance(module.q, nn.Linear) and isinstance(module.proj, nn.Linear):
+        return _q_kv(module, module.head_dim)
+    heads, hd = module.num_heads, module.head_dim
+    kv = _linear_slices("kv", module.kv, _cat(_blocks(heads, hd), _blocks(heads, hd, heads * hd)))
+    why = ("takes its queries straight from its latent parameter (q_proj=False), which chase_timm does not slice"
+           if not isinstance(module.q, nn.Linear) else
+           "has no output projection (out_features=0): its heads' output is the pooled features")
+    return HeadSpec(heads, hd, tuple(kv), f"AttentionPoolLatent {why}")
 
 
 def _outlook(module: nn.Module) -> HeadSpec:

@@ -340,3 +340,30 @@ def test_fastvit_exports_reloads_and_the_slim_model_reparameterizes():
         reference = slim(x)
         output = timm.utils.reparameterize_model(slim)(x)
     assert float((output - reference).abs().max() / reference.abs().max()) <= 1e-5
+
+
+
+@pytest.mark.parametrize("overrides", [{}, pytest.param(
+    {"cardinality": 2, "base_width": 32, "block_args": {"radix": 4, "avd": True, "avd_first": False}},
+    marks=pytest.mark.slow)])
+def test_resnest_split_attention_radix_pieces_lose_the_same_channels_exactly(monkeypatch, overrides):
+    """ResNeSt's SplitAttn: ``conv`` (radix * C rows, groups = cardinality * radix) viewed as (B, radix, C, H, W),
+    ``fc2``'s radix * C rows through RadixSoftmax (view (B, cardinality, radix, C / cardinality), transpose, softmax
+    over the radix dim, flatten back): output channel c is rows c, C + c, ... of both, column c of ``fc1`` and of the
+    next conv; every radix piece loses the same channels and ``groups`` stays. Float32 export and reload too."""
+    monkeypatch.setitem(zoo_coverage.SMALLER, "resnest14d", overrides)
+    result, cut = _twin("resnest14d", channel_sparsity=0.3, steps=2)
+    dense, slim = result.twin_run[0], result.run[0]
+    blocks = [n[:-len(".conv2.conv.weight")] for n in cut if n.endswith(".conv2.conv.weight")]
+    assert blocks, sorted(cut)
+    for block in blocks:
+        attn, small = dense.get_submodule(f"{block}.conv2"), slim.get_submodule(f"{block}.conv2")
+        width, rows = attn.fc1.in_channels, cut[f"{block}.conv2.conv.weight"][0]
+        kept = [c for c in rows if c < width]
+        assert rows == [c + r * width for r in range(attn.radix) for c in kept], (block, rows)
+        assert cut[f"{block}.conv2.fc2.weight"][0] == rows and cut[f"{block}.conv2.bn0.weight"][0] == rows
+        assert cut[f"{block}.conv3.weight"][1] == kept  # fc1 (groups = cardinality) holds c % its group width
+        assert cut[f"{block}.conv2.fc1.weight"][1] == sorted({c % attn.fc1.weight.shape[1] for c in kept})
+        assert small.conv.out_channels == small.fc2.out_channels == small.radix * small.fc1.in_channels
+        assert small.fc1.in_channels == width - len(kept) and small.conv.groups == attn.conv.groups
+    _export_and_reload("resnest14d", False)

@@ -38,7 +38,7 @@ import shrink_equivalence
 import zoo_coverage
 from prunability_table import roundtrip
 from shrink_equivalence import compare, float64
-from timm.layers import Attention, AttentionRope, MultiQueryAttention2d
+from timm.layers import Attention, AttentionPoolLatent, AttentionRope, MultiQueryAttention2d
 from timm.layers.bottleneck_attn import BottleneckAttn
 from timm.layers.halo_attn import HaloAttn
 from timm.layers.lambda_layer import LambdaLayer
@@ -156,7 +156,9 @@ SIZES = {"efficientformer_l1": 56, "efficientformerv2_s0": 64, "fastvit_sa12": 6
 # rounding noise, which AdamW normalises into full steps (float64 twin 2e-8 apart with its heads left whole); SGD
 # Visformer likewise (its patch embeddings' conv biases ahead of a BatchNorm2d): 6.6e-10 apart with AdamW and its
 # heads whole, 1e-15 with SGD
-OPTIMIZER = {"efficientformerv2_s0": "sgd", "visformer_tiny": "sgd"}
+# MobileViT at 32 px: stages 3-4 attend over one patch (4 pixel positions, 1 token), so their q and k get rounding-noise
+# gradients, which AdamW normalises into full steps (5.6e-4 apart at S_c = 0.75, 1.5e-11 at 0.6); SGD: 9.7e-13
+OPTIMIZER = {"efficientformerv2_s0": "sgd", "visformer_tiny": "sgd", "mobilevit_xxs": "sgd"}
 # mvitv2_tiny's entrypoint reads its widths from timm's model_cfgs: the fixture swaps in this cfg (2, 4, 8, 16 heads
 # of 8 channels, a stage with two blocks), for the reload through local-dir: too
 MVITV2_TINY = mvitv2.MultiScaleVitCfg(depths=(1, 2, 1, 1), embed_dim=16, num_heads=2, mlp_ratio=2.0)
@@ -194,7 +196,9 @@ VARIANTS = {"eva02_tiny_patch14_224-qkv_split": ("eva02_tiny_patch14_224", {"qkv
             "vit_relpos_small_patch16_224-bias": ("vit_relpos_small_patch16_224",
                                                   {"rel_pos_type": "bias", "class_token": True,
                                                    "global_pool": "token", "qk_norm": True}),
-            "tnt_s_legacy_patch16_224-new": ("tnt_s_legacy_patch16_224", {"legacy": False})}  # tnt_s_patch16_224
+            "tnt_s_legacy_patch16_224-new": ("tnt_s_legacy_patch16_224", {"legacy": False}),  # tnt_s_patch16_224
+            # the MAP head (SigLIP, PE): an AttentionPoolLatent's latent query attends to the tokens (3 heads of 64)
+            "vit_tiny_patch16_224-map": ("vit_tiny_patch16_224", {"global_pool": "map", "depth": 1})}
 # no slim_summary / `chase-timm info`: timm builds SAM's rope tables without its device argument, so on "meta" they
 # stay on the CPU and the FLOPs count fails (no registered SAM model uses rope)
 NO_META = {"samvit_base_patch16_224-rope"}
@@ -265,7 +269,7 @@ def _heads_removed(removed: dict) -> dict:
     """Removed channels of head groups (named after their attention module; byoanet's after its SelfAttnBlock)."""
     return {name: heads for name, heads in removed.items()
             if name.endswith((".attn", ".attn_downsample", ".xca", ".token_mixer", ".attn_in", ".attn_out",
-                              ".context_module.main")) or re.fullmatch(r"stages\.\d+\.\d+", name)}
+                              ".context_module.main", "attn_pool")) or re.fullmatch(r"stages\.\d+\.\d+", name)}
 
 
 @pytest.mark.parametrize("case", ["vit_tiny_patch16_224", pytest.param("swin_tiny_patch4_window7_224"),
@@ -283,7 +287,7 @@ def _heads_removed(removed: dict) -> dict:
                                   "convit_tiny", "nest_tiny", "mvitv2_tiny", "gcvit_xxtiny",
                                   "crossvit_tiny_240", "visformer_tiny", "tnt_s_legacy_patch16_224",
                                   "tnt_s_legacy_patch16_224-new", "fastvit_sa12", "efficientvit_b0",
-                                  "mobilenetv5_base", "halonet26t"])
+                                  "mobilenetv5_base", "vit_tiny_patch16_224-map", "halonet26t"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     if name in TWIN_CLASSES:
@@ -300,7 +304,8 @@ def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
 
 @pytest.mark.parametrize("case, prune_skip", [*((c, False) for c in [*SMALL, *VARIANTS]),
                                               ("eva02_tiny_patch14_224", True), ("swinv2_tiny_window16_256", True),
-                                              ("cait_xxs24_224", True), ("convit_tiny", True)])
+                                              ("cait_xxs24_224", True), ("convit_tiny", True),
+                                              ("vit_tiny_patch16_224-map", True)])
 def test_slim_heads_export_reload_and_agree_on_fused_and_eager_attention(case, prune_skip, tmp_path, capsys,
                                                                           monkeypatch):
     name = _model(case, monkeypatch)
@@ -354,10 +359,13 @@ def test_slim_heads_export_reload_and_agree_on_fused_and_eager_attention(case, p
     ("davit_tiny", ("stem.conv", "stages.1.downsample.conv")),
     # Swin V2-CR: as Swin, and its attention split heads with the stream's width, C // num_heads (slim forward: -1)
     ("swinv2_cr_tiny_224", ("patch_embed.proj", "stages.1.downsample.reduction")),
+    # MobileViT: each MobileVitBlock's transformer stream (conv_1x1 -> 2x2 patches -> ViT blocks -> conv_proj), whose
+    # unfold/fold reshapes fold the channels into the batch: a group built from the block (chase_timm.streams)
+    ("mobilevit_xxs", ("stages.2.1.conv_1x1", "stages.3.1.conv_1x1", "stages.4.1.conv_1x1")),
 ])
 def test_windowed_stage_streams_shrink_with_prune_skip_exactly(name, streams, tmp_path):
     with float64():
-        result = compare(name, "adamw", channel_sparsity=0.75, prune_skip=True)
+        result = compare(name, OPTIMIZER.get(name, "adamw"), channel_sparsity=0.75, prune_skip=True)
     assert result.refused is None and result.error is None, (result.refused, result.error)
     assert set(streams) <= {g for g, c in result.removed.items() if c}, result.removed
     assert result.removed == result.twin_removed and result.worst()[1] <= 1e-9, (result.worst(), result.diffs)
@@ -456,6 +464,20 @@ def test_heads_that_cannot_be_removed_exactly_are_left_whole_with_a_reason(name,
     assert f"{block}.qkv" not in groups and f"{block}.q_proj" not in groups  # the head group owns the q/k/v rows
 
 
+@pytest.mark.parametrize("kwargs, reason", [
+    ({"q_proj": False}, "takes its queries straight from its latent parameter (q_proj=False)"),
+    ({"out_features": 0}, "has no output projection (out_features=0)")])
+def test_an_attention_pool_without_its_q_or_proj_keeps_its_heads(kwargs, reason):
+    model = zoo_coverage.build("vit_tiny_patch16_224", depth=1, global_pool="map")
+    model.attn_pool = AttentionPoolLatent(192, num_heads=3, **kwargs)  # no timm model builds these
+    groups = {g.name: g for g in find_channel_groups(model, torch.randn(1, 3, 32, 32), prune_skip=True)}
+    assert not groups["attn_pool"].prunable and reason in groups["attn_pool"].reason, groups["attn_pool"].reason
+    assert "attn_pool.kv" not in groups  # the head group owns the k/v rows
+    # its k/v input (the ViT's stream) and its MLP still shrink around the heads it keeps
+    assert groups["patch_embed.proj"].prunable, groups["patch_embed.proj"].reason
+    assert "attn_pool.mlp.fc1" not in groups or groups["attn_pool.mlp.fc1"].prunable, groups["attn_pool.mlp.fc1"].reason
+
+
 class _PerHeadBias(torch.nn.Module):
     """A user's relative position module (not one of timm's): a learned (1, heads, N, N) bias."""
 
@@ -523,7 +545,8 @@ SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_2
                 "nest_tiny": nest.Attention,
                 "gcvit_xxtiny": gcvit.WindowAttentionGlobal,
                 "crossvit_tiny_240": crossvit.CrossAttention,
-                "fastvit_sa12": fastvit.Attention, "halonet26t": LambdaLayer}  # by case (a VARIANTS name or a model)
+                "fastvit_sa12": fastvit.Attention, "halonet26t": LambdaLayer,
+                "vit_tiny_patch16_224-map": AttentionPoolLatent}  # by case (a VARIANTS name or a model)
 CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention,
                 "hiera_tiny_224": hiera.MaskUnitAttention, "sam2_hiera_tiny": sam2.MultiScaleAttention,
                 "efficientformer_l1": efficientformer.Attention,

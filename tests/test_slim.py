@@ -100,11 +100,11 @@ def test_slim_model_keeps_timm_interface(arch):
 
 
 def test_reset_classifier_of_an_attention_pool_vit_builds_on_the_pooled_width():
-    # SigLIP-style MAP head: attn_pool has its own stream (proj -> mlp), cut under prune_skip while the blocks' stream
-    # stays; reset_classifier builds nn.Linear(embed_dim, n), so embed_dim must be the pooled (pre-logits) width
+    # SigLIP-style MAP head: attn_pool has its own stream (proj -> mlp), cut under prune_skip apart from the blocks'
+    # stream; reset_classifier builds nn.Linear(embed_dim, n), so embed_dim must be the pooled (pre-logits) width
     row = check_model("vit_tiny_patch16_224", prune_skip=True, keep_models=True, depth=1, global_pool="map")
     slim = row["slim"].eval()
-    assert slim.head.in_features < slim.num_features == 192  # the pool's stream lost channels, the blocks' did not
+    assert 192 > slim.head.in_features != slim.num_features < 192  # both streams lost channels, not the same number
     slim.reset_classifier(5)
     with torch.no_grad():
         assert slim(torch.randn(2, 3, 32, 32)).shape == (2, 5)

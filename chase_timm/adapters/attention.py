@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import timm
 import torch.nn as nn
-from timm.layers import lambda_layer
+from timm.layers import AttentionPoolLatent, lambda_layer
 from timm.models import (beit, cait, convit, crossvit, davit, edgenext, eva, fastvit, gcvit, nest, pvt_v2,
                          swin_transformer_v2, swin_transformer_v2_cr, twins, vision_transformer_relpos as relpos, volo,
                          xcit)
@@ -43,7 +43,7 @@ __all__ = ["check_version", "SLIM", "REFUSED", "edited", "slim_subclass", "regis
            "SlimChannelAttentionV2", "SlimDavitWindowAttention", "SlimWindowMultiHeadAttention",
            "SlimRelPosAttention", "SlimGPSA", "SlimMHSA", "SlimNestAttention",
            "SlimWindowAttentionGlobal", "SlimCrossAttention", "SlimVoloAttention",
-           "SlimOutlookAttention", "SlimFastVitAttention", "SlimLambdaLayer"]
+           "SlimOutlookAttention", "SlimFastVitAttention", "SlimAttentionPoolLatent", "SlimLambdaLayer"]
 
 Edit = tuple[str, str, int]  # (the library's text, replacement, how many times it must occur)
 
@@ -184,6 +184,11 @@ SlimOutlookAttention = register(volo.OutlookAttention, "SlimOutlookAttention",
 # FastViT's Attention (stage 3 of the sa / ma models: NCHW maps flattened to tokens) reshapes its heads' output to
 # the input width C before proj (its head split and its proj output, back to (B, C, H, W), already follow the widths)
 SlimFastVitAttention = register(fastvit.Attention, "SlimFastVitAttention", [_TO_HEADS])
+
+# timm.layers' AttentionPoolLatent (the MAP head of global_pool="map" ViTs: SigLIP, PE) reshapes its heads' output for
+# its latent queries to the input width C before proj (its head splits already read num_heads and head_dim)
+SlimAttentionPoolLatent = register(AttentionPoolLatent, "SlimAttentionPoolLatent",
+                                   [("reshape(B, self.latent_len, C)", "reshape(B, self.latent_len, -1)", 1)])
 
 # timm.layers' LambdaLayer (the lambda_resnet models) reshapes its heads' output, num_heads x dim_v channels, to the
 # input width C

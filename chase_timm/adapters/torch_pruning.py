@@ -9,6 +9,7 @@ map (a concat of input slices, a reshape to zero channels); ``tolerant_index_map
 graph be built and names the nodes left unmapped. It also reads the piece sizes a
 split saved for backward and installs split and concat index mappings from the sizes autograd recorded: Torch-Pruning
 maps dim-1 splits only (not the channel dim of (B, N, C) token tensors) and infers piece sizes by walking the graph.
+Interleave and permutation mappings carry channels through reshapes that Torch-Pruning reads as channel-first blocks.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from . import require
 from .autograd import saved_dim
 
 __all__ = ["check_version", "root_dependency", "root_positions", "walk_positions", "flatten_stride", "tolerant_index_mapping",
-           "split_layout", "map_split", "map_concat", "map_interleave", "is_interleave"]
+           "split_layout", "map_split", "map_concat", "map_interleave", "is_interleave", "map_permutation",
+           "is_permutation"]
 
 
 def check_version(found: str = getattr(tp, "__version__", None) or version("torch-pruning")) -> None:
@@ -195,3 +197,37 @@ def map_interleave(node: Any, channels: int, k: int, pieces: bool = False) -> No
 def is_interleave(dep: Any) -> bool:
     """Whether ``dep`` carries a mapping installed by :func:`map_interleave`."""
     return any(isinstance(m, _InterleaveIndexMapping) for m in dep.index_mapping)
+
+
+class _PermutationIndexMapping:
+    """Position p -> ``order[p]``: a channel vector's positions along a chain of reshapes and permutes."""
+
+    def __init__(self, order: Sequence[int]) -> None:
+        self.order = list(order)
+
+    def __call__(self, idxs: list) -> list:
+        return [tp._helpers._HybridIndex(idx=self.order[i.idx], root_idx=i.root_idx) for i in idxs]
+
+
+def map_permutation(chain: Sequence[Any], order: Sequence[int]) -> None:
+    """Install index mappings along ``chain`` (Torch-Pruning nodes, each the next one's only input) that carry a
+    channel vector's positions as they are, and move position p of the first node to ``order[p]`` of the last on
+    the edge into it (ResNeSt's RadixSoftmax, ``view(B, cardinality, radix, -1).transpose(1, 2) ... reshape(B,
+    -1)``, where Torch-Pruning would read each intermediate dim 1 as channels). Both slots are replaced."""
+    identity = list(range(len(order)))
+    inverse = [0] * len(order)
+    for p, q in enumerate(order):
+        inverse[q] = p
+    for a, b in zip(chain, chain[1:]):
+        last = b is chain[-1]
+        for dep in a.dependencies:
+            if dep.target is b:
+                dep.index_mapping = [_PermutationIndexMapping(order if last else identity), None]
+        for dep in b.dependencies:
+            if dep.target is a:
+                dep.index_mapping = [_PermutationIndexMapping(inverse if last else identity), None]
+
+
+def is_permutation(dep: Any) -> bool:
+    """Whether ``dep`` carries a mapping installed by :func:`map_permutation`."""
+    return any(isinstance(m, _PermutationIndexMapping) for m in dep.index_mapping)
