@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import timm
 import torch.nn as nn
 from timm.layers import AttentionPoolLatent
-from timm.models import (beit, cait, convit, crossvit, davit, edgenext, eva, fastvit, gcvit, nest, pvt_v2,
+from timm.models import (beit, cait, coat, convit, crossvit, davit, edgenext, eva, fastvit, gcvit, nest, pvt_v2,
                          swin_transformer_v2, swin_transformer_v2_cr, twins, vision_transformer_relpos as relpos, volo,
                          xcit)
 
@@ -43,7 +43,7 @@ __all__ = ["check_version", "SLIM", "REFUSED", "edited", "slim_subclass", "regis
            "SlimChannelAttentionV2", "SlimDavitWindowAttention", "SlimWindowMultiHeadAttention",
            "SlimRelPosAttention", "SlimGPSA", "SlimMHSA", "SlimNestAttention",
            "SlimWindowAttentionGlobal", "SlimCrossAttention", "SlimVoloAttention",
-           "SlimOutlookAttention", "SlimFastVitAttention", "SlimAttentionPoolLatent"]
+           "SlimOutlookAttention", "SlimFastVitAttention", "SlimAttentionPoolLatent", "SlimFactorAttnConvRelPosEnc"]
 
 Edit = tuple[str, str, int]  # (the library's text, replacement, how many times it must occur)
 
@@ -189,6 +189,11 @@ SlimFastVitAttention = register(fastvit.Attention, "SlimFastVitAttention", [_TO_
 # its latent queries to the input width C before proj (its head splits already read num_heads and head_dim)
 SlimAttentionPoolLatent = register(AttentionPoolLatent, "SlimAttentionPoolLatent",
                                    [("reshape(B, self.latent_len, C)", "reshape(B, self.latent_len, -1)", 1)])
+
+# CoaT's FactorAttnConvRelPosEnc splits heads with the input width (C // self.num_heads) and reshapes its heads' output
+# to it; its shared ConvRelPosEnc reads its widths from q and v and its split sizes from attributes (refresh_heads)
+SlimFactorAttnConvRelPosEnc = register(coat.FactorAttnConvRelPosEnc, "SlimFactorAttnConvRelPosEnc",
+                                       [_HEADS_SPLIT, _TO_HEADS])
 
 
 def timm_class(kind: type) -> type:
