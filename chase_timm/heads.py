@@ -25,7 +25,10 @@ holding it (torch's forward without the inference fast path that bypasses the at
 read their widths from attributes, which :func:`refresh_heads` re-derives (Hiera: ``heads``, ``dim_out``; SAM2's
 Hiera: ``num_heads``; EfficientFormer: ``num_heads``, ``val_attn_dim``; EfficientFormer-V2: ``num_heads``, ``dh``;
 MViTv2: ``num_heads``, ``dim_out``; MaxViT / CoAtNet: ``num_heads``, ``dim_head``;
-MobileNetV5's ``MultiQueryAttention2d``: ``num_heads``). EfficientViT's ``LiteMLA`` reads only ``dim``
+MobileNetV5's ``MultiQueryAttention2d``: ``num_heads``). CoaT's ``FactorAttnConvRelPosEnc`` shares its
+``ConvRelPosEnc`` (depthwise convs over v, one per window of heads) with the stage's other attention modules: its
+heads go with theirs, in one group per ``ConvRelPosEnc`` named in the model (``HeadSpec.in_model``), and a resize
+re-derives its ``channel_splits``. EfficientViT's ``LiteMLA`` reads only ``dim``
 and ``-1``; the groups of its aggregation convs follow its heads (:func:`head_conv_groups`).
 
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), which
