@@ -769,7 +769,8 @@ def _coat(crpe: nn.Module, model: nn.Module) -> Optional[HeadSpec]:
     rows of every attention's ``qkv`` (q | k | v blocks) and bias, their ``proj`` columns, and its ``head_dim``
     channels of the crpe's depthwise conv of its window (weight rows and bias; a window is a run of heads sharing a
     kernel size). The first head of each window stays (a window's conv can't lose all its channels): it is no
-    entry of the group, and every qkv and window conv is marked shared (no group's root)."""
+    entry of the group, and every qkv and window conv is marked shared (no group's root). An entry counts
+    ``head_dim`` channels per attention in the budget."""
     users = [(n, m) for n, m in model.named_modules() if timm_class(type(m)) is coat.FactorAttnConvRelPosEnc
              and m.crpe is crpe]
     if not users:
@@ -792,7 +793,8 @@ def _coat(crpe: nn.Module, model: nn.Module) -> Optional[HeadSpec]:
                       else () for h in entries)
         slices += _linear_slices(f"{crpe_name}.conv_list.{i}", conv, index)
     shared = (*(f"{n}.qkv" for n, _ in users), *(f"{crpe_name}.conv_list.{i}" for i in range(len(crpe.conv_list))))
-    return HeadSpec(len(entries), hd, tuple(slices), shared=shared, in_model=True)
+    # an entry is a head of every attention reading the crpe: head_dim channels of each in the budget
+    return HeadSpec(len(entries), hd * len(users), tuple(slices), shared=shared, in_model=True)
 
 
 def _levit(module: nn.Module) -> HeadSpec:
