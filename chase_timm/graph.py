@@ -334,7 +334,7 @@ def _discover(graph: tp.DependencyGraph, model: nn.Module, deadline: float, unma
     for name, module in model.named_modules():  # attention heads first: their q/k/v outputs are taken
         spec = head_spec(module, model)
         if spec is not None:
-            drafts.append(_head_draft(ctx, name, module, spec, covered))
+            drafts.append(_head_draft(ctx, name, model if spec.in_model else module, spec, covered))
         stream = stream_spec(module)
         if stream is not None:
             drafts.append(_stream_draft(ctx, name, module, stream, covered))
@@ -360,7 +360,8 @@ def _discover(graph: tp.DependencyGraph, model: nn.Module, deadline: float, unma
 
 def _head_draft(ctx: _Context, name: str, module: nn.Module, spec: HeadSpec,
                 covered: dict[nn.Module, set[int]]) -> _Draft:
-    """One channel per attention head (:mod:`chase_timm.heads`); its producers' rows are marked covered."""
+    """One channel per attention head (:mod:`chase_timm.heads`); its producers' rows are marked covered. ``module``:
+    what the spec's tensors are named in (the model, for a spec ``in_model``)."""
     heads = list(range(spec.heads))
     draft = _Draft(name, heads, classes=[[h] for h in heads], unit=spec.head_dim, heads=True)
     for piece in spec.slices:

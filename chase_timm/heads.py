@@ -29,8 +29,11 @@ path that bypasses the attention's forward). Other forwards read their widths fr
 :func:`refresh_heads` re-derives (Hiera: ``heads``, ``dim_out``; SAM2's Hiera: ``num_heads``; EfficientFormer:
 ``num_heads``, ``val_attn_dim``; EfficientFormer-V2: ``num_heads``, ``dh``; MViTv2: ``num_heads``, ``dim_out``;
 MaxViT / CoAtNet: ``num_heads``, ``dim_head``; MobileNetV5's ``MultiQueryAttention2d``: ``num_heads``; HaloAttn,
-BottleneckAttn: ``num_heads``, ``dim_out_qk``, ``dim_out_v``). EfficientViT's ``LiteMLA`` reads only ``dim`` and
-``-1``; the groups of its aggregation convs follow its heads (:func:`head_conv_groups`).
+BottleneckAttn: ``num_heads``, ``dim_out_qk``, ``dim_out_v``). CoaT's ``FactorAttnConvRelPosEnc`` shares its
+``ConvRelPosEnc`` (depthwise convs over v, one per window of heads) with the stage's other attention modules: its
+heads go with theirs, in one group per ``ConvRelPosEnc`` named in the model (``HeadSpec.in_model``), and a resize
+re-derives its ``channel_splits``. EfficientViT's ``LiteMLA`` reads only ``dim`` and ``-1``; the groups of its
+aggregation convs follow its heads (:func:`head_conv_groups`).
 
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), which
 :mod:`chase_timm.graph` turns into a channel group with one channel per head; :func:`refresh_heads`, called by
@@ -49,8 +52,8 @@ from timm.layers import (Attention, AttentionPoolLatent, AttentionRope, MultiQue
 from timm.layers.bottleneck_attn import BottleneckAttn
 from timm.layers.halo_attn import HaloAttn
 from timm.layers.lambda_layer import LambdaLayer
-from timm.models import (beit, byobnet, cait, convit, crossvit, davit, edgenext, efficientformer, efficientformer_v2,
-                         efficientvit_mit, eva, fastvit, gcvit, hiera, hieradet_sam2 as sam2, levit, maxxvit, mvitv2,
+from timm.models import (beit, byobnet, cait, coat, convit, crossvit, davit, edgenext, efficientformer,
+                         efficientformer_v2, efficientvit_mit, eva, fastvit, gcvit, hiera, hieradet_sam2 as sam2, levit, maxxvit, mvitv2,
                          nest, pvt_v2, swin_transformer, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
                          tiny_vit, tnt, twins, visformer, vision_transformer_relpos as relpos,
                          vision_transformer_sam as sam, volo, xcit)
@@ -112,6 +115,7 @@ class HeadSpec:
     reason: str = ""  # non-empty: the heads must stay, and why
     stream: str = ""  # non-empty: the channels the q/k/v producers read (the input stream) must stay too, and why
     shared: tuple[str, ...] = ()  # convs inside the module that act within head_dim on every head: no group's root
+    in_model: bool = False  # the slices and shared layers are named in the model, not the module (CoaT's crpe)
 
 
 def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[HeadSpec]:
@@ -170,6 +174,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _self_attn_block(module)
     if kind is AttentionPoolLatent:
         return _attention_pool(module)
+    if kind is coat.ConvRelPosEnc and model is not None:
+        return _coat(module, model)
     return None
 
 
@@ -415,6 +421,22 @@ def _refresh_multi_query(module: nn.Module, name: str) -> None:
     module.num_heads = _heads(name, _rows(module.query.proj), module.key_dim)
     _check(name, "output.proj columns", _columns(module.output.proj), module.num_heads * module.value_dim)
 
+
+def _refresh_coat(module: nn.Module, name: str) -> None:
+    """CoaT's FactorAttnConvRelPosEnc: ``num_heads`` (a fused qkv, head_dim from the scale), and its shared
+    ``crpe``'s ``channel_splits`` / ``head_splits`` / ``window`` (read by its forward's split) from the widths of its
+    depthwise convs, one per window, which must hold whole heads and all the heads left."""
+    _refresh(module, name, _SCALED)
+    crpe, head_dim = module.crpe, _scale_head_dim(module)
+    widths = [conv.out_channels for conv in crpe.conv_list]
+    _check(name, "crpe conv channels", sum(widths), module.num_heads * head_dim)
+    if any(w % head_dim or w == 0 for w in widths):
+        raise ValueError(f"{name}: crpe conv widths {widths} are not whole {head_dim}-channel heads, at least one "
+                         "per window")
+    crpe.channel_splits, crpe.head_splits = widths, [w // head_dim for w in widths]
+    crpe.window = {conv.kernel_size[0]: w // head_dim for conv, w in zip(crpe.conv_list, widths)}
+
+
 _SCALED = _Refresh(head_dim="scale")  # a fused qkv; head_dim from the scale
 _Q_KV = (("q", 1), ("kv", 2))  # a q projection and a kv projection (k block, then v block)
 _DIM_IS_OUTPUT = (("dim", "proj.weight", 0),)  # dim: the input width, which the projection gives back
@@ -466,6 +488,7 @@ _REFRESH: dict[type, Union[_Refresh, Callable[[nn.Module, str], None], None]] = 
     HaloAttn: _refresh_halo,
     BottleneckAttn: _refresh_bottleneck,
     LambdaLayer: _refresh_lambda,
+    coat.FactorAttnConvRelPosEnc: _refresh_coat,
     nn.MultiheadAttention: _refresh_multihead,
     **dict.fromkeys(_CONTAINERS),
 }
@@ -813,6 +836,40 @@ def _self_attn_block(block: nn.Module) -> HeadSpec:
     shared = ("self_attn.qkv", *(("self_attn.conv_lambda",) if attn.conv_lambda is not None else ())) \
         if kind is LambdaLayer else ()
     return HeadSpec(heads, v, tuple(slices), reason or why, why, shared)
+
+
+def _coat(crpe: nn.Module, model: nn.Module) -> Optional[HeadSpec]:
+    """CoaT's ConvRelPosEnc (``crpe``), shared by a stage's FactorAttnConvRelPosEnc modules (its serial blocks and
+    the parallel blocks' attention at its scale): their heads go together, named in the model. Head h is its q, k, v
+    rows of every attention's ``qkv`` (q | k | v blocks) and bias, their ``proj`` columns, and its ``head_dim``
+    channels of the crpe's depthwise conv of its window (weight rows and bias; a window is a run of heads sharing a
+    kernel size). The first head of each window stays (a window's conv can't lose all its channels): it is no
+    entry of the group, and every qkv and window conv is marked shared (no group's root). An entry counts
+    ``head_dim`` channels per attention in the budget."""
+    users = [(n, m) for n, m in model.named_modules() if timm_class(type(m)) is coat.FactorAttnConvRelPosEnc
+             and m.crpe is crpe]
+    if not users:
+        return None
+    hd, heads = _scale_head_dim(users[0][1]), sum(crpe.head_splits)
+    if coat.FactorAttnConvRelPosEnc in REFUSED:
+        why = f"FactorAttnConvRelPosEnc {REFUSED[coat.FactorAttnConvRelPosEnc]}"
+        return HeadSpec(heads, hd, tuple(_linear_slices(f"{users[0][0]}.qkv", users[0][1].qkv, _qkv_rows(heads, hd))),
+                        why, in_model=True)
+    starts = [sum(crpe.head_splits[:i]) for i in range(len(crpe.head_splits))]
+    entries = [h for h in range(heads) if h not in starts]
+    rows, columns = _qkv_rows(heads, hd), _blocks(heads, hd)
+    slices = []
+    for name, attention in users:
+        slices += _linear_slices(f"{name}.qkv", attention.qkv, tuple(rows[h] for h in entries))
+        slices.append(HeadSlice(f"{name}.proj.weight", 1, "consumer", tuple(columns[h] for h in entries)))
+    crpe_name = next(n for n, m in model.named_modules() if m is crpe)
+    for i, (conv, start) in enumerate(zip(crpe.conv_list, starts)):
+        index = tuple(tuple(range((h - start) * hd, (h - start + 1) * hd)) if start <= h < start + crpe.head_splits[i]
+                      else () for h in entries)
+        slices += _linear_slices(f"{crpe_name}.conv_list.{i}", conv, index)
+    shared = (*(f"{n}.qkv" for n, _ in users), *(f"{crpe_name}.conv_list.{i}" for i in range(len(crpe.conv_list))))
+    # an entry is a head of every attention reading the crpe: head_dim channels of each in the budget
+    return HeadSpec(len(entries), hd * len(users), tuple(slices), shared=shared, in_model=True)
 
 
 def _levit(module: nn.Module) -> HeadSpec:

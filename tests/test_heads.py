@@ -42,7 +42,7 @@ from timm.layers import Attention, AttentionPoolLatent, AttentionRope, MultiQuer
 from timm.layers.bottleneck_attn import BottleneckAttn
 from timm.layers.halo_attn import HaloAttn
 from timm.layers.lambda_layer import LambdaLayer
-from timm.models import (beit, cait, crossvit, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
+from timm.models import (beit, cait, coat, crossvit, davit, edgenext, efficientformer, efficientformer_v2, eva, hiera,
                          hieradet_sam2 as sam2, maxxvit, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
                          tiny_vit, tnt, twins, visformer, vision_transformer_relpos as relpos,
                          vision_transformer_sam as sam, volo, xcit)
@@ -236,7 +236,8 @@ def _attention_std(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(layer, torch.nn.Dropout):
             layer.p = 0.0
     with torch.no_grad():
-        for attention in [m for m in model.modules() if head_spec(m) is not None]:
+        for attention in [m for m in model.modules()
+                          if head_spec(m) is not None or isinstance(m, coat.FactorAttnConvRelPosEnc)]:
             for layer in attention.modules():
                 if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
                     layer.weight.normal_(0.0, layer.weight[0].numel() ** -0.5)
@@ -577,6 +578,50 @@ def _assert_each_class_lost_heads(case: str, model: torch.nn.Module, removed: di
     attentions = [getattr(block, "self_attn", block) for block in blocks]
     for kind in _kinds(CASE_CLASSES.get(case, CASE_CLASSES.get(VARIANTS.get(case, (case,))[0], ()))):
         assert any(isinstance(a, kind) for a in attentions), (kind, removed.keys())
+
+
+# CoaT at 32 px: 8 heads of 4 channels (crpe windows 3, 5, 7 of 2, 3, 3 heads) on 8x8, 4x4, 2x2 and 1x1 maps; two
+# serial blocks share stage 1's crpe, a serial block and the parallel block's attention share each of stages 2-4's
+COAT = {"img_size": 32, "embed_dims": (32, 32, 32, 32), "mlp_ratios": (2, 2, 2, 2), "serial_depths": (2, 1, 1, 1),
+        "parallel_depth": 1}
+
+
+def test_coat_heads_leave_every_attention_sharing_their_crpe_exactly(tmp_path, monkeypatch):
+    name = "coat_tiny"
+    monkeypatch.setitem(zoo_coverage.SMALLER, name, COAT)
+    model, x = zoo_coverage.build(name).eval(), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # on an unshrunk model the slim forward computes what timm's does
+        expected = model(x)
+        for module in model.modules():
+            use_slim_forward(module)
+        torch.testing.assert_close(pickle.loads(pickle.dumps(model))(x), expected, rtol=0, atol=0)
+    with float64():
+        result = compare(name, "adamw", channel_sparsity=0.6)
+    assert result.refused is None and result.error is None, (result.refused, result.error)
+    assert all(result.removed.get(f"crpe{i}") for i in range(1, 5)), result.removed.keys()  # one group per crpe
+    assert result.removed == result.twin_removed and result.masks_equal
+    assert result.worst()[1] <= 1e-9, (result.worst(), result.diffs)
+    row = zoo_coverage.check_model(name, prune_skip=False, channel_sparsity=0.6, keep_models=True)
+    assert row["rel_diff"] <= 1e-4, row["rel_diff"]
+    removed, slim = row["chase"].removed_channels(), row["slim"].eval()
+    attentions = {n: m for n, m in slim.named_modules() if isinstance(m, coat.FactorAttnConvRelPosEnc)}
+    for attention in attentions.values():
+        crpe = attention.crpe
+        assert type(attention) is SLIM[coat.FactorAttnConvRelPosEnc]
+        stage = next(i for i in range(1, 5) if getattr(slim, f"crpe{i}") is crpe)
+        assert attention.num_heads == 8 - len(removed[f"crpe{stage}"]) == sum(crpe.head_splits)
+        assert min(crpe.head_splits) >= 1 and crpe.channel_splits == [c.out_channels for c in crpe.conv_list]
+    chase_timm.save_pretrained(slim, tmp_path / "slim")
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'slim'}", pretrained=True).eval()
+    assert {n: m.num_heads for n, m in loaded.named_modules() if n in attentions} == {
+        n: m.num_heads for n, m in attentions.items()}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), slim(x), rtol=0, atol=0)
+    # a timm whose FactorAttnConvRelPosEnc forward no longer matches the slim edits: every crpe's heads stay, saying so
+    monkeypatch.setitem(REFUSED, coat.FactorAttnConvRelPosEnc, "has no slim forward: changed")
+    groups = {g.name: g for g in find_channel_groups(zoo_coverage.build(name), torch.randn(1, 3, 32, 32))}
+    assert all(groups[f"crpe{i}"].reason == "FactorAttnConvRelPosEnc has no slim forward: changed" for i in range(1, 5))
 
 
 # VOLO: timm's volo_* functions fix their layers and widths, so the test builds the class (as the nn.MultiheadAttention

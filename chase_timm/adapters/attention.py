@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import timm
 import torch.nn as nn
 from timm.layers import AttentionPoolLatent, lambda_layer
-from timm.models import (beit, cait, convit, crossvit, davit, edgenext, eva, fastvit, gcvit, nest, pvt_v2,
+from timm.models import (beit, cait, coat, convit, crossvit, davit, edgenext, eva, fastvit, gcvit, nest, pvt_v2,
                          swin_transformer_v2, swin_transformer_v2_cr, twins, vision_transformer_relpos as relpos, volo,
                          xcit)
 
@@ -43,7 +43,8 @@ __all__ = ["check_version", "SLIM", "REFUSED", "edited", "slim_subclass", "regis
            "SlimChannelAttentionV2", "SlimDavitWindowAttention", "SlimWindowMultiHeadAttention",
            "SlimRelPosAttention", "SlimGPSA", "SlimMHSA", "SlimNestAttention",
            "SlimWindowAttentionGlobal", "SlimCrossAttention", "SlimVoloAttention",
-           "SlimOutlookAttention", "SlimFastVitAttention", "SlimAttentionPoolLatent", "SlimLambdaLayer"]
+           "SlimOutlookAttention", "SlimFastVitAttention", "SlimAttentionPoolLatent", "SlimLambdaLayer",
+           "SlimFactorAttnConvRelPosEnc"]
 
 Edit = tuple[str, str, int]  # (the library's text, replacement, how many times it must occur)
 
@@ -194,6 +195,11 @@ SlimAttentionPoolLatent = register(AttentionPoolLatent, "SlimAttentionPoolLatent
 # input width C
 SlimLambdaLayer = register(lambda_layer.LambdaLayer, "SlimLambdaLayer",
                            [("reshape(B, C, H, W)", "reshape(B, -1, H, W)", 1)])
+
+# CoaT's FactorAttnConvRelPosEnc splits heads with the input width (C // self.num_heads) and reshapes its heads' output
+# to it; its shared ConvRelPosEnc reads its widths from q and v and its split sizes from attributes (refresh_heads)
+SlimFactorAttnConvRelPosEnc = register(coat.FactorAttnConvRelPosEnc, "SlimFactorAttnConvRelPosEnc",
+                                       [_HEADS_SPLIT, _TO_HEADS])
 
 
 def timm_class(kind: type) -> type:
