@@ -372,7 +372,10 @@ def _head_draft(ctx: _Context, name: str, module: nn.Module, spec: HeadSpec,
         if piece.dim == 0 and isinstance(owner, (nn.modules.conv._ConvNd, nn.Linear)):  # e.g. Swin V2's cpb_mlp
             covered.setdefault(owner, set()).update(p for positions in piece.index for p in positions)
         if piece.role == "producer" and isinstance(owner, (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)):
-            ctx.attention_inputs[owner] = module
+            # one attention's q/k/v layers are one branch (_check_shortcut): the module, or where the spec is named in
+            # the model (a group spanning several attention modules), the layer's own attention module
+            ctx.attention_inputs[owner] = module.get_submodule(owner_name.rpartition(".")[0]) if spec.in_model \
+                else module
             if spec.stream:
                 ctx.tied_inputs[owner] = spec.stream
             if owner not in ctx.graph.module2node and not spec.reason:
