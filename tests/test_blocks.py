@@ -371,7 +371,7 @@ def test_resnest_split_attention_radix_pieces_lose_the_same_channels_exactly(mon
 
 
 VIM = "efficientvim_m1"
-VIM_SMALL = {"depths": (1, 1, 1), "embed_dim": (32, 48, 64)}
+VIM_SMALL = {"depths": (1, 1, 1), "embed_dim": (16, 24, 32), "state_dim": (8, 6, 4)}
 
 
 def test_efficientvim_hsm_ssd_inner_width_shrinks_exactly_with_both_split_halves(monkeypatch):
