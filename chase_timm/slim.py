@@ -314,10 +314,10 @@ def _block_size_links(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module,
             conv = next((m for m in expand.modules() if isinstance(m, nn.modules.conv._ConvNd)
                          and m.out_channels == block.expand_chs), None)  # x.split(self.expand_chs // 2): CSP stages
             links += [(block, "expand_chs", conv, "out_channels", 1)] if conv is not None else []
-        inner = next((m for m in getattr(block, "out_proj", nn.Identity()).modules()
-                      if isinstance(m, nn.modules.conv._ConvNd)), None)
-        if isinstance(getattr(block, "d_inner", None), int) and inner is not None and inner.in_channels == block.d_inner:
-            links.append((block, "d_inner", inner, "in_channels", 1))  # split(hz_proj(h), [d_inner] * 2): EfficientViM
+        if isinstance(getattr(block, "d_inner", None), int) and isinstance(getattr(block, "out_proj", None), nn.Module):
+            inner = next((m for m in block.out_proj.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+            if inner is not None and inner.in_channels == block.d_inner:  # split(hz_proj(h), [d_inner] * 2)
+                links.append((block, "d_inner", inner, "in_channels", 1))
         links += _path_links(block)
         if not callable(getattr(block, "reparameterize", None)):
             continue
