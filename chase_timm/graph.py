@@ -559,9 +559,15 @@ def _op(fn_name: str) -> str:
 
 
 def _channel_split(node: Any) -> Optional[tuple[int, tuple[int, ...], tuple[int, ...]]]:
-    """(dim, piece sizes, input shape) of a split node along the channel dim; ``None`` for other splits."""
+    """(dim, piece sizes, input shape) of a split node along the channel dim; ``None`` for other splits. The channel
+    dim is torch-pruning's (``_channel_dim``), or dim 1 of a (B, C, L) tensor from channel-first layers (a Conv1d's
+    output: EfficientViM's HSM-SSD splits ``hz_proj(h)`` into ``h, z``)."""
     layout = split_layout(node.grad_fn)
-    return layout if layout and layout[0] == _channel_dim(len(layout[2])) else None
+    if not layout:
+        return None
+    dim, _, shape = layout
+    channel_first = len(shape) == 3 and dim == 1 and _layout(node, 64) == "first"
+    return layout if dim == _channel_dim(len(shape)) or channel_first else None
 
 
 def _map_channel_splits(graph: tp.DependencyGraph, unmapped: set) -> None:

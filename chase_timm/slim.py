@@ -297,7 +297,8 @@ def _block_size_links(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module,
     """Block attributes that repeat a conv's size, as (block, attribute, conv, conv attribute, factor), read before a
     resize so the attributes can follow the conv after it (attribute = factor x conv attribute): a split block's
     piece ``width`` (``self.convs[0]``'s input), a CSP stage's ``expand_chs`` (its ``conv_exp`` output, split in
-    halves), a multi-path block's ``in_channels`` / ``out_channels`` (SelectiveKernel's
+    halves), an HSM-SSD's ``d_inner`` (its conv ``out_proj``'s input; ``hz_proj``'s output is split in two such
+    pieces), a multi-path block's ``in_channels`` / ``out_channels`` (SelectiveKernel's
     ``torch.split(x, self.in_channels // self.num_paths)``: ``num_paths`` times the first path's input when each
     path takes a piece) and the sizes a re-parameterisable block (one with ``reparameterize``) builds its fused conv
     and identity kernel from (``in_chs``, ``out_chs``, ``groups``, ``dim``, ``dim_out``): the first conv inside it
@@ -313,6 +314,10 @@ def _block_size_links(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module,
             conv = next((m for m in expand.modules() if isinstance(m, nn.modules.conv._ConvNd)
                          and m.out_channels == block.expand_chs), None)  # x.split(self.expand_chs // 2): CSP stages
             links += [(block, "expand_chs", conv, "out_channels", 1)] if conv is not None else []
+        if isinstance(getattr(block, "d_inner", None), int) and isinstance(getattr(block, "out_proj", None), nn.Module):
+            inner = next((m for m in block.out_proj.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+            if inner is not None and inner.in_channels == block.d_inner:  # split(hz_proj(h), [d_inner] * 2)
+                links.append((block, "d_inner", inner, "in_channels", 1))
         links += _path_links(block)
         if not callable(getattr(block, "reparameterize", None)):
             continue

@@ -5,7 +5,8 @@ GluMlp (EVA-02's packed SwiGLU: a hidden channel and its gate partner ``c + H`` 
 blocks (one index set for every branch, identity BatchNorm included; ``reparameterize_model`` still fuses the slim
 model). Each: the float64 shrink-vs-mask twin run (``recipes/shrink_equivalence.py``, 1e-9 relative), the float32
 export check (1e-4 relative) and a ``save_pretrained`` -> ``local-dir:`` round trip. FastViT: a stream feeding a
-depthwise conv with channel multiplier 2 loses whole groups of it.
+depthwise conv with channel multiplier 2 loses whole groups of it. EfficientViM: an HSM-SSD inner channel
+goes with both halves of ``hz_proj``'s split.
 """
 import collections
 
@@ -367,3 +368,26 @@ def test_resnest_split_attention_radix_pieces_lose_the_same_channels_exactly(mon
         assert small.conv.out_channels == small.fc2.out_channels == small.radix * small.fc1.in_channels
         assert small.fc1.in_channels == width - len(kept) and small.conv.groups == attn.conv.groups
     _export_and_reload("resnest14d", False)
+
+
+VIM = "efficientvim_m1"
+VIM_SMALL = {"depths": (1, 1, 1), "embed_dim": (16, 24, 32), "state_dim": (8, 6, 4)}
+
+
+def test_efficientvim_hsm_ssd_inner_width_shrinks_exactly_with_both_split_halves(monkeypatch):
+    """EfficientViM's HSM-SSD: ``h, z = torch.split(hz_proj(h), [d_inner, d_inner], dim=1)`` on a Conv1d's (B, C, L)
+    output, ``out_proj(h * act(z) + h * D)``: inner channel c is ``hz_proj`` rows c and d_inner + c with ``out_proj``'s
+    column c, and ``d_inner`` (the split size) follows. Float32 export and local-dir: reload too."""
+    monkeypatch.setitem(zoo_coverage.SMALLER, VIM, VIM_SMALL)
+    result, cut = _twin(VIM, channel_sparsity=0.5, steps=2)
+    dense, slim = result.twin_run[0], result.run[0]
+    rows = {n[:-len(".hz_proj.conv.weight")]: dims[0] for n, dims in cut.items() if n.endswith(".hz_proj.conv.weight")}
+    assert rows, sorted(cut)
+    for mixer, removed in rows.items():
+        inner = dense.get_submodule(mixer).d_inner
+        kept = [r for r in removed if r < inner]
+        assert removed == kept + [r + inner for r in kept] and cut[f"{mixer}.out_proj.conv.weight"][1] == kept
+        small = slim.get_submodule(mixer)
+        assert small.d_inner == small.out_proj.conv.in_channels == small.hz_proj.conv.out_channels // 2 \
+            == inner - len(kept)
+    _export_and_reload(VIM, False)
