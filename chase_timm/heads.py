@@ -495,8 +495,10 @@ _REFRESH: dict[type, Union[_Refresh, Callable[[nn.Module, str], None], None]] = 
 
 
 def head_counts(model: nn.Module) -> dict[str, int]:
-    """``num_heads`` of every attention module :func:`head_spec` knows, by module name (e.g. heads left per block)."""
-    return {name: _num_heads(m) for name, m in model.named_modules() if head_spec(m) is not None}
+    """``num_heads`` of every attention module :func:`head_spec` knows, by module name (e.g. heads left per block),
+    and of every CoaT attention (its heads are in the spec of the ``crpe`` it shares, named in the model)."""
+    return {name: _num_heads(m) for name, m in model.named_modules()
+            if head_spec(m) is not None or timm_class(type(m)) is coat.FactorAttnConvRelPosEnc}
 
 
 @contextmanager
