@@ -853,8 +853,12 @@ def _coat(crpe: nn.Module, model: nn.Module) -> Optional[HeadSpec]:
     if not users:
         return None
     hd, heads = _scale_head_dim(users[0][1]), sum(crpe.head_splits)
+    why = ""
     if coat.FactorAttnConvRelPosEnc in REFUSED:
         why = f"FactorAttnConvRelPosEnc {REFUSED[coat.FactorAttnConvRelPosEnc]}"
+    elif heads == len(crpe.head_splits):  # the first head of each window stays: no entry left
+        why = "each window of its ConvRelPosEnc holds one head, which the window keeps"
+    if why:
         return HeadSpec(heads, hd, tuple(_linear_slices(f"{users[0][0]}.qkv", users[0][1].qkv, _qkv_rows(heads, hd))),
                         why, in_model=True)
     starts = [sum(crpe.head_splits[:i]) for i in range(len(crpe.head_splits))]

@@ -626,6 +626,15 @@ def test_coat_heads_leave_every_attention_sharing_their_crpe_exactly(tmp_path, m
     assert all(groups[f"crpe{i}"].reason == "FactorAttnConvRelPosEnc has no slim forward: changed" for i in range(1, 5))
 
 
+def test_coat_heads_stay_where_each_crpe_window_holds_one_head():
+    # 3 heads in windows of one: the first head of each window stays, so none can go (it was a 0-wide group)
+    model = timm.create_model("coat_lite_tiny", img_size=32, embed_dims=(24,) * 4, serial_depths=(1,) * 4,
+                              mlp_ratios=(2,) * 4, num_heads=3, crpe_window={3: 1, 5: 1, 7: 1}, num_classes=10)
+    groups = {g.name: g for g in find_channel_groups(model, torch.randn(1, 3, 32, 32))}
+    assert all(groups[f"crpe{i}"].reason == "each window of its ConvRelPosEnc holds one head, which the window keeps"
+               for i in range(1, 5))
+
+
 # VOLO: timm's volo_* functions fix their layers and widths, so the test builds the class (as the nn.MultiheadAttention
 # models below): outlook attention on a 4x4 map (windows of 3, stride 2), self-attention on 2x2 tokens in stages
 # 2-4, one class-attention block; 4 heads each (of 8 channels, then 16)
