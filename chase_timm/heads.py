@@ -495,8 +495,10 @@ _REFRESH: dict[type, Union[_Refresh, Callable[[nn.Module, str], None], None]] = 
 
 
 def head_counts(model: nn.Module) -> dict[str, int]:
-    """``num_heads`` of every attention module :func:`head_spec` knows, by module name (e.g. heads left per block)."""
-    return {name: _num_heads(m) for name, m in model.named_modules() if head_spec(m) is not None}
+    """``num_heads`` of every attention module :func:`head_spec` knows, by module name (e.g. heads left per block),
+    and of every CoaT attention (its heads are in the spec of the ``crpe`` it shares, named in the model)."""
+    return {name: _num_heads(m) for name, m in model.named_modules()
+            if head_spec(m) is not None or timm_class(type(m)) is coat.FactorAttnConvRelPosEnc}
 
 
 @contextmanager
@@ -851,8 +853,12 @@ def _coat(crpe: nn.Module, model: nn.Module) -> Optional[HeadSpec]:
     if not users:
         return None
     hd, heads = _scale_head_dim(users[0][1]), sum(crpe.head_splits)
+    why = ""
     if coat.FactorAttnConvRelPosEnc in REFUSED:
         why = f"FactorAttnConvRelPosEnc {REFUSED[coat.FactorAttnConvRelPosEnc]}"
+    elif heads == len(crpe.head_splits):  # the first head of each window stays: no entry left
+        why = "each window of its ConvRelPosEnc holds one head, which the window keeps"
+    if why:
         return HeadSpec(heads, hd, tuple(_linear_slices(f"{users[0][0]}.qkv", users[0][1].qkv, _qkv_rows(heads, hd))),
                         why, in_model=True)
     starts = [sum(crpe.head_splits[:i]) for i in range(len(crpe.head_splits))]

@@ -611,10 +611,12 @@ def test_coat_heads_leave_every_attention_sharing_their_crpe_exactly(tmp_path, m
         stage = next(i for i in range(1, 5) if getattr(slim, f"crpe{i}") is crpe)
         assert attention.num_heads == 8 - len(removed[f"crpe{stage}"]) == sum(crpe.head_splits)
         assert min(crpe.head_splits) >= 1 and crpe.channel_splits == [c.out_channels for c in crpe.conv_list]
+    heads = {n: m.num_heads for n, m in attentions.items()}
+    assert head_counts(slim) == heads and head_counts(row["chase"].module) == dict.fromkeys(heads, 8)
     chase_timm.save_pretrained(slim, tmp_path / "slim")
     loaded = timm.create_model(f"local-dir:{tmp_path / 'slim'}", pretrained=True).eval()
-    assert {n: m.num_heads for n, m in loaded.named_modules() if n in attentions} == {
-        n: m.num_heads for n, m in attentions.items()}
+    assert {n: m.num_heads for n, m in loaded.named_modules() if n in attentions} == heads
+    assert slim_summary(str(tmp_path / "slim"))["heads"] == {n: (8, h) for n, h in heads.items() if h != 8}
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), slim(x), rtol=0, atol=0)
@@ -622,6 +624,15 @@ def test_coat_heads_leave_every_attention_sharing_their_crpe_exactly(tmp_path, m
     monkeypatch.setitem(REFUSED, coat.FactorAttnConvRelPosEnc, "has no slim forward: changed")
     groups = {g.name: g for g in find_channel_groups(zoo_coverage.build(name), torch.randn(1, 3, 32, 32))}
     assert all(groups[f"crpe{i}"].reason == "FactorAttnConvRelPosEnc has no slim forward: changed" for i in range(1, 5))
+
+
+def test_coat_heads_stay_where_each_crpe_window_holds_one_head():
+    # 3 heads in windows of one: the first head of each window stays, so none can go (it was a 0-wide group)
+    model = timm.create_model("coat_lite_tiny", img_size=32, embed_dims=(24,) * 4, serial_depths=(1,) * 4,
+                              mlp_ratios=(2,) * 4, num_heads=3, crpe_window={3: 1, 5: 1, 7: 1}, num_classes=10)
+    groups = {g.name: g for g in find_channel_groups(model, torch.randn(1, 3, 32, 32))}
+    assert all(groups[f"crpe{i}"].reason == "each window of its ConvRelPosEnc holds one head, which the window keeps"
+               for i in range(1, 5))
 
 
 # VOLO: timm's volo_* functions fix their layers and widths, so the test builds the class (as the nn.MultiheadAttention
