@@ -50,3 +50,13 @@ def train(model, optimizer, chase, steps: int, size: int = 32, first_step: int =
             after_step(step)
         optimizer.zero_grad()
     return losses
+
+
+def zero_removed(model: torch.nn.Module, removals: dict) -> None:
+    """What the controller does to removed channels: zero every parameter slice (buffers untouched)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, dims in removals.items():
+            for dim, positions in dims.items():
+                if name in params:
+                    params[name].index_fill_(dim, torch.tensor(positions), 0)

@@ -36,6 +36,7 @@ from chase_timm.hub import slim_summary
 from chase_timm.slim import apply_width_plan, slice_in_place, slim_copy, width_plan
 import shrink_equivalence
 import zoo_coverage
+from helpers import zero_removed
 from prunability_table import roundtrip
 from shrink_equivalence import compare, float64
 from timm.layers import Attention, AttentionPoolLatent, AttentionRope, MultiQueryAttention2d
@@ -1162,12 +1163,8 @@ def test_byoanet_blocks_hold_their_heads_and_a_resize_rederives_what_the_attenti
     assert ("stages.2.0.self_attn.conv_lambda.weight", 0) not in head_1
     masked = copy.deepcopy(model)  # heads 1 and 3 zeroed (in eval mode a zeroed BatchNorm weight and bias give 0)
     removals = tensor_removals([found[b] for b in blocks], {b: [1, 3] for b in blocks})
-    parameters = dict(masked.named_parameters())
+    zero_removed(masked, removals)
     with torch.no_grad():
-        for tensor, dims in removals.items():
-            for dim, positions in dims.items():
-                if tensor in parameters:
-                    parameters[tensor].index_fill_(dim, torch.tensor(positions), 0.0)
         expected = masked(x)
     slim = slim_copy(model, removals)
     halo, bottleneck, lam = (slim.get_submodule(f"{b}.self_attn") for b in blocks)

@@ -11,7 +11,7 @@ from chase_timm._timm import default_example_input
 from chase_timm.graph import tensor_removals
 from chase_timm.norms import follow_masks, removal_masks
 from chase_timm.slim import apply_width_plan, recalibrate_batchnorm, slim_copy, width_plan
-from helpers import check_model, coverage_params, coverage_row, input_size, tiny_model
+from helpers import check_model, coverage_params, coverage_row, input_size, tiny_model, zero_removed
 
 TOLERANCE = 1e-4
 
@@ -28,16 +28,6 @@ def _randomize_(model: torch.nn.Module) -> torch.nn.Module:
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
     return model.eval()
-
-
-def _zero_(model: torch.nn.Module, removals: dict) -> None:
-    """What the controller does to removed channels: zero every parameter slice (buffers untouched)."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, dims in removals.items():
-            for dim, positions in dims.items():
-                if name in params:
-                    params[name].index_fill_(dim, torch.tensor(positions), 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,7 +47,7 @@ def _slimmed(arch: str, prune_skip: bool):
         removed[g.name] = sorted(torch.randperm(g.width, generator=gen)[:count].tolist())
     removals = tensor_removals(groups, removed)
     masked = copy.deepcopy(model)
-    _zero_(masked, removals)
+    zero_removed(masked, removals)
     follow_masks(masked, removal_masks(masked, removals))  # and its norms compute over the alive channels
     return masked, slim_copy(masked, removals), x, tuple(prunable)
 
