@@ -304,6 +304,11 @@ def _slim_spec(model: nn.Module) -> tuple[dict, nn.Module]:
     probe = copy.copy(model)
     record_model_args(probe, saved)
     args = get_model_args(probe)
+    keyed = sorted(k for k, v in args.items() if _non_str_keys(v))
+    if keyed:  # json.dumps writes {3: 2} as {"3": 2}, which the model's builder then cannot use
+        raise ValueError(f"model argument(s) {', '.join(keyed)} hold dict keys that are not strings, which config.json "
+                         f"turns into strings, so timm could not rebuild the model from the saved folder (timm's own "
+                         f"save_for_hf has the same limit): build the model with timm's default for them")
     with torch.device("meta"):
         base = _create_base(arch, **args)
     folded = folded_pairs(model)
@@ -319,6 +324,13 @@ def _slim_spec(model: nn.Module) -> tuple[dict, nn.Module]:
                          f"Chase.export() returned") from err
     return {"format_version": FORMAT_VERSION, "base_architecture": arch, "width_plan": plan,
             **({"folded_bn": folded} if folded else {}), "base_args": args}, base
+
+
+def _non_str_keys(value: Any) -> bool:
+    """Whether ``value`` holds, at any depth, a dict with a key that is not a string (lost by a JSON round trip)."""
+    if isinstance(value, Mapping):
+        return any(not isinstance(k, str) or _non_str_keys(v) for k, v in value.items())
+    return isinstance(value, (list, tuple)) and any(map(_non_str_keys, value))
 
 
 def _pretrained_cfg(model: nn.Module, base: nn.Module, data_config: Optional[Mapping],

@@ -347,6 +347,12 @@ def test_save_refuses_a_model_that_is_not_a_slim_timm_model(tmp_path):
     with pytest.raises(TypeError, match="rebuilt from a saved chase folder"):
         timm.create_model("chase_slim")
     assert not (tmp_path / "x").exists()
+    # CoaT's crpe_window {kernel size: heads}: config.json would write its int keys as strings, which CoaT cannot use
+    coat = timm.create_model("coat_lite_tiny", img_size=32, embed_dims=(16,) * 4, serial_depths=(1,) * 4,
+                             mlp_ratios=(2,) * 4, num_heads=2, crpe_window={3: 1, 5: 1}, num_classes=5)
+    with pytest.raises(ValueError, match="crpe_window hold dict keys that are not strings.*timm's default"):
+        chase_timm.save_pretrained(coat, tmp_path / "coat")
+    assert not (tmp_path / "coat").exists()
 
 
 # ----------------------------------------------------------------------------------------- command line
