@@ -31,11 +31,10 @@ def model_input_size(model: nn.Module) -> tuple[int, int, int]:
         channels, size = cfg["input_size"][0], tuple(cfg["input_size"][1:])
     args = recorded_model_args(model)
     in_chans = args.get("in_chans", getattr(model, "in_chans", None))
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
     if isinstance(in_chans, int) and not isinstance(in_chans, bool):
         channels = in_chans
-    elif first_conv is not None:
-        channels = first_conv.in_channels
+    else:
+        channels = next((m.in_channels for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), channels)
     built = args.get("img_size")  # e.g. GCViT, EfficientFormerV2 keep no img_size attribute
     for img_size in itertools.chain([built], (getattr(module, "img_size", None) for module in model.modules())):
         if isinstance(img_size, int) or (isinstance(img_size, (tuple, list)) and len(img_size) == 2):
