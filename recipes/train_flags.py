@@ -25,7 +25,8 @@ from timm.optim import list_optimizers
 import chase_timm
 from chase_timm.data import DATA_SPEC_HELP
 
-CHASE_FLAGS = ("density", "channel_sparsity", "min_channel_ratio", "shrink", "mask_init", "ramp_steps")  # -> `chase:`
+CHASE_FLAGS = ("density", "channel_sparsity", "min_channel_ratio", "channel_cost", "shrink", "mask_init",
+               "ramp_steps")  # -> `chase:`
 EPOCH_KEYS = ("update_interval_epochs", "channel_interval_epochs", "channel_end_epoch", "phase_b_epoch")
 NOT_SAVED = ("config", "resume", "overwrite", "output", "push_to_hub")  # run_config.yaml must not redo these
 FREE_ON_RESUME = ("checkpoint_every", "log_with", "workers", "recal_batches")  # may change when resuming
@@ -146,6 +147,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                    "--channel-sparsity 0 trains the dense baseline)")
     c.add_argument("--channel-sparsity", type=float, help="fraction S_c of prunable channels removed (default 0.4)")
     c.add_argument("--min-channel-ratio", type=float, help="per-group channel floor ratio beta (default 0.2)")
+    c.add_argument("--channel-cost", choices=("none", "flops", "latency"),
+                   help="channel ranking: the paper's UMM alone, or UMM per FLOP / per second a channel saves, for a "
+                        "FLOPs target on hierarchical models such as Swin (default: none; docs/speed.md section 5)")
     c.add_argument("--mask-init", choices=("random", "magnitude"),
                    help="first masks: the paper's ERK-random draw, or the largest weights under a cubic density ramp "
                         "(default: magnitude with --pretrained / --initial-checkpoint, else random)")

@@ -130,6 +130,7 @@ def test_a_run_from_weights_recorded_before_these_defaults_resumes_with_its_own_
     (["--initial-checkpoint", "{root}/dense1000.safetensors", "--kd-model-name", "dense"],
      "--kd-model-name dense: the starting model's classifier was re-initialised (['fc.bias', 'fc.weight'])"),
     (["--mask-init", "gaussian"], "--mask-init: invalid choice: 'gaussian'"),
+    (["--channel-cost", "flop"], "--channel-cost: invalid choice: 'flop' (choose from"),
     (["--ramp-steps", "-1"], "--ramp-steps must be >= 0"),
 ])
 def test_bad_starts_are_one_line_before_any_work(checkpoints, tmp_path, capsys, argv, message):
