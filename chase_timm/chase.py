@@ -26,7 +26,7 @@ from .cost import FlopCosts
 from .graph import as_inputs, find_channel_groups, tensor_removals
 from .latency import LatencyCosts, LatencyRounding, LatencyTable
 from .norms import attach as attach_norms, follow_masks, remove_hooks
-from .optim_state import check_shrink_exact, states_like
+from .optim_state import check_shrink_exact, state_optimizer, states_like
 from ._timm import deepcopy_model, named_tensors, unwrap_model
 from .shrink import check_shrinkable, rebuild_ddp, slice_optimizer_state
 from .slim import slice_in_place, slim_copy, sliced
@@ -131,6 +131,8 @@ class Chase:
         self._skipped_updates = 0
         self._unsynced_calls = 0  # step() calls that were not optimizer steps (micro-steps, fp16 skips)
         self._warned: set = set()
+        if optimizer is not None:  # the optimizer that steps (inside Lookahead's and Accelerate's wrappers)
+            state_optimizer(optimizer).register_step_pre_hook(self._zero_removed_grads)
         self.apply_masks()
 
     # ------------------------------------------------------------------ read-only views
@@ -220,6 +222,17 @@ class Chase:
         for param, mask in zip(targets, multipliers):
             for value in states_like(self.optimizer, param):
                 value.mul_(mask)
+
+    @torch.no_grad()
+    def _zero_removed_grads(self, *_: Any) -> None:
+        """Optimizer step pre-hook: zero the gradients of removed channels still in the model (masking, or until
+        ``shrink="end"``), which the shrunk model does not have. A removed channel's consumer weights get a gradient
+        wherever its input is not 0 (an activation with f(0) != 0: StarReLU's bias, a sigmoid), and an optimizer that
+        takes a norm over a tensor or over all gradients (Lamb's trust ratio and global clipping, LARS) would count it."""
+        masks = {**self._channels.allowed, **self._channels.channel_masks}
+        grads = [(self._params[n].grad, m) for n, m in masks.items() if self._params[n].grad is not None]
+        if grads:
+            torch._foreach_mul_([g for g, _ in grads], [m.to(g.dtype) for g, m in grads])
 
     @torch.no_grad()
     def mask_model(self, other: nn.Module) -> None:

@@ -114,6 +114,18 @@ def test_optimizers_from_timm_shrink_exactly_with_an_ema(opt, resnet18_one_block
     assert len(result.run[1].param_groups) == 2  # weight decay and no weight decay
 
 
+@pytest.mark.parametrize("opt", ["lamb", "lars"])
+def test_removed_channels_whose_input_is_not_zero_do_not_count_in_tensor_norms(opt, monkeypatch):
+    """A removed MLP channel after a sigmoid (as after MetaFormer's StarReLU) still feeds fc2 sigmoid(0) = 0.5, so the
+    masking run's fc2 columns got gradients that the shrunk fc2 lacks, and Lamb's trust ratio and LARS's per-tensor
+    norm counted them (4.7e-1 and 5.5e-4 apart before): Chase zeroes them before every optimizer step."""
+    monkeypatch.setitem(zoo_coverage.SMALLER, "vit_tiny_patch16_224", {"depth": 1, "act_layer": "sigmoid"})
+    with float64():
+        result = compare("vit_tiny_patch16_224", opt)
+    _assert_exact(result)
+    assert result.shrinks == 4 and result.removed["blocks.0.mlp.fc1"]
+
+
 @pytest.mark.parametrize("opt", ["cadamw", "muon"])
 def test_optimizers_whose_update_depends_on_the_tensor_size_are_refused_when_shrinking(opt):
     """Cautious and Muon updates depend on the whole tensor: shrinking would silently train another model."""
