@@ -19,21 +19,21 @@ its heads (their output channels are its ``post_attn`` BatchNorm channels and ``
 one key and value serve every head, which is its query rows.
 
 EVA, BEiT, ViT-RelPos, Swin V2 (V2-CR splits its heads with it), CaiT's class and talking-heads attention, PVT-v2,
-Twins, DaViT, ConViT, NesT, GCViT, CrossViT's cross-attention, VOLO's self- and outlook attention and the
-cross-covariance attention of EdgeNeXt and XCiT and timm.layers' LambdaLayer reshape their heads' output to the
-input width in timm's forward: resized, they switch to their slim subclass (:mod:`chase_timm.adapters.attention`:
-timm's forward with that reshape taken from the heads left), as do torch's ``nn.MultiheadAttention``, which takes
-its attention width from the input too (:mod:`chase_timm.adapters.multihead`), and the
-``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` holding it (torch's forward without the inference fast
-path that bypasses the attention's forward). Other forwards read their widths from attributes, which
+Twins, DaViT, ConViT, NesT, GCViT, CrossViT's cross-attention, MetaFormer's (CAFormer), VOLO's self- and outlook
+attention and the cross-covariance attention of EdgeNeXt and XCiT and timm.layers' LambdaLayer reshape their heads'
+output to the input width in timm's forward: resized, they switch to their slim subclass
+(:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left), as do torch's
+``nn.MultiheadAttention``, which takes its attention width from the input too (:mod:`chase_timm.adapters.multihead`),
+and the ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` holding it (torch's forward without the inference
+fast path that bypasses the attention's forward). Other forwards read their widths from attributes, which
 :func:`refresh_heads` re-derives (Hiera: ``heads``, ``dim_out``; SAM2's Hiera: ``num_heads``; EfficientFormer:
-``num_heads``, ``val_attn_dim``; EfficientFormer-V2: ``num_heads``, ``dh``; MViTv2: ``num_heads``, ``dim_out``;
-MaxViT / CoAtNet: ``num_heads``, ``dim_head``; MobileNetV5's ``MultiQueryAttention2d``: ``num_heads``; HaloAttn,
-BottleneckAttn: ``num_heads``, ``dim_out_qk``, ``dim_out_v``). CoaT's ``FactorAttnConvRelPosEnc`` shares its
-``ConvRelPosEnc`` (depthwise convs over v, one per window of heads) with the stage's other attention modules: its
-heads go with theirs, in one group per ``ConvRelPosEnc`` named in the model (``HeadSpec.in_model``), and a resize
-re-derives its ``channel_splits``. EfficientViT's ``LiteMLA`` reads only ``dim`` and ``-1``; the groups of its
-aggregation convs follow its heads (:func:`head_conv_groups`).
+``num_heads``, ``val_attn_dim``; EfficientFormer-V2: ``num_heads``, ``dh``; MViTv2: ``num_heads``, ``dim_out``; MaxViT /
+CoAtNet: ``num_heads``, ``dim_head``; MobileNetV5's ``MultiQueryAttention2d``: ``num_heads``; HaloAttn, BottleneckAttn:
+``num_heads``, ``dim_out_qk``, ``dim_out_v``). CoaT's ``FactorAttnConvRelPosEnc`` shares its ``ConvRelPosEnc``
+(depthwise convs over v, one per window of heads) with the stage's other attention modules: its heads go with theirs, in
+one group per ``ConvRelPosEnc`` named in the model (``HeadSpec.in_model``), and a resize re-derives its
+``channel_splits``. EfficientViT's ``LiteMLA`` reads only ``dim`` and ``-1``; the groups of its aggregation convs follow
+its heads (:func:`head_conv_groups`).
 
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), which
 :mod:`chase_timm.graph` turns into a channel group with one channel per head; :func:`refresh_heads`, called by
@@ -53,7 +53,8 @@ from timm.layers.bottleneck_attn import BottleneckAttn
 from timm.layers.halo_attn import HaloAttn
 from timm.layers.lambda_layer import LambdaLayer
 from timm.models import (beit, byobnet, cait, coat, convit, crossvit, davit, edgenext, efficientformer,
-                         efficientformer_v2, efficientvit_mit, eva, fastvit, gcvit, hiera, hieradet_sam2 as sam2, levit, maxxvit, mvitv2,
+                         efficientformer_v2, efficientvit_mit, eva, fastvit, gcvit, hiera, hieradet_sam2 as sam2, levit,
+                         maxxvit, metaformer, mvitv2,
                          nest, pvt_v2, swin_transformer, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
                          tiny_vit, tnt, twins, visformer, vision_transformer_relpos as relpos,
                          vision_transformer_sam as sam, volo, xcit)
@@ -156,8 +157,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _gcvit(module, model)
     if kind is crossvit.CrossAttention:  # CaiT's ClassAttn with wq, wk, wv
         return _class_attention(module, "w")
-    if kind in (visformer.Attention, fastvit.Attention):  # a fused qkv (q | k | v blocks) on NCHW maps: Visformer's
-        return _fused(module, module.head_dim)  # 1x1 convs, FastViT's Linears over the map flattened to tokens
+    if kind in (visformer.Attention, fastvit.Attention, metaformer.Attention):  # a fused qkv (q | k | v blocks):
+        return _fused(module, module.head_dim)  # Visformer's 1x1 convs on NCHW maps, Linears on tokens: FastViT, CAFormer
     if kind is volo.Attention:  # a fused qkv on channels-last maps
         return _fused(module, module.proj.in_features // module.num_heads)
     if kind is volo.ClassAttention:  # the class token's q, and kv (k block, then v block) over every token
@@ -473,6 +474,7 @@ _REFRESH: dict[type, Union[_Refresh, Callable[[nn.Module, str], None], None]] = 
     volo.ClassAttention: _Refresh(rows=_Q_KV),
     AttentionPoolLatent: _refresh_attention_pool,
     fastvit.Attention: _Refresh(),
+    metaformer.Attention: _Refresh(widths=(("attention_dim", "proj.weight", 1),)),  # attention_dim: the heads' width
     tnt.Attention: _refresh_tnt,
     **dict.fromkeys(_XCA, _Refresh(count_from=("temperature", 0))),
     convit.MHSA: _SCALED,
