@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from timm.layers import BlurPool2d
 
 from ._timm import classifier_tensor_names, conv_multiplier, deepcopy_model, default_example_input, named_tensors
 from .adapters.autograd import non_persistent_buffer_names
@@ -247,6 +248,10 @@ def _resize(model: nn.Module, new: Mapping[str, torch.Tensor], slots, refresh: b
         refresh_heads(module, name or "the model")
     for block, attr, conv, conv_attr, factor in links:
         setattr(block, attr, getattr(conv, conv_attr) * factor)
+    for blur in (m for m in model.modules() if isinstance(m, BlurPool2d) and m.channels is not None):
+        # F.conv2d(x, filt, groups=channels), one identical filter row per channel: timm's channels=None form takes
+        # the channels from the input (filt expanded), so the blur follows the width reaching it (TResNet, ResNetBlur)
+        blur.channels, blur.filt = None, blur.filt[:1]
     for block, sums, convs in split_links:
         block.splits = [conv.in_channels for conv in convs]
         for attr in sums:
