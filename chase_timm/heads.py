@@ -19,9 +19,9 @@ its heads (their output channels are its ``post_attn`` BatchNorm channels and ``
 one key and value serve every head, which is its query rows.
 
 EVA, BEiT, ViT-RelPos, Swin V2 (V2-CR splits its heads with it), CaiT's class and talking-heads attention, PVT-v2,
-Twins, DaViT, ConViT, NesT, GCViT, CrossViT's cross-attention, MetaFormer's (CAFormer), VOLO's self- and outlook
-attention and the cross-covariance attention of EdgeNeXt and XCiT and timm.layers' LambdaLayer reshape their heads'
-output to the input width in timm's forward: resized, they switch to their slim subclass
+Twins, DaViT, ConViT, NesT, GCViT, CrossViT's cross-attention, MetaFormer's (CAFormer), NextViT's, VOLO's self- and
+outlook attention and the cross-covariance attention of EdgeNeXt and XCiT and timm.layers' LambdaLayer reshape their
+heads' output to the input width in timm's forward: resized, they switch to their slim subclass
 (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left), as do torch's
 ``nn.MultiheadAttention``, which takes its attention width from the input too (:mod:`chase_timm.adapters.multihead`),
 and the ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` holding it (torch's forward without the inference
@@ -54,7 +54,7 @@ from timm.layers.halo_attn import HaloAttn
 from timm.layers.lambda_layer import LambdaLayer
 from timm.models import (beit, byobnet, cait, coat, convit, crossvit, davit, edgenext, efficientformer,
                          efficientformer_v2, efficientvit_mit, eva, fastvit, gcvit, hiera, hieradet_sam2 as sam2, levit,
-                         maxxvit, metaformer, mvitv2,
+                         maxxvit, metaformer, mvitv2, nextvit,
                          nest, pvt_v2, swin_transformer, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
                          tiny_vit, tnt, twins, visformer, vision_transformer_relpos as relpos,
                          vision_transformer_sam as sam, volo, xcit)
@@ -145,7 +145,7 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _levit(module)
     if kind in _EFFICIENTFORMER_V2:
         return _efficientformer_v2(module)
-    if kind is cait.ClassAttn:
+    if kind in (cait.ClassAttn, nextvit.EfficientAttention):  # separate q, k and v projections
         return _class_attention(module)
     if kind in _CONVIT:
         return _convit(module)
@@ -475,6 +475,7 @@ _REFRESH: dict[type, Union[_Refresh, Callable[[nn.Module, str], None], None]] = 
     AttentionPoolLatent: _refresh_attention_pool,
     fastvit.Attention: _Refresh(),
     metaformer.Attention: _Refresh(widths=(("attention_dim", "proj.weight", 1),)),  # attention_dim: the heads' width
+    nextvit.EfficientAttention: _Refresh(rows=(("q", 1), ("k", 1), ("v", 1)), widths=(("dim", "proj.weight", 1),)),
     tnt.Attention: _refresh_tnt,
     **dict.fromkeys(_XCA, _Refresh(count_from=("temperature", 0))),
     convit.MHSA: _SCALED,
@@ -713,7 +714,7 @@ def _gcvit(module: nn.Module, model: Optional[nn.Module]) -> HeadSpec:
 
 def _class_attention(module: nn.Module, prefix: str = "") -> HeadSpec:
     """CaiT's ClassAttn and (``prefix`` "w": wq, wk, wv) CrossViT's CrossAttention: separate q (class token only),
-    k and v projections."""
+    k and v projections; NextViT's EfficientAttention: separate q, k and v (k and v over the spatial reduction)."""
     heads = module.num_heads
     per_head = _blocks(heads, getattr(module, f"{prefix}q").out_features // heads)
     slices = [s for p in ("q", "k", "v") for s in _linear_slices(prefix + p, getattr(module, prefix + p), per_head)]

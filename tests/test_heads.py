@@ -48,7 +48,7 @@ from timm.models import (beit, cait, coat, crossvit, davit, edgenext, efficientf
                          tiny_vit, tnt, twins, visformer, vision_transformer_relpos as relpos,
                          vision_transformer_sam as sam, volo, xcit)
 from timm.models import (build_model_with_cfg, byoanet, convit, efficientvit_mit, fastvit, gcvit, metaformer, mvitv2,
-                         nest)
+                         nest, nextvit)
 from timm.models.byobnet import ByoBlockCfg, ByoModelCfg
 from timm.models.mobilenetv5 import decode_arch_def  # timm builds its arch strings with it
 
@@ -154,10 +154,13 @@ SMALL = {
     # export test runs caformer_s18 (9 blocks of 10 heads on the 2x2 map at 32 px, 3 of 16 on 1x1), the twin
     # CAFORMER_SMALL below
     "caformer_s18": {},
+    # NextViT: E-MHSA (separate q, k, v; k and v over an AvgPool1d spatial reduction, sr 4 / 2 / 1 in stages 1-3) in
+    # one NTB block of each of stages 1-3 (depths 1, 1, 5, 1), heads of 32 on the 4x4, 2x2 and 1x1 maps at 64 px
+    "nextvit_small": {"depths": (1, 1, 5, 1)},
 }
 # input side where it is not 32 px
 SIZES = {"efficientformer_l1": 56, "efficientformerv2_s0": 64, "fastvit_sa12": 64, "efficientvit_b0": 64,
-         "mobilenetv5_base": 64}
+         "mobilenetv5_base": 64, "nextvit_small": 64}
 # EfficientFormer-V2's convs have biases ahead of a training-mode BatchNorm, which cancels them: their gradients are
 # rounding noise, which AdamW normalises into full steps (float64 twin 2e-8 apart with its heads left whole); SGD
 # Visformer likewise (its patch embeddings' conv biases ahead of a BatchNorm2d): 6.6e-10 apart with AdamW and its
@@ -281,7 +284,7 @@ def _heads_removed(removed: dict) -> dict:
     """Removed channels of head groups (named after their attention module; byoanet's after its SelfAttnBlock)."""
     return {name: heads for name, heads in removed.items()
             if name.endswith((".attn", ".attn_downsample", ".xca", ".token_mixer", ".attn_in", ".attn_out",
-                              ".context_module.main", "attn_pool")) or re.fullmatch(r"stages\.\d+\.\d+", name)}
+                              ".context_module.main", "attn_pool", ".e_mhsa")) or re.fullmatch(r"stages\.\d+\.\d+", name)}
 
 
 @pytest.mark.parametrize("case", ["vit_tiny_patch16_224", pytest.param("swin_tiny_patch4_window7_224"),
@@ -559,6 +562,7 @@ SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_2
                 "gcvit_xxtiny": gcvit.WindowAttentionGlobal,
                 "crossvit_tiny_240": crossvit.CrossAttention,
                 "fastvit_sa12": fastvit.Attention, "halonet26t": LambdaLayer, "caformer_s18": metaformer.Attention,
+                "nextvit_small": nextvit.EfficientAttention,
                 "vit_tiny_patch16_224-map": AttentionPoolLatent}  # by case (a VARIANTS name or a model)
 CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention,
                 "hiera_tiny_224": hiera.MaskUnitAttention, "sam2_hiera_tiny": sam2.MultiScaleAttention,
