@@ -19,21 +19,21 @@ its heads (their output channels are its ``post_attn`` BatchNorm channels and ``
 one key and value serve every head, which is its query rows.
 
 EVA, BEiT, ViT-RelPos, Swin V2 (V2-CR splits its heads with it), CaiT's class and talking-heads attention, PVT-v2,
-Twins, DaViT, ConViT, NesT, GCViT, CrossViT's cross-attention, MetaFormer's (CAFormer), NextViT's, VOLO's self- and
-outlook attention and the cross-covariance attention of EdgeNeXt and XCiT and timm.layers' LambdaLayer reshape their
-heads' output to the input width in timm's forward: resized, they switch to their slim subclass
-(:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left), as do torch's
-``nn.MultiheadAttention``, which takes its attention width from the input too (:mod:`chase_timm.adapters.multihead`),
-and the ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` holding it (torch's forward without the inference
-fast path that bypasses the attention's forward). Other forwards read their widths from attributes, which
-:func:`refresh_heads` re-derives (Hiera: ``heads``, ``dim_out``; SAM2's Hiera: ``num_heads``; EfficientFormer:
-``num_heads``, ``val_attn_dim``; EfficientFormer-V2: ``num_heads``, ``dh``; MViTv2: ``num_heads``, ``dim_out``; MaxViT /
-CoAtNet: ``num_heads``, ``dim_head``; MobileNetV5's ``MultiQueryAttention2d``: ``num_heads``; HaloAttn, BottleneckAttn:
-``num_heads``, ``dim_out_qk``, ``dim_out_v``). CoaT's ``FactorAttnConvRelPosEnc`` shares its ``ConvRelPosEnc``
-(depthwise convs over v, one per window of heads) with the stage's other attention modules: its heads go with theirs, in
-one group per ``ConvRelPosEnc`` named in the model (``HeadSpec.in_model``), and a resize re-derives its
-``channel_splits``. EfficientViT's ``LiteMLA`` reads only ``dim`` and ``-1``; the groups of its aggregation convs follow
-its heads (:func:`head_conv_groups`).
+Twins, DaViT, ConViT, NesT, GCViT, CrossViT's cross-attention, MetaFormer's (CAFormer), NextViT's, timm.layers'
+DiffAttention, VOLO's self- and outlook attention and the cross-covariance attention of EdgeNeXt and XCiT and
+timm.layers' LambdaLayer reshape their heads' output to the input width in timm's forward: resized, they switch to their
+slim subclass (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left), as do
+torch's ``nn.MultiheadAttention``, which takes its attention width from the input too
+(:mod:`chase_timm.adapters.multihead`), and the ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` holding it
+(torch's forward without the inference fast path that bypasses the attention's forward). Other forwards read their
+widths from attributes, which :func:`refresh_heads` re-derives (Hiera: ``heads``, ``dim_out``; SAM2's Hiera:
+``num_heads``; EfficientFormer: ``num_heads``, ``val_attn_dim``; EfficientFormer-V2: ``num_heads``, ``dh``; MViTv2:
+``num_heads``, ``dim_out``; MaxViT / CoAtNet: ``num_heads``, ``dim_head``; MobileNetV5's ``MultiQueryAttention2d``:
+``num_heads``; HaloAttn, BottleneckAttn: ``num_heads``, ``dim_out_qk``, ``dim_out_v``). CoaT's
+``FactorAttnConvRelPosEnc`` shares its ``ConvRelPosEnc`` (depthwise convs over v, one per window of heads) with the
+stage's other attention modules: its heads go with theirs, in one group per ``ConvRelPosEnc`` named in the model
+(``HeadSpec.in_model``), and a resize re-derives its ``channel_splits``. EfficientViT's ``LiteMLA`` reads only ``dim``
+and ``-1``; the groups of its aggregation convs follow its heads (:func:`head_conv_groups`).
 
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), which
 :mod:`chase_timm.graph` turns into a channel group with one channel per head; :func:`refresh_heads`, called by
@@ -47,8 +47,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
 import torch.nn as nn
-from timm.layers import (Attention, AttentionPoolLatent, AttentionRope, MultiQueryAttention2d, RelPosBias,
-                         RelPosBiasTf, RelPosMlp)
+from timm.layers import (Attention, AttentionPoolLatent, AttentionRope, DiffAttention, MultiQueryAttention2d,
+                         RelPosBias, RelPosBiasTf, RelPosMlp)
 from timm.layers.bottleneck_attn import BottleneckAttn
 from timm.layers.halo_attn import HaloAttn
 from timm.layers.lambda_layer import LambdaLayer
@@ -130,6 +130,10 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _left_whole(module, _LEFT_WHOLE[kind])
     if kind in (Attention, AttentionRope, eva.EvaAttention):
         return _timm_attention(module)
+    if kind is DiffAttention:  # a head: q, k and v blocks of 2 * head_dim (two q and two k sub-heads, a wide v)
+        return _fused(module, 2 * module.head_dim, "" if isinstance(module.norm, nn.Identity) else
+                      f"scale_norm ({type(module.norm).__name__}) normalises across all heads, so a zeroed head "
+                      "changes the others")
     if kind in (swin_transformer.WindowAttention, swin_transformer_v2.WindowAttention, beit.Attention,
                 cait.TalkingHeadAttn, twins.LocallyGroupedAttn, sam.Attention, davit.ChannelAttentionV2, *_DAVIT,
                 *_XCA, swin_cr.WindowMultiHeadAttention, hiera.MaskUnitAttention,
@@ -315,6 +319,12 @@ def _refresh_gcvit(module: nn.Module, name: str) -> None:
     _refresh(module, name, _Refresh(rows=(("qkv", 2 if module.use_global else 3),)))
 
 
+def _refresh_diff(module: nn.Module, name: str) -> None:
+    """timm.layers' DiffAttention: ``num_heads`` from the projection's columns, 2 * head_dim per head."""
+    module.num_heads = _heads(name, _columns(module.proj), 2 * module.head_dim)
+    _check(name, "qkv rows", _rows(module.qkv), 3 * _columns(module.proj))
+
+
 def _refresh_tnt(module: nn.Module, name: str) -> None:
     """TNT's Attention: ``num_heads`` and ``hidden_dim`` from qk (q and k heads); v's heads may be wider."""
     module.num_heads = _heads(name, _rows(module.qk) // 2, module.head_dim)
@@ -477,6 +487,7 @@ _REFRESH: dict[type, Union[_Refresh, Callable[[nn.Module, str], None], None]] = 
     metaformer.Attention: _Refresh(widths=(("attention_dim", "proj.weight", 1),)),  # attention_dim: the heads' width
     nextvit.EfficientAttention: _Refresh(rows=(("q", 1), ("k", 1), ("v", 1)), widths=(("dim", "proj.weight", 1),)),
     tnt.Attention: _refresh_tnt,
+    DiffAttention: _refresh_diff,
     **dict.fromkeys(_XCA, _Refresh(count_from=("temperature", 0))),
     convit.MHSA: _SCALED,
     convit.GPSA: _Refresh(head_dim="scale", rows=(("qk", 2), ("v", 1)), per_head=("gating_param", "pos_proj.weight"),

@@ -39,7 +39,8 @@ import zoo_coverage
 from helpers import zero_removed
 from prunability_table import roundtrip
 from shrink_equivalence import compare, float64
-from timm.layers import Attention, AttentionPoolLatent, AttentionRope, MultiQueryAttention2d
+from timm.layers import (Attention, AttentionPoolLatent, AttentionRope, DiffAttention,
+                         MultiQueryAttention2d)
 from timm.layers.bottleneck_attn import BottleneckAttn
 from timm.layers.halo_attn import HaloAttn
 from timm.layers.lambda_layer import LambdaLayer
@@ -157,6 +158,8 @@ SMALL = {
     # NextViT: E-MHSA (separate q, k, v; k and v over an AvgPool1d spatial reduction, sr 4 / 2 / 1 in stages 1-3) in
     # one NTB block of each of stages 1-3 (depths 1, 1, 5, 1), heads of 32 on the 4x4, 2x2 and 1x1 maps at 64 px
     "nextvit_small": {"depths": (1, 1, 5, 1)},
+    # differential attention (timm.layers' DiffAttention): 4 heads of two q / two k sub-heads of 32 and a v of 64
+    "vit_dwee_patch16_reg1_gap_256": {"img_size": 32, "depth": 2},
 }
 # input side where it is not 32 px
 SIZES = {"efficientformer_l1": 56, "efficientformerv2_s0": 64, "fastvit_sa12": 64, "efficientvit_b0": 64,
@@ -284,7 +287,8 @@ def _heads_removed(removed: dict) -> dict:
     """Removed channels of head groups (named after their attention module; byoanet's after its SelfAttnBlock)."""
     return {name: heads for name, heads in removed.items()
             if name.endswith((".attn", ".attn_downsample", ".xca", ".token_mixer", ".attn_in", ".attn_out",
-                              ".context_module.main", "attn_pool", ".e_mhsa")) or re.fullmatch(r"stages\.\d+\.\d+", name)}
+                              ".context_module.main", "attn_pool", ".e_mhsa"))
+            or re.fullmatch(r"stages\.\d+\.\d+", name)}
 
 
 @pytest.mark.parametrize("case", ["vit_tiny_patch16_224", pytest.param("swin_tiny_patch4_window7_224"),
@@ -302,7 +306,8 @@ def _heads_removed(removed: dict) -> dict:
                                   "convit_tiny", "nest_tiny", "mvitv2_tiny", "gcvit_xxtiny",
                                   "crossvit_tiny_240", "visformer_tiny", "tnt_s_legacy_patch16_224",
                                   "tnt_s_legacy_patch16_224-new", "fastvit_sa12", "efficientvit_b0",
-                                  "mobilenetv5_base", "vit_tiny_patch16_224-map", "halonet26t", "caformer_s18"])
+                                  "mobilenetv5_base", "vit_tiny_patch16_224-map", "halonet26t", "caformer_s18",
+                                  "vit_dwee_patch16_reg1_gap_256"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     if name in TWIN_CLASSES:
@@ -563,6 +568,7 @@ SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_2
                 "crossvit_tiny_240": crossvit.CrossAttention,
                 "fastvit_sa12": fastvit.Attention, "halonet26t": LambdaLayer, "caformer_s18": metaformer.Attention,
                 "nextvit_small": nextvit.EfficientAttention,
+                "vit_dwee_patch16_reg1_gap_256": DiffAttention,
                 "vit_tiny_patch16_224-map": AttentionPoolLatent}  # by case (a VARIANTS name or a model)
 CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention,
                 "hiera_tiny_224": hiera.MaskUnitAttention, "sam2_hiera_tiny": sam2.MultiScaleAttention,
