@@ -29,11 +29,12 @@ torch's ``nn.MultiheadAttention``, which takes its attention width from the inpu
 widths from attributes, which :func:`refresh_heads` re-derives (Hiera: ``heads``, ``dim_out``; SAM2's Hiera:
 ``num_heads``; EfficientFormer: ``num_heads``, ``val_attn_dim``; EfficientFormer-V2: ``num_heads``, ``dh``; MViTv2:
 ``num_heads``, ``dim_out``; MaxViT / CoAtNet: ``num_heads``, ``dim_head``; MobileNetV5's ``MultiQueryAttention2d``:
-``num_heads``; HaloAttn, BottleneckAttn: ``num_heads``, ``dim_out_qk``, ``dim_out_v``). CoaT's
-``FactorAttnConvRelPosEnc`` shares its ``ConvRelPosEnc`` (depthwise convs over v, one per window of heads) with the
-stage's other attention modules: its heads go with theirs, in one group per ``ConvRelPosEnc`` named in the model
-(``HeadSpec.in_model``), and a resize re-derives its ``channel_splits``. EfficientViT's ``LiteMLA`` reads only ``dim``
-and ``-1``; the groups of its aggregation convs follow its heads (:func:`head_conv_groups`).
+``num_heads``; HaloAttn, BottleneckAttn: ``num_heads``, ``dim_out_qk``, ``dim_out_v``; MobileViT-v2's
+LinearSelfAttention, whose entries are key / value channel pairs: ``embed_dim``). CoaT's ``FactorAttnConvRelPosEnc``
+shares its ``ConvRelPosEnc`` (depthwise convs over v, one per window of heads) with the stage's other attention modules:
+its heads go with theirs, in one group per ``ConvRelPosEnc`` named in the model (``HeadSpec.in_model``), and a resize
+re-derives its ``channel_splits``. EfficientViT's ``LiteMLA`` reads only ``dim`` and ``-1``; the groups of its
+aggregation convs follow its heads (:func:`head_conv_groups`).
 
 Plain structure data: :func:`head_spec` describes a module's heads (or why they must stay), which
 :mod:`chase_timm.graph` turns into a channel group with one channel per head; :func:`refresh_heads`, called by
@@ -54,7 +55,7 @@ from timm.layers.halo_attn import HaloAttn
 from timm.layers.lambda_layer import LambdaLayer
 from timm.models import (beit, byobnet, cait, coat, convit, crossvit, davit, edgenext, efficientformer,
                          efficientformer_v2, efficientvit_mit, eva, fastvit, gcvit, hiera, hieradet_sam2 as sam2, levit,
-                         maxxvit, metaformer, mvitv2, nextvit,
+                         maxxvit, metaformer, mobilevit, mvitv2, nextvit,
                          nest, pvt_v2, swin_transformer, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
                          tiny_vit, tnt, twins, visformer, vision_transformer_relpos as relpos,
                          vision_transformer_sam as sam, volo, xcit)
@@ -130,6 +131,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _left_whole(module, _LEFT_WHOLE[kind])
     if kind in (Attention, AttentionRope, eva.EvaAttention):
         return _timm_attention(module)
+    if kind is mobilevit.LinearSelfAttention:
+        return _linear_self_attention(module)
     if kind is DiffAttention:  # a head: q, k and v blocks of 2 * head_dim (two q and two k sub-heads, a wide v)
         return _fused(module, 2 * module.head_dim, "" if isinstance(module.norm, nn.Identity) else
                       f"scale_norm ({type(module.norm).__name__}) normalises across all heads, so a zeroed head "
@@ -325,6 +328,12 @@ def _refresh_diff(module: nn.Module, name: str) -> None:
     _check(name, "qkv rows", _rows(module.qkv), 3 * _columns(module.proj))
 
 
+def _refresh_linear_self_attention(module: nn.Module, name: str) -> None:
+    """MobileViT-v2's LinearSelfAttention: ``embed_dim`` (its split sizes) from ``out_proj``'s input channels."""
+    module.embed_dim = module.out_proj.in_channels
+    _check(name, "qkv_proj rows", _rows(module.qkv_proj), 1 + 2 * module.embed_dim)
+
+
 def _refresh_tnt(module: nn.Module, name: str) -> None:
     """TNT's Attention: ``num_heads`` and ``hidden_dim`` from qk (q and k heads); v's heads may be wider."""
     module.num_heads = _heads(name, _rows(module.qk) // 2, module.head_dim)
@@ -488,6 +497,7 @@ _REFRESH: dict[type, Union[_Refresh, Callable[[nn.Module, str], None], None]] = 
     nextvit.EfficientAttention: _Refresh(rows=(("q", 1), ("k", 1), ("v", 1)), widths=(("dim", "proj.weight", 1),)),
     tnt.Attention: _refresh_tnt,
     DiffAttention: _refresh_diff,
+    mobilevit.LinearSelfAttention: _refresh_linear_self_attention,
     **dict.fromkeys(_XCA, _Refresh(count_from=("temperature", 0))),
     convit.MHSA: _SCALED,
     convit.GPSA: _Refresh(head_dim="scale", rows=(("qk", 2), ("v", 1)), per_head=("gating_param", "pos_proj.weight"),
@@ -510,7 +520,8 @@ _REFRESH: dict[type, Union[_Refresh, Callable[[nn.Module, str], None], None]] = 
 
 def head_counts(model: nn.Module) -> dict[str, int]:
     """``num_heads`` of every attention module :func:`head_spec` knows, by module name (e.g. heads left per block),
-    and of every CoaT attention (its heads are in the spec of the ``crpe`` it shares, named in the model)."""
+    and of every CoaT attention (its heads are in the spec of the ``crpe`` it shares, named in the model);
+    MobileViT-v2's LinearSelfAttention counts its key / value channel pairs."""
     return {name: _num_heads(m) for name, m in model.named_modules()
             if head_spec(m) is not None or timm_class(type(m)) is coat.FactorAttnConvRelPosEnc}
 
@@ -721,6 +732,17 @@ def _gcvit(module: nn.Module, model: Optional[nn.Module]) -> HeadSpec:
     why = ("takes its queries from the stage's global query (GlobalContext), the stage's stream split into its "
            "heads, so neither a head nor a stream channel can go from one block alone")
     return HeadSpec(heads, hd, tuple(kv), why, why)
+
+
+def _linear_self_attention(module: nn.Module) -> HeadSpec:
+    """MobileViT-v2's LinearSelfAttention: one query row (a softmax over tokens that weighs every channel) and d key /
+    value channel pairs, an entry each: key row 1 + i and value row 1 + d + i of ``qkv_proj``, ``out_proj`` column i
+    (a zeroed value row zeroes its output, ``relu(value) * context``, whatever its key does). The query row stays."""
+    d = module.out_proj.in_channels
+    rows = tuple((1 + i, 1 + d + i) for i in range(d))
+    slices = _linear_slices("qkv_proj", module.qkv_proj, rows)
+    slices.append(HeadSlice("out_proj.weight", 1, "consumer", _blocks(d, 1)))
+    return HeadSpec(d, 1, tuple(slices), shared=("qkv_proj",))  # its query row, no group's root: it serves every entry
 
 
 def _class_attention(module: nn.Module, prefix: str = "") -> HeadSpec:
@@ -991,6 +1013,8 @@ def _num_heads(module: nn.Module) -> int:
     kind = timm_class(type(module))
     if kind is efficientvit_mit.LiteMLA:
         return _lite_mla_heads(module)
+    if kind is mobilevit.LinearSelfAttention:  # its key / value channel pairs
+        return int(module.embed_dim)
     if kind is byobnet.SelfAttnBlock:  # its self_attn's (HaloAttn, BottleneckAttn, LambdaLayer)
         return int(module.self_attn.num_heads)
     how = _REFRESH.get(kind)

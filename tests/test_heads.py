@@ -49,7 +49,7 @@ from timm.models import (beit, cait, coat, crossvit, davit, edgenext, efficientf
                          tiny_vit, tnt, twins, visformer, vision_transformer_relpos as relpos,
                          vision_transformer_sam as sam, volo, xcit)
 from timm.models import (build_model_with_cfg, byoanet, convit, efficientvit_mit, fastvit, gcvit, metaformer, mvitv2,
-                         nest, nextvit)
+                         mobilevit, nest, nextvit)
 from timm.models.byobnet import ByoBlockCfg, ByoModelCfg
 from timm.models.mobilenetv5 import decode_arch_def  # timm builds its arch strings with it
 
@@ -160,10 +160,13 @@ SMALL = {
     "nextvit_small": {"depths": (1, 1, 5, 1)},
     # differential attention (timm.layers' DiffAttention): 4 heads of two q / two k sub-heads of 32 and a v of 64
     "vit_dwee_patch16_reg1_gap_256": {"img_size": 32, "depth": 2},
+    # MobileViT-v2's LinearSelfAttention: one query row and 64 / 80 / 96 key-value channel pairs (the entries) in
+    # stages 2-4, over 2x2 patches of the 8x8, 4x4 and 2x2 maps at 64 px
+    "mobilevitv2_050": {},
 }
 # input side where it is not 32 px
 SIZES = {"efficientformer_l1": 56, "efficientformerv2_s0": 64, "fastvit_sa12": 64, "efficientvit_b0": 64,
-         "mobilenetv5_base": 64, "nextvit_small": 64}
+         "mobilenetv5_base": 64, "nextvit_small": 64, "mobilevitv2_050": 64}
 # EfficientFormer-V2's convs have biases ahead of a training-mode BatchNorm, which cancels them: their gradients are
 # rounding noise, which AdamW normalises into full steps (float64 twin 2e-8 apart with its heads left whole); SGD
 # Visformer likewise (its patch embeddings' conv biases ahead of a BatchNorm2d): 6.6e-10 apart with AdamW and its
@@ -307,7 +310,7 @@ def _heads_removed(removed: dict) -> dict:
                                   "crossvit_tiny_240", "visformer_tiny", "tnt_s_legacy_patch16_224",
                                   "tnt_s_legacy_patch16_224-new", "fastvit_sa12", "efficientvit_b0",
                                   "mobilenetv5_base", "vit_tiny_patch16_224-map", "halonet26t", "caformer_s18",
-                                  "vit_dwee_patch16_reg1_gap_256"])
+                                  "vit_dwee_patch16_reg1_gap_256", "mobilevitv2_050"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     if name in TWIN_CLASSES:
@@ -570,7 +573,8 @@ SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_2
                 "nextvit_small": nextvit.EfficientAttention,
                 "vit_dwee_patch16_reg1_gap_256": DiffAttention,
                 "vit_tiny_patch16_224-map": AttentionPoolLatent}  # by case (a VARIANTS name or a model)
-CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention,
+CASE_CLASSES = {**SLIM_CLASSES, "mobilevitv2_050": mobilevit.LinearSelfAttention,
+                "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention,
                 "hiera_tiny_224": hiera.MaskUnitAttention, "sam2_hiera_tiny": sam2.MultiScaleAttention,
                 "efficientformer_l1": efficientformer.Attention,
                 "efficientformerv2_s0": (efficientformer_v2.Attention2d, efficientformer_v2.Attention2dDownsample),
