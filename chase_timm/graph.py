@@ -47,7 +47,10 @@ TIMEOUT_REASON = "discovery time limit reached"
 TOKEN_REASON = "its channels are the token axis of a token-mixing MLP (removing one would remove a token)"
 _TOLERANCE = 1e-4  # max |masked - sliced| relative to the output scale
 _MAX_EXPANSION = 256  # positions per channel a flatten->Linear may produce (a 16x16 map; 7x7 at 224 px)
-_MAX_POSITIONS = 1024  # positions per channel one group's walk may visit (ViT-S with prune_skip: 180)
+_MAX_POSITIONS = 1024  # positions per channel one group's walk may visit, at least (ViT-S with prune_skip: 358)
+# ... and per graph node: a stream walks its depth once (about 1 position per node per channel: ViT-S 358 over 336
+# nodes, DaViT-S 1261 over 1336), an exploding walk far more (EfficientViT-MSRA's cascaded attention: 142k over 926)
+_POSITIONS_PER_NODE = 4
 _LAYERS = (ops.OPTYPE.CONV, ops.OPTYPE.DEPTHWISE_CONV, ops.OPTYPE.LINEAR)
 _OUT_HANDLERS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels, tp.prune_depthwise_conv_out_channels)
 _LINEAR_PARTS = ("MmBackward", "AddmmBackward", "ViewBackward", "UnsafeViewBackward", "ReshapeAlias")
@@ -464,8 +467,9 @@ def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int], 
     channels and is reported (second return value). A depthwise conv with channel multiplier k (``conv_multiplier``)
     takes its input channel c and its output channels c*k .. c*k+k-1 together (one group), whichever side the walk
     arrives at. Positions arriving at a node that is already queued join
-    its queued batch, and a walk that visits more than ``_MAX_POSITIONS`` per channel (chained reshapes, e.g.
-    EfficientViT-MSRA's cascaded attention) stops as not prunable."""
+    its queued batch, and a walk that visits more than ``_MAX_POSITIONS`` or ``_POSITIONS_PER_NODE`` per graph node
+    per channel, whichever is more (chained reshapes, e.g. EfficientViT-MSRA's cascaded attention), stops as not
+    prunable."""
     root = graph.module2node[module]
     fn = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
     if root.type == ops.OPTYPE.DEPTHWISE_CONV:
@@ -504,7 +508,7 @@ def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int], 
             pending[key] = fresh
             stack.append(key)
         if multiplier and dep.handler == tp.prune_conv_in_channels:
-            budget[0] += _MAX_POSITIONS * len(fresh) * (multiplier - 1)  # each new output channel walks on its own
+            budget[0] += per_channel * len(fresh) * (multiplier - 1)  # each new output channel walks on its own
             arrive(root_dependency(dep.target, tp.prune_conv_out_channels),
                    walk_positions((i.idx * multiplier + j, i.root_idx) for i in fresh for j in range(multiplier)))
         elif multiplier and dep.handler == tp.prune_conv_out_channels:
@@ -516,7 +520,8 @@ def _coupled(graph: tp.DependencyGraph, module: nn.Module, channels: list[int], 
             arrive(root_dependency(dep.target, tp.prune_conv_in_channels),
                    walk_positions((i.idx // multiplier, i.root_idx) for i in fresh))
 
-    budget = [_MAX_POSITIONS * len(channels)]
+    per_channel = max(_MAX_POSITIONS, _POSITIONS_PER_NODE * len(graph.module2node))
+    budget = [per_channel * len(channels)]
     arrive(root_dependency(root, fn), root_positions(channels))
     while stack:
         if time.monotonic() > deadline:

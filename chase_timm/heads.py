@@ -19,19 +19,20 @@ its heads (their output channels are its ``post_attn`` BatchNorm channels and ``
 one key and value serve every head, which is its query rows.
 
 EVA, BEiT, ViT-RelPos, Swin V2 (V2-CR splits its heads with it), CaiT's class and talking-heads attention, PVT-v2,
-Twins, DaViT, ConViT, NesT, GCViT, CrossViT's cross-attention, VOLO's self- and outlook attention and the
-cross-covariance attention of EdgeNeXt and XCiT and timm.layers' LambdaLayer reshape their heads' output to the
-input width in timm's forward: resized, they switch to their slim subclass (:mod:`chase_timm.adapters.attention`:
-timm's forward with that reshape taken from the heads left), as do torch's ``nn.MultiheadAttention``, which takes
-its attention width from the input too (:mod:`chase_timm.adapters.multihead`), and the
-``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` holding it (torch's forward without the inference fast
-path that bypasses the attention's forward). Other forwards read their widths from attributes, which
-:func:`refresh_heads` re-derives (Hiera: ``heads``, ``dim_out``; SAM2's Hiera: ``num_heads``; EfficientFormer:
-``num_heads``, ``val_attn_dim``; EfficientFormer-V2: ``num_heads``, ``dh``; MViTv2: ``num_heads``, ``dim_out``;
-MaxViT / CoAtNet: ``num_heads``, ``dim_head``; MobileNetV5's ``MultiQueryAttention2d``: ``num_heads``; HaloAttn,
-BottleneckAttn: ``num_heads``, ``dim_out_qk``, ``dim_out_v``). CoaT's ``FactorAttnConvRelPosEnc`` shares its
-``ConvRelPosEnc`` (depthwise convs over v, one per window of heads) with the stage's other attention modules: its
-heads go with theirs, in one group per ``ConvRelPosEnc`` named in the model (``HeadSpec.in_model``), and a resize
+Twins, DaViT, ConViT, NesT, GCViT, CrossViT's cross-attention, MetaFormer's (CAFormer), NextViT's, timm.layers'
+DiffAttention, VOLO's self- and outlook attention and the cross-covariance attention of EdgeNeXt and XCiT and
+timm.layers' LambdaLayer reshape their heads' output to the input width in timm's forward: resized, they switch to their
+slim subclass (:mod:`chase_timm.adapters.attention`: timm's forward with that reshape taken from the heads left), as do
+torch's ``nn.MultiheadAttention``, which takes its attention width from the input too
+(:mod:`chase_timm.adapters.multihead`), and the ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` holding it
+(torch's forward without the inference fast path that bypasses the attention's forward). Other forwards read their
+widths from attributes, which :func:`refresh_heads` re-derives (Hiera: ``heads``, ``dim_out``; SAM2's Hiera:
+``num_heads``; EfficientFormer: ``num_heads``, ``val_attn_dim``; EfficientFormer-V2: ``num_heads``, ``dh``; MViTv2:
+``num_heads``, ``dim_out``; MaxViT / CoAtNet: ``num_heads``, ``dim_head``; MobileNetV5's ``MultiQueryAttention2d``:
+``num_heads``; HaloAttn, BottleneckAttn: ``num_heads``, ``dim_out_qk``, ``dim_out_v``; MobileViT-v2's
+LinearSelfAttention, whose entries are key / value channel pairs: ``embed_dim``). CoaT's ``FactorAttnConvRelPosEnc``
+shares its ``ConvRelPosEnc`` (depthwise convs over v, one per window of heads) with the stage's other attention modules:
+its heads go with theirs, in one group per ``ConvRelPosEnc`` named in the model (``HeadSpec.in_model``), and a resize
 re-derives its ``channel_splits``. EfficientViT's ``LiteMLA`` reads only ``dim`` and ``-1``; the groups of its
 aggregation convs follow its heads (:func:`head_conv_groups`).
 
@@ -47,13 +48,14 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
 import torch.nn as nn
-from timm.layers import (Attention, AttentionPoolLatent, AttentionRope, MultiQueryAttention2d, RelPosBias,
-                         RelPosBiasTf, RelPosMlp)
+from timm.layers import (Attention, AttentionPoolLatent, AttentionRope, DiffAttention, MultiQueryAttention2d,
+                         RelPosBias, RelPosBiasTf, RelPosMlp)
 from timm.layers.bottleneck_attn import BottleneckAttn
 from timm.layers.halo_attn import HaloAttn
 from timm.layers.lambda_layer import LambdaLayer
 from timm.models import (beit, byobnet, cait, coat, convit, crossvit, davit, edgenext, efficientformer,
-                         efficientformer_v2, efficientvit_mit, eva, fastvit, gcvit, hiera, hieradet_sam2 as sam2, levit, maxxvit, mvitv2,
+                         efficientformer_v2, efficientvit_mit, eva, fastvit, gcvit, hiera, hieradet_sam2 as sam2, levit,
+                         maxxvit, metaformer, mobilevit, mvitv2, nextvit,
                          nest, pvt_v2, swin_transformer, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
                          tiny_vit, tnt, twins, visformer, vision_transformer_relpos as relpos,
                          vision_transformer_sam as sam, volo, xcit)
@@ -129,6 +131,12 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _left_whole(module, _LEFT_WHOLE[kind])
     if kind in (Attention, AttentionRope, eva.EvaAttention):
         return _timm_attention(module)
+    if kind is mobilevit.LinearSelfAttention:
+        return _linear_self_attention(module)
+    if kind is DiffAttention:  # a head: q, k and v blocks of 2 * head_dim (two q and two k sub-heads, a wide v)
+        return _fused(module, 2 * module.head_dim, "" if isinstance(module.norm, nn.Identity) else
+                      f"scale_norm ({type(module.norm).__name__}) normalises across all heads, so a zeroed head "
+                      "changes the others")
     if kind in (swin_transformer.WindowAttention, swin_transformer_v2.WindowAttention, beit.Attention,
                 cait.TalkingHeadAttn, twins.LocallyGroupedAttn, sam.Attention, davit.ChannelAttentionV2, *_DAVIT,
                 *_XCA, swin_cr.WindowMultiHeadAttention, hiera.MaskUnitAttention,
@@ -144,7 +152,7 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _levit(module)
     if kind in _EFFICIENTFORMER_V2:
         return _efficientformer_v2(module)
-    if kind is cait.ClassAttn:
+    if kind in (cait.ClassAttn, nextvit.EfficientAttention):  # separate q, k and v projections
         return _class_attention(module)
     if kind in _CONVIT:
         return _convit(module)
@@ -156,8 +164,8 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
         return _gcvit(module, model)
     if kind is crossvit.CrossAttention:  # CaiT's ClassAttn with wq, wk, wv
         return _class_attention(module, "w")
-    if kind in (visformer.Attention, fastvit.Attention):  # a fused qkv (q | k | v blocks) on NCHW maps: Visformer's
-        return _fused(module, module.head_dim)  # 1x1 convs, FastViT's Linears over the map flattened to tokens
+    if kind in (visformer.Attention, fastvit.Attention, metaformer.Attention):  # a fused qkv (q | k | v blocks):
+        return _fused(module, module.head_dim)  # Visformer's 1x1 convs on NCHW maps, Linears on tokens: FastViT, CAFormer
     if kind is volo.Attention:  # a fused qkv on channels-last maps
         return _fused(module, module.proj.in_features // module.num_heads)
     if kind is volo.ClassAttention:  # the class token's q, and kv (k block, then v block) over every token
@@ -312,6 +320,18 @@ def _refresh_outlook(module: nn.Module, name: str) -> None:
 def _refresh_gcvit(module: nn.Module, name: str) -> None:
     """GCViT's WindowAttentionGlobal: a global block's qkv computes k and v only (its q comes from the stage)."""
     _refresh(module, name, _Refresh(rows=(("qkv", 2 if module.use_global else 3),)))
+
+
+def _refresh_diff(module: nn.Module, name: str) -> None:
+    """timm.layers' DiffAttention: ``num_heads`` from the projection's columns, 2 * head_dim per head."""
+    module.num_heads = _heads(name, _columns(module.proj), 2 * module.head_dim)
+    _check(name, "qkv rows", _rows(module.qkv), 3 * _columns(module.proj))
+
+
+def _refresh_linear_self_attention(module: nn.Module, name: str) -> None:
+    """MobileViT-v2's LinearSelfAttention: ``embed_dim`` (its split sizes) from ``out_proj``'s input channels."""
+    module.embed_dim = module.out_proj.in_channels
+    _check(name, "qkv_proj rows", _rows(module.qkv_proj), 1 + 2 * module.embed_dim)
 
 
 def _refresh_tnt(module: nn.Module, name: str) -> None:
@@ -473,7 +493,11 @@ _REFRESH: dict[type, Union[_Refresh, Callable[[nn.Module, str], None], None]] = 
     volo.ClassAttention: _Refresh(rows=_Q_KV),
     AttentionPoolLatent: _refresh_attention_pool,
     fastvit.Attention: _Refresh(),
+    metaformer.Attention: _Refresh(widths=(("attention_dim", "proj.weight", 1),)),  # attention_dim: the heads' width
+    nextvit.EfficientAttention: _Refresh(rows=(("q", 1), ("k", 1), ("v", 1)), widths=(("dim", "proj.weight", 1),)),
     tnt.Attention: _refresh_tnt,
+    DiffAttention: _refresh_diff,
+    mobilevit.LinearSelfAttention: _refresh_linear_self_attention,
     **dict.fromkeys(_XCA, _Refresh(count_from=("temperature", 0))),
     convit.MHSA: _SCALED,
     convit.GPSA: _Refresh(head_dim="scale", rows=(("qk", 2), ("v", 1)), per_head=("gating_param", "pos_proj.weight"),
@@ -496,7 +520,8 @@ _REFRESH: dict[type, Union[_Refresh, Callable[[nn.Module, str], None], None]] = 
 
 def head_counts(model: nn.Module) -> dict[str, int]:
     """``num_heads`` of every attention module :func:`head_spec` knows, by module name (e.g. heads left per block),
-    and of every CoaT attention (its heads are in the spec of the ``crpe`` it shares, named in the model)."""
+    and of every CoaT attention (its heads are in the spec of the ``crpe`` it shares, named in the model);
+    MobileViT-v2's LinearSelfAttention counts its key / value channel pairs."""
     return {name: _num_heads(m) for name, m in model.named_modules()
             if head_spec(m) is not None or timm_class(type(m)) is coat.FactorAttnConvRelPosEnc}
 
@@ -709,9 +734,20 @@ def _gcvit(module: nn.Module, model: Optional[nn.Module]) -> HeadSpec:
     return HeadSpec(heads, hd, tuple(kv), why, why)
 
 
+def _linear_self_attention(module: nn.Module) -> HeadSpec:
+    """MobileViT-v2's LinearSelfAttention: one query row (a softmax over tokens that weighs every channel) and d key /
+    value channel pairs, an entry each: key row 1 + i and value row 1 + d + i of ``qkv_proj``, ``out_proj`` column i
+    (a zeroed value row zeroes its output, ``relu(value) * context``, whatever its key does). The query row stays."""
+    d = module.out_proj.in_channels
+    rows = tuple((1 + i, 1 + d + i) for i in range(d))
+    slices = _linear_slices("qkv_proj", module.qkv_proj, rows)
+    slices.append(HeadSlice("out_proj.weight", 1, "consumer", _blocks(d, 1)))
+    return HeadSpec(d, 1, tuple(slices), shared=("qkv_proj",))  # its query row, no group's root: it serves every entry
+
+
 def _class_attention(module: nn.Module, prefix: str = "") -> HeadSpec:
     """CaiT's ClassAttn and (``prefix`` "w": wq, wk, wv) CrossViT's CrossAttention: separate q (class token only),
-    k and v projections."""
+    k and v projections; NextViT's EfficientAttention: separate q, k and v (k and v over the spatial reduction)."""
     heads = module.num_heads
     per_head = _blocks(heads, getattr(module, f"{prefix}q").out_features // heads)
     slices = [s for p in ("q", "k", "v") for s in _linear_slices(prefix + p, getattr(module, prefix + p), per_head)]
@@ -977,6 +1013,8 @@ def _num_heads(module: nn.Module) -> int:
     kind = timm_class(type(module))
     if kind is efficientvit_mit.LiteMLA:
         return _lite_mla_heads(module)
+    if kind is mobilevit.LinearSelfAttention:  # its key / value channel pairs
+        return int(module.embed_dim)
     if kind is byobnet.SelfAttnBlock:  # its self_attn's (HaloAttn, BottleneckAttn, LambdaLayer)
         return int(module.self_attn.num_heads)
     how = _REFRESH.get(kind)

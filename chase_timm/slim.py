@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from timm.layers import BlurPool2d
 
 from ._timm import classifier_tensor_names, conv_multiplier, deepcopy_model, default_example_input, named_tensors
 from .adapters.autograd import non_persistent_buffer_names
@@ -221,7 +222,7 @@ def _resize(model: nn.Module, new: Mapping[str, torch.Tensor], slots, refresh: b
     """Swap in the new tensors, re-derive module attributes (``conv_groups``: the groups of named multiplier convs,
     which their weight's shape leaves open), then re-measure timm's model-level widths."""
     before = _measure(model) if refresh and _has_timm_widths(model) else None
-    links = _block_size_links(model)
+    links, split_links = _block_size_links(model), _split_size_links(model)
     touched = []
     for name, tensor in new.items():
         for module, attr in slots[name]:
@@ -247,6 +248,14 @@ def _resize(model: nn.Module, new: Mapping[str, torch.Tensor], slots, refresh: b
         refresh_heads(module, name or "the model")
     for block, attr, conv, conv_attr, factor in links:
         setattr(block, attr, getattr(conv, conv_attr) * factor)
+    for blur in (m for m in model.modules() if isinstance(m, BlurPool2d) and m.channels is not None):
+        # F.conv2d(x, filt, groups=channels), one identical filter row per channel: timm's channels=None form takes
+        # the channels from the input (filt expanded), so the blur follows the width reaching it (TResNet, ResNetBlur)
+        blur.channels, blur.filt = None, blur.filt[:1]
+    for block, sums, convs in split_links:
+        block.splits = [conv.in_channels for conv in convs]
+        for attr in sums:
+            setattr(block, attr, sum(getattr(conv, attr) for conv in convs))
     if before is not None:
         _refresh_timm_attrs(model, before, _measure(model, strict=True))
 
@@ -330,6 +339,21 @@ def _block_size_links(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module,
         norm = next((m for m in block.modules() if isinstance(m, _NORMS) and sizes and  # identity-only (FastViT)
                      all(m.num_features == getattr(block, a) for a in sizes)), None)
         links += [(block, a, norm, "num_features", 1) for a in sizes] if norm is not None else []
+    return links
+
+
+def _split_size_links(model: nn.Module) -> list[tuple[nn.Module, tuple[str, ...], list[nn.modules.conv._ConvNd]]]:
+    """Modules that split their input over their child convs by a list of piece sizes, ``splits`` (timm's
+    MixedConv2d, the MixNet blocks: ``torch.split(x, self.splits, 1)``, one conv per piece), with the attributes among
+    ``in_channels`` / ``out_channels`` that are the sums over those convs, read before a resize so the sizes can
+    follow the convs after it."""
+    links = []
+    for block in model.modules():
+        convs = [m for m in block.children() if isinstance(m, nn.modules.conv._ConvNd)]
+        if convs and getattr(block, "splits", None) == [conv.in_channels for conv in convs]:
+            sums = tuple(a for a in ("in_channels", "out_channels")
+                         if getattr(block, a, None) == sum(getattr(conv, a) for conv in convs))
+            links.append((block, sums, convs))
     return links
 
 

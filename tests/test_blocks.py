@@ -14,7 +14,7 @@ import pytest
 import timm
 import timm.utils
 import torch
-from timm.layers import ScaledStdConv2d
+from timm.layers import BlurPool2d, MixedConv2d, ScaledStdConv2d
 from timm.models import byobnet, pvt_v2
 
 from chase_timm.adapters.attention import SLIM, slim_subclass
@@ -391,3 +391,26 @@ def test_efficientvim_hsm_ssd_inner_width_shrinks_exactly_with_both_split_halves
         assert small.d_inner == small.out_proj.conv.in_channels == small.hz_proj.conv.out_channels // 2 \
             == inner - len(kept)
     _export_and_reload(VIM, False)
+
+
+def test_mixed_conv_piece_sizes_follow_the_channels_left():
+    """timm's MixedConv2d (MixNet) splits its input by a list, ``torch.split(x, self.splits, 1)``, one conv per piece:
+    after a resize ``splits`` and the in/out channel sums follow the piece convs, so the groups through its equal
+    pieces are prunable and export exactly (they were left whole: "physically sliced model does not run")."""
+    row = _export_and_reload("mixnet_s", True)
+    assert not [g.name for g in row["channel_groups"] if "physically sliced" in g.reason]
+    mixed = [m for m in row["slim"].modules() if isinstance(m, MixedConv2d)]
+    assert all(m.splits == [c.in_channels for c in m.values()] and m.in_channels == sum(m.splits) and
+               m.out_channels == sum(c.out_channels for c in m.values()) for m in mixed)
+    dense = [m for m in row["chase"].module.modules() if isinstance(m, MixedConv2d)]
+    assert any(m.splits != d.splits for m, d in zip(mixed, dense))
+
+
+def test_blur_pool_takes_its_channels_from_the_input_after_a_resize():
+    """timm's BlurPool2d built for C channels convolves with C identical filter rows, groups=C (ResNetBlur's and
+    TResNet's anti-aliasing): the groups through it were left whole ("physically sliced model does not run"); a
+    resize switches it to timm's channels=None form (the filter expanded to the input's channels), exactly."""
+    row = _export_and_reload("resnetblur18", True)
+    groups = {g.name: g for g in row["channel_groups"]}
+    assert all(groups[n].prunable for n in ("conv1", "layer2.0.conv1", "layer4.0.conv1")), groups["conv1"].reason
+    assert all(m.channels is None for m in row["slim"].modules() if isinstance(m, BlurPool2d))

@@ -344,3 +344,12 @@ def test_a_matmul_is_not_taken_for_a_channel_wise_add(module, reason):
     torch.manual_seed(0)
     group = next(g for g in find_channel_groups(module(), torch.randn(2, 5)) if g.name == "fc")
     assert not group.prunable and group.reason.startswith(reason) and "AddmmBackward0" in group.reason, group.reason
+
+
+def test_a_deep_models_residual_stream_is_walked_to_its_end():
+    """The walk budget grows with the graph: a 40-block ViT's stream (about 30 positions per channel per block)
+    is prunable under prune_skip, as the 12-block one is (DaViT-S's 9-block stage and Hiera-S were left whole)."""
+    model = _timm("vit_tiny_patch16_224", img_size=32, depth=40)
+    groups = find_channel_groups(model, torch.randn(1, 3, 32, 32), prune_skip=True)
+    stream = next(g for g in groups if g.name == "patch_embed.proj")
+    assert stream.prunable, stream.reason

@@ -39,7 +39,8 @@ import zoo_coverage
 from helpers import zero_removed
 from prunability_table import roundtrip
 from shrink_equivalence import compare, float64
-from timm.layers import Attention, AttentionPoolLatent, AttentionRope, MultiQueryAttention2d
+from timm.layers import (Attention, AttentionPoolLatent, AttentionRope, DiffAttention,
+                         MultiQueryAttention2d)
 from timm.layers.bottleneck_attn import BottleneckAttn
 from timm.layers.halo_attn import HaloAttn
 from timm.layers.lambda_layer import LambdaLayer
@@ -47,7 +48,8 @@ from timm.models import (beit, cait, coat, crossvit, davit, edgenext, efficientf
                          hieradet_sam2 as sam2, maxxvit, pvt_v2, swin_transformer_v2, swin_transformer_v2_cr as swin_cr,
                          tiny_vit, tnt, twins, visformer, vision_transformer_relpos as relpos,
                          vision_transformer_sam as sam, volo, xcit)
-from timm.models import build_model_with_cfg, byoanet, convit, efficientvit_mit, fastvit, gcvit, mvitv2, nest
+from timm.models import (build_model_with_cfg, byoanet, convit, efficientvit_mit, fastvit, gcvit, metaformer, mvitv2,
+                         mobilevit, nest, nextvit)
 from timm.models.byobnet import ByoBlockCfg, ByoModelCfg
 from timm.models.mobilenetv5 import decode_arch_def  # timm builds its arch strings with it
 
@@ -149,10 +151,22 @@ SMALL = {
         "stem_size": 16, "num_features": 64, "msfa_output_resolution": 4, "layer_scale_init_value": 1.0},
     # byoanet: one SelfAttnBlock of each attention (BYOANET_SMALL below, swapped in for halonet26t's cfg)
     "halonet26t": {"img_size": 32},
+    # CAFormer: MetaFormer's Attention (heads of 32) in stages 2-3; its entrypoint fixes depths and widths, so the
+    # export test runs caformer_s18 (9 blocks of 10 heads on the 2x2 map at 32 px, 3 of 16 on 1x1), the twin
+    # CAFORMER_SMALL below
+    "caformer_s18": {},
+    # NextViT: E-MHSA (separate q, k, v; k and v over an AvgPool1d spatial reduction, sr 4 / 2 / 1 in stages 1-3) in
+    # one NTB block of each of stages 1-3 (depths 1, 1, 5, 1), heads of 32 on the 4x4, 2x2 and 1x1 maps at 64 px
+    "nextvit_small": {"depths": (1, 1, 5, 1)},
+    # differential attention (timm.layers' DiffAttention): 4 heads of two q / two k sub-heads of 32 and a v of 64
+    "vit_dwee_patch16_reg1_gap_256": {"img_size": 32, "depth": 2},
+    # MobileViT-v2's LinearSelfAttention: one query row and 64 / 80 / 96 key-value channel pairs (the entries) in
+    # stages 2-4, over 2x2 patches of the 8x8, 4x4 and 2x2 maps at 64 px
+    "mobilevitv2_050": {},
 }
 # input side where it is not 32 px
 SIZES = {"efficientformer_l1": 56, "efficientformerv2_s0": 64, "fastvit_sa12": 64, "efficientvit_b0": 64,
-         "mobilenetv5_base": 64}
+         "mobilenetv5_base": 64, "nextvit_small": 64, "mobilevitv2_050": 64}
 # EfficientFormer-V2's convs have biases ahead of a training-mode BatchNorm, which cancels them: their gradients are
 # rounding noise, which AdamW normalises into full steps (float64 twin 2e-8 apart with its heads left whole); SGD
 # Visformer likewise (its patch embeddings' conv biases ahead of a BatchNorm2d): 6.6e-10 apart with AdamW and its
@@ -174,11 +188,16 @@ BYOANET_SMALL = ByoModelCfg(
             ByoBlockCfg(type="self_attn", d=1, c=64, s=1, gs=0, br=0.5, self_attn_layer="lambda",
                         self_attn_kwargs=dict(num_heads=4, dim_head=4))),
     stem_chs=16, stem_type="tiered", stem_pool="", fixed_input_size=True)
-# NesT and GCViT for the twin test, built by timm's builder from the class: their entrypoints fix the depths (NesT's
-# widths too), and the twin needs one NesT block per level and one local + one global-query GCViT block per stage
-# (12 of each before). The export test keeps the entrypoints' models: its reload through local-dir: calls them
+# NesT, GCViT and CAFormer for the twin test, built by timm's builder from the class: their entrypoints fix the depths
+# (NesT's and CAFormer's widths too), and the twin needs one NesT block per level, one local + one global-query GCViT
+# block per stage (12 of each before) and one CAFormer block per stage (2 and 3 heads of 32 in stages 2-3). The export
+# test keeps the entrypoints' models: its reload through local-dir: calls them
+CAFORMER_SMALL = {"depths": (1, 1, 1, 1), "dims": (16, 32, 64, 96),
+                  "token_mixers": (metaformer.SepConv, metaformer.SepConv, metaformer.Attention, metaformer.Attention),
+                  "norm_layers": (metaformer.LayerNorm2dNoBias,) * 2 + (metaformer.LayerNormNoBias,) * 2}
 TWIN_CLASSES = {"nest_tiny": (nest.Nest, {"embed_dims": (48, 96, 192), "num_heads": (3, 6, 12), "depths": (1, 1, 1)}),
-                "gcvit_xxtiny": (gcvit.GlobalContextVit, {"depths": (2, 2, 2, 2), "num_heads": (2, 4, 8, 16)})}
+                "gcvit_xxtiny": (gcvit.GlobalContextVit, {"depths": (2, 2, 2, 2), "num_heads": (2, 4, 8, 16)}),
+                "caformer_s18": (metaformer.MetaFormer, CAFORMER_SMALL)}
 # the same models built another way: name -> (model, extra kwargs)
 VARIANTS = {"eva02_tiny_patch14_224-qkv_split": ("eva02_tiny_patch14_224", {"qkv_fused": False}),
             "davit_tiny-v2": ("davit_tiny", {"channel_attn_v2": True}),  # the *_fl models' ChannelAttentionV2
@@ -271,7 +290,8 @@ def _heads_removed(removed: dict) -> dict:
     """Removed channels of head groups (named after their attention module; byoanet's after its SelfAttnBlock)."""
     return {name: heads for name, heads in removed.items()
             if name.endswith((".attn", ".attn_downsample", ".xca", ".token_mixer", ".attn_in", ".attn_out",
-                              ".context_module.main", "attn_pool")) or re.fullmatch(r"stages\.\d+\.\d+", name)}
+                              ".context_module.main", "attn_pool", ".e_mhsa"))
+            or re.fullmatch(r"stages\.\d+\.\d+", name)}
 
 
 @pytest.mark.parametrize("case", ["vit_tiny_patch16_224", pytest.param("swin_tiny_patch4_window7_224"),
@@ -289,7 +309,8 @@ def _heads_removed(removed: dict) -> dict:
                                   "convit_tiny", "nest_tiny", "mvitv2_tiny", "gcvit_xxtiny",
                                   "crossvit_tiny_240", "visformer_tiny", "tnt_s_legacy_patch16_224",
                                   "tnt_s_legacy_patch16_224-new", "fastvit_sa12", "efficientvit_b0",
-                                  "mobilenetv5_base", "vit_tiny_patch16_224-map", "halonet26t"])
+                                  "mobilenetv5_base", "vit_tiny_patch16_224-map", "halonet26t", "caformer_s18",
+                                  "vit_dwee_patch16_reg1_gap_256", "mobilevitv2_050"])
 def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     name = _model(case, monkeypatch)
     if name in TWIN_CLASSES:
@@ -304,7 +325,8 @@ def test_removing_heads_while_training_equals_masking_them(case, monkeypatch):
     assert all(n >= 1 for n in head_counts(slim).values())  # at least one head stays in every block
 
 
-@pytest.mark.parametrize("case, prune_skip", [*((c, False) for c in [*SMALL, *VARIANTS]),
+@pytest.mark.parametrize("case, prune_skip", [*((c, False) for c in [*SMALL, *VARIANTS] if c != "caformer_s18"),
+                                              pytest.param("caformer_s18", False, marks=pytest.mark.slow),  # 9 s
                                               ("eva02_tiny_patch14_224", True), ("swinv2_tiny_window16_256", True),
                                               ("cait_xxs24_224", True), ("convit_tiny", True),
                                               ("vit_tiny_patch16_224-map", True)])
@@ -547,9 +569,12 @@ SLIM_CLASSES = {"eva02_tiny_patch14_224": eva.EvaAttention, "beit_base_patch16_2
                 "nest_tiny": nest.Attention,
                 "gcvit_xxtiny": gcvit.WindowAttentionGlobal,
                 "crossvit_tiny_240": crossvit.CrossAttention,
-                "fastvit_sa12": fastvit.Attention, "halonet26t": LambdaLayer,
+                "fastvit_sa12": fastvit.Attention, "halonet26t": LambdaLayer, "caformer_s18": metaformer.Attention,
+                "nextvit_small": nextvit.EfficientAttention,
+                "vit_dwee_patch16_reg1_gap_256": DiffAttention,
                 "vit_tiny_patch16_224-map": AttentionPoolLatent}  # by case (a VARIANTS name or a model)
-CASE_CLASSES = {**SLIM_CLASSES, "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention,
+CASE_CLASSES = {**SLIM_CLASSES, "mobilevitv2_050": mobilevit.LinearSelfAttention,
+                "tiny_vit_5m_224": tiny_vit.Attention, "samvit_base_patch16_224": sam.Attention,
                 "hiera_tiny_224": hiera.MaskUnitAttention, "sam2_hiera_tiny": sam2.MultiScaleAttention,
                 "efficientformer_l1": efficientformer.Attention,
                 "efficientformerv2_s0": (efficientformer_v2.Attention2d, efficientformer_v2.Attention2dDownsample),

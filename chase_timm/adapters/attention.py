@@ -1,17 +1,17 @@
 """timm attention forwards that reshape the heads' output back to the *input* width, made to follow the heads left.
 
 Many timm attention classes (the ``Slim*`` names below: EVA, BEiT, ViT-RelPos, Swin V2 and V2-CR, CaiT, PVT-v2, Twins,
-DaViT, ConViT, NesT, GCViT, CrossViT, VOLO (its outlook attention also folds ``C * kernel_size ** 2`` channels back),
-EdgeNeXt's and XCiT's cross-covariance attention, timm.layers' LambdaLayer) take a width from their *input* in the
-forward: they reshape the heads' output back to it (``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape``),
-split heads with ``C // self.num_heads``, or (PVT-v2, Twins' GSA) flatten the spatial reduction's output with it
-(``self.sr(x).reshape(B, C, -1)``). A module that lost a head, or whose input stream or ``sr`` conv lost a channel, then
-no longer runs. Each gets a *slim* subclass whose ``forward`` (and any method it calls that does the same, e.g. ConViT's
-``get_attention``) is timm's own, compiled from timm's source with a short edit list (``reshape(B, N, C)`` ->
-``reshape(B, N, -1)``, ``sr(x).reshape(B, C, -1)`` -> ``sr(x).flatten(2)``, ...): the same computation, with the widths
-taken from the tensors left. Every edit must match its expected number of times; when a timm release changed the forward
-and one does not, the class gets no slim subclass and :data:`REFUSED` says why (its heads, and its ``sr`` channels, then
-stay whole).
+DaViT, ConViT, NesT, GCViT, CrossViT, MetaFormer (CAFormer), NextViT, timm.layers' DiffAttention, VOLO (its outlook
+attention also folds ``C * kernel_size ** 2`` channels back), EdgeNeXt's and XCiT's cross-covariance attention,
+timm.layers' LambdaLayer) take a width from their *input* in the forward: they reshape the heads' output back to it
+(``x.transpose(1, 2).reshape(B, N, C)`` where ``B, N, C = x.shape``), split heads with ``C // self.num_heads``, or
+(PVT-v2, Twins' GSA) flatten the spatial reduction's output with it (``self.sr(x).reshape(B, C, -1)``). A module that
+lost a head, or whose input stream or ``sr`` conv lost a channel, then no longer runs. Each gets a *slim* subclass whose
+``forward`` (and any method it calls that does the same, e.g. ConViT's ``get_attention``) is timm's own, compiled from
+timm's source with a short edit list (``reshape(B, N, C)`` -> ``reshape(B, N, -1)``, ``sr(x).reshape(B, C, -1)`` ->
+``sr(x).flatten(2)``, ...): the same computation, with the widths taken from the tensors left. Every edit must match its
+expected number of times; when a timm release changed the forward and one does not, the class gets no slim subclass and
+:data:`REFUSED` says why (its heads, and its ``sr`` channels, then stay whole).
 
 Nothing in timm is patched: only a resized instance changes class (``module.__class__ = slim``, done by
 :func:`chase_timm.heads.refresh_heads`), to a subclass, so ``isinstance`` still holds, parameters (and optimizer
@@ -28,8 +28,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import timm
 import torch.nn as nn
-from timm.layers import AttentionPoolLatent, lambda_layer
-from timm.models import (beit, cait, coat, convit, crossvit, davit, edgenext, eva, fastvit, gcvit, nest, pvt_v2,
+from timm.layers import AttentionPoolLatent, DiffAttention, lambda_layer
+from timm.models import (beit, cait, coat, convit, crossvit, davit, edgenext, eva, fastvit, gcvit, metaformer, nest,
+                         nextvit, pvt_v2,
                          swin_transformer_v2, swin_transformer_v2_cr, twins, vision_transformer_relpos as relpos, volo,
                          xcit)
 
@@ -43,7 +44,9 @@ __all__ = ["check_version", "SLIM", "REFUSED", "edited", "slim_subclass", "regis
            "SlimChannelAttentionV2", "SlimDavitWindowAttention", "SlimWindowMultiHeadAttention",
            "SlimRelPosAttention", "SlimGPSA", "SlimMHSA", "SlimNestAttention",
            "SlimWindowAttentionGlobal", "SlimCrossAttention", "SlimVoloAttention",
-           "SlimOutlookAttention", "SlimFastVitAttention", "SlimAttentionPoolLatent", "SlimLambdaLayer",
+           "SlimOutlookAttention", "SlimFastVitAttention", "SlimMetaFormerAttention", "SlimNextVitAttention",
+           "SlimDiffAttention", "SlimAttentionPoolLatent",
+           "SlimLambdaLayer",
            "SlimFactorAttnConvRelPosEnc"]
 
 Edit = tuple[str, str, int]  # (the library's text, replacement, how many times it must occur)
@@ -185,6 +188,18 @@ SlimOutlookAttention = register(volo.OutlookAttention, "SlimOutlookAttention",
 # FastViT's Attention (stage 3 of the sa / ma models: NCHW maps flattened to tokens) reshapes its heads' output to
 # the input width C before proj (its head split and its proj output, back to (B, C, H, W), already follow the widths)
 SlimFastVitAttention = register(fastvit.Attention, "SlimFastVitAttention", [_TO_HEADS])
+
+# MetaFormer's Attention (the token mixer of CAFormer's stages 2-3: heads of head_dim=32) reshapes its heads' output to
+# the input width C before proj (its head split reads num_heads and head_dim)
+SlimMetaFormerAttention = register(metaformer.Attention, "SlimMetaFormerAttention", [_TO_HEADS])
+
+# NextViT's EfficientAttention (separate q, k, v Linears; k and v read the AvgPool1d spatial reduction) reshapes its
+# heads' output to the input width C before proj (its head splits read num_heads and head_dim)
+SlimNextVitAttention = register(nextvit.EfficientAttention, "SlimNextVitAttention", [_TO_HEADS])
+
+# timm.layers' DiffAttention (differential attention: vit_dwee / vit_dlittle) reshapes its heads' output (num_heads x
+# 2 * head_dim channels) to the input width C before proj
+SlimDiffAttention = register(DiffAttention, "SlimDiffAttention", [_TO_HEADS])
 
 # timm.layers' AttentionPoolLatent (the MAP head of global_pool="map" ViTs: SigLIP, PE) reshapes its heads' output for
 # its latent queries to the input width C before proj (its head splits already read num_heads and head_dim)
