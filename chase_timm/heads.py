@@ -165,7 +165,7 @@ def head_spec(module: nn.Module, model: Optional[nn.Module] = None) -> Optional[
     if kind is crossvit.CrossAttention:  # CaiT's ClassAttn with wq, wk, wv
         return _class_attention(module, "w")
     if kind in (visformer.Attention, fastvit.Attention, metaformer.Attention):  # a fused qkv (q | k | v blocks):
-        return _fused(module, module.head_dim)  # Visformer's 1x1 convs on NCHW maps, Linears on tokens: FastViT, CAFormer
+        return _fused(module, module.head_dim)  # Visformer's 1x1 convs on NCHW maps; FastViT's, CAFormer's Linears
     if kind is volo.Attention:  # a fused qkv on channels-last maps
         return _fused(module, module.proj.in_features // module.num_heads)
     if kind is volo.ClassAttention:  # the class token's q, and kv (k block, then v block) over every token
