@@ -348,7 +348,7 @@ def test_a_matmul_is_not_taken_for_a_channel_wise_add(module, reason):
 
 def test_a_deep_models_residual_stream_is_walked_to_its_end():
     """The walk budget grows with the graph: a 40-block ViT's stream (about 30 positions per channel per block)
-    is prunable under prune_skip, as the 12-block one is (DaViT-S's 9-block stage and Hiera-S were left whole)."""
+    is prunable under prune_skip, as the 12-block one is (DaViT-S's 9-block stage was left whole)."""
     model = _timm("vit_tiny_patch16_224", img_size=32, depth=40)
     groups = find_channel_groups(model, torch.randn(1, 3, 32, 32), prune_skip=True)
     stream = next(g for g in groups if g.name == "patch_embed.proj")
