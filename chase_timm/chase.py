@@ -132,7 +132,7 @@ class Chase:
         self._unsynced_calls = 0  # step() calls that were not optimizer steps (micro-steps, fp16 skips)
         self._warned: set = set()
         if optimizer is not None:  # the optimizer that steps (inside Lookahead's and Accelerate's wrappers)
-            state_optimizer(optimizer).register_step_pre_hook(self._zero_removed_grads)
+            state_optimizer(optimizer).register_step_pre_hook(self.mask_gradients)
         self.apply_masks()
 
     # ------------------------------------------------------------------ read-only views
@@ -224,11 +224,12 @@ class Chase:
                 value.mul_(mask)
 
     @torch.no_grad()
-    def _zero_removed_grads(self, *_: Any) -> None:
-        """Optimizer step pre-hook: zero the gradients of removed channels still in the model (masking, or until
-        ``shrink="end"``), which the shrunk model does not have. A removed channel's consumer weights get a gradient
-        wherever its input is not 0 (an activation with f(0) != 0: StarReLU's bias, a sigmoid), and an optimizer that
-        takes a norm over a tensor or over all gradients (Lamb's trust ratio and global clipping, LARS) would count it."""
+    def mask_gradients(self, *_: Any) -> None:
+        """Zero the gradients of removed channels still in the model (masking, or until ``shrink="end"``), which the
+        shrunk model does not have. A removed channel's consumer weights get a gradient wherever its input is not 0
+        (an activation with f(0) != 0: StarReLU's bias, a sigmoid), and a norm over a tensor or over all gradients
+        (Lamb's trust ratio and global clipping, LARS, ``clip_grad_norm_``) would count it. Runs before every step
+        of the optimizer Chase was given (a step pre-hook); call it yourself before clipping gradients."""
         masks = {**self._channels.allowed, **self._channels.channel_masks}
         grads = [(self._params[n].grad, m) for n, m in masks.items() if self._params[n].grad is not None]
         if grads:

@@ -79,9 +79,10 @@ and Muon rows).
   shrunk model does not have. Chase zeroes the gradients of removed channels still in the model in a step pre-hook
   on the optimizer that holds the state, so Lamb's trust ratio and global clipping and LARS's per-tensor norm see
   what the shrunk model's would (a sigmoid ViT MLP in `tests/test_shrink.py`; PoolFormer-V2 was 1.5e-1 apart
-  with Lamb, 9e-4 with LARS). A global-norm `clip_grad_norm_` before `optimizer.step()` (the recipe's
-  `--clip-grad`) still counts them while removed channels are only masked (`shrink="off"`, or before the
-  `shrink="end"` shrink); `shrink="events"` (the recipe's default) never steps with removed channels in the model.
+  with Lamb, 9e-4 with LARS). A global-norm `clip_grad_norm_` runs before that hook: call
+  `chase.mask_gradients()` before it (the recipe's `--clip-grad` does) while removed channels are only masked
+  (`shrink="off"`, or before the `shrink="end"` shrink); under `shrink="events"` (the recipe's default) no step
+  runs with removed channels in the model.
 - **Where the verdicts live**: `chase_timm.optim_state` is the one place that knows an optimizer's per-parameter
   state: it looks inside Accelerate's `AcceleratedOptimizer` and timm's `Lookahead` (moments and the slow weights
   `lookahead_slow_buff`) and into lists or tuples of tensors. `SHRINK_EXACT` lists the classes whose update is

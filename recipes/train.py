@@ -228,6 +228,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                     loss = task(x, y)["loss"] if task else criterion(model(x), y)
                 accelerator.backward(loss)
                 if args.clip_grad and accelerator.sync_gradients:
+                    chase.mask_gradients()  # removed channels still in the model must not count in the norm
                     clip_gradients(accelerator, model.parameters(), args.clip_grad, args.clip_mode)
                 optimizer.step()
                 chase.step()  # counts only synchronised, not-skipped steps, like the loop below
