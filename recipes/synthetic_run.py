@@ -32,14 +32,15 @@ def synthetic_config(steps: int = 4, **overrides: Any) -> ChaseConfig:
 
 def synthetic_run(model_name: str, config: ChaseConfig, num_classes: int = 1000, size: Optional[int] = 32,
                   seed: int = 0, make_optimizer: Optional[Callable[[nn.Module], torch.optim.Optimizer]] = None,
-                  ) -> Tuple[nn.Module, torch.optim.Optimizer, Chase]:
+                  **model_kwargs: Any) -> Tuple[nn.Module, torch.optim.Optimizer, Chase]:
     """The model, its SGD optimizer and Chase after all ``config.total_steps`` steps on random ``size``-px batches
     (masked, not shrunk unless ``config.shrink`` says so); the same widths for the same arguments. ``size=None``:
     32 px, or the model's own input size where timm marks it fixed (``pretrained_cfg["fixed_input_size"]``: ViTs,
     MLP-Mixers, LeViT, PiT, MaxViT, ...) or its patch embedding enforces it. The optimizer is
-    ``make_optimizer(model)`` (default: SGD, lr 0.01, momentum 0.9)."""
+    ``make_optimizer(model)`` (default: SGD, lr 0.01, momentum 0.9); ``model_kwargs`` go to ``timm.create_model``
+    (e.g. ``img_size=64`` with ``size=64``)."""
     torch.manual_seed(seed)
-    model = timm.create_model(model_name, num_classes=num_classes)
+    model = timm.create_model(model_name, num_classes=num_classes, **model_kwargs)
     if size is None:
         fixed = model.pretrained_cfg.get("fixed_input_size") or any(getattr(m, "strict_img_size", False)
                                                                      for m in model.modules())

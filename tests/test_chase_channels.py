@@ -279,16 +279,10 @@ def test_mask_gradients_keeps_removed_channels_out_of_a_gradient_norm():
     """Masking only: a removed MLP channel after a sigmoid still feeds fc2 sigmoid(0) = 0.5, so fc2's columns for it
     get gradients the shrunk fc2 lacks; ``mask_gradients`` (run before a global-norm clip, as the recipe's
     --clip-grad does) zeroes them, so the clip sees the shrunk model's norm."""
-    from synthetic_run import plain_sgd, synthetic_config, training_step
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, act_layer="sigmoid", num_classes=10)
-    optimizer = plain_sgd(model)
-    chase = Chase(model, synthetic_config(3, channel_sparsity=0.5), optimizer=optimizer,
-                  example_inputs=torch.randn(1, 3, 32, 32))
+    from synthetic_run import synthetic_config, synthetic_run
+    model, _, chase = synthetic_run("vit_tiny_patch16_224", synthetic_config(3, channel_sparsity=0.5), num_classes=10,
+                                    size=32, img_size=32, depth=1, act_layer="sigmoid")
     generator = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        training_step(model, optimizer, chase, torch.randn(2, 3, 32, 32, generator=generator),
-                      torch.randint(0, 10, (2,), generator=generator))
     removed = chase.removed_channels()["blocks.0.mlp.fc1"]
     assert removed and model.blocks[0].mlp.fc2.in_features == 768  # still in the model, masked
     model(torch.randn(2, 3, 32, 32, generator=generator)).sum().backward()

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from chase_timm import Chase, ChaseConfig
+from chase_timm import ChaseConfig
 from chase_timm.cost import FlopCosts, module_flops
 from chase_timm.graph import find_channel_groups, tensor_removals
 from chase_timm.heads import head_counts
@@ -16,7 +16,7 @@ from chase_timm.metrics import count_flops
 from chase_timm.norms import follow_masks
 from chase_timm.slim import meta_clone, slim_copy
 from recipe_helpers import load_recipe
-from synthetic_run import plain_sgd, synthetic_config, synthetic_run, training_step
+from synthetic_run import synthetic_config, synthetic_run
 
 
 def _flops(model: torch.nn.Module) -> int:
@@ -78,16 +78,9 @@ def test_a_hierarchical_transformer_meets_a_flops_target_at_sc_0_4_only_when_ran
     UMM per FLOP saved thins the early stages' heads instead (docs/speed.md section 5)."""
     runs = {}
     for cost in ("none", "flops"):
-        torch.manual_seed(0)
-        model = timm.create_model("swin_tiny_patch4_window7_224", img_size=64, window_size=4, depths=(1, 1, 2, 1),
-                                  num_classes=10)
         config = synthetic_config(4, channel_cost=cost, prune_skip=prune_skip)
-        optimizer = plain_sgd(model)
-        chase = Chase(model, config, optimizer=optimizer, example_inputs=torch.randn(1, 3, 64, 64))
-        generator = torch.Generator().manual_seed(0)
-        for _ in range(4):
-            training_step(model, optimizer, chase, torch.randn(2, 3, 64, 64, generator=generator),
-                          torch.randint(0, 10, (2,), generator=generator))
+        model, _, chase = synthetic_run("swin_tiny_patch4_window7_224", config, num_classes=10, size=64,
+                                        img_size=64, window_size=4, depths=(1, 1, 2, 1))
         slim = chase.export()
         runs[cost] = (chase.channels.alive_count(), count_flops(slim, 64) / count_flops(model, 64), head_counts(slim))
     assert runs["flops"][0] == runs["none"][0]  # the same channel count removed
